@@ -1,0 +1,3 @@
+"""uml-ray: train and tune Unpaired Multimodal Learners on Ray, tracked in MLflow."""
+
+__version__ = "0.1.0"
