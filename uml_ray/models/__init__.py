@@ -1,0 +1,1 @@
+"""Plain PyTorch models (no Ray, MLflow or Optuna imports)."""

@@ -1,0 +1,1 @@
+"""Search: search spaces, and Ray Tune + Optuna + ASHA driving every run."""

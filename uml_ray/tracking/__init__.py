@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, metrics, artifacts and best-config queries."""

@@ -1,0 +1,55 @@
+"""``uml-ray best``: the best trials read back from MLflow, and the best config as a runnable YAML."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def register(subparsers) -> None:
+    """Add the best command."""
+    best = subparsers.add_parser("best", help="table of the best runs in MLflow; write the best config YAML")
+    best.add_argument("--experiment", default="uml-ray", help="MLflow experiment name")
+    best.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                      help="MLflow tracking URI (local SQLite store or http(s)://server)")
+    best.add_argument("--sweep", default="", help="only this sweep's trials")
+    best.add_argument("--metric", default="best_val_acc", help="metric to rank by (higher is better)")
+    best.add_argument("--top", type=int, default=5, help="rows to show")
+    best.add_argument("--output", default="best_config.yaml", help="where to write the best run's config YAML")
+    best.set_defaults(func=run_best)
+
+
+def run_best(args) -> int:
+    """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
+    from uml_ray.tracking.mlflow_store import best_runs, download_artifact
+
+    rows = best_runs(args.tracking_uri, args.experiment, args.metric, args.top, args.sweep or None)
+    searched = sorted({k for r in rows for k in _sampled(r)})
+    header = ["rank", "run", args.metric, "test_acc", *searched]
+    table = [header]
+    for rank, row in enumerate(rows, 1):
+        sampled = _sampled(row)
+        table.append([str(rank), row["run_name"], f"{row['metrics'][args.metric]:.4f}",
+                      f"{row['metrics'].get('test_acc', float('nan')):.4f}", *[_short(sampled.get(k, "")) for k in searched]])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    with tempfile.TemporaryDirectory() as folder:
+        local = download_artifact(args.tracking_uri, rows[0]["run_id"], "config.yaml", folder)
+        shutil.copyfile(local, args.output)
+    print(f"best config ({rows[0]['run_name']}) written to {args.output}")
+    return 0
+
+
+def _sampled(row: dict) -> dict:
+    import json
+
+    raw = row["tags"].get("uml_ray.sampled")
+    if raw is None:
+        return {}
+    return json.loads(raw)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

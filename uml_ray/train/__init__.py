@@ -1,0 +1,1 @@
+"""Training: the one loop per regime, checkpoints, and how a run is placed on Ray."""
