@@ -8,7 +8,13 @@ from uml_ray.config import load_config
 from uml_ray.data.collate import pad_sequences, sequence_batch_to_tensors
 from uml_ray.data.format import build_table, table_to_numpy
 from uml_ray.errors import ConfigError
-from uml_ray.models.sequence import SharedSequenceModel, next_step_mse, target_active, uml_sequence_loss
+from uml_ray.models.sequence import (
+    SequenceObjective,
+    SharedSequenceModel,
+    next_step_mse,
+    target_active,
+    uml_sequence_loss,
+)
 
 
 def _model(pos_emb="none", dims=None, zdim=16, layers=2, heads=4, dropout=0.1, seed=0):
@@ -132,6 +138,13 @@ def test_warm_up_leaves_target_layers_without_gradient_and_alpha_weighs_auxiliar
     assert set(parts) == {"image"} and total.item() == pytest.approx(float(l_image), rel=1e-6)
     with pytest.raises(ValueError, match="nothing to train"):
         uml_sequence_loss(model, batches, "image", {"text": 0.0}, target_on=False)
+
+    # the one-forward-per-step module (what DDP wraps) computes the same total over the same parameters
+    objective = SequenceObjective(model, "image", {"text": 0.5})
+    assert [p for p in objective.parameters()] == [p for p in model.parameters()]
+    with torch.no_grad():
+        assert objective(batches, target_on=True)[0].item() == pytest.approx(float(l_image) + 0.5 * float(l_text), rel=1e-6)
+        assert set(objective(batches, target_on=False)[1]) == {"text"}
 
 
 def test_impossible_shapes_rejected():

@@ -180,3 +180,22 @@ def uml_sequence_loss(
             "modality has alpha > 0; give an auxiliary modality a positive alpha or set train.step_k=-1"
         )
     return total, parts
+
+
+class SequenceObjective(nn.Module):
+    """``uml_sequence_loss`` as a module, so a training step is ONE forward call of the wrapped module.
+
+    DistributedDataParallel expects exactly one forward per backward; wrapping this (not the
+    model, whose forward serves one modality) keeps that contract. During the step_k warm-up the
+    target's projections receive no gradient, so DDP needs ``find_unused_parameters=True`` then.
+    """
+
+    def __init__(self, model: SharedSequenceModel, target: str, alpha: dict[str, float]):
+        super().__init__()
+        self.model = model
+        self.target = target
+        self.alpha = dict(alpha)
+
+    def forward(self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]], target_on: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's total loss and each modality's unweighted loss (see ``uml_sequence_loss``)."""
+        return uml_sequence_loss(self.model, batches, self.target, self.alpha, target_on)
