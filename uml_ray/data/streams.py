@@ -104,7 +104,11 @@ def _class_means(table: pa.Table) -> pa.Table:
 
 
 def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool, seed: int) -> dict:
-    """Ray Data datasets for a run, keyed by ``dataset_name``; auxiliary text options applied as groupby ops."""
+    """Ray Data datasets for a run, keyed by ``dataset_name``; auxiliary text options applied as groupby ops.
+
+    Datasets small enough to cache are materialised in the object store; larger ones stay lazy
+    and stream (split across Train workers by Ray Data).
+    """
     import ray.data
 
     datasets = {}
@@ -113,7 +117,7 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
         uris = manifest.uris(modality, split)
         filesystem = _filesystem(uris[0])
         paths = [u.split("://", 1)[1] for u in uris] if filesystem is not None else uris
-        ds = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args={"num_cpus": READ_TASK_CPUS})
+        ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_TASK_CPUS)
         if modality != manifest.target and spec.kind == "vector":
             if aux_per_class > 0:
                 ds = ds.groupby(LABEL).map_groups(
@@ -121,6 +125,10 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
                 )
             if aux_class_mean:
                 ds = ds.groupby(LABEL).map_groups(_class_means, batch_format="pyarrow")
+        if spec.cached:
+            # read once here, not once per worker: N workers each listing and reading the same
+            # files compete for the CPUs their own training holds, and Ray Data stalls
+            ds = ds.materialize()
         datasets[name] = ds
     return datasets
 
@@ -154,6 +162,7 @@ class BatchStream:
         self.epoch = 0
         self.drawn = 0
         self._table = None
+        self._arrays = None
         self._batches = None
 
     def state_dict(self) -> dict:
@@ -191,6 +200,14 @@ class BatchStream:
         # a share smaller than one batch is served whole instead of dropped (the reference's
         # per-class-mean text set crashed here when classes < batch size)
         size = min(self.batch_size, n)
+        if self.spec.kind == "vector":
+            if self._arrays is None:
+                self._arrays = _to_arrays(table, self.spec)
+            features, labels = self._arrays
+            for start in range(0, n - size + 1, size):
+                rows = order[start:start + size]
+                yield features[rows], labels[rows]
+            return
         for start in range(0, n - size + 1, size):
             yield _to_arrays(table.take(pa.array(order[start:start + size])), self.spec)
 

@@ -93,7 +93,9 @@ def trial_resources(cfg: Config) -> dict:
         if cfg.resources.gpus_per_worker > 0:
             resources["GPU"] = cfg.resources.gpus_per_worker
         return resources
-    return {"CPU": 0}
+    # the trial only drives a TorchTrainer whose workers hold the real resources; Tune refuses
+    # an empty request, so it holds a sliver
+    return {"CPU": 0.01}
 
 
 def max_concurrency(cfg: Config, requested: int) -> int:
