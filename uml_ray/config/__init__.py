@@ -247,6 +247,8 @@ def check_config(cfg: Config) -> None:
             f"model.zdim={cfg.model.zdim} is not divisible by model.heads={cfg.model.heads}; "
             f"pick heads from {[h for h in range(1, cfg.model.zdim + 1) if cfg.model.zdim % h == 0][:8]}"
         )
+    if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
+        raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(
             f"train.warmup_steps={cfg.train.warmup_steps} must be smaller than train.max_steps={cfg.train.max_steps}"

@@ -71,7 +71,10 @@ def plan_streams(manifest: Manifest, auxiliary: list[str], num_workers: int, cac
         steps_per_row = 64 if spec.kind == "sequence" else 1
         share_mb = rows * spec.dim * 4 * steps_per_row / max(num_workers, 1) / 2**20
         name = dataset_name(modality, split)
-        plan[name] = StreamSpec(name=name, kind=spec.kind, dim=spec.dim, rows=rows, cached=share_mb <= cache_max_mb)
+        # the sequence probe makes ordered passes over the target's splits beside the endless
+        # train stream, which a live streaming_split iterator cannot serve: those are always cached
+        cached = share_mb <= cache_max_mb or (spec.kind == "sequence" and modality == manifest.target)
+        plan[name] = StreamSpec(name=name, kind=spec.kind, dim=spec.dim, rows=rows, cached=cached)
     return plan
 
 

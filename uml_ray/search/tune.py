@@ -274,6 +274,10 @@ def run(prepared: Prepared, space: SearchSpace | None = None, trials: int = 1, c
     cfg = prepared.cfg
     name = name or cfg.tracking.run_name or f"{'sweep' if space else 'train'}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = experiment_path(cfg, name)
+    if resume and not tune.Tuner.can_restore(path):
+        raise UserError(f"--resume: no sweep state at {path}; check --name and tracking.storage_path")
+    if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
+        raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
     init_ray(cfg)
     seed_policy = space.seed_policy if space else "fixed"
     base = cfg.to_dict()
@@ -282,12 +286,8 @@ def run(prepared: Prepared, space: SearchSpace | None = None, trials: int = 1, c
         trial_resources(cfg),
     )
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise UserError(f"--resume: no sweep state at {path}; check --name and tracking.storage_path")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        if not is_remote(path) and Path(path, "tuner.pkl").exists():
-            raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
         metric = space.metric if space else "best_val_acc"
         sweep_params = {"base." + k: v for k, v in cfg.flat().items()}
         if space:
@@ -377,6 +377,6 @@ def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict
         study.add_trial(optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
                                                   value=float(row["metrics"][metric])))
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, seed=0).items()}
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
     except (RuntimeError, ValueError):
         return {}

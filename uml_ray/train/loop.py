@@ -6,8 +6,8 @@ everything Ray-specific reaches it through a ``LoopContext`` (see ``uml_ray.trai
 - ``rank``, ``world_size``, ``device``;
 - ``iterator(name)`` → the Ray Data iterator of a dataset (``modality.split``);
 - ``restore()`` → the latest checkpoint's state dict, or None;
-- ``wrap(model)`` → the model as trained (DDP across workers);
-- ``all_reduce(tensor)`` → the sum over workers;
+- ``wrap(model, find_unused_parameters=False)`` → the model as trained (DDP across workers);
+- ``all_reduce(tensor)`` → the sum over workers; ``all_gather(value)`` → every worker's value;
 - ``report(metrics, state, best)`` → metrics to the search/tracking, plus a checkpoint.
 """
 

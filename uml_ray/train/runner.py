@@ -54,11 +54,14 @@ class InlineContext:
         with checkpoint.as_directory() as folder:
             return read_state(folder)
 
-    def wrap(self, model):
+    def wrap(self, model, find_unused_parameters: bool = False):
         return model
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def all_gather(self, value) -> list:
+        return [value]
 
     def report(self, metrics: dict, state: dict, best: dict) -> None:
         import ray.tune
@@ -94,13 +97,22 @@ class TrainWorkerContext:
         with checkpoint.as_directory() as folder:
             return read_state(folder)
 
-    def wrap(self, model):
+    def wrap(self, model, find_unused_parameters: bool = False):
         if self.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+    def all_gather(self, value) -> list:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
