@@ -68,7 +68,7 @@ class TrainConfig:
     warmup_steps: int = option(20, "Linear warm-up steps before the cosine decay.", low=0)
     val_every: int = option(25, "Validate on the target modality every N steps (and checkpoint).", low=1)
     patience: int = option(0, "Stop after this many validations without improvement; 0 = never.", low=0)
-    alpha: dict = option({}, "Weight of each auxiliary modality's loss, e.g. {text: 0.5}; missing modalities use alpha_default.")
+    alpha: dict = option({}, "Weight of each auxiliary modality's loss, e.g. {text: 0.5}; missing modalities use alpha_default.", low=0.0)
     alpha_default: float = option(1.0, "Alpha for auxiliary modalities not named in train.alpha; 0 = unimodal baseline.", low=0.0)
     step_k: int = option(-1, "Sequence regime: auxiliary-only epochs before joint training; -1 = joint from the start.", low=-1)
     probe_c: float = option(1.0, "Sequence regime: inverse L2 strength of the logistic-regression probe.", low=0.0, low_open=True)
@@ -326,7 +326,10 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping")
         for key in body:
-            _field_info(section, key)
+            try:
+                _field_info(section, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         sections[section] = _SECTION_TYPES[section](**body)
     try:
         return Config(**sections)

@@ -1,0 +1,48 @@
+"""Shared fixtures: one local Ray for the whole session, tiny synthetic datasets, config writers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) shared by every test that trains; ``uml-ray`` commands attach to it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_config(path: Path, manifest: str, workdir: Path, **sections) -> Path:
+    """A run config YAML for tests: tiny schedule, SQLite MLflow and Ray storage under ``workdir``."""
+    tree = {
+        "data": {"manifest": str(manifest)},
+        "model": {"regime": "supervised"},
+        "train": {"lr": 0.01, "batch_size": 32, "max_steps": 120, "warmup_steps": 10, "val_every": 20, "seed": 0},
+        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "storage_path": str(workdir / "runs"), "experiment": "tests"},
+        "resources": {"num_workers": 1, "num_cpus": 2},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(tmp_path_factory):
+    """A small synthetic dataset where the auxiliary modality carries class information X hides."""
+    from uml_ray.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic(str(out), seed=0)
