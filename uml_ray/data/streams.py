@@ -203,38 +203,47 @@ class BatchStream:
         # a share smaller than one batch is served whole instead of dropped (the reference's
         # per-class-mean text set crashed here when classes < batch size)
         size = min(self.batch_size, n)
+        usable = order[: n // size * size]
         if self.spec.kind == "vector":
             if self._arrays is None:
                 self._arrays = _to_arrays(table, self.spec)
             features, labels = self._arrays
-            for start in range(0, n - size + 1, size):
-                rows = order[start:start + size]
+            for start in range(0, len(usable), size):
+                rows = usable[start:start + size]
                 yield features[rows], labels[rows]
             return
-        for start in range(0, n - size + 1, size):
-            yield _to_arrays(table.take(pa.array(order[start:start + size])), self.spec)
+        yield from self._shuffled_batches(table, usable, size)
 
     def _epoch_streamed(self, epoch: int):
         rng = self._rng(epoch)
         buffer: list[pa.Table] = []
         buffered = 0
-        for batch in self.iterator.iter_batches(batch_size=self.batch_size * 8, batch_format="pyarrow"):
+        # native blocks (batch_size=None) skip Ray Data's re-batching; the buffer shuffles them
+        for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
             buffered += len(buffer[-1])
             if buffered >= self.shuffle_buffer:
                 table = _concat(buffer)
-                order = rng.permutation(len(table))
                 full = len(table) // self.batch_size * self.batch_size
-                for start in range(0, full, self.batch_size):
-                    yield _to_arrays(table.take(pa.array(order[start:start + self.batch_size])), self.spec)
+                order = rng.permutation(len(table))
+                yield from self._shuffled_batches(table, order[:full], self.batch_size)
                 rest = table.take(pa.array(order[full:]))
                 buffer, buffered = [rest], len(rest)
         if buffered:
             table = _concat(buffer)
-            order = rng.permutation(len(table))
             size = min(self.batch_size, len(table))
-            for start in range(0, len(table) - size + 1, size):
-                yield _to_arrays(table.take(pa.array(order[start:start + size])), self.spec)
+            order = rng.permutation(len(table))
+            yield from self._shuffled_batches(table, order[: len(table) // size * size], size)
+
+    def _shuffled_batches(self, table: pa.Table, order: np.ndarray, size: int):
+        if self.spec.kind == "vector":
+            features, labels = _to_arrays(table, self.spec)
+            for start in range(0, len(order), size):
+                rows = order[start:start + size]
+                yield features[rows], labels[rows]
+            return
+        for start in range(0, len(order), size):
+            yield _to_arrays(table.take(pa.array(order[start:start + size])), self.spec)
 
     def _epoch(self, epoch: int):
         return self._epoch_from_cache(epoch) if self.spec.cached else self._epoch_streamed(epoch)
