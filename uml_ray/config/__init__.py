@@ -311,30 +311,34 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(tree: dict, source: str = "config") -> Config:
-    """Build and validate a Config from a nested dict; unknown keys are errors naming the key."""
+def config_from_dict(tree: dict, source: str | None = None) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys are errors naming the key.
+
+    ``source`` (a file name) prefixes error messages when given.
+    """
+    where = f"{source}: " if source else ""
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: a config is a mapping of sections {', '.join(_SECTION_TYPES)}")
+        raise ConfigError(f"{where}a config is a mapping of sections {', '.join(_SECTION_TYPES)}")
     sections = {}
     for section, body in tree.items():
         if section not in _SECTION_TYPES:
-            raise ConfigError(f"{source}: unknown config section '{section}'; allowed sections: {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(f"{where}unknown config section '{section}'; allowed sections: {', '.join(_SECTION_TYPES)}")
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping")
+            raise ConfigError(f"{where}section '{section}' must be a mapping")
         for key in body:
             try:
                 _field_info(section, key)
             except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                raise ConfigError(f"{where}{exc}") from None
         sections[section] = _SECTION_TYPES[section](**body)
     try:
         return Config(**sections)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> Config:
@@ -353,7 +357,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     for key, value in (overrides or {}).items():
         field_type(key)
         set_dotted(tree, key, value)
-    return config_from_dict(tree, source=str(path) if path else "config")
+    return config_from_dict(tree, source=str(path) if path else None)
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
