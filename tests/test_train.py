@@ -128,3 +128,19 @@ def test_train_cli_records_mlflow_run(ray_session, synthetic_manifest, tmp_path,
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"config.yaml", "checkpoint/best.pt"} <= artifacts
     assert run.data.metrics["test_acc"] == pytest.approx(result["test_acc"])
+
+
+def test_patience_stops_early_and_scores_the_best_val_point(ray_session, synthetic_manifest, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 400, "val_every": 10, "patience": 2, "lr": 0.05})
+    result = train_once(capsys, config, "--name", "patient")
+    assert result["stopped_early"] == 1 and result["step"] < 400
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+    assert max(history.values()) == result["best_val_acc"]
+    # stopped after exactly `patience` validations without improvement over the best
+    assert max(history) - result["best_step"] == 2 * 10
+    assert run.data.tags["uml_ray.outcome"] == "stopped_early"
