@@ -1,0 +1,1 @@
+"""Frozen encoders (open_clip, timm, transformers, sentence-transformers) and Ray Data feature extraction."""
