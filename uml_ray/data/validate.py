@@ -1,0 +1,261 @@
+"""Up-front data validation (DESIGN §4): every problem of a manifest and its shards, before any cluster work.
+
+``validate_manifest`` reads every shard in record batches and collects EVERY problem it finds —
+unreadable files, wrong schema or dim, NaN/inf features, empty sequences, labels out of range or
+missing, empty modalities, classes without any auxiliary sample, duplicated shards — each as one
+line naming the file (and row/column/value) and the fix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uml_ray.data.format import FEATURES, LABEL, SPLITS, Manifest, ModalitySpec, is_remote, load_manifest, shard_schema, table_to_numpy
+from uml_ray.errors import DataError
+
+BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
+FORMAT_HINT = "write shards with uml_ray.data.format.write_shards"
+
+
+@dataclass
+class ShardStats:
+    """What one readable shard holds: its rows, per-class label counts and unlabeled rows."""
+
+    rows: int
+    class_counts: np.ndarray
+    unlabeled: int
+
+
+def open_shard(uri: str) -> pq.ParquetFile:
+    """Open a Parquet shard from a local path or an ``s3://`` / ``gs://`` URI (footer only)."""
+    if is_remote(uri):
+        from pyarrow import fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        return pq.ParquetFile(filesystem.open_input_file(path))
+    return pq.ParquetFile(uri)
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an I/O or Arrow error, without Python's exception class name."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _feature_kind(feature_type: pa.DataType) -> tuple[str | None, int | None]:
+    """(kind, dim) that a features column type encodes, or (None, None) for anything else."""
+    if pa.types.is_fixed_size_list(feature_type) and pa.types.is_floating(feature_type.value_type):
+        return "vector", feature_type.list_size
+    if pa.types.is_list(feature_type) and pa.types.is_fixed_size_list(feature_type.value_type):
+        return "sequence", feature_type.value_type.list_size
+    return None, None
+
+
+def _schema_problems(uri: str, found: pa.Schema, modality: str, spec: ModalitySpec) -> list[str]:
+    """Every way a shard's schema differs from ``shard_schema(kind, dim)``; empty when it matches."""
+    expected = shard_schema(spec.kind, spec.dim)
+    problems = []
+    for field in expected:
+        if field.name not in found.names:
+            problems.append(f"{uri}: column '{field.name}' is missing (expected {field.type}); {FORMAT_HINT}")
+            continue
+        found_type = found.field(field.name).type
+        if found_type == field.type:
+            continue
+        if field.name == FEATURES:
+            kind, dim = _feature_kind(found_type)
+            if kind == spec.kind and found_type.equals(shard_schema(kind, dim).field(FEATURES).type):
+                problems.append(
+                    f"{uri}: features have dim {dim} but modalities.{modality}.dim is {spec.dim}; "
+                    f"fix the manifest dim or re-extract the features"
+                )
+                continue
+            if kind is not None and kind != spec.kind:
+                problems.append(
+                    f"{uri}: features are {kind} rows ({found_type}) but modalities.{modality}.kind is {spec.kind}; "
+                    f"fix the manifest kind or rewrite the shard"
+                )
+                continue
+        problems.append(f"{uri}: column '{field.name}' has type {found_type}, expected {field.type}; {FORMAT_HINT}")
+    extra = [name for name in found.names if name not in expected.names]
+    if extra:
+        problems.append(f"{uri}: unexpected column(s) {extra}; a shard holds exactly {expected.names}")
+    return problems
+
+
+def _report_rows(problems: list[str], uri: str, rows: np.ndarray, what: str, fix: str) -> None:
+    """Add one line for a set of bad rows: how many, and the first one."""
+    if len(rows):
+        problems.append(f"{uri}: {len(rows)} row(s) {what} (first at row {int(rows[0])}); {fix}")
+
+
+def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, labels_required: bool,
+                problems: list[str]) -> ShardStats | None:
+    """Check one shard's readability, schema and every row; append problems. None when unreadable or mis-typed.
+
+    Rows are read in record batches, so a shard of any size is checked in bounded memory.
+    """
+    try:
+        shard = open_shard(uri)
+        schema = shard.schema_arrow
+    except (OSError, pa.ArrowException) as exc:
+        problems.append(f"{uri}: cannot read the Parquet shard ({_reason(exc)}); fix the path in the manifest or rewrite the shard")
+        return None
+    schema_problems = _schema_problems(uri, schema, modality, spec)
+    if schema_problems:
+        problems.extend(schema_problems)
+        return None
+    bad = defaultdict(list)  # problem name -> arrays of shard row indices
+    label_values = []
+    counts = np.zeros(n_classes, dtype=np.int64)
+    total = unlabeled = 0
+    try:
+        for batch in shard.iter_batches(batch_size=BATCH_ROWS, columns=[FEATURES, LABEL]):
+            rows = np.arange(total, total + batch.num_rows)
+            total += batch.num_rows
+            features = batch.column(FEATURES)
+            if features.null_count:
+                valid = features.is_valid().to_numpy(zero_copy_only=False)
+                bad["null features"].append(rows[~valid])
+                # keep the shard row numbers of the rows still checked
+                batch, rows = batch.filter(pa.array(valid)), rows[valid]
+            values, labels = table_to_numpy(batch, spec.kind, spec.dim)
+            if spec.kind == "vector":
+                bad["non-finite"].append(rows[~np.isfinite(values).all(axis=1)])
+            else:
+                steps, lengths = values
+                bad["empty sequence"].append(rows[lengths == 0])
+                step_rows = np.repeat(np.arange(len(lengths)), lengths)
+                bad["non-finite"].append(rows[np.unique(step_rows[~np.isfinite(steps).all(axis=1)])])
+            missing = batch.column(LABEL).is_null().to_numpy(zero_copy_only=False)
+            unlabeled += int(missing.sum())
+            bad["null label"].append(rows[missing])
+            out_of_range = ~missing & ((labels < 0) | (labels >= n_classes))
+            bad["label range"].append(rows[out_of_range])
+            label_values.append(labels[out_of_range])
+            in_range = labels[~missing & ~out_of_range]
+            counts += np.bincount(in_range, minlength=n_classes)
+    except (OSError, pa.ArrowException) as exc:
+        problems.append(f"{uri}: cannot read rows past row {total} ({_reason(exc)}); rewrite the shard")
+        return None
+    found = {name: np.concatenate(bad[name]) if bad[name] else np.zeros(0, np.int64)
+             for name in ("null features", "non-finite", "empty sequence", "label range", "null label")}
+    _report_rows(problems, uri, found["null features"], "have null features", "every row needs features")
+    _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
+    if spec.kind == "sequence":
+        _report_rows(problems, uri, found["empty sequence"], "are empty sequences (T=0)", "drop those rows")
+    if len(found["label range"]):
+        first = int(np.concatenate(label_values)[0])
+        problems.append(
+            f"{uri}: {len(found['label range'])} label(s) outside [0, {n_classes}) (first at row "
+            f"{int(found['label range'][0])}: label {first}); labels index the manifest's classes"
+        )
+    if labels_required:
+        _report_rows(problems, uri, found["null label"], "have no label",
+                     "the target's splits and every auxiliary train split need a class label on each row")
+    return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled)
+
+
+def _duplicate_problems(manifest: Manifest) -> list[str]:
+    """One line per shard URI listed more than once anywhere in the manifest."""
+    places = defaultdict(list)
+    for modality, spec in manifest.modalities.items():
+        for split, uris in spec.splits.items():
+            for uri in uris:
+                places[uri].append(f"modalities.{modality}.splits.{split}")
+    return [
+        f"{uri}: listed {len(where)} times ({', '.join(where)}); a shard belongs to exactly one (modality, split)"
+        for uri, where in places.items()
+        if len(where) > 1
+    ]
+
+
+def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
+    """Load a manifest and check it and every shard; returns (manifest or None, every problem found).
+
+    Nothing stops at the first problem: a user fixes a dataset in one pass.
+    """
+    try:
+        manifest = load_manifest(path)
+    except DataError as exc:
+        return None, list(exc.problems)
+    problems = _duplicate_problems(manifest)
+    n_classes = len(manifest.classes)
+    stats = {}  # (modality, split) -> ShardStats summed over shards, or None if any shard failed
+    for modality, spec in manifest.modalities.items():
+        for split in SPLITS:
+            if split not in spec.splits:
+                continue
+            labels_required = modality == manifest.target or split == "train"
+            total = ShardStats(rows=0, class_counts=np.zeros(n_classes, dtype=np.int64), unlabeled=0)
+            complete = True
+            for uri in spec.splits[split]:
+                shard = check_shard(uri, modality, spec, n_classes, labels_required, problems)
+                if shard is None:
+                    complete = False
+                    continue
+                total.rows += shard.rows
+                total.class_counts += shard.class_counts
+                total.unlabeled += shard.unlabeled
+            stats[modality, split] = total if complete else None
+
+    where = manifest.path
+    for modality in manifest.modalities:
+        needed = SPLITS if modality == manifest.target else ("train",)
+        role = "the target" if modality == manifest.target else "an auxiliary modality"
+        for split in needed:
+            if not manifest.uris(modality, split):
+                problems.append(f"{where}: modalities.{modality}.splits.{split} has no shards; {role} needs {split} rows")
+            elif stats.get((modality, split)) is not None and stats[modality, split].rows == 0:
+                problems.append(f"{where}: modalities.{modality}.splits.{split} has 0 rows in its shards; {role} needs {split} rows")
+
+    auxiliary = manifest.auxiliary
+    target_train = stats.get((manifest.target, "train"))
+    aux_train = [stats.get((m, "train")) for m in auxiliary]
+    # only judge class coverage from complete counts: a broken shard is already reported
+    if auxiliary and target_train is not None and all(s is not None for s in aux_train):
+        covered = sum(s.class_counts for s in aux_train)
+        for c, name in enumerate(manifest.classes):
+            if target_train.class_counts[c] and not covered[c]:
+                problems.append(
+                    f"{where}: class '{name}' (label {c}) has {target_train.class_counts[c]} target train rows but no "
+                    f"sample in any auxiliary modality ({', '.join(auxiliary)}); add auxiliary rows labelled {c} or drop the class"
+                )
+    return manifest, list(dict.fromkeys(problems))
+
+
+def require_valid_manifest(path: str) -> Manifest:
+    """The loaded manifest, or DataError listing every problem ``validate_manifest`` found."""
+    manifest, problems = validate_manifest(path)
+    if problems:
+        raise DataError(problems)
+    return manifest
+
+
+def summarize_manifest(manifest: Manifest) -> dict:
+    """Shards, rows, unlabeled rows and per-class label counts per modality and split (labels read only)."""
+    summary = {"name": manifest.name, "target": manifest.target, "classes": list(manifest.classes), "modalities": {}}
+    for modality, spec in manifest.modalities.items():
+        splits = {}
+        for split, uris in spec.splits.items():
+            labels = [
+                batch.column(0)
+                for uri in uris
+                for batch in open_shard(uri).iter_batches(batch_size=BATCH_ROWS * 8, columns=[LABEL])
+            ]
+            values = np.concatenate([a.drop_null().to_numpy(zero_copy_only=False) for a in labels]) if labels else np.zeros(0, np.int64)
+            counts = np.bincount(values.astype(np.int64), minlength=len(manifest.classes))
+            splits[split] = {
+                "shards": len(uris),
+                "rows": int(sum(len(a) for a in labels)),
+                "unlabeled": int(sum(a.null_count for a in labels)),
+                "per_class": {name: int(counts[c]) for c, name in enumerate(manifest.classes)},
+            }
+        summary["modalities"][modality] = {"kind": spec.kind, "dim": spec.dim, "splits": splits}
+    return summary
