@@ -174,15 +174,16 @@ def extract_features(rows, encoder: str | EncoderSpec, modality: str, split: str
     ``modality`` is the encoder's input kind ('image' or 'text'); ``name`` is the modality's name in the
     dataset and shard folder (default: ``modality``).
     """
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     spec = parse_encoder(encoder) if isinstance(encoder, str) else encoder
     dim = feature_dim(spec, modality)
     actors, remote_args, threads = actor_resources(num_actors)
-    # ordered output makes shards reproducible row for row, whatever actor finished first
-    DataContext.get_current().execution_options.preserve_order = True
     features = rows.map_batches(EncodeBatch, fn_constructor_args=(spec.text, modality, threads), batch_size=batch_size,
                                 batch_format="numpy", compute=ActorPoolStrategy(size=actors), **remote_args)
+    # ordered output makes shards reproducible row for row, whatever actor finished first; set on this
+    # dataset's own context so other Ray Data users in the process keep their settings
+    features.context.execution_options.preserve_order = True
     writer = ShardWriter(out_dir, name or modality, split, dim, rows_per_shard)
     total = rows.count()
     start, next_report = time.perf_counter(), 0.0
