@@ -6,14 +6,14 @@ The target modality ``image`` sees ``x = A_x z + noise_x * eps`` and each auxili
 never paired across modalities, they share only the class structure.
 
 ``A_x`` sees part of the latent space poorly (those singular values are scaled down), so in X the
-noise hides class information that Y carries. With few labelled target rows that is the case where
-UML must beat the unimodal baseline. ``aux_pure_noise=True`` replaces every auxiliary modality by
+noise hides class information that Y carries; with few labelled target rows, that is the case UML
+is meant to help. ``aux_pure_noise=True`` replaces every auxiliary modality by
 pure noise with random labels: the control case where Y carries nothing.
 
-Sequences (``kind='sequence'``) use a linear dynamical system driven by the same z: a state
-``s_t = R s_{t-1} + (1 - DECAY) z`` (R stable), observed as ``x_t = A_x s_t + noise``. The next step is
-predictable from the history, and the class lives in the drive z, so a mean-pooled encoding of a
-model trained by next-step prediction carries it to the linear probe.
+Sequences (``kind='sequence'``) use a linear dynamical system driven by the same z: from a random
+initial state, ``s_t = R s_{t-1} + z`` (R stable), observed as ``x_t = A_x s_t + noise``. The next
+step is predictable from the history, and the class lives in the drive z, so a mean-pooled
+encoding of a model trained by next-step prediction carries it to the linear probe.
 """
 
 from __future__ import annotations
@@ -56,19 +56,19 @@ def _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len):
     """One row per label, each from its own latent ``z = mu_label + eps``.
 
     Vectors: ``A z + noise * eps``. Sequences of random length in ``seq_len``:
-    ``s_t = R s_{t-1} + (1 - DECAY) z``, ``x_t = A s_t + noise * eps``.
+    ``s_0`` random, ``s_t = R s_{t-1} + z``, ``x_t = A s_t + noise * eps``.
     """
     z = means[labels] + rng.standard_normal((len(labels), means.shape[1]))
     if kind == "vector":
         return (z @ mixing.T + noise * rng.standard_normal((len(labels), mixing.shape[0]))).astype(np.float32)
     lengths = rng.integers(seq_len[0], seq_len[1] + 1, size=len(labels))
     rows = []
-    for drive, length in zip(z, lengths):
-        state = np.zeros_like(drive)
+    # a random initial state gives every sequence a transient the dynamics make predictable
+    initial = rng.standard_normal(z.shape)
+    for drive, state, length in zip(z, initial, lengths):
         states = np.empty((length, len(drive)))
         for t in range(length):
-            # the (1 - DECAY) factor keeps the settled state on the scale of z
-            state = dynamics @ state + (1.0 - DECAY) * drive
+            state = dynamics @ state + drive
             states[t] = state
         rows.append((states @ mixing.T + noise * rng.standard_normal((length, mixing.shape[0]))).astype(np.float32))
     return rows

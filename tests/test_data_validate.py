@@ -1,0 +1,211 @@
+"""``uml-ray data validate``: every shard problem reported at once, naming the file, row and fix; exit 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from uml_ray.cli import main
+from uml_ray.data.format import build_table, load_manifest, table_to_numpy
+from uml_ray.data.synth import write_synthetic
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A tiny valid synthetic dataset (5 classes, image 32-d target, text 16-d auxiliary)."""
+    return load_manifest(write_synthetic(str(tmp_path / "ds"), n_train=20, n_val=10, n_test=10, n_aux=40, seed=0))
+
+
+def read_shard(manifest, modality, split):
+    spec = manifest.modalities[modality]
+    uri = manifest.uris(modality, split)[0]
+    features, labels = table_to_numpy(pq.read_table(uri), spec.kind, spec.dim)
+    return uri, np.array(features), labels.astype(np.int32)
+
+
+def rewrite(uri, features, labels, kind="vector", dim=None):
+    dim = dim or np.asarray(features).shape[-1]
+    pq.write_table(build_table(features, labels, None, kind, dim), uri)
+
+
+def validate(capsys, path):
+    code = main(["data", "validate", str(path)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_valid_synthetic_manifest_passes_with_summary(dataset, capsys):
+    code, out, err = validate(capsys, dataset.path)
+    assert code == 0 and err == ""
+    assert out.splitlines()[-1] == "OK"
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:-1]}
+    assert rows["image", "train"][5] == "20" and rows["image", "train"][7:] == ["4"] * 5
+    assert rows["text", "train"][5] == "40" and rows["text", "train"][7:] == ["8"] * 5
+
+
+def test_wrong_schema_names_column_and_expected_type(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "image", "train")
+    table = pa.table({"feats": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), 32),
+                      "label": pa.array(labels.astype(np.int64)), "id": pa.array([str(i) for i in range(len(labels))])})
+    pq.write_table(table, uri)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: column 'features' is missing (expected fixed_size_list<item: float>[32])" in err
+    assert f"{uri}: column 'label' has type int64, expected int32" in err
+    assert f"{uri}: unexpected column(s) ['feats']" in err
+
+
+def test_dim_mismatch_names_manifest_dim(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    rewrite(uri, features[:, :12], labels)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: features have dim 12 but modalities.text.dim is 16" in err
+
+
+def test_nan_and_inf_rows_report_first_row_and_count(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "image", "train")
+    features[3, 5], features[7, 0], features[7, 1] = np.nan, np.inf, -np.inf
+    rewrite(uri, features, labels)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: 2 row(s) have NaN/inf features (first at row 3); drop or repair those rows" in err
+
+
+def test_label_out_of_range_reports_row_and_value(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "image", "val")
+    labels[4], labels[6] = 7, -1
+    rewrite(uri, features, labels)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: 2 label(s) outside [0, 5) (first at row 4: label 7)" in err
+
+
+def test_empty_modality_and_missing_target_split(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    rewrite(uri, features[:0], labels[:0], dim=16)
+    raw = yaml.safe_load(open(dataset.path))
+    del raw["modalities"]["image"]["splits"]["test"]
+    with open(dataset.path, "w") as handle:
+        yaml.safe_dump(raw, handle)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{dataset.path}: modalities.text.splits.train has 0 rows in its shards" in err
+    assert f"{dataset.path}: modalities.image.splits.test has no shards; the target needs test rows" in err
+
+
+def test_class_without_auxiliary_sample_is_named(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    keep = labels != 3
+    rewrite(uri, features[keep], labels[keep])
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert (f"{dataset.path}: class 'class_3' (label 3) has 4 target train rows but no sample in any auxiliary "
+            f"modality (text); add auxiliary rows labelled 3 or drop the class") in err
+
+
+@pytest.mark.parametrize("damage, reason", [("missing", "file not found"), ("corrupt", "Parquet magic bytes not found")])
+def test_unreadable_shard(dataset, capsys, damage, reason):
+    uri = dataset.uris("image", "test")[0]
+    if damage == "missing":
+        import os
+
+        os.remove(uri)
+    else:
+        with open(uri, "wb") as handle:
+            handle.write(b"not a parquet file at all")
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    lines = [line for line in err.splitlines() if uri in line]
+    assert len(lines) == 1 and "cannot read the Parquet shard" in lines[0] and reason in lines[0]
+
+
+def test_every_problem_is_reported_together(dataset, capsys):
+    uri_train, features, labels = read_shard(dataset, "image", "train")
+    features[2, 0] = np.nan
+    labels[9] = 5
+    rewrite(uri_train, features, labels)
+    uri_aux, features, labels = read_shard(dataset, "text", "train")
+    pq.write_table(build_table(features, None, None, "vector", 16), uri_aux)  # no labels at all
+    raw = yaml.safe_load(open(dataset.path))
+    raw["modalities"]["image"]["splits"]["val"].append("image/train/part-00000.parquet")
+    with open(dataset.path, "w") as handle:
+        yaml.safe_dump(raw, handle)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    problems = err.split("error: ", 1)[1].splitlines()
+    expected = [
+        f"{uri_train}: listed 2 times (modalities.image.splits.train, modalities.image.splits.val)",
+        f"{uri_train}: 1 row(s) have NaN/inf features (first at row 2)",
+        f"{uri_train}: 1 label(s) outside [0, 5) (first at row 9: label 5)",
+        f"{uri_aux}: 40 row(s) have no label (first at row 0)",
+        f"{dataset.path}: class 'class_0' (label 0) has 4 target train rows but no sample",
+    ]
+    for start in expected:
+        assert sum(line.startswith(start) for line in problems) == 1, start
+    # the duplicate is read twice but each of its problems is listed once; every class lacks text
+    assert len(problems) == 4 + 5
+
+
+def test_sequence_manifest_validates_and_flags_empty_sequences(tmp_path, capsys):
+    path = write_synthetic(str(tmp_path / "seq"), kind="sequence", seq_len=(3, 6), n_train=10, n_val=5, n_test=5, n_aux=10)
+    code, out, _ = validate(capsys, path)
+    assert code == 0 and out.rstrip().endswith("OK")
+
+    manifest = load_manifest(path)
+    uri = manifest.uris("text", "train")[0]
+    (steps, lengths), labels = table_to_numpy(pq.read_table(uri), "sequence", 16)
+    sequences = np.split(np.array(steps), np.cumsum(lengths)[:-1])
+    sequences[4], sequences[8] = sequences[4][:0], sequences[8][:0]
+    sequences[6][1, 2] = np.inf
+    rewrite(uri, sequences, labels.astype(np.int32), kind="sequence", dim=16)
+    code, _, err = validate(capsys, path)
+    assert code == 2
+    assert f"{uri}: 2 row(s) are empty sequences (T=0) (first at row 4); drop those rows" in err
+    assert f"{uri}: 1 row(s) have NaN/inf features (first at row 6)" in err
+
+
+def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "manifest.yaml"
+    path.write_text("classes: [a, b]\ntarget: image\nmodalities: {text: {kind: vector, dim: 4, splits: {}}}\n")
+    code, _, err = validate(capsys, path)
+    assert code == 2
+    assert f"{path}: target 'image' is not one of the modalities ['text']" in err
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """An in-process moto S3 server on 127.0.0.1 that boto3 and pyarrow both reach via AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3").create_bucket(Bucket="uml-data")
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_s3_round_trip(s3_server, capsys):
+    import boto3
+
+    path = write_synthetic("s3://uml-data/synthetic", n_train=10, n_val=10, n_test=10, n_aux=20, seed=0)
+    assert path == "s3://uml-data/synthetic/manifest.yaml"
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="uml-data")["Contents"]}
+    assert "synthetic/text/train/part-00000.parquet" in keys
+    code, out, _ = validate(capsys, path)
+    assert code == 0 and out.rstrip().endswith("OK")
+    assert " ".join(out.splitlines()[2].split()[:6]) == "image train vector 32 1 10"
+
+    boto3.client("s3").delete_object(Bucket="uml-data", Key="synthetic/text/train/part-00000.parquet")
+    code, _, err = validate(capsys, path)
+    assert code == 2
+    assert "s3://uml-data/synthetic/text/train/part-00000.parquet: cannot read the Parquet shard" in err
