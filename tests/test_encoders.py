@@ -153,15 +153,16 @@ def test_random_init_is_seeded_and_open_clip_keeps_one_tower(tiny_models):
     assert feature_dim(spec, "text") == 24
 
 
-@pytest.mark.parametrize("spec,modality,dim", [
-    ("timm:resnet10t,pretrained=false,image_size=32", "image", 512),
-    ("timm:vit_tiny_patch16_224,pretrained=false,img_size=32", "image", 192),
-    ("open_clip:TinyClip,config={clip},pretrained=false", "image", 24),
-    ("open_clip:TinyClip,config={clip},pretrained=false", "text", 24),
-    ("hf:{bert}", "text", 32),
-    ("hf:{llama},pretrained=false", "text", 48),
+@pytest.mark.parametrize("spec,modality,dim,actors", [
+    # two actors once: output order must still follow input order
+    ("timm:resnet10t,pretrained=false,image_size=32", "image", 512, 2),
+    ("timm:vit_tiny_patch16_224,pretrained=false,img_size=32", "image", 192, 1),
+    ("open_clip:TinyClip,config={clip},pretrained=false", "image", 24, 1),
+    ("open_clip:TinyClip,config={clip},pretrained=false", "text", 24, 1),
+    ("hf:{bert}", "text", 32, 1),
+    ("hf:{llama},pretrained=false", "text", 48, 1),
 ])
-def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_models, tmp_path, spec, modality, dim):
+def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_models, tmp_path, spec, modality, dim, actors):
     from uml_ray.encoders.extract import extract_features, rows_from_arrays, rows_from_texts
 
     spec = spec.format(**tiny_models)
@@ -174,8 +175,7 @@ def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_mod
     else:
         inputs = [f"sentence number {i} about class {i % 3}" for i in range(count)]
         rows = rows_from_texts(inputs, labels, ids, block_rows=8)
-    # two actors: output order must still follow input order
-    uris = extract_features(rows, spec, modality, "train", str(tmp_path), batch_size=4, num_actors=2, rows_per_shard=10)
+    uris = extract_features(rows, spec, modality, "train", str(tmp_path), batch_size=4, num_actors=actors, rows_per_shard=10)
     assert [u.rsplit("/", 1)[1] for u in uris] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     features, got_labels, got_ids = _read(uris, dim)
     assert got_ids == ids and got_labels.tolist() == labels.tolist()
