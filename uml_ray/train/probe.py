@@ -38,6 +38,21 @@ def probe_accuracy(probe: Pipeline, feats: np.ndarray, labels: np.ndarray) -> fl
     return float(np.mean(predicted == np.asarray(labels)))
 
 
+def probe_log_loss(probe: Pipeline, feats: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the labels under the probe (the probe's val loss).
+
+    A label the probe never saw in training gets probability 1e-15 (it cannot predict it), so the
+    loss stays finite and still penalises it.
+    """
+    labels = np.asarray(labels)
+    proba = probe.predict_proba(np.asarray(feats, dtype=np.float64))
+    classes = probe.classes_
+    column = np.searchsorted(classes, labels).clip(max=len(classes) - 1)
+    known = classes[column] == labels
+    chosen = np.where(known, proba[np.arange(len(labels)), column], 0.0)
+    return float(-np.mean(np.log(np.clip(chosen, 1e-15, 1.0))))
+
+
 def evaluate_probe(
     pool_fn: Callable[[object], np.ndarray],
     train: tuple[object, np.ndarray],

@@ -1,0 +1,200 @@
+"""The self-supervised UML training loop (DESIGN §1b): restore → loop (draw → forward/backward/step) → validate → report.
+
+The sequence regime's twin of ``uml_ray.train.loop.train_supervised``: the same LoopContext
+(inline Tune trial or Ray Train worker), the same schedule, checkpoint contents, best-val
+bookkeeping and metric names. What differs is the step — masked next-step MSE per modality
+through one shared causal transformer, with the step_k warm start — and validation, which is a
+logistic-regression probe on mean-pooled target embeddings rather than a classifier head.
+
+step_k counts epochs of the target's train stream from the step number: steps
+``0 .. step_k * steps_per_epoch - 1`` train the auxiliary modalities only, and no target batch is
+drawn during them, so joint training starts at the target stream's first epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from uml_ray.config import config_from_dict
+from uml_ray.data.collate import sequence_batch_to_tensors
+from uml_ray.data.streams import BatchStream, StreamSpec, dataset_name
+from uml_ray.errors import ConfigError
+from uml_ray.models.sequence import SequenceObjective, SharedSequenceModel, target_active
+from uml_ray.train.loop import resolve_alpha, rng_state, set_rng_state, warmup_cosine
+from uml_ray.train.probe import fit_probe, probe_accuracy, probe_log_loss
+
+SPLITS = ("train", "val", "test")
+
+
+@torch.no_grad()
+def pool_split(model: SharedSequenceModel, modality: str, stream: BatchStream, device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Mask-aware mean-pooled embeddings and labels of every row of this worker's share of a split (eval mode)."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    for batch in stream.iter_once(batch_size):
+        x, mask, batch_labels = sequence_batch_to_tensors(batch, device)
+        features.append(model.pool(modality, x, mask).double().cpu().numpy())
+        labels.append(batch_labels.cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def evaluate_probe_on_splits(model: SharedSequenceModel, modality: str, streams: dict[str, BatchStream], ctx,
+                             probe_c: float) -> dict[str, float]:
+    """Probe val accuracy, val log-loss and test accuracy of the target's pooled embeddings, on every worker.
+
+    Every worker pools its share; rank 0 gathers all shares, fits the probe on train and scores
+    val and test; the numbers reach every worker through a sum in which only rank 0 is non-zero.
+    """
+    pooled = {split: pool_split(model, modality, streams[split], ctx.device) for split in SPLITS}
+    shares = ctx.all_gather(pooled)
+    scores = torch.zeros(3, dtype=torch.float64)
+    if ctx.rank == 0:
+        merged = {split: (np.concatenate([s[split][0] for s in shares]), np.concatenate([s[split][1] for s in shares]))
+                  for split in SPLITS}
+        probe = fit_probe(*merged["train"], C=probe_c)
+        scores = torch.tensor([probe_accuracy(probe, *merged["val"]), probe_log_loss(probe, *merged["val"]),
+                               probe_accuracy(probe, *merged["test"])], dtype=torch.float64)
+    val_acc, val_loss, test_acc = ctx.all_reduce(scores).tolist()
+    return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+
+
+def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict, ctx) -> dict:
+    """Train self-supervised UML for ``train.max_steps`` steps; returns the final metrics.
+
+    Arguments as ``train_supervised``. The loss is ``L_x + sum_m alpha_m L_m`` (next-step masked
+    MSE); validation fits a logistic-regression probe (C = ``train.probe_c``) on the target's train
+    split and scores val; test accuracy is reported at the best-val point.
+    """
+    cfg = config_from_dict(config)
+    torch.set_flush_denormal(True)  # denormals in optimizer state made CPU steps ~10x slower
+    torch.set_num_threads(cfg.resources.torch_threads)
+    target = dataset_info["target"]
+    alpha = resolve_alpha(cfg, dataset_info["auxiliary"])
+    active = [m for m, weight in alpha.items() if weight > 0.0]
+    step_k = cfg.train.step_k
+    if step_k > 0 and not active:
+        raise ConfigError(f"train.step_k={step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
+                          "set train.step_k=-1 for the unimodal baseline or give an auxiliary modality alpha > 0")
+    sizes = {target: cfg.train.batch_size}
+    sizes.update({m: max(1, round(cfg.train.batch_size * cfg.data.aux_batch_ratio)) for m in active})
+    worker_seed = cfg.train.seed * 1000 + ctx.rank
+
+    def stream(modality: str, split: str, batch_size: int) -> BatchStream:
+        name = dataset_name(modality, split)
+        return BatchStream(ctx.iterator(name), plan[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
+                           cfg.data.shuffle_buffer)
+
+    train_streams = {m: stream(m, "train", size) for m, size in sizes.items()}
+    probe_streams = {"train": train_streams[target], "val": stream(target, "val", cfg.train.batch_size),
+                     "test": stream(target, "test", cfg.train.batch_size)}
+    # every worker must switch the target on at the same step (DDP), so the epoch length is the
+    # shortest share's
+    steps_per_epoch = min(ctx.all_gather(train_streams[target].batches_per_epoch()))
+
+    torch.manual_seed(cfg.train.seed)  # same init on every worker
+    dims = {m: dataset_info["dims"][m] for m in [target] + active}
+    model = SharedSequenceModel(dims, cfg.model.zdim, cfg.model.layers, cfg.model.heads, cfg.model.dropout,
+                                cfg.model.pos_emb, cfg.model.max_len)
+    model.to(ctx.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
+    progress = {"step": 0, "best_val_acc": -1.0, "best_val_loss": math.inf, "best_step": 0, "bad_validations": 0}
+    best_weights = copy.deepcopy(model.state_dict())
+
+    state = ctx.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for name, position in state["streams"].items():
+            train_streams[name].load_state_dict(position)
+        progress = state["progress"]
+        best_weights = state["best_weights"]
+        set_rng_state(state["rng"])
+
+    # during the warm-up the target's projections get no gradient, which DDP must be told
+    trained = ctx.wrap(SequenceObjective(model, target, alpha), find_unused_parameters=step_k > 0)
+    model.train()
+    running = {m: 0.0 for m in sizes}
+    counted = {m: 0 for m in sizes}
+    running_total, since_report, target_steps = 0.0, 0, 0
+    metrics: dict = {}
+    while progress["step"] < cfg.train.max_steps:
+        target_on = target_active(progress["step"] // steps_per_epoch, step_k)
+        batches = {}
+        for name, batches_of in train_streams.items():
+            if name == target and not target_on:
+                continue  # warm-up: the target's batches are not drawn, so its first epoch starts at joint training
+            x, mask, _ = sequence_batch_to_tensors(batches_of.next(), ctx.device)
+            batches[name] = (x, mask)
+        loss, parts = trained(batches, target_on)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        progress["step"] += 1
+        running_total += float(loss.detach())
+        for name, value in parts.items():
+            running[name] += value
+            counted[name] += 1
+        since_report += 1
+        target_steps += int(target_on)
+
+        step = progress["step"]
+        last = step == cfg.train.max_steps
+        if step % cfg.train.val_every and not last:
+            continue
+        val = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
+        if val["val_acc"] > progress["best_val_acc"] or (val["val_acc"] == progress["best_val_acc"] and val["val_loss"] < progress["best_val_loss"]):
+            progress.update(best_val_acc=val["val_acc"], best_val_loss=val["val_loss"], best_step=step, bad_validations=0)
+            best_weights = copy.deepcopy(model.state_dict())
+        else:
+            progress["bad_validations"] += 1
+        stop = cfg.train.patience > 0 and progress["bad_validations"] >= cfg.train.patience
+        metrics = {
+            "step": step,
+            "epoch": (step - 1) // steps_per_epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": running_total / since_report,
+            # a modality's mean over the steps that trained it (the target's warm-up steps do not)
+            **{f"train_loss_{name}": value / counted[name] for name, value in running.items() if counted[name]},
+            "target_on": target_steps / since_report,
+            "val_acc": val["val_acc"],
+            "val_loss": val["val_loss"],
+            "best_val_acc": progress["best_val_acc"],
+            "best_step": progress["best_step"],
+        }
+        running = {m: 0.0 for m in sizes}
+        counted = {m: 0 for m in sizes}
+        running_total, since_report, target_steps = 0.0, 0, 0
+        if stop or last:
+            # the score is the best-val point, not the last step (a reference defect)
+            final_weights = copy.deepcopy(model.state_dict())
+            model.load_state_dict(best_weights)
+            test = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
+            model.load_state_dict(final_weights)
+            metrics.update(test_acc=test["test_acc"], stopped_early=int(stop), completed=1)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "streams": {name: s.state_dict() for name, s in train_streams.items()},
+            "progress": dict(progress),
+            "best_weights": best_weights,
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+        }
+        best = {"model": best_weights, "config": cfg.to_dict(), "dataset": dataset_info, "val_acc": progress["best_val_acc"],
+                "step": progress["best_step"]}
+        ctx.report(metrics, state, best)
+        if stop:
+            break
+    return metrics
