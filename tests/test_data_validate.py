@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -112,8 +114,6 @@ def test_class_without_auxiliary_sample_is_named(dataset, capsys):
 def test_unreadable_shard(dataset, capsys, damage, reason):
     uri = dataset.uris("image", "test")[0]
     if damage == "missing":
-        import os
-
         os.remove(uri)
     else:
         with open(uri, "wb") as handle:
