@@ -182,3 +182,33 @@ def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_mod
     direct = load_encoder(spec, modality).encode(inputs)
     np.testing.assert_allclose(features, direct, rtol=1e-4, atol=1e-5)
     assert np.isfinite(features).all() and features.std() > 0
+
+
+def test_extract_command_builds_a_two_modality_dataset(ray_session, tmp_path, capsys):
+    from PIL import Image
+
+    from uml_ray.cli import main
+    from uml_ray.data.format import load_manifest
+
+    for label, name in enumerate(["cat", "dog"]):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i, image in enumerate(_images(3, size=24, seed=label)):
+            Image.fromarray(image).save(tmp_path / "images" / name / f"{i}.png")
+    (tmp_path / "cupl.json").write_text(json.dumps({"cat": ["A small furry pet.", "It purrs."], "dog": ["It barks."]}))
+    out = str(tmp_path / "dataset")
+    assert main(["extract", "--out", out, "--encoder", "timm:resnet10t,pretrained=false,image_size=32",
+                 "--image-folder", str(tmp_path / "images")]) == 0
+    assert main(["extract", "--out", out, "--encoder", MINILM, "--cupl", str(tmp_path / "cupl.json")]) == 0
+    manifest = load_manifest(f"{out}/manifest.yaml")
+    assert manifest.classes == ["cat", "dog"] and manifest.target == "image" and manifest.auxiliary == ["text"]
+    images, image_labels, image_ids = _read(manifest.uris("image", "train"), 512)
+    texts, text_labels, _ = _read(manifest.uris("text", "train"), 384)
+    assert image_ids == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"]
+    assert image_labels.tolist() == [0, 0, 0, 1, 1, 1] and text_labels.tolist() == [0, 0, 1]
+    np.testing.assert_allclose(texts, load_encoder(MINILM, "text").encode(["A small furry pet.", "It purrs.", "It barks."]),
+                               atol=1e-5)
+    # a missing class fails before any encoding, naming the class and the keys the file has
+    (tmp_path / "partial.json").write_text(json.dumps({"cat": ["A small furry pet."]}))
+    capsys.readouterr()
+    assert main(["extract", "--out", out, "--encoder", MINILM, "--cupl", str(tmp_path / "partial.json")]) == 2
+    assert "no text for class(es) ['dog']; available keys: ['cat']" in capsys.readouterr().err
