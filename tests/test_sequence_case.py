@@ -7,14 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from uml_ray.data.format import load_manifest, table_to_numpy
-from uml_ray.data.sequence_case import (
-    FASHION_CLASSES,
-    FASHION_DIR,
-    _read_idx,
-    build_fashion_sequence_case,
-    class_texts,
-    minilm_token_embeddings,
-)
+from uml_ray.data.cases import case_texts
+from uml_ray.data.sequence_case import TEXT_SOURCES, build_fashion_sequence_case, minilm_token_embeddings
+from uml_ray.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +26,9 @@ def _read(manifest, modality, split):
 
 
 def test_images_are_row_sequences_of_the_idx_pixels(case):
-    assert case.target == "image" and case.classes == FASHION_CLASSES
+    assert case.target == "image" and case.classes == FASHION_MNIST_CLASSES
     assert case.modalities["image"].kind == "sequence" and case.modalities["image"].dim == 28
-    raw = {
-        "train": _read_idx(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")),
-        "t10k": _read_idx(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
-    }
+    raw = {split: load_fashion_mnist(split)[0] for split in ("train", "test")}
     seen = {}
     for split, per_class in [("train", 3), ("val", 2), ("test", 2)]:
         steps, lengths, labels, ids = _read(case, "image", split)
@@ -51,7 +43,7 @@ def test_images_are_row_sequences_of_the_idx_pixels(case):
 
 def test_text_is_minilm_token_sequences_of_glosses_for_every_class(case):
     steps, lengths, labels, _ = _read(case, "text", "train")
-    texts = class_texts()
+    texts = case_texts(TEXT_SOURCES)
     assert case.modalities["text"].dim == 384 and "train" in case.modalities["text"].splits
     assert len(lengths) == len(texts) and set(labels.tolist()) == set(range(10))
     assert lengths.min() >= 3 and lengths.max() > 2 * lengths.min()  # [CLS] word [SEP] at least; variable length
