@@ -25,6 +25,7 @@ Encoders are plain torch: ``Encoder.encode(inputs) -> np.ndarray (N, dim) float3
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,7 +116,7 @@ def parse_encoder(text: str) -> EncoderSpec:
     return EncoderSpec(family=family, name=name, tag=tag, options=options)
 
 
-class Encoder:
+class Encoder(ABC):
     """A frozen encoder of one modality: ``encode(inputs)`` → ``(N, dim)`` float32 features.
 
     Image inputs are ``H x W`` (grayscale) or ``H x W x 3`` uint8 arrays; text inputs are strings.
@@ -127,9 +128,9 @@ class Encoder:
         self.dim = dim
         self.device = device
 
+    @abstractmethod
     def encode(self, inputs: list) -> np.ndarray:
         """Features of a batch of inputs, one row each."""
-        raise NotImplementedError
 
 
 class ImageEncoder(Encoder):
