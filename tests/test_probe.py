@@ -62,3 +62,17 @@ def test_evaluate_probe_on_pooled_sequence_embeddings():
     scores = evaluate_probe(pool, split(80), split(40), split(40), C=1.0)
     assert set(scores) == {"val_acc", "test_acc"}
     assert scores["val_acc"] > 0.8 and scores["test_acc"] > 0.8  # chance is 0.5
+
+
+def test_probe_log_loss_matches_sklearn_and_stays_finite_for_unseen_labels():
+    from sklearn.metrics import log_loss
+
+    from uml_ray.train.probe import probe_log_loss
+
+    train, val = _blobs(30, seed=0, spread=3.0), _blobs(20, seed=1, spread=3.0)
+    probe = fit_probe(*train)
+    assert probe_log_loss(probe, *val) == pytest.approx(log_loss(val[1], probe.predict_proba(val[0]), labels=probe.classes_))
+    unseen = val[1].copy()
+    unseen[0] = 7  # a class the probe never saw counts as probability 1e-15
+    expected = (probe_log_loss(probe, val[0][1:], val[1][1:]) * (len(unseen) - 1) - np.log(1e-15)) / len(unseen)
+    assert probe_log_loss(probe, val[0], unseen) == pytest.approx(expected)
