@@ -198,6 +198,8 @@ def mlflow_auth_server(tmp_path_factory):
         stop_session(proc)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_mlflow_server_refuses_anonymous_and_accepts_env_credentials(mlflow_auth_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -317,6 +319,7 @@ print("RESULT", sum(ray.get([square.remote(i) for i in range(5)])), os.environ["
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     workdir = tmp_path / "job"
@@ -376,6 +379,7 @@ def ray_two_node_cluster():
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 class TestTwoNodeCluster:
     """A head with no CPUs and two 1-CPU nodes; the driver (this process) is connected."""
 
