@@ -46,6 +46,7 @@ class ModelConfig:
 
     regime: str = option("supervised", "Training regime.", choices=["supervised", "sequence"])
     shared_dim: int = option(0, "Width of the shared space; 0 = the first auxiliary modality's dim (reference).", low=0)
+    project_target: bool = option(True, "Give the target its own linear projection (reference); off = its features enter the shared head directly (aligned spaces, e.g. CLIP).")
     project_auxiliary: bool = option(False, "Give auxiliary modalities their own linear projection; off = they enter the shared space directly (reference).")
     head_init: str = option("random", "Head initialisation: random, or L2-normalised auxiliary class means.", choices=["random", "text"])
     logit_scale: bool = option(False, "Learnable per-modality logit scale.")

@@ -91,6 +91,7 @@ def write_synthetic(
     weak_fraction: float = 0.5,
     weak_scale: float = 0.1,
     aux_pure_noise: bool = False,
+    aux_shared_mixing: bool = False,
     kind: str = "vector",
     seq_len: tuple[int, int] = (8, 16),
     seed: int = 0,
@@ -100,7 +101,11 @@ def write_synthetic(
 
     ``n_train``/``n_val``/``n_test`` are target rows per split; ``n_aux`` is the train rows of each
     auxiliary modality (auxiliary modalities have a train split only). ``weak_fraction`` of the
-    latent directions reach X scaled by ``weak_scale``. The same seed gives byte-identical shards.
+    latent directions reach X scaled by ``weak_scale``. ``aux_shared_mixing`` observes the
+    auxiliary modalities through X's own mixing matrix (aligned feature spaces, as CLIP's image and
+    text towers are): then a head shared across modalities is a shared parameter in the strict
+    sense, and the auxiliary's labelled rows inform X's classifier directly. The same seed gives
+    byte-identical shards.
     """
     if kind not in KINDS:
         raise ConfigError(f"synthetic data: kind must be one of {list(KINDS)}, got {kind!r}")
@@ -111,9 +116,13 @@ def write_synthetic(
     n_weak = int(round(weak_fraction * min(dim_x, latent_dim)))
     x_singular = np.ones(latent_dim)
     x_singular[:n_weak] = weak_scale
-    modalities = {TARGET: (dim_x, _mixing(rng, dim_x, latent_dim, x_singular), noise_x)}
+    x_mixing = _mixing(rng, dim_x, latent_dim, x_singular)
+    modalities = {TARGET: (dim_x, x_mixing, noise_x)}
     for name, dim in zip(auxiliary_names(len(dims_aux)), dims_aux):
-        modalities[name] = (dim, _mixing(rng, dim, latent_dim, np.ones(latent_dim)), noise_aux)
+        if aux_shared_mixing and dim != dim_x:
+            raise ConfigError(f"synthetic data: aux_shared_mixing needs every auxiliary dim == dim_x={dim_x}, got {dim}")
+        mixing = x_mixing if aux_shared_mixing else _mixing(rng, dim, latent_dim, np.ones(latent_dim))
+        modalities[name] = (dim, mixing, noise_aux)
     # eigenvalues of magnitude DECAY < 1 keep the state bounded
     dynamics = DECAY * _orthonormal(rng, latent_dim, latent_dim)
 

@@ -13,9 +13,11 @@ from torch import nn
 class SharedHeadUML(nn.Module):
     """Per-modality projection into a shared space, then one shared linear head.
 
-    The target always gets ``Linear(d_target -> shared_dim, bias=False)``. An auxiliary modality
-    enters the shared space directly (reference: text goes straight in) unless
-    ``project_auxiliary`` is set or its dim differs from ``shared_dim``.
+    The target gets ``Linear(d_target -> shared_dim, bias=False)`` (reference) unless
+    ``project_target`` is off, for features already in an aligned space (e.g. CLIP image/text).
+    An auxiliary modality enters the shared space directly (reference: text goes straight in)
+    unless ``project_auxiliary`` is set. A modality whose dim differs from ``shared_dim`` is
+    always projected.
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class SharedHeadUML(nn.Module):
         shared_dim: int = 0,
         project_auxiliary: bool = False,
         logit_scale: bool = False,
+        project_target: bool = True,
     ):
         super().__init__()
         if target not in dims:
@@ -35,7 +38,7 @@ class SharedHeadUML(nn.Module):
         self.shared_dim = shared_dim or (dims[auxiliary[0]] if auxiliary else dims[target])
         self.projections = nn.ModuleDict()
         for name, dim in dims.items():
-            if name == target or project_auxiliary or dim != self.shared_dim:
+            if (name == target and project_target) or (name != target and project_auxiliary) or dim != self.shared_dim:
                 self.projections[name] = nn.Linear(dim, self.shared_dim, bias=False)
             else:
                 self.projections[name] = nn.Identity()

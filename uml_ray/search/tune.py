@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from uml_ray.cluster import check_storage_for_cluster
 from uml_ray.config import Config, apply_overrides, config_from_dict, dump_config
 from uml_ray.data.format import is_remote, join_uri
 from uml_ray.data.streams import plan_streams
@@ -279,6 +280,7 @@ def run(prepared: Prepared, space: SearchSpace | None = None, trials: int = 1, c
     if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
         raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
     init_ray(cfg)
+    check_storage_for_cluster(cfg.tracking.storage_path, ray.nodes())
     seed_policy = space.seed_policy if space else "fixed"
     base = cfg.to_dict()
     trainable = tune.with_resources(

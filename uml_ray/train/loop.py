@@ -120,7 +120,8 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker
     dims = {m: dataset_info["dims"][m] for m in [target] + active}
-    model = SharedHeadUML(dims, target, len(classes), cfg.model.shared_dim, cfg.model.project_auxiliary, cfg.model.logit_scale)
+    model = SharedHeadUML(dims, target, len(classes), cfg.model.shared_dim, cfg.model.project_auxiliary,
+                          cfg.model.logit_scale, cfg.model.project_target)
     model.to(ctx.device)
     if cfg.model.head_init == "text" and active:
         sums, counts = _aux_class_means(train_streams[active[0]], model.projections[active[0]], len(classes), ctx)
