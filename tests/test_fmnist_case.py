@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from uml_ray.cli import main
 from uml_ray.data.format import load_manifest, shard_schema, table_to_numpy
@@ -21,6 +22,8 @@ def _split(manifest, modality: str, split: str):
     return np.asarray(features), labels, table.column("id").to_pylist()
 
 
+# ~25-30 s on an idle 2-core machine (two Ray Data extractions); runs in `make test`, not `make test-fast`
+@pytest.mark.slow
 def test_fashion_mnist_case_end_to_end_and_cached(ray_session, tmp_path, capsys):
     common = ["--train-pool", "6", "--test-size", "20", "--image-size", "32", "--cache-dir", str(tmp_path / "cache")]
     assert main(["case", "fashion-mnist", "--out", str(tmp_path / "two"), "--shots", "2", "--split-seed", "0", *common]) == 0
