@@ -340,7 +340,10 @@ def _summarize(results, cfg: Config, name: str, path: str, space: SearchSpace | 
     if not scored:
         errors = "; ".join(r["error"] for r in rows if r["error"])[:2000]
         raise UserError(f"no trial of '{name}' reported {metric}. {errors}")
-    best = max(scored, key=lambda r: r["metrics"][metric])
+    # like `uml-ray best`: completed trials only (ASHA-pruned ones never reached their best-val
+    # point), ties broken by the lower validation loss at that point
+    finalists = [r for r in scored if r["metrics"].get("completed")] or scored
+    best = max(finalists, key=lambda r: (r["metrics"][metric], -r["metrics"].get("best_val_loss", 0.0)))
     if space is not None:
         tracker = SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name)
         tracker.start_sweep({})

@@ -180,7 +180,7 @@ def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int 
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = '{sweep}'")
     runs = client.search_runs(
-        [found.experiment_id], filter_string=" and ".join(filters), order_by=[f"metrics.`{metric}` DESC"], max_results=max(top, 1) * 4
+        [found.experiment_id], filter_string=" and ".join(filters), order_by=[f"metrics.`{metric}` DESC", "metrics.`best_val_loss` ASC"], max_results=max(top, 1) * 4
     )
     runs = [r for r in runs if metric in r.data.metrics][:top]
     if not runs:

@@ -187,6 +187,7 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
             "val_acc": val["acc"],
             "val_loss": val["loss"],
             "best_val_acc": progress["best_val_acc"],
+            "best_val_loss": progress["best_val_loss"],
             "best_step": progress["best_step"],
         }
         running = {m: 0.0 for m in sizes}

@@ -170,6 +170,7 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
             "val_acc": val["val_acc"],
             "val_loss": val["val_loss"],
             "best_val_acc": progress["best_val_acc"],
+            "best_val_loss": progress["best_val_loss"],
             "best_step": progress["best_step"],
         }
         running = {m: 0.0 for m in sizes}
