@@ -40,6 +40,25 @@ def validate(capsys, path):
     return code, out, err
 
 
+def validate_run_config(capsys, path):
+    """``uml-ray validate CONFIG``: the same data checks, reached through a run config."""
+    folder = os.path.dirname(str(path))
+    config = os.path.join(folder, "run.yaml")
+    with open(config, "w") as handle:
+        yaml.safe_dump({"data": {"manifest": str(path)},
+                        "tracking": {"uri": f"sqlite:///{folder}/mlflow.db", "storage_path": f"{folder}/runs"}}, handle)
+    code = main(["validate", config])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.fixture(params=["data validate", "validate"])
+def check(request):
+    """Each data defect must be caught by both ``uml-ray data validate`` and ``uml-ray validate``."""
+    return validate if request.param == "data validate" else validate_run_config
+
+
 def test_valid_synthetic_manifest_passes_with_summary(dataset, capsys):
     code, out, err = validate(capsys, dataset.path)
     assert code == 0 and err == ""
@@ -49,82 +68,82 @@ def test_valid_synthetic_manifest_passes_with_summary(dataset, capsys):
     assert rows["text", "train"][5] == "40" and rows["text", "train"][7:] == ["8"] * 5
 
 
-def test_wrong_schema_names_column_and_expected_type(dataset, capsys):
+def test_wrong_schema_names_column_and_expected_type(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "image", "train")
     table = pa.table({"feats": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), 32),
                       "label": pa.array(labels.astype(np.int64)), "id": pa.array([str(i) for i in range(len(labels))])})
     pq.write_table(table, uri)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert f"{uri}: column 'features' is missing (expected fixed_size_list<item: float>[32])" in err
     assert f"{uri}: column 'label' has type int64, expected int32" in err
     assert f"{uri}: unexpected column(s) ['feats']" in err
 
 
-def test_dim_mismatch_names_manifest_dim(dataset, capsys):
+def test_dim_mismatch_names_manifest_dim(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "text", "train")
     rewrite(uri, features[:, :12], labels)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert f"{uri}: features have dim 12 but modalities.text.dim is 16" in err
 
 
-def test_nan_and_inf_rows_report_first_row_and_count(dataset, capsys):
+def test_nan_and_inf_rows_report_first_row_and_count(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "image", "train")
     features[3, 5], features[7, 0], features[7, 1] = np.nan, np.inf, -np.inf
     rewrite(uri, features, labels)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert f"{uri}: 2 row(s) have NaN/inf features (first at row 3); drop or repair those rows" in err
 
 
-def test_label_out_of_range_reports_row_and_value(dataset, capsys):
+def test_label_out_of_range_reports_row_and_value(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "image", "val")
     labels[4], labels[6] = 7, -1
     rewrite(uri, features, labels)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert f"{uri}: 2 label(s) outside [0, 5) (first at row 4: label 7)" in err
 
 
-def test_empty_modality_and_missing_target_split(dataset, capsys):
+def test_empty_modality_and_missing_target_split(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "text", "train")
     rewrite(uri, features[:0], labels[:0], dim=16)
     raw = yaml.safe_load(open(dataset.path))
     del raw["modalities"]["image"]["splits"]["test"]
     with open(dataset.path, "w") as handle:
         yaml.safe_dump(raw, handle)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert f"{dataset.path}: modalities.text.splits.train has 0 rows in its shards" in err
     assert f"{dataset.path}: modalities.image.splits.test has no shards; the target needs test rows" in err
 
 
-def test_class_without_auxiliary_sample_is_named(dataset, capsys):
+def test_class_without_auxiliary_sample_is_named(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "text", "train")
     keep = labels != 3
     rewrite(uri, features[keep], labels[keep])
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     assert (f"{dataset.path}: class 'class_3' (label 3) has 4 target train rows but no sample in any auxiliary "
             f"modality (text); add auxiliary rows labelled 3 or drop the class") in err
 
 
 @pytest.mark.parametrize("damage, reason", [("missing", "file not found"), ("corrupt", "Parquet magic bytes not found")])
-def test_unreadable_shard(dataset, capsys, damage, reason):
+def test_unreadable_shard(dataset, capsys, check, damage, reason):
     uri = dataset.uris("image", "test")[0]
     if damage == "missing":
         os.remove(uri)
     else:
         with open(uri, "wb") as handle:
             handle.write(b"not a parquet file at all")
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     lines = [line for line in err.splitlines() if uri in line]
     assert len(lines) == 1 and "cannot read the Parquet shard" in lines[0] and reason in lines[0]
 
 
-def test_every_problem_is_reported_together(dataset, capsys):
+def test_every_problem_is_reported_together(dataset, capsys, check):
     uri_train, features, labels = read_shard(dataset, "image", "train")
     features[2, 0] = np.nan
     labels[9] = 5
@@ -135,7 +154,7 @@ def test_every_problem_is_reported_together(dataset, capsys):
     raw["modalities"]["image"]["splits"]["val"].append("image/train/part-00000.parquet")
     with open(dataset.path, "w") as handle:
         yaml.safe_dump(raw, handle)
-    code, _, err = validate(capsys, dataset.path)
+    code, _, err = check(capsys, dataset.path)
     assert code == 2
     problems = err.split("error: ", 1)[1].splitlines()
     expected = [
@@ -209,3 +228,36 @@ def test_s3_round_trip(s3_server, capsys):
     code, _, err = validate(capsys, path)
     assert code == 2
     assert "s3://uml-data/synthetic/text/train/part-00000.parquet: cannot read the Parquet shard" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=0.1", "unknown config key 'train.learning_rate'; allowed keys in 'train': lr,"),
+        ("train.lr=0", "train.lr: 0.0 is out of range; it must be > 0.0 and <= 10.0"),
+    ],
+)
+def test_run_config_errors_name_the_key(dataset, capsys, override, message):
+    folder = os.path.dirname(str(dataset.path))
+    config = os.path.join(folder, "run.yaml")
+    with open(config, "w") as handle:
+        yaml.safe_dump({"data": {"manifest": str(dataset.path)}}, handle)
+    code = main(["validate", config, override])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw.update(labels=["x"]), "unknown manifest field(s) ['labels']; allowed: name, classes, target, modalities"),
+        (lambda raw: raw["modalities"]["text"].update(dim=0), "modalities.text.dim: must be a positive integer, got 0"),
+    ],
+)
+def test_manifest_field_errors_name_the_field(dataset, capsys, check, edit, message):
+    raw = yaml.safe_load(open(dataset.path))
+    edit(raw)
+    with open(dataset.path, "w") as handle:
+        yaml.safe_dump(raw, handle)
+    code, _, err = check(capsys, dataset.path)
+    assert code == 2 and message in err
