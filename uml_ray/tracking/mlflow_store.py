@@ -176,7 +176,7 @@ def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int 
     if found is None:
         names = [e.name for e in client.search_experiments()]
         raise UserError(f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}")
-    filters = [f"tags.`{KIND_TAG}` != 'sweep'", f"attributes.status = 'FINISHED'"]
+    filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = '{sweep}'")
     runs = client.search_runs(

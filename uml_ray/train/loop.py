@@ -13,6 +13,7 @@ everything Ray-specific reaches it through a ``LoopContext`` (see ``uml_ray.trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -44,8 +45,11 @@ def resolve_alpha(cfg: Config, auxiliary: list[str]) -> dict[str, float]:
 
 
 def rng_state() -> dict:
-    """Every RNG the loop may touch, for checkpoints."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the loop may touch (CUDA's too: dropout on GPU), for checkpoints."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -53,6 +57,63 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def new_progress() -> dict:
+    """Loop bookkeeping that checkpoints carry: step, best-val point, validations without improvement."""
+    return {"step": 0, "best_val_acc": -1.0, "best_val_loss": math.inf, "best_step": 0, "bad_validations": 0}
+
+
+def restore(state: dict, model, optimizer, scheduler, streams: dict) -> tuple[dict, dict]:
+    """Load a checkpoint's loop state in place; returns (progress, best_weights)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for name, position in state["streams"].items():
+        streams[name].load_state_dict(position)
+    set_rng_state(state["rng"])
+    return state["progress"], state["best_weights"]
+
+
+def record_validation(progress: dict, acc: float, loss: float, model, best_weights: dict, patience: int) -> tuple[dict, bool]:
+    """Keep the best-val weights (higher accuracy, ties to lower loss); returns (best_weights, stop on patience)."""
+    if acc > progress["best_val_acc"] or (acc == progress["best_val_acc"] and loss < progress["best_val_loss"]):
+        progress.update(best_val_acc=acc, best_val_loss=loss, best_step=progress["step"], bad_validations=0)
+        best_weights = copy.deepcopy(model.state_dict())
+    else:
+        progress["bad_validations"] += 1
+    return best_weights, patience > 0 and progress["bad_validations"] >= patience
+
+
+@contextlib.contextmanager
+def swapped_weights(model, weights: dict):
+    """Evaluate with other weights (the best-val point), then put the current ones back."""
+    current = copy.deepcopy(model.state_dict())
+    model.load_state_dict(weights)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(current)
+
+
+def checkpoint(cfg: Config, model, optimizer, scheduler, streams: dict, progress: dict, best_weights: dict,
+               dataset_info: dict) -> tuple[dict, dict]:
+    """(full loop state for an exact resume, the best-val product) for ``ctx.report``."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "streams": {name: s.state_dict() for name, s in streams.items()},
+        "progress": dict(progress),
+        "best_weights": best_weights,
+        "rng": rng_state(),
+        "config": cfg.to_dict(),
+    }
+    best = {"model": best_weights, "config": cfg.to_dict(), "dataset": dataset_info, "val_acc": progress["best_val_acc"],
+            "step": progress["best_step"]}
+    return state, best
 
 
 def to_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,19 +192,10 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
-    progress = {"step": 0, "best_val_acc": -1.0, "best_val_loss": math.inf, "best_step": 0, "bad_validations": 0}
-    best_weights = copy.deepcopy(model.state_dict())
-
+    progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
     state = ctx.restore()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for name, position in state["streams"].items():
-            train_streams[name].load_state_dict(position)
-        progress = state["progress"]
-        best_weights = state["best_weights"]
-        set_rng_state(state["rng"])
+        progress, best_weights = restore(state, model, optimizer, scheduler, train_streams)
 
     trained = ctx.wrap(model)
     model.train()
@@ -172,12 +224,7 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
         if step % cfg.train.val_every and not last:
             continue
         val = evaluate(model, val_stream, ctx)
-        if val["acc"] > progress["best_val_acc"] or (val["acc"] == progress["best_val_acc"] and val["loss"] < progress["best_val_loss"]):
-            progress.update(best_val_acc=val["acc"], best_val_loss=val["loss"], best_step=step, bad_validations=0)
-            best_weights = copy.deepcopy(model.state_dict())
-        else:
-            progress["bad_validations"] += 1
-        stop = cfg.train.patience > 0 and progress["bad_validations"] >= cfg.train.patience
+        best_weights, stop = record_validation(progress, val["acc"], val["loss"], model, best_weights, cfg.train.patience)
         metrics = {
             "step": step,
             "epoch": train_streams[target].epoch,
@@ -194,23 +241,10 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
         running_total, since_report = 0.0, 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
-            final_weights = copy.deepcopy(model.state_dict())
-            model.load_state_dict(best_weights)
-            test = evaluate(model, test_stream, ctx)
-            model.load_state_dict(final_weights)
+            with swapped_weights(model, best_weights):
+                test = evaluate(model, test_stream, ctx)
             metrics.update(test_acc=test["acc"], test_loss=test["loss"], stopped_early=int(stop), completed=1)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "streams": {name: s.state_dict() for name, s in train_streams.items()},
-            "progress": dict(progress),
-            "best_weights": best_weights,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-        }
-        best = {"model": best_weights, "config": cfg.to_dict(), "dataset": dataset_info, "val_acc": progress["best_val_acc"],
-                "step": progress["best_step"]}
+        state, best = checkpoint(cfg, model, optimizer, scheduler, train_streams, progress, best_weights, dataset_info)
         ctx.report(metrics, state, best)
         if stop:
             break

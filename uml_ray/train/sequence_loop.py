@@ -14,7 +14,6 @@ drawn during them, so joint training starts at the target stream's first epoch.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
@@ -24,7 +23,8 @@ from uml_ray.data.collate import sequence_batch_to_tensors
 from uml_ray.data.streams import BatchStream, StreamSpec, dataset_name
 from uml_ray.errors import ConfigError
 from uml_ray.models.sequence import SequenceObjective, SharedSequenceModel, target_active
-from uml_ray.train.loop import resolve_alpha, rng_state, set_rng_state, warmup_cosine
+from uml_ray.train.loop import (checkpoint, new_progress, record_validation, resolve_alpha, restore, swapped_weights,
+                                 warmup_cosine)
 from uml_ray.train.probe import fit_probe, probe_accuracy, probe_log_loss
 
 SPLITS = ("train", "val", "test")
@@ -104,19 +104,10 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
     model.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
-    progress = {"step": 0, "best_val_acc": -1.0, "best_val_loss": math.inf, "best_step": 0, "bad_validations": 0}
-    best_weights = copy.deepcopy(model.state_dict())
-
+    progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
     state = ctx.restore()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for name, position in state["streams"].items():
-            train_streams[name].load_state_dict(position)
-        progress = state["progress"]
-        best_weights = state["best_weights"]
-        set_rng_state(state["rng"])
+        progress, best_weights = restore(state, model, optimizer, scheduler, train_streams)
 
     # during the warm-up the target's projections get no gradient, which DDP must be told
     trained = ctx.wrap(SequenceObjective(model, target, alpha), find_unused_parameters=step_k > 0)
@@ -153,12 +144,7 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
         if step % cfg.train.val_every and not last:
             continue
         val = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
-        if val["val_acc"] > progress["best_val_acc"] or (val["val_acc"] == progress["best_val_acc"] and val["val_loss"] < progress["best_val_loss"]):
-            progress.update(best_val_acc=val["val_acc"], best_val_loss=val["val_loss"], best_step=step, bad_validations=0)
-            best_weights = copy.deepcopy(model.state_dict())
-        else:
-            progress["bad_validations"] += 1
-        stop = cfg.train.patience > 0 and progress["bad_validations"] >= cfg.train.patience
+        best_weights, stop = record_validation(progress, val["val_acc"], val["val_loss"], model, best_weights, cfg.train.patience)
         metrics = {
             "step": step,
             "epoch": (step - 1) // steps_per_epoch,
@@ -178,23 +164,10 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
         running_total, since_report, target_steps = 0.0, 0, 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
-            final_weights = copy.deepcopy(model.state_dict())
-            model.load_state_dict(best_weights)
-            test = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
-            model.load_state_dict(final_weights)
+            with swapped_weights(model, best_weights):
+                test = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
             metrics.update(test_acc=test["test_acc"], stopped_early=int(stop), completed=1)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "streams": {name: s.state_dict() for name, s in train_streams.items()},
-            "progress": dict(progress),
-            "best_weights": best_weights,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-        }
-        best = {"model": best_weights, "config": cfg.to_dict(), "dataset": dataset_info, "val_acc": progress["best_val_acc"],
-                "step": progress["best_step"]}
+        state, best = checkpoint(cfg, model, optimizer, scheduler, train_streams, progress, best_weights, dataset_info)
         ctx.report(metrics, state, best)
         if stop:
             break
