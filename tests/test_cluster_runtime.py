@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -243,7 +244,8 @@ class RayHead:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head on 127.0.0.1 with the dashboard job server and Ray token auth, one CPU.
+    """A real Ray head on 127.0.0.1 with the dashboard job server and Ray token auth, two CPUs
+    (a sweep's trials beside their Ray Data reads).
 
     Every port is explicit, the temp dir is private, RAY_ADDRESS is unset for it; teardown
     stops exactly this head's process session.
@@ -260,7 +262,7 @@ def ray_head():
         f"--dashboard-agent-grpc-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
         f"--metrics-export-port={ports[6]}", f"--node-manager-port={ports[7]}",
         f"--object-manager-port={ports[8]}",
-        "--num-cpus=1", f"--temp-dir={temp_dir}",
+        "--num-cpus=2", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
     log_path = temp_dir / "head.log"
     proc = start_in_session(cmd, subprocess_env(RAY_DEDUP_LOGS="0", **auth), log_path)
@@ -348,6 +350,132 @@ def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     assert status == "FAILED" and "uml-ray test failure 7" in logs
 
 
+# --- uml-ray itself on these clusters -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# What `ray job submit --working-dir` leaves out of the upload (besides .gitignore): the venv is
+# already on the head, and tests, local runs and stores are not code the job needs.
+UPLOAD_EXCLUDES = [".git", ".venv", "tests", "benchmarks", "demo_work", "uml_runs", "mlruns", "*.db"]
+TINY_TRAIN = {"max_steps": 40, "warmup_steps": 5, "val_every": 20}
+
+
+def tiny_config(path: Path, workdir: Path, **sections) -> Path:
+    """A run config on a small synthetic dataset (5 classes, 20 target shots each): 40 steps, validation at 20 and 40."""
+    from conftest import write_config
+    from uml_ray.data.synth import write_synthetic
+
+    manifest = write_synthetic(str(workdir / "data"), seed=0, n_train=20, n_val=50, n_test=100, n_aux=200)
+    return write_config(path, manifest, workdir, train=TINY_TRAIN, **sections)
+
+
+def sweep_runs(tracking_uri: str, experiment: str, sweep: str) -> tuple:
+    """(client, parent run, child trial runs) of one sweep in an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment} at {tracking_uri}"
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`uml_ray.sweep` = '{sweep}'")
+    parents = [r for r in runs if r.data.tags["uml_ray.kind"] == "sweep"]
+    children = [r for r in runs if r.data.tags["uml_ray.kind"] == "trial"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    return client, parents[0], children
+
+
+def assert_trials_tracked(client, parent, children, trials: int) -> None:
+    """Every trial is a child of the sweep's parent run with val_acc at each validation step it reached."""
+    assert len(children) == trials and parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == trials
+    assert len({c.data.tags["uml_ray.trial_id"] for c in children}) == trials
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status in ("FINISHED", "KILLED"), child.info.status
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        # ASHA may stop a trial after its first validation; a finished one validated at 20 and 40
+        assert steps == ([20, 40] if child.info.status == "FINISHED" else [20]), (child.info.status, steps)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == steps
+        assert 0.0 <= child.data.metrics["best_val_acc"] <= 1.0
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_runs_a_tracked_sweep(ray_head, tmp_path):
+    config = tiny_config(tmp_path / "sweep.yaml", tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The space path is relative: the job runs inside the uploaded working dir.
+    entrypoint = (
+        f"uml-ray tune {config} resources.cpus_per_worker=0.5 resources.data_cpus=0.5 "
+        "--space search_spaces/supervised_linear_probe.yaml --trials 3 --name job-sweep"
+    )
+    started = time.monotonic()
+    status, logs = submit_and_wait(
+        ray_head.address, entrypoint, REPO, ray_head.client_env, runtime_env={"excludes": UPLOAD_EXCLUDES}
+    )
+    print(f"ray job submit sweep: {time.monotonic() - started:.1f}s")
+    assert status == "SUCCEEDED", logs[-5000:]
+    summary = json.loads([line for line in logs.splitlines() if line.startswith('{"sweep"')][-1])
+    assert summary["sweep"] == "job-sweep" and summary["trials"] == 3
+
+    client, parent, children = sweep_runs(tracking_uri, "tests", "job-sweep")
+    assert_trials_tracked(client, parent, children, trials=3)
+    best = max(c.data.metrics["best_val_acc"] for c in children)
+    assert parent.data.metrics["best_best_val_acc"] == pytest.approx(best) == pytest.approx(summary["best_val_acc"])
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_on_mlflow_server_and_best_reads_it_back(mlflow_auth_server, ray_session, tmp_path, monkeypatch, capsys):
+    from uml_ray.cli import main
+
+    uri, username, password = mlflow_auth_server
+    experiment = f"server-{uuid.uuid4().hex[:8]}"
+    config = tiny_config(tmp_path / "sweep.yaml", tmp_path, tracking={"uri": uri, "experiment": experiment},
+                         resources={"cpus_per_worker": 0.5, "data_cpus": 0.5})
+    space = REPO / "search_spaces" / "supervised_linear_probe.yaml"
+    best_yaml = tmp_path / "best.yaml"
+
+    # Without credentials the server refuses the CLI before any Ray work, with one clear line.
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["tune", str(config), "--space", str(space), "--trials", "2", "--name", "server-sweep"]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.uri={uri}: cannot reach the MLflow store" in err and "401" in err and "Traceback" not in err
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    started = time.monotonic()
+    assert main(["tune", str(config), "--space", str(space), "--trials", "2", "--name", "server-sweep"]) == 0
+    print(f"sweep against the MLflow server: {time.monotonic() - started:.1f}s")
+    capsys.readouterr()
+
+    # The sweep's runs are on the server, readable with the credentials and refused without.
+    client, parent, children = sweep_runs(uri, experiment, "server-sweep")
+    assert_trials_tracked(client, parent, children, trials=2)
+    experiment_url = f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}"
+    assert http_status(experiment_url) == 401
+    assert http_status(f"{uri}/api/2.0/mlflow/runs/get?run_id={parent.info.run_id}") == 401
+    assert http_status(experiment_url, auth=(username, password)) == 200
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "study_summary.json" in artifacts
+
+    assert main(["best", "--tracking-uri", uri, "--experiment", experiment, "--sweep", "server-sweep",
+                 "--output", str(best_yaml)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["rank", "run", "best_val_acc", "test_acc"]
+    ranked = sorted(children, key=lambda c: c.data.metrics["best_val_acc"], reverse=True)
+    assert table[1].split()[1] == ranked[0].info.run_name
+    assert float(table[1].split()[2]) == pytest.approx(ranked[0].data.metrics["best_val_acc"], abs=1e-4)
+    best = yaml.safe_load(best_yaml.read_text())
+    assert best["tracking"]["uri"] == uri and best["tracking"]["experiment"] == experiment
+    sampled = json.loads(ranked[0].data.tags["uml_ray.sampled"])
+    assert best["train"]["lr"] == pytest.approx(sampled["train.lr"])
+    # the written config is a complete run config: `uml-ray train` would accept it as is
+    assert main(["validate", str(best_yaml)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["tracking"] == uri
+
+
 # --- in-process clusters (the pytest process is their driver) -----------------------------------
 
 
@@ -361,12 +489,17 @@ def detach_driver():
 
 @pytest.fixture(scope="class")
 def ray_two_node_cluster():
-    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (1 CPU each), driver attached."""
+    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (1 CPU each), driver attached.
+
+    The head runs the dashboard (on a free loopback port) for the Ray state API.
+    """
     import ray
     from ray.cluster_utils import Cluster
 
     detach_driver()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    (dashboard_port,) = free_ports(1)
+    head_args = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port}
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1)
@@ -415,6 +548,34 @@ class TestTwoNodeCluster:
         ready, _ = ray.wait([too_wide.ready()], timeout=3)
         assert ready == []
         remove_placement_group(too_wide)
+
+    @pytest.mark.timeout(600)
+    def test_two_worker_training_spans_both_nodes(self, ray_two_node_cluster, tmp_path, capsys):
+        from mlflow.tracking import MlflowClient
+        from ray.util.state import list_actors
+
+        from uml_ray.cli import main
+
+        # 0.7 CPU per worker: two cannot share a 1-CPU node, so Ray Train's PACK placement has to
+        # spread them; the trial driving the TorchTrainer holds 0.01 CPU beside one of them.
+        config = tiny_config(tmp_path / "two.yaml", tmp_path,
+                             resources={"num_workers": 2, "cpus_per_worker": 0.7, "data_cpus": 0})
+        started = time.monotonic()
+        assert main(["train", str(config), "--name", "two-node"]) == 0
+        print(f"two-worker training on two nodes: {time.monotonic() - started:.1f}s")
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["step"] == 40 and 0.0 <= result["test_acc"] <= 1.0
+
+        train_workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+        assert len(train_workers) == 2, train_workers
+        assert {w.node_id for w in train_workers} == {n.node_id for n in ray_two_node_cluster.worker_nodes}
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        assert run.info.run_name == "two-node" and run.info.status == "FINISHED"
+        assert run.data.params["resources.num_workers"] == "2"
+        assert run.data.metrics["test_acc"] == pytest.approx(result["test_acc"])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [20, 40]
 
 
 @dataclass
@@ -514,6 +675,7 @@ def fake_gpu_autoscaling_cluster():
         ray.shutdown()
         stop_session(proc)
 
+
 @pytest.mark.cluster
 @pytest.mark.slow
 class TestFakeGpuAutoscaling:
@@ -542,3 +704,44 @@ class TestFakeGpuAutoscaling:
             time.sleep(1)
         remaining = alive_nodes()
         assert len(remaining) == 1 and "GPU" not in remaining[0]["Resources"], "idle GPU nodes were removed"
+
+    @pytest.mark.timeout(600)
+    def test_gpu_sweep_scales_up_and_idle_nodes_go(self, fake_gpu_autoscaling_cluster, tmp_path):
+        import ray
+
+        from uml_ray.cli import main
+
+        def gpu_nodes() -> set[str]:
+            return {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
+
+        deadline = time.monotonic() + 120  # the previous test's nodes may still be draining
+        while len(alive_nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert [n["Resources"].get("GPU", 0) for n in alive_nodes()] == [0], "starts with the head only"
+        before = gpu_nodes()  # dead nodes stay listed in ray.nodes()
+
+        # Each trial trains in its Tune trial process, which holds {CPU: 1, GPU: 1}: only a
+        # gpu_worker node has that, so every trial waits for the autoscaler. (These GPUs are
+        # logical: torch finds no CUDA device here and trains on the CPU.) resources.address marks
+        # an attached cluster, so the head's 0 CPUs do not cap the concurrency.
+        config = tiny_config(tmp_path / "gpu.yaml", tmp_path, resources={
+            "gpus_per_worker": 1, "cpus_per_worker": 1, "address": fake_gpu_autoscaling_cluster.gcs_address})
+        started = time.monotonic()
+        assert main(["tune", str(config), "--space", str(REPO / "search_spaces" / "supervised_linear_probe.yaml"),
+                     "--trials", "3", "--concurrency", "2", "--name", "gpu-sweep"]) == 0
+        print(f"GPU sweep on the autoscaling cluster: {time.monotonic() - started:.1f}s")
+        added = gpu_nodes() - before
+        assert len(added) == 2, "two concurrent GPU trials scale up to max_workers=2 nodes"
+
+        client, parent, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tests", "gpu-sweep")
+        assert_trials_tracked(client, parent, children, trials=3)
+        assert all(c.data.params["resources.gpus_per_worker"] == "1.0" for c in children)
+        assert any(0.0 <= c.data.metrics.get("test_acc", -1) <= 1.0 for c in children)
+
+        started = time.monotonic()
+        while len(alive_nodes()) > 1 and time.monotonic() - started < 120:
+            time.sleep(1)
+        print(f"idle GPU nodes removed after {time.monotonic() - started:.1f}s")
+        remaining = alive_nodes()
+        assert len(remaining) == 1 and "GPU" not in remaining[0]["Resources"], "idle GPU nodes were removed"
+        assert not gpu_nodes() - before - added, "no further nodes were started"

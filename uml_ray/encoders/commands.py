@@ -32,9 +32,11 @@ def register(subparsers) -> None:
     extract.set_defaults(func=run_extract)
 
     case = subparsers.add_parser("case", help="build a real offline dataset")
-    case.add_argument("name", choices=["fashion-mnist"], help="fashion-mnist: EfficientNet-Lite0 images + MiniLM WordNet/template text")
+    case.add_argument("name", choices=["fashion-mnist", "fashion-mnist-rows"],
+                      help="fashion-mnist: EfficientNet-Lite0 image features + MiniLM WordNet/template text (supervised); "
+                           "fashion-mnist-rows: images as 28-step row sequences + MiniLM token sequences (sequence regime)")
     case.add_argument("--out", required=True, help="dataset folder (manifest.yaml is written there)")
-    case.add_argument("--shots", type=int, required=True, help="train images per class; val gets min(4, shots)")
+    case.add_argument("--shots", type=int, help="fashion-mnist: train images per class (required); val gets min(4, shots)")
     case.add_argument("--split-seed", type=int, default=0, help="seed of the few-shot draw")
     case.add_argument("--train-pool", type=int, default=100, help="train-file images per class the few-shot splits draw from")
     case.add_argument("--test-size", type=int, default=1000, help="test images, balanced over the classes")
@@ -43,6 +45,9 @@ def register(subparsers) -> None:
     case.add_argument("--cache-dir", help="feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)")
     case.add_argument("--batch-size", type=int, default=64)
     case.add_argument("--num-actors", type=int)
+    case.add_argument("--train-per-class", type=int, default=100, help="fashion-mnist-rows: train sequences per class")
+    case.add_argument("--val-per-class", type=int, default=50, help="fashion-mnist-rows: val sequences per class")
+    case.add_argument("--test-per-class", type=int, default=100, help="fashion-mnist-rows: test sequences per class")
     case.set_defaults(func=run_case)
 
 
@@ -112,8 +117,19 @@ def run_extract(args) -> int:
 
 
 def run_case(args) -> int:
-    """Build (or reuse) the Fashion-MNIST + WordNet case and print its summary as JSON."""
-    from uml_ray.data.cases import build_fashion_mnist_case
+    """Build (or reuse) a real offline case and print its summary as JSON."""
+    from uml_ray.encoders.cases import build_fashion_mnist_case
+    from uml_ray.errors import ConfigError
+
+    if args.name == "fashion-mnist-rows":
+        from uml_ray.encoders.sequence_case import build_fashion_sequence_case
+
+        manifest = build_fashion_sequence_case(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                               test_per_class=args.test_per_class, seed=args.split_seed)
+        print(json.dumps({"manifest": str(manifest)}))
+        return 0
+    if args.shots is None:
+        raise ConfigError("case fashion-mnist needs --shots K (train images per class)")
 
     summary = build_fashion_mnist_case(args.out, shots=args.shots, split_seed=args.split_seed, train_pool=args.train_pool,
                                        test_size=args.test_size, image_size=args.image_size,

@@ -55,6 +55,10 @@ def prepare(cfg: Config, space: SearchSpace | None = None) -> Prepared:
     wanted = "sequence" if cfg.model.regime == "sequence" else "vector"
     if kinds != {wanted}:
         raise ConfigError(f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}")
+    if cfg.model.regime == "sequence" and cfg.train.step_k > 0 and not any(
+            cfg.train.alpha.get(m, cfg.train.alpha_default) > 0 for m in auxiliary):
+        raise ConfigError(f"train.step_k={cfg.train.step_k} warms up on auxiliary modalities only, but every alpha is 0; "
+                          "set train.alpha_default > 0 or train.step_k=-1")
     if space is not None:
         check_space(space, cfg, auxiliary)
     tree = cfg.to_dict()

