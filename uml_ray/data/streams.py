@@ -109,8 +109,8 @@ def _class_means(table: pa.Table) -> pa.Table:
 def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool, seed: int) -> dict:
     """Ray Data datasets for a run, keyed by ``dataset_name``; auxiliary text options applied as groupby ops.
 
-    Datasets small enough to cache are read here, once, into the object store; larger ones stay
-    lazy and stream (split across Train workers by Ray Data).
+    Datasets small enough to cache are materialised in the object store; larger ones stay lazy
+    and stream (split across Train workers by Ray Data).
     """
     import ray.data
 
@@ -120,25 +120,18 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
         uris = manifest.uris(modality, split)
         filesystem = _filesystem(uris[0])
         paths = [u.split("://", 1)[1] for u in uris] if filesystem is not None else uris
-        auxiliary_vectors = modality != manifest.target and spec.kind == "vector"
-        if spec.cached:
-            # read in this process, not by Ray Data: its file listing is a 1-CPU task that
-            # num_cpus does not size, so beside trials or workers holding a node's CPUs (an
-            # autoscaled GPU node, a full cluster) it never schedules and the run hangs
-            table = _concat([pq.read_table(path, filesystem=filesystem) for path in paths])
-            if auxiliary_vectors and aux_per_class > 0:
-                # class by class with a fresh seeded draw each, as map_groups does on the streamed path
-                labels = table.column(LABEL).to_numpy(zero_copy_only=False)
-                table = _concat([_select_per_class(table.filter(pa.array(labels == c)), aux_per_class, seed) for c in np.unique(labels)])
-            if auxiliary_vectors and aux_class_mean:
-                table = _class_means(table)
-            datasets[name] = ray.data.from_arrow(table)
-            continue
         ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_TASK_CPUS)
-        if auxiliary_vectors and aux_per_class > 0:
-            ds = ds.groupby(LABEL).map_groups(lambda t: _select_per_class(t, aux_per_class, seed), batch_format="pyarrow")
-        if auxiliary_vectors and aux_class_mean:
-            ds = ds.groupby(LABEL).map_groups(_class_means, batch_format="pyarrow")
+        if modality != manifest.target and spec.kind == "vector":
+            if aux_per_class > 0:
+                ds = ds.groupby(LABEL).map_groups(
+                    lambda t: _select_per_class(t, aux_per_class, seed), batch_format="pyarrow"
+                )
+            if aux_class_mean:
+                ds = ds.groupby(LABEL).map_groups(_class_means, batch_format="pyarrow")
+        if spec.cached:
+            # read once here, not once per worker: N workers each listing and reading the same
+            # files compete for the CPUs their own training holds, and Ray Data stalls
+            ds = ds.materialize()
         datasets[name] = ds
     return datasets
 
