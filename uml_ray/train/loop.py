@@ -154,20 +154,16 @@ def _aux_class_means(stream: BatchStream, projection, num_classes: int, ctx) -> 
     return ctx.all_reduce(sums), ctx.all_reduce(counts)
 
 
-def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: dict, ctx) -> dict:
-    """Train supervised UML for ``train.max_steps`` steps; returns the final metrics.
-
-    ``config`` is a Config as a dict, ``plan`` the stream plan of ``plan_streams``, ``dataset_info``
-    the manifest facts a worker needs (classes, target, dims, auxiliary).
-    """
+def setup_worker(config: dict, plan: dict[str, StreamSpec], dataset_info: dict, ctx):
+    """What every loop starts with: the Config, alpha per auxiliary modality, the train streams
+    (target + auxiliary modalities with alpha > 0) and a factory for further streams."""
     cfg = config_from_dict(config)
     torch.set_flush_denormal(True)  # denormals in optimizer state made CPU steps ~10x slower
     torch.set_num_threads(cfg.resources.torch_threads)
-    target, classes = dataset_info["target"], dataset_info["classes"]
+    target = dataset_info["target"]
     alpha = resolve_alpha(cfg, dataset_info["auxiliary"])
-    active = [m for m, weight in alpha.items() if weight > 0.0]
     sizes = {target: cfg.train.batch_size}
-    sizes.update({m: max(1, round(cfg.train.batch_size * cfg.data.aux_batch_ratio)) for m in active})
+    sizes.update({m: max(1, round(cfg.train.batch_size * cfg.data.aux_batch_ratio)) for m, w in alpha.items() if w > 0.0})
     worker_seed = cfg.train.seed * 1000 + ctx.rank
 
     def stream(modality: str, split: str, batch_size: int) -> BatchStream:
@@ -175,7 +171,18 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
         return BatchStream(ctx.iterator(name), plan[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
                            cfg.data.shuffle_buffer)
 
-    train_streams = {m: stream(m, "train", size) for m, size in sizes.items()}
+    return cfg, alpha, {m: stream(m, "train", size) for m, size in sizes.items()}, stream
+
+
+def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: dict, ctx) -> dict:
+    """Train supervised UML for ``train.max_steps`` steps; returns the final metrics.
+
+    ``config`` is a Config as a dict, ``plan`` the stream plan of ``plan_streams``, ``dataset_info``
+    the manifest facts a worker needs (classes, target, dims, auxiliary).
+    """
+    cfg, alpha, train_streams, stream = setup_worker(config, plan, dataset_info, ctx)
+    target, classes = dataset_info["target"], dataset_info["classes"]
+    active = [m for m in train_streams if m != target]
     val_stream = stream(target, "val", cfg.train.batch_size)
     test_stream = stream(target, "test", cfg.train.batch_size)
 
@@ -199,7 +206,7 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
 
     trained = ctx.wrap(model)
     model.train()
-    running = {m: 0.0 for m in sizes}
+    running = {m: 0.0 for m in train_streams}
     running_total, since_report = 0.0, 0
     metrics: dict = {}
     while progress["step"] < cfg.train.max_steps:
@@ -237,7 +244,7 @@ def train_supervised(config: dict, plan: dict[str, StreamSpec], dataset_info: di
             "best_val_loss": progress["best_val_loss"],
             "best_step": progress["best_step"],
         }
-        running = {m: 0.0 for m in sizes}
+        running = {m: 0.0 for m in train_streams}
         running_total, since_report = 0.0, 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)

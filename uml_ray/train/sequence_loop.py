@@ -18,12 +18,11 @@ import copy
 import numpy as np
 import torch
 
-from uml_ray.config import config_from_dict
 from uml_ray.data.collate import sequence_batch_to_tensors
-from uml_ray.data.streams import BatchStream, StreamSpec, dataset_name
+from uml_ray.data.streams import BatchStream, StreamSpec
 from uml_ray.errors import ConfigError
 from uml_ray.models.sequence import SequenceObjective, SharedSequenceModel, target_active
-from uml_ray.train.loop import (checkpoint, new_progress, record_validation, resolve_alpha, restore, swapped_weights,
+from uml_ray.train.loop import (checkpoint, new_progress, record_validation, restore, setup_worker, swapped_weights,
                                  warmup_cosine)
 from uml_ray.train.probe import fit_probe, probe_accuracy, probe_log_loss
 
@@ -71,26 +70,13 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
     MSE); validation fits a logistic-regression probe (C = ``train.probe_c``) on the target's train
     split and scores val; test accuracy is reported at the best-val point.
     """
-    cfg = config_from_dict(config)
-    torch.set_flush_denormal(True)  # denormals in optimizer state made CPU steps ~10x slower
-    torch.set_num_threads(cfg.resources.torch_threads)
+    cfg, alpha, train_streams, stream = setup_worker(config, plan, dataset_info, ctx)
     target = dataset_info["target"]
-    alpha = resolve_alpha(cfg, dataset_info["auxiliary"])
-    active = [m for m, weight in alpha.items() if weight > 0.0]
+    active = [m for m in train_streams if m != target]
     step_k = cfg.train.step_k
     if step_k > 0 and not active:
         raise ConfigError(f"train.step_k={step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
                           "set train.step_k=-1 for the unimodal baseline or give an auxiliary modality alpha > 0")
-    sizes = {target: cfg.train.batch_size}
-    sizes.update({m: max(1, round(cfg.train.batch_size * cfg.data.aux_batch_ratio)) for m in active})
-    worker_seed = cfg.train.seed * 1000 + ctx.rank
-
-    def stream(modality: str, split: str, batch_size: int) -> BatchStream:
-        name = dataset_name(modality, split)
-        return BatchStream(ctx.iterator(name), plan[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
-                           cfg.data.shuffle_buffer)
-
-    train_streams = {m: stream(m, "train", size) for m, size in sizes.items()}
     probe_streams = {"train": train_streams[target], "val": stream(target, "val", cfg.train.batch_size),
                      "test": stream(target, "test", cfg.train.batch_size)}
     # every worker must switch the target on at the same step (DDP), so the epoch length is the
@@ -112,8 +98,8 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
     # during the warm-up the target's projections get no gradient, which DDP must be told
     trained = ctx.wrap(SequenceObjective(model, target, alpha), find_unused_parameters=step_k > 0)
     model.train()
-    running = {m: 0.0 for m in sizes}
-    counted = {m: 0 for m in sizes}
+    running = {m: 0.0 for m in train_streams}
+    counted = {m: 0 for m in train_streams}
     running_total, since_report, target_steps = 0.0, 0, 0
     metrics: dict = {}
     while progress["step"] < cfg.train.max_steps:
@@ -159,8 +145,8 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
             "best_val_loss": progress["best_val_loss"],
             "best_step": progress["best_step"],
         }
-        running = {m: 0.0 for m in sizes}
-        counted = {m: 0 for m in sizes}
+        running = {m: 0.0 for m in train_streams}
+        counted = {m: 0 for m in train_streams}
         running_total, since_report, target_steps = 0.0, 0, 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
