@@ -405,7 +405,7 @@ def test_ray_job_submit_runs_a_tracked_sweep(ray_head, tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The space path is relative: the job runs inside the uploaded working dir.
     entrypoint = (
-        f"uml-ray tune {config} resources.cpus_per_worker=0.5 resources.data_cpus=0.5 "
+        f"uml-ray tune {config} resources.cpus_per_worker=0.5 "
         "--space search_spaces/supervised_linear_probe.yaml --trials 3 --name job-sweep"
     )
     started = time.monotonic()
@@ -432,7 +432,7 @@ def test_sweep_on_mlflow_server_and_best_reads_it_back(mlflow_auth_server, ray_s
     uri, username, password = mlflow_auth_server
     experiment = f"server-{uuid.uuid4().hex[:8]}"
     config = tiny_config(tmp_path / "sweep.yaml", tmp_path, tracking={"uri": uri, "experiment": experiment},
-                         resources={"cpus_per_worker": 0.5, "data_cpus": 0.5})
+                         resources={"cpus_per_worker": 0.5})
     space = REPO / "search_spaces" / "supervised_linear_probe.yaml"
     best_yaml = tmp_path / "best.yaml"
 
@@ -489,7 +489,7 @@ def detach_driver():
 
 @pytest.fixture(scope="class")
 def ray_two_node_cluster():
-    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (1 CPU each), driver attached.
+    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (2 CPUs each), driver attached.
 
     The head runs the dashboard (on a free loopback port) for the Ray state API.
     """
@@ -502,7 +502,7 @@ def ray_two_node_cluster():
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
@@ -514,7 +514,7 @@ def ray_two_node_cluster():
 @pytest.mark.cluster
 @pytest.mark.slow
 class TestTwoNodeCluster:
-    """A head with no CPUs and two 1-CPU nodes; the driver (this process) is connected."""
+    """A head with no CPUs and two 2-CPU nodes; the driver (this process) is connected."""
 
     @pytest.mark.timeout(300)
     def test_strict_spread_placement_group_spans_both_nodes(self, ray_two_node_cluster):
@@ -543,7 +543,7 @@ class TestTwoNodeCluster:
         assert set(placed) == workers and len(set(placed)) == 2
         remove_placement_group(group)
 
-        # Three bundles cannot be spread over two CPU nodes: the group stays pending.
+        # Three bundles cannot be strictly spread over two CPU nodes: the group stays pending.
         too_wide = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
         ready, _ = ray.wait([too_wide.ready()], timeout=3)
         assert ready == []
@@ -556,10 +556,10 @@ class TestTwoNodeCluster:
 
         from uml_ray.cli import main
 
-        # 0.7 CPU per worker: two cannot share a 1-CPU node, so Ray Train's PACK placement has to
-        # spread them; the trial driving the TorchTrainer holds 0.01 CPU beside one of them.
-        config = tiny_config(tmp_path / "two.yaml", tmp_path,
-                             resources={"num_workers": 2, "cpus_per_worker": 0.7, "data_cpus": 0})
+        # 1.5 CPUs per worker: two cannot share a 2-CPU node, so Ray Train's PACK placement has to
+        # spread them. The trial driving the TorchTrainer holds 0.01 CPU; Ray Data reads the
+        # cached datasets in 1-CPU tasks before the workers start.
+        config = tiny_config(tmp_path / "two.yaml", tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1.5})
         started = time.monotonic()
         assert main(["train", str(config), "--name", "two-node"]) == 0
         print(f"two-worker training on two nodes: {time.monotonic() - started:.1f}s")
@@ -588,7 +588,7 @@ class FakeAutoscalingCluster:
     temp_dir: Path
 
 
-def fake_autoscaling_config(gcs_address: str, worker_types: dict, idle_timeout_minutes: float) -> dict:
+def fake_autoscaling_config(gcs_address: str, worker_types: dict, idle_timeout_minutes: float, head_cpus: int) -> dict:
     """A complete `fake_multinode` autoscaler config (what ray.cluster_utils.AutoscalingCluster
     builds from the example.yaml the Ray 2.60 wheel does not ship)."""
     return {
@@ -605,7 +605,7 @@ def fake_autoscaling_config(gcs_address: str, worker_types: dict, idle_timeout_m
             "gcs_address": gcs_address,
         },
         "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
             **worker_types,
         },
         "head_node_type": "ray.head.default",
@@ -633,8 +633,8 @@ def alive_nodes() -> list[dict]:
 
 @pytest.fixture(scope="class")
 def fake_gpu_autoscaling_cluster():
-    """Head with 0 CPUs + autoscaler; worker type `gpu_worker` = {CPU: 1, GPU: 1}, 0..2 nodes,
-    idle timeout 6 s. The driver (this process) is attached.
+    """Head with 1 CPU (for Ray Data, like the cloud configs' CPU group) + autoscaler; worker type
+    `gpu_worker` = {CPU: 1, GPU: 1}, 0..2 nodes, idle timeout 6 s. The driver (this process) is attached.
 
     ray.cluster_utils.AutoscalingCluster is not used as is: in Ray 2.60 it reads an example.yaml
     missing from the wheel, and its start/shutdown run `ray stop --force`, which would kill
@@ -648,12 +648,12 @@ def fake_gpu_autoscaling_cluster():
     ports = free_ports(6)
     gcs_address = f"127.0.0.1:{ports[0]}"
     worker_types = {"gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
-    config = fake_autoscaling_config(gcs_address, worker_types, idle_timeout_minutes=0.1)
+    config = fake_autoscaling_config(gcs_address, worker_types, idle_timeout_minutes=0.1, head_cpus=1)
     config_path = temp_dir / "autoscaling.json"
     config_path.write_text(json.dumps(config))
     cmd = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={ports[0]}", "--num-cpus=0", "--include-dashboard=false",
+        f"--port={ports[0]}", "--num-cpus=1", "--include-dashboard=false",
         f"--ray-client-server-port={ports[1]}", f"--dashboard-agent-listen-port={ports[2]}",
         f"--dashboard-agent-grpc-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
         f"--metrics-export-port={ports[5]}",
@@ -723,7 +723,8 @@ class TestFakeGpuAutoscaling:
         # Each trial trains in its Tune trial process, which holds {CPU: 1, GPU: 1}: only a
         # gpu_worker node has that, so every trial waits for the autoscaler. (These GPUs are
         # logical: torch finds no CUDA device here and trains on the CPU.) resources.address marks
-        # an attached cluster, so the head's 0 CPUs do not cap the concurrency.
+        # an attached cluster, so its current CPUs (the head's one, kept for Ray Data) do not cap the
+        # concurrency.
         config = tiny_config(tmp_path / "gpu.yaml", tmp_path, resources={
             "gpus_per_worker": 1, "cpus_per_worker": 1, "address": fake_gpu_autoscaling_cluster.gcs_address})
         started = time.monotonic()
