@@ -34,7 +34,7 @@ def main() -> None:
     from uml_ray.search.space import load_space
 
     workdir = os.path.abspath(args.workdir)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     space = load_space(SPACE)
     tracking = [f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs",
                 "tracking.experiment=fashion-mnist-study"]

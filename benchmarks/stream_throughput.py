@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         uris = write_shards(workdir, "image", "train", features, labels, rows_per_shard=8192)
         manifest = Manifest("bench", [str(i) for i in range(10)], "image", {"image": ModalitySpec("vector", args.dim, None, {"train": uris})})
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         steps_per_epoch = args.rows // args.batch_size
 
         def in_memory():

@@ -65,7 +65,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         manifest = write_synthetic(os.path.join(workdir, "data"), seed=0)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         bare = time_bare(args.trials, os.path.join(workdir, "runs"))
         inline = time_uml(args.trials, workdir, manifest, "inline")
         train = time_uml(args.trials, workdir, manifest, "ray_train")

@@ -563,7 +563,7 @@ class TestTwoNodeCluster:
         started = time.monotonic()
         assert main(["train", str(config), "--name", "two-node"]) == 0
         print(f"two-worker training on two nodes: {time.monotonic() - started:.1f}s")
-        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{"run"')][-1])
         assert result["step"] == 40 and 0.0 <= result["test_acc"] <= 1.0
 
         train_workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)

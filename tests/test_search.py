@@ -122,11 +122,12 @@ def test_sweep_resumes_after_driver_is_killed(ray_session, synthetic_manifest, t
     trials = 5
     args = ["tune", str(config), "--space", str(SPACE), "--trials", str(trials), "--name", "sweep-k", "--concurrency", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "uml_ray.cli", *args], cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while count_finished_children(tmp_path, "sweep-k") < 2:
-        assert driver.poll() is None, "the sweep ended before it could be killed"
+        assert driver.poll() is None, "the sweep ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
         assert time.time() < deadline
         time.sleep(1)
     os.kill(driver.pid, signal.SIGKILL)

@@ -90,7 +90,7 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:

@@ -88,7 +88,8 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.resources.num_cpus or None, include_dashboard=False, log_to_driver=False)
+        # "local": a new Ray of our own, never a `ray start` cluster that happens to be on this machine
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus or None, include_dashboard=False, log_to_driver=False)
 
 
 def trial_resources(cfg: Config) -> dict:
