@@ -12,15 +12,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_session():
-    """One local Ray (2 CPUs) shared by every test that trains; ``uml-ray`` commands attach to it."""
+    """One local Ray (2 CPUs) shared by every test that trains; ``uml-ray`` commands attach to it.
+
+    Function-scoped but started once: it is only re-started when a cluster test detached the
+    driver from it (those attach to clusters of their own). Ray shuts down at interpreter exit.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 def write_config(path: Path, manifest: str, workdir: Path, **sections) -> Path:

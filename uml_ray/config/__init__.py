@@ -254,6 +254,12 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(
             f"train.warmup_steps={cfg.train.warmup_steps} must be smaller than train.max_steps={cfg.train.max_steps}"
         )
+    if 0 < cfg.resources.data_cpus < 1:
+        # Ray Data's file-listing and metadata tasks each ask for a whole CPU: a fraction never schedules
+        raise ConfigError(
+            f"resources.data_cpus={cfg.resources.data_cpus:g}: Ray Data's read tasks need a whole CPU; "
+            "set it to 0 (no reservation) or a value >= 1"
+        )
     if cfg.resources.trainer == "inline" and cfg.resources.num_workers > 1:
         raise ConfigError("resources.trainer=inline runs one worker; set resources.num_workers=1 or trainer=ray_train")
 
