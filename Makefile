@@ -32,7 +32,7 @@ demo: $(STAMP)
 	cat $(DEMO)/best_config.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout 900 tests
+	$(BIN)/python -m pytest -q --timeout 900 --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 900 -m "not slow and not cluster" tests

@@ -706,10 +706,6 @@ class TestFakeGpuAutoscaling:
         assert len(remaining) == 1 and "GPU" not in remaining[0]["Resources"], "idle GPU nodes were removed"
 
     @pytest.mark.timeout(600)
-    @pytest.mark.xfail(strict=False, reason=(
-        "scale-up and the trials pass; after the sweep one of the two GPU nodes keeps ~2 KiB in its object "
-        "store and the autoscaler never counts it idle (seen 3 of 3 runs on Ray 2.60); owner of the object "
-        "not yet found"))
     def test_gpu_sweep_scales_up_and_idle_nodes_go(self, fake_gpu_autoscaling_cluster, tmp_path):
         import ray
 

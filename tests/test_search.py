@@ -68,10 +68,13 @@ def mlflow_runs(workdir: Path, experiment="tests"):
 
 
 @pytest.mark.slow
-def test_sweep_tracks_trials_and_best_config_reproduces(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_sweep_tracks_trials_and_best_config_reproduces(ray_session, synthetic_manifest, tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)
     trials = 6
-    assert main(["tune", str(config), "--space", str(SPACE), "--trials", str(trials), "--name", "sweep-a"]) == 0
+    # the manifest given relative to the working folder, as users type it on the command line
+    monkeypatch.chdir(Path(synthetic_manifest).parent)
+    assert main(["tune", str(config), f"data.manifest={Path(synthetic_manifest).name}", "--space", str(SPACE),
+                 "--trials", str(trials), "--name", "sweep-a"]) == 0
     summary = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
 
     client, runs = mlflow_runs(tmp_path)
@@ -101,6 +104,7 @@ def test_sweep_tracks_trials_and_best_config_reproduces(ray_session, synthetic_m
         section, field, *rest = key.split(".")
         got = best[section][field][rest[0]] if rest else best[section][field]
         assert got == pytest.approx(value), key
+    monkeypatch.chdir(tmp_path)  # the best config runs as is from another folder
     assert main(["train", str(best_yaml), "--name", "reproduce"]) == 0
     reproduced = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
     # same seed, same data order: the retrained best matches the sweep's figure (tolerance 0.02)

@@ -136,6 +136,19 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
     return datasets
 
 
+def start_ray_data_helpers() -> None:
+    """Start Ray Data's cluster-wide helper actors from this (driver) process.
+
+    Ray Data creates detached helper actors (dataset stats, autoscaling coordinator) on the node
+    of the first process that executes a dataset. Were that a trial on an autoscaled GPU node,
+    the actors would keep the node busy for good and the autoscaler would never remove it; run
+    here first, they live on the driver's node. A zero-CPU no-op, so it runs on a 0-CPU head.
+    """
+    import ray.data
+
+    ray.data.from_items([{"x": 0}]).map_batches(lambda batch: batch, num_cpus=0).materialize()
+
+
 def _to_arrays(table: pa.Table, spec: StreamSpec):
     features, labels = table_to_numpy(table, spec.kind, spec.dim)
     return features, labels

@@ -19,7 +19,7 @@ from pathlib import Path
 from uml_ray.cluster import check_storage_for_cluster
 from uml_ray.config import Config, apply_overrides, config_from_dict, dump_config
 from uml_ray.data.format import is_remote, join_uri
-from uml_ray.data.streams import plan_streams
+from uml_ray.data.streams import plan_streams, start_ray_data_helpers
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace, check_space
 from uml_ray.train.runner import BEST_FILE, run_trial, storage_root, use_inline
@@ -65,6 +65,8 @@ def prepare(cfg: Config, space: SearchSpace | None = None) -> Prepared:
     tree["tracking"]["uri"] = resolve_tracking_uri(cfg.tracking.uri)
     tree["tracking"]["storage_path"] = storage_root(cfg.tracking.storage_path)
     tree["data"]["auxiliary"] = list(auxiliary)
+    # recorded configs (MLflow, `uml-ray best`) must run from any folder: no cwd-relative manifest
+    tree["data"]["manifest"] = cfg.data.manifest if is_remote(cfg.data.manifest) else os.path.abspath(cfg.data.manifest)
     cfg = config_from_dict(tree)
     check_tracking(cfg.tracking.uri, cfg.tracking.experiment)
     plan = plan_streams(manifest, auxiliary, cfg.resources.num_workers, cfg.data.cache_max_mb)
@@ -286,6 +288,10 @@ def run(prepared: Prepared, space: SearchSpace | None = None, trials: int = 1, c
         raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
     init_ray(cfg)
     check_storage_for_cluster(cfg.tracking.storage_path, ray.nodes())
+    if cfg.resources.address or os.environ.get("RAY_ADDRESS"):
+        # an attached (possibly autoscaling) cluster: Ray Data's helper actors on the driver's
+        # node, not on a worker node they would keep alive
+        start_ray_data_helpers()
     seed_policy = space.seed_policy if space else "fixed"
     base = cfg.to_dict()
     trainable = tune.with_resources(
