@@ -57,11 +57,12 @@ def main() -> None:
 
     import ray
 
+    from uml_ray.cluster import start_local_ray
     from uml_ray.data.sources import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     images, labels = 255 - images[:args.images], labels[:args.images]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     print(f"EfficientNet-Lite0 feature extraction, {args.images} Fashion-MNIST images, batch {args.batch_size}, "
           f"{os.cpu_count()} CPU cores")
     print(f"{'size':>5} {'in-process':>11} {'Ray Data':>9} {'ratio':>6} {'start-up s':>11} {'Ray steady':>11} {'ratio':>6}"

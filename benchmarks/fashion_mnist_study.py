@@ -28,13 +28,14 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    from uml_ray.cluster import start_local_ray
     from uml_ray.config import apply_overrides, load_config
     from uml_ray.encoders.cases import build_fashion_mnist_case
     from uml_ray.search import tune
     from uml_ray.search.space import load_space
 
     workdir = os.path.abspath(args.workdir)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2)
     space = load_space(SPACE)
     tracking = [f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs",
                 "tracking.experiment=fashion-mnist-study"]

@@ -13,7 +13,6 @@ All in one run, as ratios to the in-memory loop (the ceiling):
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -52,6 +51,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     import ray
 
+    from uml_ray.cluster import start_local_ray
     from uml_ray.data.format import write_shards
     from uml_ray.data.streams import BatchStream, StreamSpec, build_datasets
     from uml_ray.data.format import Manifest, ModalitySpec
@@ -62,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         uris = write_shards(workdir, "image", "train", features, labels, rows_per_shard=8192)
         manifest = Manifest("bench", [str(i) for i in range(10)], "image", {"image": ModalitySpec("vector", args.dim, None, {"train": uris})})
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(2)
         steps_per_epoch = args.rows // args.batch_size
 
         def in_memory():

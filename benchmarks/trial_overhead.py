@@ -61,11 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    from uml_ray.cluster import start_local_ray
     from uml_ray.data.synth import write_synthetic
 
     with tempfile.TemporaryDirectory() as workdir:
         manifest = write_synthetic(os.path.join(workdir, "data"), seed=0)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(2)
         bare = time_bare(args.trials, os.path.join(workdir, "runs"))
         inline = time_uml(args.trials, workdir, manifest, "inline")
         train = time_uml(args.trials, workdir, manifest, "ray_train")

@@ -21,8 +21,10 @@ def ray_session():
     """
     import ray
 
+    from uml_ray.cluster import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(2)
     return ray
 
 

@@ -152,3 +152,23 @@ def test_sweep_resumes_after_driver_is_killed(ray_session, synthetic_manifest, t
         if run.data.tags["uml_ray.trial_id"] in finished_before:
             assert run.info.end_time == finished_before[run.data.tags["uml_ray.trial_id"]]
     assert len([r for r in after if r.data.tags.get("uml_ray.kind") == "sweep"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stopped_torchtrainer_trials_free_their_workers(ray_session, synthetic_manifest, tmp_path, capsys):
+    """ASHA stops trials whose TorchTrainer is still running (here every trial, at max_t=1): each
+    stopped trial's worker placement group must go, or the next trial waits for its CPUs for ever."""
+    from ray.util import placement_group_table
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, resources={"trainer": "ray_train"},
+                          train={"max_steps": 8, "warmup_steps": 1, "val_every": 8})
+    assert main(["tune", str(config), "--space", str(SPACE), "--trials", "2", "--name", "sweep-t", "--concurrency", "1"]) == 0
+    _, runs = mlflow_runs(tmp_path)
+    children = [r for r in runs if r.data.tags.get("uml_ray.kind") == "trial"]
+    assert len(children) == 2 and all(r.data.metrics["step"] == 8 for r in children)
+
+    deadline = time.time() + 60
+    while (left := [g for g in placement_group_table().values() if g["state"] != "REMOVED"]) and time.time() < deadline:
+        time.sleep(1)
+    assert left == [], f"placement groups left behind: {left}"

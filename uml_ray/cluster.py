@@ -1,4 +1,4 @@
-"""Cluster-side checks that run on the driver before any trial starts.
+"""Starting or joining Ray, and cluster-side checks that run on the driver before any trial starts.
 
 Ray writes results and checkpoints to ``tracking.storage_path`` from whichever node a worker
 landed on, and restores them on another node after a failure. A node-local folder therefore
@@ -74,3 +74,30 @@ def check_storage_for_cluster(storage_path: str, ray_nodes: list[dict], mounts_f
         "Set tracking.storage_path to shared storage, e.g. s3://bucket/uml_runs or gs://bucket/uml_runs, "
         "or to a network file system (NFS/EFS/Filestore) mounted at the same path on every node."
     )
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A new local Ray of our own (``address="local"``: never a stale `ray start` cluster here).
+
+    The dashboard runs, on 127.0.0.1: Ray Train's PlacementGroupCleaner asks the state API (served
+    by the dashboard) whether a TorchTrainer's controller is still alive. Without it, a trial that
+    ASHA stops while its TorchTrainer runs leaks the workers' placement group, and later trials
+    wait for ever for those CPUs.
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False)
+
+
+def attach_or_start_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``) when given, else start a local Ray; no-op when attached."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        start_local_ray(num_cpus)

@@ -257,7 +257,7 @@ def wordnet_glosses(classes: list[str], senses: dict[str, list[str]] | None = No
         except DataError as exc:
             problems.append(f"class {name!r}: {exc}")
     if problems:
-        raise DataError(problems + [f"map these classes to WordNet senses (lemma.n.N) with the senses argument"])
+        raise DataError(problems + ["map these classes to WordNet senses (lemma.n.N) with the senses argument"])
     used = {offset for offsets in chosen.values() for offset in offsets}
     pairs = []
     for label in range(len(classes)):

@@ -80,17 +80,9 @@ def rows_from_image_parquet(path: str, image_column: str = "image", label_column
 
 def ensure_ray() -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start a local Ray, unless this process already has one."""
-    import os
+    from uml_ray.cluster import attach_or_start_ray
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    attach_or_start_ray()
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:

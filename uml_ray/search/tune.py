@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from uml_ray.cluster import check_storage_for_cluster
+from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster
 from uml_ray.config import Config, apply_overrides, config_from_dict, dump_config
 from uml_ray.data.format import is_remote, join_uri
 from uml_ray.data.streams import plan_streams, start_ray_data_helpers
@@ -82,16 +82,7 @@ def prepare(cfg: Config, space: SearchSpace | None = None) -> Prepared:
 
 def init_ray(cfg: Config) -> None:
     """Attach to the configured/RAY_ADDRESS cluster, or start a local Ray with ``resources.num_cpus``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # "local": a new Ray of our own, never a `ray start` cluster that happens to be on this machine
-        ray.init(address="local", num_cpus=cfg.resources.num_cpus or None, include_dashboard=False, log_to_driver=False)
+    attach_or_start_ray(cfg.resources.address, cfg.resources.num_cpus)
 
 
 def trial_resources(cfg: Config) -> dict:
