@@ -13,6 +13,7 @@ the rank and the epoch: a resumed run draws exactly the batches an uninterrupted
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import FEATURES, ID, LABEL, Manifest, is_remote, table_to_numpy
+
+log = logging.getLogger("uml_ray")
 
 READ_TASK_CPUS = 0.25  # Ray Data read tasks stay small so they fit beside the training workers
 
@@ -136,17 +139,29 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
     return datasets
 
 
-def start_ray_data_helpers() -> None:
-    """Start Ray Data's cluster-wide helper actors from this (driver) process.
+def start_ray_data_helpers(timeout_s: float = 60.0) -> None:
+    """Start Ray Data's cluster-wide helper actors from this (driver) process, on its node.
 
-    Ray Data creates detached helper actors (dataset stats, autoscaling coordinator) on the node
-    of the first process that executes a dataset. Were that a trial on an autoscaled GPU node,
-    the actors would keep the node busy for good and the autoscaler would never remove it; run
-    here first, they live on the driver's node. A zero-CPU no-op, so it runs on a 0-CPU head.
+    Ray Data creates detached helper actors (the stats actor, the autoscaling coordinator) on the
+    node of the first process that runs a dataset. Were that a trial on an autoscaled GPU node,
+    the actors would keep the node busy for good and the autoscaler would never remove it. Their
+    getters pin them to the calling process's node; trials later find them by name.
     """
-    import ray.data
+    import ray
 
-    ray.data.from_items([{"x": 0}]).map_batches(lambda batch: batch, num_cpus=0).materialize()
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as exc:  # another Ray version: the helpers land wherever Ray Data first runs
+        log.warning("Ray Data helper actors not started on the driver's node (%s); an autoscaled node may stay up", exc)
+        return
+    actors = [get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()]
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        log.warning("Ray Data helper actors did not start within %.0f s on the driver's node", timeout_s)
 
 
 def _to_arrays(table: pa.Table, spec: StreamSpec):
