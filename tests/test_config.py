@@ -42,7 +42,7 @@ def test_relative_manifest_resolves_against_config_folder(tmp_path):
         (["model.regime=sequence", "model.zdim=30", "model.heads=4"], "model.zdim=30 is not divisible by model.heads=4"),
         (["train.warmup_steps=600", "train.max_steps=500"], "train.warmup_steps=600 must be smaller than train.max_steps=500"),
         (["resources.trainer=inline", "resources.num_workers=2"], "resources.trainer=inline runs one worker"),
-        (["resources.data_cpus=0.5"], "resources.data_cpus=0.5: Ray Data's read tasks need a whole CPU"),
+        (["resources.data_cpus=0.5"], "resources.data_cpus=0.5: Ray Data's file-listing task needs a whole CPU"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -255,9 +255,9 @@ def check_config(cfg: Config) -> None:
             f"train.warmup_steps={cfg.train.warmup_steps} must be smaller than train.max_steps={cfg.train.max_steps}"
         )
     if 0 < cfg.resources.data_cpus < 1:
-        # Ray Data's file-listing and metadata tasks each ask for a whole CPU: a fraction never schedules
+        # Ray Data's file-listing task asks for a whole CPU: a fraction reserved for it never fits it
         raise ConfigError(
-            f"resources.data_cpus={cfg.resources.data_cpus:g}: Ray Data's read tasks need a whole CPU; "
+            f"resources.data_cpus={cfg.resources.data_cpus:g}: Ray Data's file-listing task needs a whole CPU; "
             "set it to 0 (no reservation) or a value >= 1"
         )
     if cfg.resources.trainer == "inline" and cfg.resources.num_workers > 1:
