@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,3 +56,29 @@ def synthetic_manifest(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("synthetic")
     return write_synthetic(str(out), seed=0, **ALIGNED)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """A moto S3 server on a free port of 127.0.0.1 holding ``bucket``; yields the AWS_* variables
+    through which boto3 and pyarrow (``AWS_ENDPOINT_URL``) reach it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    try:
+        s3_client(aws).create_bucket(Bucket=bucket)
+        yield aws
+    finally:
+        server.stop()
+
+
+def s3_client(aws: dict):
+    """A boto3 S3 client for the server ``moto_s3`` yielded ``aws`` for."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=aws["AWS_REGION"],
+                        aws_access_key_id=aws["AWS_ACCESS_KEY_ID"], aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import moto_s3
 from uml_ray.cli import main
 from uml_ray.data.format import build_table, load_manifest, table_to_numpy
 from uml_ray.data.synth import write_synthetic
@@ -199,18 +200,10 @@ def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
 @pytest.fixture
 def s3_server(monkeypatch):
     """An in-process moto S3 server on 127.0.0.1 that boto3 and pyarrow both reach via AWS_ENDPOINT_URL."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="uml-data")
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3("uml-data") as aws:
+        for key, value in aws.items():
+            monkeypatch.setenv(key, value)
+        yield aws["AWS_ENDPOINT_URL"]
 
 
 def test_s3_round_trip(s3_server, capsys):

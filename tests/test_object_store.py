@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import write_config
+from conftest import moto_s3, s3_client, write_config
 
 BUCKET = "uml-store"
 
@@ -23,22 +23,10 @@ BUCKET = "uml-store"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free port of 127.0.0.1 with one bucket; yields (boto3 client, env)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-    env = {**os.environ, **credentials, "AWS_ENDPOINT_URL": endpoint}
-    env.pop("RAY_ADDRESS", None)  # the subprocess must start a local Ray of its own
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=BUCKET)
-    yield client, env
-    server.stop()
+    with moto_s3(BUCKET) as aws:
+        env = {**os.environ, **aws}
+        env.pop("RAY_ADDRESS", None)  # the subprocess must start a local Ray of its own
+        yield s3_client(aws), env
 
 
 def keys(client, prefix: str) -> set[str]:
