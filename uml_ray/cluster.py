@@ -90,13 +90,18 @@ def start_local_ray(num_cpus: int | None = None) -> None:
              log_to_driver=False)
 
 
+def cluster_address(address: str = "") -> str:
+    """The cluster to attach to: ``address`` (``resources.address``), else ``$RAY_ADDRESS``; '' = a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS", "")
+
+
 def attach_or_start_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``) when given, else start a local Ray; no-op when attached."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(address)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster
+from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
 from uml_ray.config import Config, apply_overrides, config_from_dict, dump_config
 from uml_ray.data.format import is_remote, join_uri
 from uml_ray.data.streams import plan_streams, start_ray_data_helpers
@@ -104,7 +104,7 @@ def max_concurrency(cfg: Config, requested: int) -> int:
     cpus = ray.cluster_resources().get("CPU", 0)
     per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers
     fit = int((cpus - cfg.resources.data_cpus) // per_trial) if per_trial else requested
-    if fit < 1 and not (cfg.resources.address or os.environ.get("RAY_ADDRESS")):
+    if fit < 1 and not cluster_address(cfg.resources.address):
         raise ConfigError(
             f"a trial needs {per_trial:g} CPUs plus resources.data_cpus={cfg.resources.data_cpus:g} for Ray Data, "
             f"but this Ray has {cpus:g}; lower resources.num_workers/cpus_per_worker/data_cpus or raise resources.num_cpus"
@@ -279,7 +279,7 @@ def run(prepared: Prepared, space: SearchSpace | None = None, trials: int = 1, c
         raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
     init_ray(cfg)
     check_storage_for_cluster(cfg.tracking.storage_path, ray.nodes())
-    if cfg.resources.address or os.environ.get("RAY_ADDRESS"):
+    if cluster_address(cfg.resources.address):
         # an attached (possibly autoscaling) cluster: Ray Data's helper actors on the driver's
         # node, not on a worker node they would keep alive
         start_ray_data_helpers()
