@@ -9,6 +9,7 @@ this user on the machine, including other test runs'. Ports are picked free and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -487,6 +488,34 @@ def detach_driver():
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def driver_auth_mode(mode: str):
+    """This process's Ray token-auth mode pinned to ``mode`` while attached to a cluster using it.
+
+    A local ``ray.init()`` earlier in the process (the shared test session) sets
+    ``RAY_AUTH_MODE=token`` in ``os.environ`` for good. A driver in token mode attached to a
+    cluster without auth rejects the GCS's calls to it ("Missing authorization header"); the
+    GCS takes the owner for dead and destroys every actor the driver creates before it runs.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    def reload():  # the C++ side caches the mode and the token: both re-read from the environment
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = mode
+    reload()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
+        reload()
+
+
 @pytest.fixture(scope="class")
 def ray_two_node_cluster():
     """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (2 CPUs each), driver attached.
@@ -669,10 +698,13 @@ def fake_gpu_autoscaling_cluster():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"fake autoscaling head did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        ray.init(address=gcs_address, log_to_driver=False)
-        yield FakeAutoscalingCluster(gcs_address=gcs_address, config=config, temp_dir=temp_dir)
+        with driver_auth_mode(env["RAY_AUTH_MODE"]):
+            ray.init(address=gcs_address, log_to_driver=False)
+            try:
+                yield FakeAutoscalingCluster(gcs_address=gcs_address, config=config, temp_dir=temp_dir)
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
         stop_session(proc)
 
 
@@ -728,8 +760,10 @@ class TestFakeGpuAutoscaling:
         config = tiny_config(tmp_path / "gpu.yaml", tmp_path, resources={
             "gpus_per_worker": 1, "cpus_per_worker": 1, "address": fake_gpu_autoscaling_cluster.gcs_address})
         started = time.monotonic()
-        assert main(["tune", str(config), "--space", str(REPO / "search_spaces" / "supervised_linear_probe.yaml"),
-                     "--trials", "3", "--concurrency", "2", "--name", "gpu-sweep"]) == 0
+        code = main(["tune", str(config), "--space", str(REPO / "search_spaces" / "supervised_linear_probe.yaml"),
+                     "--trials", "3", "--concurrency", "2", "--name", "gpu-sweep"])
+        errors = [p.read_text()[-3000:] for p in sorted((tmp_path / "runs").rglob("error.txt"))]
+        assert code == 0, "the GPU sweep failed; trial errors:\n" + "\n---\n".join(errors)
         print(f"GPU sweep on the autoscaling cluster: {time.monotonic() - started:.1f}s")
         added = gpu_nodes() - before
         # two trials may run at once, but whether the autoscaler sees both pending (2 nodes) or

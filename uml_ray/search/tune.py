@@ -331,8 +331,10 @@ def _summarize(results, cfg: Config, name: str, path: str, space: SearchSpace | 
     from uml_ray.search.report import sweep_plots
     from uml_ray.tracking.mlflow_store import SweepTracker
 
-    rows = []
+    rows, errors = [], []
     for result in results:
+        if result.error:
+            errors.append(str(result.error))
         if result.metrics is None:
             continue
         rows.append({"trial_id": result.metrics.get("trial_id"), "config": result.config, "metrics": dict(result.metrics),
@@ -340,8 +342,8 @@ def _summarize(results, cfg: Config, name: str, path: str, space: SearchSpace | 
     metric = space.metric if space else "best_val_acc"
     scored = [r for r in rows if r["metrics"].get(metric) is not None]
     if not scored:
-        errors = "; ".join(r["error"] for r in rows if r["error"])[:2000]
-        raise UserError(f"no trial of '{name}' reported {metric}. {errors}")
+        # trials that failed before their first report have no metrics: their errors are the story
+        raise UserError(f"no trial of '{name}' reported {metric}. {'; '.join(errors)[:4000]}")
     # like `uml-ray best`: completed trials only (ASHA-pruned ones never reached their best-val
     # point), ties broken by the lower validation loss at that point
     finalists = [r for r in scored if r["metrics"].get("completed")] or scored
