@@ -31,7 +31,7 @@ def option(default, help: str, choices=None, low=None, high=None, low_open=False
 class DataConfig:
     """Which dataset to read and how modality streams are drawn."""
 
-    manifest: str = option("", "Path or s3:// / gs:// URI of the dataset manifest (DESIGN §4).")
+    manifest: str = option("", "Path or s3:// / gs:// URI of the dataset manifest (docs/data-format.md).")
     auxiliary: list = option([], "Auxiliary modalities to use; empty = every non-target modality in the manifest.")
     aux_per_class: int = option(-1, "Keep k auxiliary rows per class (seeded); -1 keeps all.", low=-1)
     aux_class_mean: bool = option(False, "Replace each auxiliary modality by its per-class mean vectors.")

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     validate.add_argument("manifest", help="manifest file (YAML or JSON), local or s3:// / gs://")
     validate.set_defaults(func=run_validate)
 
-    synth = commands.add_parser("synth", help="write the synthetic linear-generative-model dataset (DESIGN §1c)")
+    synth = commands.add_parser("synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)")
     synth.add_argument("out_dir", help="output folder (local or s3:// / gs://)")
     synth.add_argument("--classes", type=int, default=SYNTH_DEFAULTS["n_classes"], help="number of classes")
     synth.add_argument("--latent-dim", type=int, default=SYNTH_DEFAULTS["latent_dim"], help="dim of the shared latent z")

@@ -1,4 +1,4 @@
-"""The Parquet shard format and manifest (DESIGN §4).
+"""The Parquet shard format and manifest (docs/data-format.md).
 
 One Parquet dataset per (modality, split), many shard files each:
 - ``features``: ``fixed_size_list<float32>[dim]`` for vectors, or

@@ -1,4 +1,4 @@
-"""Where raw examples come from, before any encoder sees them (DESIGN §1a, §6).
+"""Where raw examples come from, before any encoder sees them (docs/method.md §1, docs/data-format.md §6).
 
 Images: ImageFolder-style directories (``root/<class>/<file>``), Parquet files of encoded image
 bytes, and the Fashion-MNIST idx files (Debian ``dataset-fashion-mnist``).

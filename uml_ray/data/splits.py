@@ -1,4 +1,4 @@
-"""Few-shot splits (DESIGN §1a): seeded k-shot train, min(4, k)-shot val, and the CoOp index formats.
+"""Few-shot splits (docs/data-format.md §5): seeded k-shot train, min(4, k)-shot val, and the CoOp index formats.
 
 Splits are stable across runs, machines and Python versions: rows are sorted by id before any
 draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, no dict or file-system order.

@@ -1,4 +1,4 @@
-"""A synthetic dataset from the linear generative model of DESIGN §1c: ground truth for tests and demos.
+"""A synthetic dataset from the linear generative model of docs/method.md §4: ground truth for tests and demos.
 
 Class ``c`` has a latent mean ``mu_c``; every sample draws its own latent ``z = mu_c + noise``.
 The target modality ``image`` sees ``x = A_x z + noise_x * eps`` and each auxiliary modality

@@ -1,4 +1,4 @@
-"""Up-front data validation (DESIGN §4): every problem of a manifest and its shards, before any cluster work.
+"""Up-front data validation (docs/data-format.md §4): every problem of a manifest and its shards, before any cluster work.
 
 ``validate_manifest`` reads every shard in record batches and collects EVERY problem it finds —
 unreadable files, wrong schema or dim, NaN/inf features, empty sequences, labels out of range or

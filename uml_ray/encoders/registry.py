@@ -1,4 +1,4 @@
-"""Frozen encoders named the way their users name them (DESIGN §1a, §6).
+"""Frozen encoders named the way their users name them (docs/method.md §1, docs/data-format.md §6).
 
 A spec is ``family:name[@tag][,key=value...]``:
 

@@ -1,4 +1,4 @@
-"""The real self-supervised sequence case, built offline (DESIGN §1b, §6).
+"""The real self-supervised sequence case, built offline (docs/method.md §2, docs/data-format.md §6).
 
 Target: Fashion-MNIST images read as row sequences (28 steps of 28 pixel values in [0, 1]), with
 their class labels for the probe. Auxiliary, unpaired: MiniLM token-embedding sequences (one

@@ -1,4 +1,4 @@
-"""Self-supervised UML over unpaired sequences (DESIGN §1b): per-modality projections, ONE shared causal transformer.
+"""Self-supervised UML over unpaired sequences (docs/method.md §2): per-modality projections, ONE shared causal transformer.
 
 Every modality enters through its own ``Linear(d_m -> zdim)``, runs through the same causal
 Transformer encoder, and leaves through its own ``Linear(zdim -> d_m)`` that predicts the next step.

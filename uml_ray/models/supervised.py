@@ -1,4 +1,4 @@
-"""Supervised UML over frozen-encoder features (DESIGN §1a): per-modality projections, ONE shared head.
+"""Supervised UML over frozen-encoder features (docs/method.md §1): per-modality projections, ONE shared head.
 
 Plain PyTorch: config values in, module out. No Ray, MLflow or Optuna here.
 """

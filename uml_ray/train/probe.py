@@ -1,4 +1,4 @@
-"""The linear-probe evaluation of the self-supervised regime (DESIGN §1b).
+"""The linear-probe evaluation of the self-supervised regime (docs/method.md §2).
 
 Pooled target embeddings of the train split fit a logistic regression on the class labels; its
 accuracy on the val split is the number the search optimises, and test accuracy is reported

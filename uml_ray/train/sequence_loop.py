@@ -1,4 +1,4 @@
-"""The self-supervised UML training loop (DESIGN §1b): restore → loop (draw → forward/backward/step) → validate → report.
+"""The self-supervised UML training loop (docs/method.md §2): restore → loop (draw → forward/backward/step) → validate → report.
 
 The sequence regime's twin of ``uml_ray.train.loop.train_supervised``: the same LoopContext
 (inline Tune trial or Ray Train worker), the same schedule, checkpoint contents, best-val
