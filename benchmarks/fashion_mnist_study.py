@@ -31,7 +31,8 @@ def main() -> None:
     from uml_ray.cluster import start_local_ray
     from uml_ray.config import apply_overrides, load_config
     from uml_ray.encoders.cases import build_fashion_mnist_case
-    from uml_ray.search import tune
+    from uml_ray.driver import tune
+    from uml_ray.driver.plan import build_plan
     from uml_ray.search.space import load_space
 
     workdir = os.path.abspath(args.workdir)
@@ -44,7 +45,7 @@ def main() -> None:
         manifests = {seed: build_fashion_mnist_case(os.path.join(workdir, f"case-{shots}shot-seed{seed}"), shots, seed)["manifest"]
                      for seed in args.seeds}
         base = load_config(CONFIG, [f"data.manifest={manifests[args.seeds[0]]}", *tracking])
-        sweep = tune.run(tune.prepare(base, space), space, trials=args.trials, name=f"study-{shots}shot-sweep")
+        sweep = tune.run(build_plan(base, space), space, trials=args.trials, name=f"study-{shots}shot-sweep")
         best = sweep.best_config
         uml, image_only = [], []
         for seed in args.seeds:
@@ -52,7 +53,7 @@ def main() -> None:
             for alpha, scores in ((None, uml), (0.0, image_only)):
                 run_cfg = cfg if alpha is None else apply_overrides(cfg, {"train.alpha_default": 0.0, "train.alpha": {}})
                 name = f"study-{shots}shot-seed{seed}-{'uml' if alpha is None else 'image-only'}"
-                scores.append(tune.run(tune.prepare(run_cfg), name=name).best_metrics["test_acc"])
+                scores.append(tune.run(build_plan(run_cfg), name=name).best_metrics["test_acc"])
         table.append((shots, best, uml, image_only))
         print(f"[{shots}-shot] best config {best}\n  UML {uml}\n  image-only {image_only}", flush=True)
     ray.shutdown()

@@ -53,7 +53,7 @@ def main() -> None:
 
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.format import write_shards
-    from uml_ray.data.streams import BatchStream, StreamSpec, build_datasets
+    from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, build_streamed_datasets, read_table
     from uml_ray.data.format import Manifest, ModalitySpec
 
     rng = np.random.default_rng(0)
@@ -80,8 +80,11 @@ def main() -> None:
 
         def ours(cached: bool):
             spec = StreamSpec("image.train", "vector", args.dim, args.rows, cached)
-            ds = build_datasets(manifest, {"image.train": spec}, -1, False, 0)["image.train"]
-            stream = BatchStream(ds.iterator(), spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192)
+            if cached:  # what a sweep does: the driver reads the table once, trials share it
+                source = TableSource(ray.get(ray.put(read_table(uris))))
+            else:
+                source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)["image.train"].iterator()
+            stream = BatchStream(source, spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192)
             for _ in range(steps_per_epoch * args.epochs):
                 yield stream.next()
 

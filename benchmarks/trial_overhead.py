@@ -37,7 +37,8 @@ def time_bare(trials: int, storage: str) -> float:
 
 def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
     from uml_ray.config import load_config
-    from uml_ray.search import tune as uml_tune
+    from uml_ray.driver import tune as uml_tune
+    from uml_ray.driver.plan import build_plan
     from uml_ray.search.space import load_space
 
     space_file = os.path.join(workdir, f"space-{trainer}.yaml")
@@ -49,9 +50,9 @@ def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
         f"resources.trainer={trainer}", "resources.num_workers=1", "resources.cpus_per_worker=1",
     ])
     space = load_space(space_file)
-    prepared = uml_tune.prepare(cfg, space)
+    plan = build_plan(cfg, space)
     start = time.perf_counter()
-    uml_tune.run(prepared, space, trials=trials, concurrency=1, name=f"overhead-{trainer}")
+    uml_tune.run(plan, space, trials=trials, concurrency=1, name=f"overhead-{trainer}")
     return (time.perf_counter() - start) / trials
 
 

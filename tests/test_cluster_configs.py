@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 import yaml
 
-from uml_ray.cluster import check_storage_for_cluster, is_network_filesystem, is_remote_uri
+from uml_ray.cluster import check_storage_for_cluster, is_network_filesystem
+from uml_ray.uri import is_remote
 from uml_ray.config import load_config, parse_overrides
 from uml_ray.errors import ConfigError
 
@@ -229,10 +230,10 @@ def test_local_storage_is_fine_on_one_host_and_remote_uris_everywhere(tmp_path):
     check_storage_for_cluster(local, nodes("10.0.0.1", "10.0.0.1", "10.0.0.1"))
     # A dead node on another host no longer needs the checkpoints.
     check_storage_for_cluster(local, nodes("10.0.0.1", dead=["10.0.0.9"]))
-    for uri in ("s3://bucket/runs", "gs://bucket/runs", "hdfs://nn/runs"):
-        assert is_remote_uri(uri)
+    for uri in ("s3://bucket/runs", "gs://bucket/runs", "hdfs://nn/runs", "abfs://container@account/runs"):
+        assert is_remote(uri)
         check_storage_for_cluster(uri, nodes("10.0.0.1", "10.0.0.2"))
-    assert not is_remote_uri("file:///tmp/runs") and not is_remote_uri("./uml_runs")
+    assert not is_remote("file:///tmp/runs") and not is_remote("./uml_runs")
 
 
 def test_network_filesystem_mounts_count_as_shared(tmp_path):

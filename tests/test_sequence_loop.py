@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from conftest import write_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
-from uml_ray.data.format import load_manifest
-from uml_ray.data.streams import plan_streams
-from uml_ray.train.runner import InlineContext
+from uml_ray.driver.plan import build_plan
+from uml_ray.train.context import LocalContext
 from uml_ray.train.sequence_loop import train_sequence
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "sequence.yaml"
@@ -40,63 +37,27 @@ def sequence_config(path: Path, manifest: str, workdir: Path, **train) -> Path:
     return write_config(path, manifest, workdir, model=SEQUENCE["model"], train={**SEQUENCE["train"], **train})
 
 
-class Interrupted(Exception):
-    pass
-
-
-class ParquetIterator:
-    """The slice of a Ray Data iterator the loop's streams use, read straight from the shards (no Ray)."""
-
-    def __init__(self, uris: list[str]):
-        self.uris = uris
-
-    def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
-        yield pq.read_table(self.uris)
-
-
-class RecordingContext(InlineContext):
-    """A one-worker context that keeps checkpoints in memory and can be 'killed' after the k-th report."""
-
-    def __init__(self, manifest, saved=None, fail_after=None):
-        super().__init__({}, use_gpu=False)
-        self.manifest = manifest
-        self.saved = saved
-        self.fail_after = fail_after
-        self.reports = []
-
-    def iterator(self, name):
-        return ParquetIterator(self.manifest.uris(*name.rsplit(".", 1)))
-
-    def restore(self):
-        return copy.deepcopy(self.saved)
-
-    def report(self, metrics, state, best):
-        self.reports.append(dict(metrics))
-        self.saved = copy.deepcopy(state)
-        if self.fail_after is not None and len(self.reports) == self.fail_after:
-            raise Interrupted
-
-
 @pytest.fixture(scope="module")
-def loop_inputs(sequence_manifest):
-    """The plan and dataset facts a trial hands the loop, and the manifest the contexts read."""
-    manifest = load_manifest(sequence_manifest)
-    plan = plan_streams(manifest, manifest.auxiliary, num_workers=1, cache_max_mb=512)
-    info = {"target": manifest.target, "classes": manifest.classes, "auxiliary": manifest.auxiliary,
-            "dims": {name: spec.dim for name, spec in manifest.modalities.items()}}
-    return plan, info, manifest
+def loop_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sequence-loop")
 
 
-def run_loop(loop_inputs, tmp_path, ctx, **train) -> dict:
-    plan, info, _ = loop_inputs
-    cfg = load_config(sequence_config(tmp_path / "c.yaml", "unused", tmp_path, **train))
-    return train_sequence(cfg.to_dict(), plan, info, ctx)
+def loop_plan(sequence_manifest, workdir, **train):
+    """The run plan of the sequence regime on ``train`` settings, a checkpoint at every validation."""
+    return build_plan(load_config(sequence_config(workdir / "c.yaml", sequence_manifest, workdir, checkpoint_every=1, **train)))
 
 
-def test_step_k_trains_the_target_from_exactly_epoch_step_k(loop_inputs, tmp_path):
+def run_loop(sequence_manifest, workdir, **train) -> LocalContext:
+    """The sequence loop without Ray; returns its context (reports, last checkpoint)."""
+    plan = loop_plan(sequence_manifest, workdir, **train)
+    ctx = LocalContext(plan)
+    train_sequence(plan, ctx)
+    return ctx
+
+
+def test_step_k_trains_the_target_from_exactly_epoch_step_k(sequence_manifest, loop_workdir):
     step_k, max_steps = 2, 12
-    ctx = RecordingContext(loop_inputs[2])
-    run_loop(loop_inputs, tmp_path, ctx, step_k=step_k, max_steps=max_steps, val_every=1)
+    ctx = run_loop(sequence_manifest, loop_workdir, step_k=step_k, max_steps=max_steps, val_every=1)
     warm_up = step_k * STEPS_PER_EPOCH
     assert [r["step"] for r in ctx.reports] == list(range(1, max_steps + 1))
     assert [r["target_on"] for r in ctx.reports] == [0.0] * warm_up + [1.0] * (max_steps - warm_up)
@@ -111,26 +72,27 @@ def test_step_k_trains_the_target_from_exactly_epoch_step_k(loop_inputs, tmp_pat
     assert text["epoch"] * (120 // BATCH) + text["drawn"] == max_steps
 
 
-def test_unimodal_run_with_a_warm_up_is_refused(loop_inputs, tmp_path):
+def test_unimodal_run_with_a_warm_up_is_refused_before_launch(sequence_manifest, loop_workdir):
     from uml_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.step_k=2 warms up on the auxiliary modalities alone, but every alpha is 0"):
-        run_loop(loop_inputs, tmp_path, RecordingContext(loop_inputs[2]), step_k=2, alpha_default=0.0)
+        run_loop(sequence_manifest, loop_workdir, step_k=2, alpha_default=0.0)
 
 
-def test_resumed_sequence_loop_continues_exactly(loop_inputs, tmp_path):
+def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir):
     # dropout and a learnable position table are on, and the interruption falls inside the
     # step_k warm-up, so RNG, stream positions and the schedule all have to come back
     train = {"step_k": 3, "val_every": 5, "max_steps": 20}
-    whole = RecordingContext(loop_inputs[2])
-    run_loop(loop_inputs, tmp_path, whole, **train)
+    plan = loop_plan(sequence_manifest, loop_workdir, **train)
+    whole = LocalContext(plan)
+    train_sequence(plan, whole)
 
-    first = RecordingContext(loop_inputs[2], fail_after=1)
-    with pytest.raises(Interrupted):
-        run_loop(loop_inputs, tmp_path, first, **train)
+    first = LocalContext(plan, fail_after=1)
+    with pytest.raises(LocalContext.Interrupted):
+        train_sequence(plan, first)
     assert first.saved["progress"]["step"] == 5 and first.saved["streams"]["image"] == {"epoch": 0, "drawn": 0}
-    second = RecordingContext(loop_inputs[2], saved=first.saved)
-    run_loop(loop_inputs, tmp_path, second, **train)
+    second = LocalContext(plan, saved=first.saved)
+    train_sequence(plan, second)
 
     assert [r["step"] for r in second.reports] == [10, 15, 20]
     for resumed, uninterrupted in zip(second.reports, whole.reports[1:]):

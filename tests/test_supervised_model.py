@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from uml_ray.models.supervised import SharedHeadUML, uml_loss
-from uml_ray.train.loop import warmup_cosine
+from uml_ray.train.common import warmup_cosine
 
 
 def test_reference_layout_target_projected_text_straight_in():

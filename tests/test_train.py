@@ -12,10 +12,9 @@ import torch
 from conftest import ALIGNED, write_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
-from uml_ray.data.streams import build_datasets
-from uml_ray.search import tune
+from uml_ray.driver.plan import build_plan
+from uml_ray.train.context import LocalContext
 from uml_ray.train.loop import train_supervised
-from uml_ray.train.runner import InlineContext
 
 
 def train_once(capsys, config, *overrides) -> dict:
@@ -24,48 +23,21 @@ def train_once(capsys, config, *overrides) -> dict:
     return json.loads(lines[-1])
 
 
-class Interrupted(Exception):
-    pass
+def test_resumed_loop_continues_exactly_from_the_last_checkpoint(synthetic_manifest, tmp_path):
+    # a checkpoint every 2nd validation: killed after the 3rd report (step 60), the run resumes
+    # from step 40 and replays 60, 80, 100 bit for bit
+    cfg = load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                                   train={"max_steps": 100, "val_every": 20, "checkpoint_every": 2}))
+    plan = build_plan(cfg)
+    whole = LocalContext(plan)
+    train_supervised(plan, whole)
 
-
-class RecordingContext(InlineContext):
-    """InlineContext that keeps checkpoints in memory and can be 'killed' after the k-th report."""
-
-    def __init__(self, datasets, saved=None, fail_after=None):
-        super().__init__(datasets, use_gpu=False)
-        self.saved = saved
-        self.fail_after = fail_after
-        self.reports = []
-
-    def restore(self):
-        return copy.deepcopy(self.saved)
-
-    def report(self, metrics, state, best):
-        self.reports.append(dict(metrics))
-        self.saved = copy.deepcopy(state)
-        if self.fail_after is not None and len(self.reports) == self.fail_after:
-            raise Interrupted
-
-
-def test_resumed_loop_continues_exactly(ray_session, synthetic_manifest, tmp_path):
-    cfg = load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 100, "val_every": 20}))
-    prepared = tune.prepare(cfg)
-    config = prepared.cfg.to_dict()
-    from uml_ray.data.streams import StreamSpec
-    from uml_ray.train.runner import manifest_from_info
-
-    plan = {name: StreamSpec(**spec) for name, spec in prepared.plan.items()}
-    datasets = build_datasets(manifest_from_info(prepared.dataset_info), plan, -1, False, 0)
-
-    whole = RecordingContext(datasets)
-    train_supervised(config, plan, prepared.dataset_info, whole)
-
-    first = RecordingContext(datasets, fail_after=2)
-    with pytest.raises(Interrupted):
-        train_supervised(config, plan, prepared.dataset_info, first)
+    first = LocalContext(plan, fail_after=3)
+    with pytest.raises(LocalContext.Interrupted):
+        train_supervised(plan, first)
     assert first.saved["progress"]["step"] == 40
-    second = RecordingContext(datasets, saved=first.saved)
-    train_supervised(config, plan, prepared.dataset_info, second)
+    second = LocalContext(plan, saved=first.saved)
+    train_supervised(plan, second)
 
     assert [r["step"] for r in second.reports] == [60, 80, 100]
     for resumed, uninterrupted in zip(second.reports, whole.reports[2:]):

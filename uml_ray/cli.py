@@ -12,11 +12,10 @@ import os
 import sys
 import traceback
 
-from uml_ray.errors import UserError
+from uml_ray.errors import TrialCrash, UserError
 
 COMMAND_MODULES = (
-    "uml_ray.train.commands",
-    "uml_ray.search.commands",
+    "uml_ray.driver.commands",
     "uml_ray.tracking.commands",
     "uml_ray.data.commands",
     "uml_ray.encoders.commands",
@@ -37,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``uml-ray`` command; returns the exit code (2 for user errors)."""
+    """Run one ``uml-ray`` command; returns the exit code: 2 for user errors (bad config or data),
+    1 when a trial crashed (its traceback saved and pointed to)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"uml-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrialCrash as exc:
+        print(f"uml-ray {args.command}: trial crashed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,17 +12,12 @@ import os
 from pathlib import Path
 
 from uml_ray.errors import ConfigError
+from uml_ray.uri import is_remote
 
 # Mount types whose contents every client host sees (NFS/EFS, SMB, parallel file systems,
 # FUSE mounts of object stores such as gcsfuse, s3fs and mountpoint-s3).
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs")
 NETWORK_FUSE_PREFIXES = ("fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph")
-
-
-def is_remote_uri(path: str) -> bool:
-    """True for object-store / distributed URIs (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``...)."""
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.lower() not in ("", "file", "local")
 
 
 def mount_type(path: str, mounts_file: str = "/proc/mounts") -> str:
@@ -55,6 +50,19 @@ def cluster_hosts(ray_nodes: list[dict]) -> set[str]:
     return {node["NodeManagerAddress"] for node in ray_nodes if node.get("Alive")}
 
 
+def check_storage_path(storage_path: str) -> None:
+    """Refuse a local ``tracking.storage_path`` that is a file, or a folder that cannot be created."""
+    if is_remote(storage_path):
+        return
+    path = Path(storage_path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"tracking.storage_path={storage_path!r}: {existing} is a file, not a folder; "
+                          "point it at a folder (created if missing) or an s3:// / gs:// URI")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"tracking.storage_path={storage_path!r}: {existing} is not writable; choose a writable folder")
+
+
 def check_storage_for_cluster(storage_path: str, ray_nodes: list[dict], mounts_file: str = "/proc/mounts") -> None:
     """Refuse a node-local ``tracking.storage_path`` when the Ray cluster spans several hosts.
 
@@ -62,7 +70,7 @@ def check_storage_for_cluster(storage_path: str, ray_nodes: list[dict], mounts_f
     ``ray.cluster_utils.Cluster``) share its disk, so a local folder is fine there; so is a path
     on a network file system. Raises ConfigError naming the path, the hosts and the fix.
     """
-    if is_remote_uri(storage_path):
+    if is_remote(storage_path):
         return
     hosts = cluster_hosts(ray_nodes)
     if len(hosts) <= 1 or is_network_filesystem(storage_path, mounts_file):

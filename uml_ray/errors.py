@@ -20,3 +20,7 @@ class DataError(UserError):
             problems = [problems]
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TrialCrash(Exception):
+    """A trial crashed (a bug, out of memory): the CLI prints which trial and where its traceback is, and exits 1."""

@@ -37,7 +37,7 @@ class DataConfig:
     aux_class_mean: bool = option(False, "Replace each auxiliary modality by its per-class mean vectors.")
     aux_batch_ratio: float = option(1.0, "Auxiliary batch size as a multiple of train.batch_size.", low=0.0, low_open=True)
     shuffle_buffer: int = option(4096, "Rows held in each worker's shuffle buffer.", low=1)
-    cache_max_mb: int = option(512, "Cache a worker's shard in memory after its first pass when it fits in this many MB.", low=0)
+    cache_max_mb: int = option(512, "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by every trial through the object store; larger ones stream through Ray Data.", low=0)
 
 
 @dataclass
@@ -67,7 +67,8 @@ class TrainConfig:
     batch_size: int = option(32, "Target-modality batch size per worker.", low=1)
     max_steps: int = option(500, "Optimizer steps.", low=1)
     warmup_steps: int = option(20, "Linear warm-up steps before the cosine decay.", low=0)
-    val_every: int = option(25, "Validate on the target modality every N steps (and checkpoint).", low=1)
+    val_every: int = option(25, "Validate on the target modality every N steps.", low=1)
+    checkpoint_every: int = option(4, "Write a checkpoint every N validations, and always at the run's end; a retried or resumed run continues exactly from the last one.", low=1)
     patience: int = option(0, "Stop after this many validations without improvement; 0 = never.", low=0)
     alpha: dict = option({}, "Weight of each auxiliary modality's loss, e.g. {text: 0.5}; missing modalities use alpha_default.", low=0.0)
     alpha_default: float = option(1.0, "Alpha for auxiliary modalities not named in train.alpha; 0 = unimodal baseline.", low=0.0)
@@ -123,6 +124,22 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, e.g. {'train.lr': 1e-3, 'train.alpha.text': 0.5}."""
         return flatten(self.to_dict())
+
+    def alpha_for(self, auxiliary) -> dict[str, float]:
+        """Alpha of each auxiliary modality: ``train.alpha[m]``, else ``train.alpha_default``."""
+        return {name: float(self.train.alpha.get(name, self.train.alpha_default)) for name in auxiliary}
+
+
+def check_modalities(cfg: Config, auxiliary) -> None:
+    """Rules that need the dataset's auxiliary modalities; run by the driver for the base config and
+    for every sampled config before it trains, so a trial never meets them."""
+    auxiliary = list(auxiliary)
+    for name in cfg.train.alpha:
+        if name not in auxiliary:
+            raise ConfigError(f"train.alpha.{name}: '{name}' is not a used auxiliary modality; choose from {auxiliary}")
+    if cfg.model.regime == "sequence" and cfg.train.step_k > 0 and not any(a > 0 for a in cfg.alpha_for(auxiliary).values()):
+        raise ConfigError(f"train.step_k={cfg.train.step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
+                          "set train.step_k=-1 for the unimodal baseline, or give an auxiliary modality alpha > 0")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -250,6 +267,9 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
         raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
+    if not cfg.tracking.experiment.strip():
+        # MLflow refuses an empty experiment name only when the run starts, after Ray has started
+        raise ConfigError("tracking.experiment is empty; name the MLflow experiment (e.g. tracking.experiment=uml-ray)")
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(
             f"train.warmup_steps={cfg.train.warmup_steps} must be smaller than train.max_steps={cfg.train.max_steps}"
@@ -264,8 +284,53 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("resources.trainer=inline runs one worker; set resources.num_workers=1 or trainer=ray_train")
 
 
+# Limits on YAML input: a config, space or manifest is a few KB; these refuse hostile or broken
+# files (a multi-GB file, a "billion laughs" anchor bomb) in milliseconds instead of exhausting memory.
+MAX_INPUT_BYTES = 10 * 1024 * 1024
+MAX_YAML_ALIASES = 100
+MAX_YAML_ALIAS_NODES = 10_000  # nodes reached through aliases, all aliases together
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the reference silently dropped half a sweep on them)."""
+    """SafeLoader that refuses duplicate keys (the reference silently dropped half a sweep on them)
+    and bounds aliases: their count, what they expand to, and recursion."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.alias_count = 0
+        self.alias_nodes = 0
+        self.node_sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        """Count each alias and the nodes it expands to before PyYAML composes it."""
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            self.alias_count += 1
+            if self.alias_count > MAX_YAML_ALIASES:
+                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) at line {event.start_mark.line + 1}; "
+                                  "write the values out instead of repeating anchors")
+            node = self.anchors.get(event.anchor)
+            if node is not None:
+                if node.end_mark is None:
+                    raise ConfigError(f"alias *{event.anchor} at line {event.start_mark.line + 1} refers to itself; "
+                                      "a recursive YAML structure cannot be a config, space or manifest")
+                self.alias_nodes += _expanded_size(node, self.node_sizes)
+                if self.alias_nodes > MAX_YAML_ALIAS_NODES:
+                    raise ConfigError(f"YAML aliases expand to more than {MAX_YAML_ALIAS_NODES} values (at *{event.anchor}, "
+                                      f"line {event.start_mark.line + 1}); write the values out instead of nesting anchors")
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values a composed node stands for once every alias in it is expanded (memoised per node)."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+        elif isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        else:
+            sizes[id(node)] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    return sizes[id(node)]
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -281,18 +346,54 @@ def _construct_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Load YAML refusing duplicate keys; errors name the file."""
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        context = f" {exc.context}," if exc.context else ""
+        return f"{exc.problem}{context} at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or b"\0")
+        return f"{exc.reason}: #x{code:04x} at character {exc.position}"
+    return " ".join(str(exc).split())
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text of an input file read as bytes, refused when over ``MAX_INPUT_BYTES`` or binary."""
+    if len(data) > MAX_INPUT_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_INPUT_BYTES // (1024 * 1024)} MB; "
+                          "configs, search spaces and manifests are small YAML/JSON text files: check the path")
     try:
-        text = Path(path).read_text()
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "expected YAML/JSON text: check the path") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A local input file as text, reading at most ``MAX_INPUT_BYTES`` + 1 bytes; errors name the file."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_INPUT_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror}); check the path") from None
+    return decode_text(data, str(path))
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Parse YAML safely and within bounds (aliases, nesting); errors are one line naming ``source``."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{source}: not valid YAML ({_yaml_problem(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply; configs, spaces and manifests are a few levels deep") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file safely and within bounds (size, aliases), refusing duplicate keys; errors name the file."""
+    return load_yaml_text(read_text(path), str(path))
 
 
 def set_dotted(tree: dict, dotted: str, value) -> None:
@@ -314,7 +415,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
         field_type(key)
-        out[key] = yaml.safe_load(raw) if raw else ""
+        try:
+            out[key] = load_yaml_text(raw, f"override '{item}'") if raw else ""
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; quote the value or write one field per override (e.g. train.alpha.text=0.5)") from None
     return out
 
 

@@ -6,6 +6,10 @@ One Parquet dataset per (modality, split), many shard files each:
 - ``label``: int32, nullable where a split has no labels;
 - ``id``: string.
 
+Image modalities (``kind: image``, the fine-tuning regime) hold an ``image`` column of encoded
+image bytes instead of ``features``; their ``dim`` is the channel count (1 or 3). See
+``uml_ray.data.images``.
+
 A manifest (YAML or JSON) names the dataset, its ordered classes, the target modality and,
 per modality, its kind, dim, encoder and shard URIs per split. Relative shard paths are
 resolved against the manifest's folder; ``s3://`` and ``gs://`` URIs are kept as they are.
@@ -24,14 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from uml_ray.errors import DataError
+from uml_ray.config import MAX_INPUT_BYTES, decode_text, load_yaml_text
+from uml_ray.errors import ConfigError, DataError
+from uml_ray.uri import is_remote, join_uri
 
 FEATURES = "features"
+IMAGE = "image"
 LABEL = "label"
 ID = "id"
-KINDS = ("vector", "sequence")
+KINDS = ("vector", "sequence", "image")
 SPLITS = ("train", "val", "test")
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://")
 
 
 def vector_type(dim: int) -> pa.DataType:
@@ -46,6 +52,8 @@ def sequence_type(dim: int) -> pa.DataType:
 
 def shard_schema(kind: str, dim: int) -> pa.Schema:
     """The exact schema every shard of a modality must have."""
+    if kind == "image":
+        return pa.schema([pa.field(IMAGE, pa.binary(), nullable=False), pa.field(LABEL, pa.int32()), pa.field(ID, pa.string())])
     feature_type = vector_type(dim) if kind == "vector" else sequence_type(dim)
     return pa.schema(
         [pa.field(FEATURES, feature_type, nullable=False), pa.field(LABEL, pa.int32()), pa.field(ID, pa.string())]
@@ -105,26 +113,24 @@ class Manifest:
         }
 
 
-def is_remote(uri: str) -> bool:
-    """True for object-store URIs (``s3://``, ``gs://``)."""
-    return uri.startswith(REMOTE_SCHEMES)
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join path parts onto a local folder or an object-store URI."""
-    if is_remote(base):
-        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
-    return str(Path(base, *parts))
-
-
 def _require(mapping: dict, key: str, where: str, kind: type | tuple):
     if key not in mapping:
         raise DataError(f"{where}: missing field '{key}'")
     value = mapping[key]
-    if not isinstance(value, kind):
+    # YAML's true/false are Python bools, and bool is an int: never accept one as a number
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field '{key}' must be {names}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _parse_json(text: str, path: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply; a manifest is a few levels deep") from None
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -134,26 +140,29 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     contents are checked by ``uml_ray.data.validate``.
     """
     path = str(path)
+    # at most MAX_INPUT_BYTES + 1 bytes are read: a huge file is refused without reading it whole
     if is_remote(path):
         from pyarrow import fs as pafs
 
         filesystem, inner = pafs.FileSystem.from_uri(path)
         try:
             with filesystem.open_input_stream(inner) as handle:
-                text = handle.read().decode()
+                data = handle.read(MAX_INPUT_BYTES + 1)
         except OSError as exc:
             raise DataError(f"{path}: cannot read manifest ({exc})") from None
         base = path.rsplit("/", 1)[0]
     else:
         try:
-            text = Path(path).read_text()
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_INPUT_BYTES + 1)
         except OSError as exc:
             raise DataError(f"{path}: cannot read manifest ({exc.strerror}); check the path") from None
         base = str(Path(path).resolve().parent)
     try:
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not valid YAML/JSON ({exc})") from None
+        text = decode_text(data, path)
+        raw = _parse_json(text, path) if path.endswith(".json") else load_yaml_text(text, path)
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: a manifest is a mapping with name, classes, target, modalities")
     unknown = set(raw) - {"name", "classes", "target", "modalities"}
@@ -181,6 +190,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         dim = _require(spec, "dim", where, int)
         if dim <= 0:
             raise DataError(f"{where}.dim: must be a positive integer, got {dim}")
+        if kind == "image" and dim not in (1, 3):
+            raise DataError(f"{where}.dim: an image modality's dim is its channel count, 1 (grayscale) or 3 (RGB); got {dim}")
         splits = _require(spec, "splits", where, dict)
         resolved = {}
         for split, uris in splits.items():
@@ -288,9 +299,10 @@ def write_shards(
 def table_to_numpy(table: pa.Table | pa.RecordBatch, kind: str, dim: int):
     """Zero-copy view of a shard batch: features (N, dim) float32 for vectors, labels int64 (-1 = none).
 
-    For sequences, returns (steps (sum T, dim), lengths (N,)) as the features.
+    For sequences, returns (steps (sum T, dim), lengths (N,)) as the features; for images, the
+    encoded-bytes column (a pyarrow binary array).
     """
-    column = table.column(FEATURES)
+    column = table.column(IMAGE if kind == "image" else FEATURES)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     labels_column = table.column(LABEL)
@@ -299,6 +311,8 @@ def table_to_numpy(table: pa.Table | pa.RecordBatch, kind: str, dim: int):
     labels = labels_column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     if kind == "vector":
         return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim), labels
+    if kind == "image":
+        return column, labels
     lengths = np.diff(column.offsets.to_numpy()).astype(np.int64)
     steps = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     return (steps, lengths), labels

@@ -5,10 +5,12 @@ is consumed as an independent, endlessly repeating stream of seeded shuffled bat
 paired with another modality's rows.
 
 Speed: features leave Arrow as zero-copy numpy views (``table_to_numpy``) instead of
-``iter_torch_batches``' per-column conversion; a worker whose share of a dataset fits
-``data.cache_max_mb`` reads it once through Ray Data and serves later epochs from memory.
-Cached shares are sorted by row id and split by rank, so batch order depends only on the seed,
-the rank and the epoch: a resumed run draws exactly the batches an uninterrupted run would.
+``iter_torch_batches``' per-column conversion. A dataset that fits ``data.cache_max_mb`` is
+read once per run or sweep by the driver (``read_table``), put in the Ray object store, and
+served from memory by every trial and worker (``TableSource``): no Ray Data job per trial.
+Larger ones stream through Ray Data (``build_streamed_datasets``). In-memory shares are sorted
+by row id and split by rank, so batch order depends only on the seed, the rank and the epoch:
+a resumed run draws exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import FEATURES, ID, LABEL, Manifest, is_remote, table_to_numpy
+from uml_ray.data.format import FEATURES, ID, LABEL, Manifest, table_to_numpy
+from uml_ray.uri import is_remote
 
 log = logging.getLogger("uml_ray")
 
@@ -62,8 +65,8 @@ def count_rows(uris: list[str]) -> int:
     return total
 
 
-def plan_streams(manifest: Manifest, auxiliary: list[str], num_workers: int, cache_max_mb: int) -> dict[str, StreamSpec]:
-    """Decide, before any cluster work, which datasets a run reads and which are cached per worker."""
+def plan_streams(manifest: Manifest, auxiliary: list[str], cache_max_mb: int) -> dict[str, StreamSpec]:
+    """Decide, before any cluster work, which datasets a run reads and which are held in memory."""
     wanted = [(manifest.target, split) for split in ("train", "val", "test")]
     wanted += [(name, "train") for name in auxiliary]
     plan = {}
@@ -72,11 +75,12 @@ def plan_streams(manifest: Manifest, auxiliary: list[str], num_workers: int, cac
         uris = manifest.uris(modality, split)
         rows = count_rows(uris)
         steps_per_row = 64 if spec.kind == "sequence" else 1
-        share_mb = rows * spec.dim * 4 * steps_per_row / max(num_workers, 1) / 2**20
+        # the driver holds the whole table once per sweep, whatever the worker count
+        table_mb = rows * spec.dim * 4 * steps_per_row / 2**20
         name = dataset_name(modality, split)
         # the sequence probe makes ordered passes over the target's splits beside the endless
         # train stream, which a live streaming_split iterator cannot serve: those are always cached
-        cached = share_mb <= cache_max_mb or (spec.kind == "sequence" and modality == manifest.target)
+        cached = table_mb <= cache_max_mb or (spec.kind == "sequence" and modality == manifest.target)
         plan[name] = StreamSpec(name=name, kind=spec.kind, dim=spec.dim, rows=rows, cached=cached)
     return plan
 
@@ -109,16 +113,49 @@ def _class_means(table: pa.Table) -> pa.Table:
     )
 
 
-def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool, seed: int) -> dict:
-    """Ray Data datasets for a run, keyed by ``dataset_name``; auxiliary text options applied as groupby ops.
+def read_table(uris: list[str]) -> pa.Table:
+    """Every row of a (modality, split) as one Arrow table, read with pyarrow (local or object store)."""
+    filesystem = _filesystem(uris[0])
+    paths = [u.split("://", 1)[1] for u in uris] if filesystem is not None else uris
+    return pq.read_table(paths, filesystem=filesystem).combine_chunks()
 
-    Datasets small enough to cache are materialised in the object store; larger ones stay lazy
-    and stream (split across Train workers by Ray Data).
+
+def shape_auxiliary(table: pa.Table, aux_per_class: int, aux_class_mean: bool, seed: int) -> pa.Table:
+    """An auxiliary vector modality as a run uses it: k rows per class and/or per-class means."""
+    if aux_per_class > 0:
+        table = _select_per_class(table, aux_per_class, seed)
+    if aux_class_mean:
+        table = _class_means(table)
+    return table
+
+
+class TableSource:
+    """An in-memory table behind the slice of Ray Data's iterator API that ``BatchStream`` uses."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
+        """The whole table at once (``batch_size=None``), else slices of ``batch_size`` rows."""
+        if batch_size is None:
+            yield self.table
+            return
+        for start in range(0, len(self.table), batch_size):
+            yield self.table.slice(start, batch_size)
+
+
+def build_streamed_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool,
+                            seed: int) -> dict:
+    """Lazy Ray Data datasets of the shares too large to hold in memory (``cached`` False), keyed by name.
+
+    Auxiliary row options run as groupby operations; Ray Train splits these across workers.
     """
     import ray.data
 
     datasets = {}
     for name, spec in plan.items():
+        if spec.cached:
+            continue
         modality, split = name.rsplit(".", 1)
         uris = manifest.uris(modality, split)
         filesystem = _filesystem(uris[0])
@@ -131,10 +168,6 @@ def build_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_clas
                 )
             if aux_class_mean:
                 ds = ds.groupby(LABEL).map_groups(_class_means, batch_format="pyarrow")
-        if spec.cached:
-            # read once here, not once per worker: N workers each listing and reading the same
-            # files compete for the CPUs their own training holds, and Ray Data stalls
-            ds = ds.materialize()
         datasets[name] = ds
     return datasets
 
@@ -177,7 +210,7 @@ class BatchStream:
     """An endless stream of shuffled batches from one worker's share of a dataset.
 
     ``iterator`` is a Ray Data ``DataIterator`` (``ray.train.get_dataset_shard`` in a Train worker,
-    ``Dataset.iterator()`` in a single-process trial). Batches are (features, labels) numpy arrays;
+    ``Dataset.iterator()`` in a single-process trial) or a ``TableSource`` over an in-memory share. Batches are (features, labels) numpy arrays;
     for sequences, features are (steps, lengths). State is (epoch, batches drawn this epoch).
     """
 

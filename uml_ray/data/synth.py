@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from uml_ray.data.format import KINDS, Manifest, ModalitySpec, join_uri, write_manifest, write_shards
+from uml_ray.data.format import KINDS, Manifest, ModalitySpec, write_manifest, write_shards
+from uml_ray.uri import join_uri
 from uml_ray.errors import ConfigError
 
 TARGET = "image"
@@ -111,6 +112,21 @@ def write_synthetic(
         raise ConfigError(f"synthetic data: kind must be one of {list(KINDS)}, got {kind!r}")
     if not 1 <= seq_len[0] <= seq_len[1]:
         raise ConfigError(f"synthetic data: seq_len must be (min, max) with 1 <= min <= max, got {tuple(seq_len)}")
+    # refused here rather than written: `data validate` rejects a dataset with an empty split
+    sizes = {"n_classes (--classes)": n_classes, "latent_dim (--latent-dim)": latent_dim, "dim_x (--dim-x)": dim_x,
+             "n_train (--n-train)": n_train, "n_val (--n-val)": n_val, "n_test (--n-test)": n_test,
+             "rows_per_shard (--rows-per-shard)": rows_per_shard}
+    for what, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"synthetic data: {what} must be >= 1, got {value}")
+    if any(dim < 1 for dim in dims_aux):
+        raise ConfigError(f"synthetic data: every auxiliary dim (--dims-aux) must be >= 1, got {list(dims_aux)}")
+    if dims_aux and n_aux < n_classes:
+        # balanced labels give every class an auxiliary row only when there are at least as many rows as classes
+        raise ConfigError(f"synthetic data: n_aux (--n-aux) must be >= n_classes={n_classes} so every class has "
+                          f"auxiliary rows, got {n_aux}")
+    if seed < 0:
+        raise ConfigError(f"synthetic data: seed (--seed) must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     means = class_sep * rng.standard_normal((n_classes, latent_dim))
     n_weak = int(round(weak_fraction * min(dim_x, latent_dim)))

@@ -8,14 +8,19 @@ line naming the file (and row/column/value) and the fix.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import FEATURES, LABEL, SPLITS, Manifest, ModalitySpec, is_remote, load_manifest, shard_schema, table_to_numpy
+from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, SPLITS, Manifest, ModalitySpec, load_manifest, shard_schema, table_to_numpy
+from uml_ray.data.images import DECODE_SAMPLE, ImageRowProblems, check_image_column, report_image_problems
+from uml_ray.uri import is_remote
 from uml_ray.errors import DataError
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
@@ -29,6 +34,7 @@ class ShardStats:
     rows: int
     class_counts: np.ndarray
     unlabeled: int
+    ids: list[pa.Array] = dataclasses.field(default_factory=list)  # the id column, per record batch
 
 
 def open_shard(uri: str) -> pq.ParquetFile:
@@ -113,13 +119,19 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
         return None
     bad = defaultdict(list)  # problem name -> arrays of shard row indices
     label_values = []
+    ids = []
     counts = np.zeros(n_classes, dtype=np.int64)
     total = unlabeled = 0
+    content = IMAGE if spec.kind == "image" else FEATURES
+    images = ImageRowProblems()
+    # every image header is read; a spread-out sample of rows is decoded in full
+    stride = max(1, shard.metadata.num_rows // DECODE_SAMPLE)
     try:
-        for batch in shard.iter_batches(batch_size=BATCH_ROWS, columns=[FEATURES, LABEL]):
+        for batch in shard.iter_batches(batch_size=BATCH_ROWS, columns=[content, LABEL, ID]):
             rows = np.arange(total, total + batch.num_rows)
             total += batch.num_rows
-            features = batch.column(FEATURES)
+            ids.append(batch.column(ID))
+            features = batch.column(content)
             if features.null_count:
                 valid = features.is_valid().to_numpy(zero_copy_only=False)
                 bad["null features"].append(rows[~valid])
@@ -128,6 +140,8 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
             values, labels = table_to_numpy(batch, spec.kind, spec.dim)
             if spec.kind == "vector":
                 bad["non-finite"].append(rows[~np.isfinite(values).all(axis=1)])
+            elif spec.kind == "image":
+                check_image_column(values, rows, spec.dim, stride, images)
             else:
                 steps, lengths = values
                 bad["empty sequence"].append(rows[lengths == 0])
@@ -142,7 +156,12 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
             in_range = labels[~missing & ~out_of_range]
             counts += np.bincount(in_range, minlength=n_classes)
     except (OSError, pa.ArrowException) as exc:
-        problems.append(f"{uri}: cannot read rows past row {total} ({_reason(exc)}); rewrite the shard")
+        null_row = _null_fixed_size_row(exc, total)
+        if null_row is not None:
+            problems.append(f"{uri}: row {null_row} has null features (the first; Parquet cannot read past it); "
+                            "every row needs features: drop or fill those rows")
+        else:
+            problems.append(f"{uri}: cannot read rows past row {total} ({_reason(exc)}); rewrite the shard")
         return None
     found = {name: np.concatenate(bad[name]) if bad[name] else np.zeros(0, np.int64)
              for name in ("null features", "non-finite", "empty sequence", "label range", "null label")}
@@ -150,6 +169,8 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
     _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
     if spec.kind == "sequence":
         _report_rows(problems, uri, found["empty sequence"], "are empty sequences (T=0)", "drop those rows")
+    if spec.kind == "image":
+        report_image_problems(uri, modality, spec.dim, images, problems)
     if len(found["label range"]):
         first = int(np.concatenate(label_values)[0])
         problems.append(
@@ -159,7 +180,37 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
     if labels_required:
         _report_rows(problems, uri, found["null label"], "have no label",
                      "the target's splits and every auxiliary train split need a class label on each row")
-    return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled)
+    return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled, ids=ids)
+
+
+def _null_fixed_size_row(exc: Exception, batch_start: int) -> int | None:
+    """The shard row of the first null features row when that is why a batch failed, else None.
+
+    Arrow writes a null fixed-size-list row to Parquet but cannot read it back: it fails with
+    "Expected all lists to be of size=D but index I had size=0", I being the null row's position
+    in the batch plus one (an offsets index).
+    """
+    found = re.search(r"Expected all lists to be of size=\d+ but index (\d+) had size=0", str(exc))
+    return batch_start + int(found.group(1)) - 1 if found else None
+
+
+def _duplicate_id_problem(where: str, uris: list[str], shard_ids: list[list[pa.Array]]) -> str | None:
+    """One line naming a duplicated row id of one (modality, split) and the two places it occurs."""
+    chunks = [chunk for per_shard in shard_ids for chunk in per_shard]
+    if not chunks:
+        return None
+    counts = pc.value_counts(pa.chunked_array(chunks, pa.string()).drop_null())
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return None
+    first = repeated.field("values")[0].as_py()
+    places = []
+    for uri, per_shard in zip(uris, shard_ids):
+        column = pa.chunked_array(per_shard, pa.string()) if per_shard else pa.chunked_array([], pa.string())
+        rows = np.flatnonzero(pc.equal(column, first).fill_null(False).to_numpy(zero_copy_only=False))
+        places += [f"{uri} row {int(r)}" for r in rows]
+    return (f"{where}: {len(repeated)} id(s) appear more than once in the split (first: '{first}' at "
+            f"{' and '.join(places[:2])}); ids must be unique within a split: drop or rename the duplicates")
 
 
 def _duplicate_problems(manifest: Manifest) -> list[str]:
@@ -195,6 +246,7 @@ def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
             labels_required = modality == manifest.target or split == "train"
             total = ShardStats(rows=0, class_counts=np.zeros(n_classes, dtype=np.int64), unlabeled=0)
             complete = True
+            read_uris, read_ids = [], []
             for uri in spec.splits[split]:
                 shard = check_shard(uri, modality, spec, n_classes, labels_required, problems)
                 if shard is None:
@@ -203,7 +255,12 @@ def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
                 total.rows += shard.rows
                 total.class_counts += shard.class_counts
                 total.unlabeled += shard.unlabeled
+                read_uris.append(uri)
+                read_ids.append(shard.ids)
             stats[modality, split] = total if complete else None
+            duplicated = _duplicate_id_problem(f"modalities.{modality}.splits.{split}", read_uris, read_ids)
+            if duplicated:
+                problems.append(duplicated)
 
     where = manifest.path
     for modality in manifest.modalities:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import build_table, is_remote, join_uri
+from uml_ray.data.format import build_table
+from uml_ray.uri import is_remote, join_uri
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError

@@ -1,1 +1,1 @@
-"""Search: search spaces, and Ray Tune + Optuna + ASHA driving every run."""
+"""Search spaces (YAML distributions over config fields, checked before launch) and sweep plots."""

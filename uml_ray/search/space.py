@@ -5,6 +5,8 @@ A space file::
     recipe: supervised            # which regime it is for (supervised | sequence)
     metric: best_val_acc          # optional; what the search maximises
     seed_policy: fixed            # fixed: every trial uses train.seed; per_trial: a seed derived per trial
+    searcher: tpe                 # tpe (default) | random | grid (every combination of the choices, once)
+    seeds: [0, 1, 2]              # grid only, optional: the whole grid once per train.seed
     params:
       train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
       train.alpha.text: {type: uniform, low: 0.0, high: 1.5}
@@ -26,6 +28,7 @@ from uml_ray.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SEED_POLICIES = ("fixed", "per_trial")
+SEARCHERS = ("tpe", "random", "grid")
 METRICS = ("best_val_acc", "val_acc")
 
 
@@ -50,10 +53,21 @@ class SearchSpace:
     metric: str = "best_val_acc"
     seed_policy: str = "fixed"
     source: str = "space"
+    searcher: str = "tpe"
+    seeds: list[int] = field(default_factory=list)
 
     def keys(self) -> list[str]:
         """The searched dotted config keys."""
         return [p.key for p in self.params]
+
+    def size(self) -> int | None:
+        """Distinct configs in the space when every param is a choice (times the grid's seeds), else None."""
+        if any(p.type != "choice" for p in self.params):
+            return None
+        count = max(len(self.seeds), 1)
+        for p in self.params:
+            count *= len(p.values)
+        return count
 
 
 def _number(where: str, value, kind: type):
@@ -109,9 +123,9 @@ def load_space(path: str) -> SearchSpace:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a search space is a mapping with 'params' (and optional recipe, metric, seed_policy)")
-    unknown = set(raw) - {"recipe", "metric", "seed_policy", "params"}
+    unknown = set(raw) - {"recipe", "metric", "seed_policy", "params", "searcher", "seeds"}
     if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: recipe, metric, seed_policy, params")
+        raise ConfigError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: recipe, metric, seed_policy, searcher, seeds, params")
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{path}: 'params' must be a non-empty mapping of config keys to distributions")
@@ -124,7 +138,23 @@ def load_space(path: str) -> SearchSpace:
     seed_policy = raw.get("seed_policy", "fixed")
     if seed_policy not in SEED_POLICIES:
         raise ConfigError(f"{path}: seed_policy {seed_policy!r} is not one of {list(SEED_POLICIES)}")
-    return SearchSpace([parse_param(str(k), v, path) for k, v in params.items()], recipe, metric, seed_policy, path)
+    searcher = raw.get("searcher", "tpe")
+    if searcher not in SEARCHERS:
+        raise ConfigError(f"{path}: searcher {searcher!r} is not one of {list(SEARCHERS)}")
+    seeds = raw.get("seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
+    if seeds and searcher != "grid":
+        raise ConfigError(f"{path}: seeds repeats a grid per seed; set searcher: grid, or search train.seed as a choice")
+    parsed = [parse_param(str(k), v, path) for k, v in params.items()]
+    if searcher == "grid":
+        ranged = [p.key for p in parsed if p.type != "choice"]
+        if ranged:
+            raise ConfigError(f"{path}: searcher grid needs every param as a choice; {ranged} are ranges "
+                              "(give them as {type: choice, values: [...]}, or use searcher: tpe / random)")
+        if seeds and "train.seed" in [p.key for p in parsed]:
+            raise ConfigError(f"{path}: train.seed is both a param and the grid's seeds; keep one")
+    return SearchSpace(parsed, recipe, metric, seed_policy, path, searcher, list(seeds))
 
 
 def check_space(space: SearchSpace, cfg: Config, auxiliary: list[str]) -> None:

@@ -1,8 +1,8 @@
 """The self-supervised UML training loop (docs/method.md §2): restore → loop (draw → forward/backward/step) → validate → report.
 
 The sequence regime's twin of ``uml_ray.train.loop.train_supervised``: the same LoopContext
-(inline Tune trial or Ray Train worker), the same schedule, checkpoint contents, best-val
-bookkeeping and metric names. What differs is the step — masked next-step MSE per modality
+and, from ``uml_ray.train.common``, the same schedule, checkpoint contents, best-val bookkeeping
+and metric names. What differs is the step — masked next-step MSE per modality
 through one shared causal transformer, with the step_k warm start — and validation, which is a
 logistic-regression probe on mean-pooled target embeddings rather than a classifier head.
 
@@ -20,10 +20,10 @@ import torch
 
 from uml_ray.data.collate import sequence_batch_to_tensors
 from uml_ray.data.streams import BatchStream, StreamSpec
-from uml_ray.errors import ConfigError
 from uml_ray.models.sequence import SequenceObjective, SharedSequenceModel, target_active
-from uml_ray.train.loop import (checkpoint, new_progress, record_validation, restore, setup_worker, swapped_weights,
-                                 warmup_cosine)
+from uml_ray.train.common import (Tally, build_optimizer, new_progress, record_validation, report_validation, restore,
+                                  setup_worker, swapped_weights, validation_metrics)
+from uml_ray.train.plan import RunPlan
 from uml_ray.train.probe import fit_probe, probe_accuracy, probe_log_loss
 
 SPLITS = ("train", "val", "test")
@@ -63,20 +63,19 @@ def evaluate_probe_on_splits(model: SharedSequenceModel, modality: str, streams:
     return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
 
 
-def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict, ctx) -> dict:
+def train_sequence(plan: RunPlan, ctx) -> dict:
     """Train self-supervised UML for ``train.max_steps`` steps; returns the final metrics.
 
-    Arguments as ``train_supervised``. The loss is ``L_x + sum_m alpha_m L_m`` (next-step masked
-    MSE); validation fits a logistic-regression probe (C = ``train.probe_c``) on the target's train
-    split and scores val; test accuracy is reported at the best-val point.
+    The loss is ``L_x + sum_m alpha_m L_m`` (next-step masked MSE); validation fits a
+    logistic-regression probe (C = ``train.probe_c``) on the target's train split and scores val;
+    test accuracy is reported at the best-val point. The driver has refused step_k > 0 with every
+    alpha 0 (``config.check_modalities``) before any trial started.
     """
-    cfg, alpha, train_streams, stream = setup_worker(config, plan, dataset_info, ctx)
-    target = dataset_info["target"]
+    cfg = plan.cfg
+    alpha, train_streams, stream = setup_worker(plan, ctx)
+    target = plan.dataset.target
     active = [m for m in train_streams if m != target]
     step_k = cfg.train.step_k
-    if step_k > 0 and not active:
-        raise ConfigError(f"train.step_k={step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
-                          "set train.step_k=-1 for the unimodal baseline or give an auxiliary modality alpha > 0")
     probe_streams = {"train": train_streams[target], "val": stream(target, "val", cfg.train.batch_size),
                      "test": stream(target, "test", cfg.train.batch_size)}
     # every worker must switch the target on at the same step (DDP), so the epoch length is the
@@ -84,12 +83,11 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
     steps_per_epoch = min(ctx.all_gather(train_streams[target].batches_per_epoch()))
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker
-    dims = {m: dataset_info["dims"][m] for m in [target] + active}
+    dims = {m: plan.dataset.dims[m] for m in [target] + active}
     model = SharedSequenceModel(dims, cfg.model.zdim, cfg.model.layers, cfg.model.heads, cfg.model.dropout,
                                 cfg.model.pos_emb, cfg.model.max_len)
     model.to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps))
+    optimizer, scheduler = build_optimizer(model.parameters(), cfg)
     progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
     state = ctx.restore()
     if state is not None:
@@ -98,9 +96,7 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
     # during the warm-up the target's projections get no gradient, which DDP must be told
     trained = ctx.wrap(SequenceObjective(model, target, alpha), find_unused_parameters=step_k > 0)
     model.train()
-    running = {m: 0.0 for m in train_streams}
-    counted = {m: 0 for m in train_streams}
-    running_total, since_report, target_steps = 0.0, 0, 0
+    tally, target_steps = Tally(), 0
     metrics: dict = {}
     while progress["step"] < cfg.train.max_steps:
         target_on = target_active(progress["step"] // steps_per_epoch, step_k)
@@ -118,11 +114,8 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
         optimizer.step()
         scheduler.step()
         progress["step"] += 1
-        running_total += float(loss.detach())
-        for name, value in parts.items():
-            running[name] += value
-            counted[name] += 1
-        since_report += 1
+        # a modality's mean runs over the steps that trained it (the target's warm-up steps do not)
+        tally.add(float(loss.detach()), parts)
         target_steps += int(target_on)
 
         step = progress["step"]
@@ -131,30 +124,15 @@ def train_sequence(config: dict, plan: dict[str, StreamSpec], dataset_info: dict
             continue
         val = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
         best_weights, stop = record_validation(progress, val["val_acc"], val["val_loss"], model, best_weights, cfg.train.patience)
-        metrics = {
-            "step": step,
-            "epoch": (step - 1) // steps_per_epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": running_total / since_report,
-            # a modality's mean over the steps that trained it (the target's warm-up steps do not)
-            **{f"train_loss_{name}": value / counted[name] for name, value in running.items() if counted[name]},
-            "target_on": target_steps / since_report,
-            "val_acc": val["val_acc"],
-            "val_loss": val["val_loss"],
-            "best_val_acc": progress["best_val_acc"],
-            "best_val_loss": progress["best_val_loss"],
-            "best_step": progress["best_step"],
-        }
-        running = {m: 0.0 for m in train_streams}
-        counted = {m: 0 for m in train_streams}
-        running_total, since_report, target_steps = 0.0, 0, 0
+        metrics = validation_metrics(progress, scheduler.get_last_lr()[0], val["val_acc"], val["val_loss"], tally,
+                                     epoch=(step - 1) // steps_per_epoch, target_on=target_steps / tally.steps)
+        tally, target_steps = Tally(), 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
             with swapped_weights(model, best_weights):
                 test = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
             metrics.update(test_acc=test["test_acc"], stopped_early=int(stop), completed=1)
-        state, best = checkpoint(cfg, model, optimizer, scheduler, train_streams, progress, best_weights, dataset_info)
-        ctx.report(metrics, state, best)
+        report_validation(ctx, plan, metrics, stop or last, model, optimizer, scheduler, train_streams, progress, best_weights)
         if stop:
             break
     return metrics

@@ -1,0 +1,151 @@
+"""Trial events → MLflow, from the driver (the one writer), and → one console line each.
+
+Picklable: Tune stores callbacks with the experiment, and a restored sweep gets this back; the
+MLflow tracker is rebuilt lazily after unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from uml_ray.config import Config, dump_config
+from uml_ray.train.context import BEST_FILE
+from uml_ray.train.plan import RunPlan
+from uml_ray.uri import is_remote
+
+# what a trial reports instead of raising when it meets an error that would recur on retry
+FATAL_KEY = "fatal_error"
+USER_ERROR_KEY = "user_error"
+TRACEBACK_KEY = "fatal_traceback"
+
+
+class TrackingBridge:
+    """Forwards Tune trial events to MLflow and prints one line per trial event."""
+
+    def __init__(self, plan: RunPlan, sweep: str, single_run: bool, sweep_params: dict, resolve, verbose: bool = False):
+        self.plan = plan
+        self.sweep = sweep
+        self.single_run = single_run
+        self.sweep_params = sweep_params
+        self.resolve = resolve
+        self.verbose = verbose
+        self._tracker = None
+        self._configs: dict[str, Config] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tracker": None, "_configs": {}}
+
+    @property
+    def tracker(self):
+        from uml_ray.tracking.mlflow_store import SweepTracker
+
+        if self._tracker is None:
+            tracking = self.plan.cfg.tracking
+            self._tracker = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, self.sweep, self.single_run)
+            self._tracker.start_sweep(self.sweep_params)
+        return self._tracker
+
+    def resolved_config(self, trial) -> Config:
+        """The trial's full config (base + sampled params + derived seed), built once per trial."""
+        if trial.trial_id not in self._configs:
+            self._configs[trial.trial_id] = self.resolve(trial.trial_id, dict(trial.config)).cfg
+        return self._configs[trial.trial_id]
+
+    def trial_started(self, trial) -> None:
+        """Open (or find again) the trial's MLflow run."""
+        if trial.trial_id in self.tracker.trial_runs:
+            return
+        cfg = self.resolved_config(trial)
+        self.tracker.start_trial(trial.trial_id, cfg.flat(), {"uml_ray.sampled": json.dumps(trial.config, default=str)})
+        if not self.single_run:
+            _say(f"trial {trial.trial_id} started: {_short(trial.config)}")
+
+    def trial_result(self, trial, result: dict) -> None:
+        """Metrics of one validation."""
+        self.trial_started(trial)
+        self.tracker.log_metrics(trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0))))
+        if self.verbose or result.get("completed"):
+            shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
+            _say(f"trial {trial.trial_id} {_short(shown)}")
+
+    def trial_ended(self, trial, failed: bool) -> None:
+        """Close the trial's run: finished, stopped early, pruned or failed, with config and best weights."""
+        self.trial_started(trial)
+        last = trial.last_result or {}
+        if failed or last.get(FATAL_KEY):
+            status, outcome = "FAILED", "failed"
+        elif last.get("completed"):
+            status, outcome = "FINISHED", "stopped_early" if last.get("stopped_early") else "finished"
+        else:
+            status, outcome = "KILLED", "pruned"
+        with tempfile.TemporaryDirectory() as folder:
+            artifacts = {"": _config_file(self.resolved_config(trial), folder)}
+            if last.get(TRACEBACK_KEY):
+                path = os.path.join(folder, "traceback.txt")
+                with open(path, "w") as handle:
+                    handle.write(last[TRACEBACK_KEY])
+                artifacts["error"] = path
+            best = None if status == "FAILED" else _fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+            if best:
+                artifacts["checkpoint"] = best
+            self.tracker.end_trial(trial.trial_id, status, outcome, artifacts)
+        why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
+        _say(f"trial {trial.trial_id} {outcome}{why}")
+
+
+def _say(line: str) -> None:
+    print(f"[uml-ray] {line}", flush=True)
+
+
+def _short(values: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _config_file(cfg: Config, folder: str) -> str:
+    path = os.path.join(folder, "config.yaml")
+    dump_config(cfg, path)
+    return path
+
+
+def _fetch_best(trial, last: dict, storage: str, folder: str) -> str | None:
+    """The trial's best-val weights file from its latest checkpoint (inline or Ray Train)."""
+    import ray.train
+
+    checkpoint = trial.checkpoint
+    if last.get("checkpoint_path"):
+        filesystem = None
+        if is_remote(storage):
+            from pyarrow import fs as pafs
+
+            filesystem, _ = pafs.FileSystem.from_uri(storage)
+        checkpoint = ray.train.Checkpoint(last["checkpoint_path"], filesystem=filesystem)
+    if checkpoint is None:
+        return None
+    local = checkpoint.to_directory(os.path.join(folder, "checkpoint"))
+    best = os.path.join(local, BEST_FILE)
+    return best if os.path.exists(best) else None
+
+
+def make_callback(bridge: TrackingBridge):
+    """The Tune callback that hands trial events to ``bridge``."""
+    from ray.tune import Callback
+
+    class MlflowBridgeCallback(Callback):
+        def __init__(self, bridge):
+            self.bridge = bridge
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.bridge.trial_started(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.bridge.trial_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bridge.trial_ended(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bridge.trial_ended(trial, failed=True)
+
+    return MlflowBridgeCallback(bridge)

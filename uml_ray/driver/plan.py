@@ -1,0 +1,59 @@
+"""Build the run plan: check config, data, search space and tracking before any cluster work.
+
+``build_plan`` is the one place where a run is checked against its dataset; everything it
+finds wrong is a ``UserError`` (exit 2) raised before Ray starts. ``load_tables`` then reads
+the in-memory shares once and puts them in the Ray object store for every trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from uml_ray.config import Config, check_modalities
+from uml_ray.data.streams import plan_streams, read_table
+from uml_ray.errors import ConfigError
+from uml_ray.search.space import SearchSpace, check_space
+from uml_ray.train.plan import DatasetFacts, RunPlan
+from uml_ray.uri import absolute
+
+
+def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
+    """Validate data, alpha modalities, search space and tracking; plan the streams. No Ray yet."""
+    from uml_ray.cluster import check_storage_path
+    from uml_ray.data.validate import require_valid_manifest
+    from uml_ray.tracking.mlflow_store import check_tracking, resolve_tracking_uri
+
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is empty; set it to a manifest file (e.g. data.manifest=data/manifest.yaml)")
+    manifest = require_valid_manifest(cfg.data.manifest)
+    auxiliary = cfg.data.auxiliary or manifest.auxiliary
+    for name in auxiliary:
+        if name not in manifest.auxiliary:
+            raise ConfigError(f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}")
+    check_modalities(cfg, auxiliary)
+    kinds = {manifest.modalities[m].kind for m in [manifest.target] + auxiliary}
+    wanted = "sequence" if cfg.model.regime == "sequence" else "vector"
+    if kinds != {wanted}:
+        raise ConfigError(f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}")
+    if space is not None:
+        check_space(space, cfg, auxiliary)
+    check_storage_path(cfg.tracking.storage_path)
+    # recorded configs (MLflow, `uml-ray best`) must run from any folder: nothing cwd-relative
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, auxiliary=list(auxiliary), manifest=absolute(cfg.data.manifest)),
+        tracking=dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri),
+                                     storage_path=absolute(cfg.tracking.storage_path)),
+    )
+    check_tracking(cfg.tracking.uri, cfg.tracking.experiment)
+    streams = plan_streams(manifest, auxiliary, cfg.data.cache_max_mb)
+    return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
+
+
+def load_tables(plan: RunPlan) -> RunPlan:
+    """Read every in-memory (modality, split) once and put it in the Ray object store (Ray must be up)."""
+    import ray
+
+    tables = {name: ray.put(read_table(plan.dataset.manifest.uris(*name.rsplit(".", 1))))
+              for name, spec in plan.streams.items() if spec.cached}
+    return dataclasses.replace(plan, tables=tables)

@@ -1,0 +1,111 @@
+"""A finished run or sweep, summed up: the best trial, failures told apart, the parent run's study summary and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uml_ray.driver.bridge import FATAL_KEY, TRACEBACK_KEY, USER_ERROR_KEY
+from uml_ray.errors import TrialCrash, UserError
+from uml_ray.search.space import SearchSpace
+from uml_ray.train.plan import RunPlan
+from uml_ray.uri import is_remote, join_uri
+
+
+@dataclass
+class Failure:
+    """A trial that failed: its id, the error, whether it is the user's (bad config/data), where its traceback is."""
+
+    trial_id: str
+    error: str
+    user_error: bool
+    traceback_path: str = ""
+
+
+@dataclass
+class RunOutcome:
+    """What a finished run or sweep produced."""
+
+    name: str
+    path: str
+    best_config: dict
+    best_metrics: dict
+    results: list[dict]
+    failures: list[Failure] = field(default_factory=list)
+
+    def raise_for_failures(self) -> None:
+        """Exit non-zero when a trial failed: 2 when every failure is the user's, else 1 (a crash)."""
+        if not self.failures:
+            return
+        lines = [f"trial {f.trial_id}: {f.error}" + (f" (traceback: {f.traceback_path})" if f.traceback_path else "")
+                 for f in self.failures]
+        message = f"{len(self.failures)} of {len(self.results)} trial(s) of '{self.name}' failed: " + "; ".join(lines)
+        if all(f.user_error for f in self.failures):
+            raise UserError(message)
+        raise TrialCrash(message)
+
+
+def _failures(results, path: str) -> list[Failure]:
+    failures = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path))
+        if metrics.get(FATAL_KEY):
+            saved = ""
+            if not is_remote(path):
+                saved = join_uri(path, "errors", f"{trial_id}.txt")
+                Path(saved).parent.mkdir(parents=True, exist_ok=True)
+                Path(saved).write_text(metrics.get(TRACEBACK_KEY, ""))
+            failures.append(Failure(trial_id, metrics[FATAL_KEY], bool(metrics.get(USER_ERROR_KEY)), saved))
+        elif result.error:
+            error_file = os.path.join(str(result.path), "error.txt")
+            failures.append(Failure(trial_id, str(result.error).strip().splitlines()[-1][:500], False,
+                                    error_file if os.path.exists(error_file) else ""))
+    return failures
+
+
+def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace | None) -> RunOutcome:
+    """Best result, study summary and plots onto the parent run; the outcome for the CLI."""
+    from uml_ray.driver.tune import param_importances
+    from uml_ray.search.report import sweep_plots
+    from uml_ray.tracking.mlflow_store import SweepTracker
+
+    cfg = plan.cfg
+    failures = _failures(results, path)
+    rows = []
+    for result in results:
+        if result.metrics is None or result.metrics.get(FATAL_KEY):
+            continue
+        rows.append({"trial_id": result.metrics.get("trial_id"), "config": result.config, "metrics": dict(result.metrics),
+                     "error": str(result.error) if result.error else ""})
+    metric = space.metric if space else "best_val_acc"
+    scored = [r for r in rows if r["metrics"].get(metric) is not None]
+    if not scored:
+        # trials that failed before their first report have no metrics: their errors are the story
+        outcome = RunOutcome(name, path, {}, {}, rows, failures)
+        outcome.raise_for_failures()
+        raise UserError(f"no trial of '{name}' reported {metric}")
+    # like `uml-ray best`: completed trials only (ASHA-pruned ones never reached their best-val
+    # point), ties broken by the lower validation loss at that point
+    finalists = [r for r in scored if r["metrics"].get("completed")] or scored
+    best = max(finalists, key=lambda r: (r["metrics"][metric], -r["metrics"].get("best_val_loss", 0.0)))
+    if space is not None:
+        tracker = SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name)
+        tracker.start_sweep({})
+        completed = sum(1 for r in rows if r["metrics"].get("completed"))
+        summary = {"best_" + metric: best["metrics"][metric], "best_test_acc": best["metrics"].get("test_acc", float("nan")),
+                   "trials": len(rows) + len(failures), "completed_trials": completed, "pruned_trials": len(rows) - completed,
+                   "failed_trials": len(failures)}
+        with tempfile.TemporaryDirectory() as folder:
+            study = os.path.join(folder, "study_summary.json")
+            importances = param_importances(scored, space, metric)
+            Path(study).write_text(json.dumps({"best_trial": best["trial_id"], "best_config": best["config"], "summary": summary,
+                                               "importances": importances, "trials": rows,
+                                               "failures": [vars(f) for f in failures]}, indent=2, default=str))
+            plots = sweep_plots(scored, space, metric, importances, folder)
+            tracker.end_sweep(summary, {**best["config"], "trial_id": best["trial_id"]}, [study, *plots],
+                              status="FAILED" if failures else "FINISHED")
+    return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)

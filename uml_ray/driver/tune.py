@@ -1,0 +1,326 @@
+"""Ray Tune + Optuna (TPE / random) + ASHA: the driver of every run, single trainings and sweeps alike.
+
+The only module that drives Tune and Optuna. ``run`` starts or joins Ray, puts the in-memory
+shares in the object store once, builds the Tuner (or restores it), forwards every trial event
+to MLflow through the bridge, and returns the summary. Every sampled config is checked before
+it trains (``CheckedSearcher``): an invalid combination is told to the searcher as failed and
+resampled, and no config is trained twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+import traceback
+from pathlib import Path
+
+from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
+from uml_ray.config import check_modalities
+from uml_ray.data.streams import start_ray_data_helpers
+from uml_ray.driver.bridge import FATAL_KEY, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge, make_callback
+from uml_ray.driver.plan import load_tables
+from uml_ray.driver.summary import RunOutcome, summarize
+from uml_ray.errors import ConfigError, UserError
+from uml_ray.search.space import SearchSpace
+from uml_ray.train.plan import RunPlan
+from uml_ray.train.runner import run_trial, use_inline
+from uml_ray.uri import is_remote, join_uri
+
+# how often a searcher may propose an invalid or already-trained config before a trial is spent on it
+MAX_RESAMPLES = 50
+
+
+def init_ray(plan: RunPlan, verbose: bool = False) -> None:
+    """Attach to the configured/RAY_ADDRESS cluster, or start a local Ray with ``resources.num_cpus``."""
+    attach_or_start_ray(plan.cfg.resources.address, plan.cfg.resources.num_cpus)
+    import ray.data
+
+    # Ray Data's progress bars and INFO lines flood a sweep's console; --verbose brings them back
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+
+
+def trial_resources(plan: RunPlan) -> dict:
+    """What one trial holds: the whole single worker inline, or just the TorchTrainer's driver."""
+    cfg = plan.cfg
+    if use_inline(cfg):
+        resources = {"CPU": cfg.resources.cpus_per_worker}
+        if cfg.resources.gpus_per_worker > 0:
+            resources["GPU"] = cfg.resources.gpus_per_worker
+        return resources
+    # the trial only drives a TorchTrainer whose workers hold the real resources; Tune refuses
+    # an empty request, so it holds a sliver
+    return {"CPU": 0.01}
+
+
+def data_cpus(plan: RunPlan) -> float:
+    """CPUs kept free for Ray Data: none when every dataset is served from memory."""
+    return plan.cfg.resources.data_cpus if any(not spec.cached for spec in plan.streams.values()) else 0.0
+
+
+def max_concurrency(plan: RunPlan, requested: int) -> int:
+    """Concurrent trials that fit beside the CPUs kept free for Ray Data."""
+    import ray
+
+    cfg = plan.cfg
+    cpus = ray.cluster_resources().get("CPU", 0)
+    per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers
+    reserved = data_cpus(plan)
+    fit = int((cpus - reserved) // per_trial) if per_trial else requested
+    if fit < 1 and not cluster_address(cfg.resources.address):
+        raise ConfigError(
+            f"a trial needs {per_trial:g} CPUs plus resources.data_cpus={reserved:g} for Ray Data, "
+            f"but this Ray has {cpus:g}; lower resources.num_workers/cpus_per_worker/data_cpus or raise resources.num_cpus"
+        )
+    return max(1, min(requested or fit, fit)) if fit >= 1 else max(1, requested or 1)
+
+
+def trial_seed(base_seed: int, trial_id: str) -> int:
+    """Per-trial seed derived from the config seed and the trial id (stable across resumes)."""
+    digest = hashlib.sha256(f"{base_seed}:{trial_id}".encode()).hexdigest()
+    return int(digest[:8], 16) % (2**31 - 1)
+
+
+def resolve_trial(plan: RunPlan, seed_policy: str, trial_id: str, params: dict) -> RunPlan:
+    """The plan a trial trains: sampled params applied (and a derived seed), checked like the base config."""
+    if seed_policy == "per_trial":
+        params = {**params, "train.seed": trial_seed(plan.cfg.train.seed, trial_id)}
+    resolved = plan.with_params(params)
+    check_modalities(resolved.cfg, resolved.dataset.auxiliary)
+    return resolved
+
+
+def _trial(params: dict, plan: RunPlan, seed_policy: str) -> None:
+    """A Tune function trial. An error that would recur on retry (bad config or data, a bug, CUDA
+    out of memory) is reported as the trial's final result instead of raised, so Tune does not
+    retry it; a lost worker or node (Ray errors) still raises and is retried from the checkpoint."""
+    import ray
+    import ray.tune
+
+    try:
+        run_trial(resolve_trial(plan, seed_policy, ray.tune.get_context().get_trial_id(), params))
+    except ray.exceptions.RayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Python-level error is deterministic here
+        ray.tune.report({FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000], USER_ERROR_KEY: int(isinstance(exc, UserError)),
+                         TRACEBACK_KEY: traceback.format_exc()[-20000:], "best_val_acc": float("nan"), "val_acc": float("nan")})
+
+
+def _tune_space(space: SearchSpace) -> dict:
+    from ray import tune
+
+    if space.searcher == "grid":
+        grid = {p.key: tune.grid_search(p.values) for p in space.params}
+        if space.seeds:
+            grid["train.seed"] = tune.grid_search(list(space.seeds))
+        return grid
+    out = {}
+    for p in space.params:
+        if p.type == "choice":
+            out[p.key] = tune.choice(p.values)
+        elif p.type == "int":
+            out[p.key] = tune.lograndint(p.low, p.high + 1) if p.log else tune.randint(p.low, p.high + 1)
+        else:
+            out[p.key] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    return out
+
+
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def checked_searcher(inner, check, metric: str, limit: int | None):
+    """A Tune ``Searcher`` around ``inner`` that never hands out an invalid or repeated config.
+
+    ``check(config)`` raises ConfigError for a combination the config refuses: the inner searcher
+    is told that suggestion failed, and asked again. A repeat of a config already handed out is
+    told the first one's result (or failure) and asked again. After ``limit`` distinct configs
+    (a finite space), the search is finished.
+    """
+    from ray.tune.search import Searcher
+
+    class CheckedSearcher(Searcher):
+        def __init__(self):
+            super().__init__(metric=metric, mode="max")
+            self.inner = inner
+            self.handed: dict[str, str] = {}  # config key -> trial id
+            self.results: dict[str, dict | None] = {}  # trial id -> final result (None while running)
+            self.probes: dict[str, str] = {}  # trial id -> the inner searcher's id for it
+            self.counter = 0
+
+        def set_search_properties(self, metric, mode, config, **spec):
+            return self.inner.set_search_properties(metric, mode, config, **spec)
+
+        def suggest(self, trial_id: str):
+            if limit is not None and len(self.handed) >= limit:
+                return Searcher.FINISHED
+            for _ in range(MAX_RESAMPLES):
+                self.counter += 1
+                probe = f"{trial_id}-probe{self.counter}"
+                config = self.inner.suggest(probe)
+                if config is None or config == Searcher.FINISHED:
+                    return config
+                key = _config_key(config)
+                try:
+                    check(config)
+                except ConfigError:
+                    self.inner.on_trial_complete(probe, error=True)
+                    continue
+                if key in self.handed:
+                    earlier = self.results.get(self.handed[key])
+                    if earlier is not None and earlier.get(metric) == earlier.get(metric):  # not NaN
+                        self.inner.on_trial_complete(probe, result=earlier)
+                    else:
+                        self.inner.on_trial_complete(probe, error=True)
+                    continue
+                self.handed[key] = trial_id
+                self.results[trial_id] = None
+                self.probes[trial_id] = probe
+                return config
+            return None
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            probe = self.probes.get(trial_id)
+            if probe is not None:
+                self.inner.on_trial_result(probe, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            probe = self.probes.get(trial_id)
+            if probe is None:
+                return
+            failed = error or result is None or result.get(FATAL_KEY) or result.get(metric) != result.get(metric)
+            self.results[trial_id] = None if failed else result
+            self.inner.on_trial_complete(probe, result=None if failed else result, error=bool(failed))
+
+        def save(self, checkpoint_path: str):
+            import pickle
+
+            with open(checkpoint_path, "wb") as handle:
+                pickle.dump(self.__dict__, handle)
+
+        def restore(self, checkpoint_path: str):
+            import pickle
+
+            with open(checkpoint_path, "rb") as handle:
+                self.__dict__.update(pickle.load(handle))
+
+    return CheckedSearcher()
+
+
+def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str):
+    """TPE or random sampling through Optuna, checked and de-duplicated; None for a grid."""
+    if space.searcher == "grid":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = plan.cfg.train.seed
+    sampler = optuna.samplers.RandomSampler(seed=seed) if space.searcher == "random" else optuna.samplers.TPESampler(seed=seed)
+    inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max")
+    check = functools.partial(_check_sample, plan, seed_policy)
+    return checked_searcher(inner, check, space.metric, space.size())
+
+
+def _check_sample(plan: RunPlan, seed_policy: str, config: dict) -> None:
+    resolve_trial(plan, seed_policy if seed_policy != "per_trial" else "fixed", "check", config)
+
+
+def experiment_path(plan: RunPlan, name: str) -> str:
+    """Where Tune keeps a sweep's state (the folder ``--resume`` restores)."""
+    return join_uri(plan.cfg.tracking.storage_path, name)
+
+
+def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concurrency: int = 0,
+        resume: bool = False, name: str = "", verbose: bool = False) -> RunOutcome:
+    """Run one training (``space`` None) or a sweep of ``trials`` trials, tracked in MLflow."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from uml_ray.tracking.mlflow_store import check_run_name
+
+    cfg = plan.cfg
+    name = name or cfg.tracking.run_name or f"{'sweep' if space else 'train'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name)
+    path = experiment_path(plan, name)
+    if resume and not tune.Tuner.can_restore(path):
+        raise UserError(f"--resume: no run named '{name}' at {path}; check --name and tracking.storage_path")
+    if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
+        raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
+    init_ray(plan, verbose)
+    check_storage_for_cluster(cfg.tracking.storage_path, ray.nodes())
+    if cluster_address(cfg.resources.address):
+        # an attached (possibly autoscaling) cluster: Ray Data's helper actors on the driver's
+        # node, not on a worker node they would keep alive
+        start_ray_data_helpers()
+    plan = load_tables(plan)
+    seed_policy = space.seed_policy if space else "fixed"
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy), trial_resources(plan))
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        metric = space.metric if space else "best_val_acc"
+        sweep_params = {"base." + k: v for k, v in cfg.flat().items()}
+        if space:
+            sweep_params.update({f"space.{p.key}": {k: v for k, v in vars(p).items() if k != "key" and v not in (None, [], False)} for p in space.params})
+            sweep_params.update({"searcher": space.searcher, "scheduler": "asha", "trials": trials, "seed": cfg.train.seed,
+                                 "seed_policy": seed_policy, "metric": metric})
+        bridge = TrackingBridge(plan, name, single_run=space is None, sweep_params=sweep_params,
+                                resolve=functools.partial(resolve_trial, plan, seed_policy), verbose=verbose)
+        validations = -(-cfg.train.max_steps // cfg.train.val_every)
+        grid = space is not None and space.searcher == "grid"
+        samples = 1 if space is None or grid else min(trials, space.size() or trials)
+        tune_config = tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            num_samples=samples,
+            max_concurrent_trials=max_concurrency(plan, concurrency),
+            search_alg=_searcher(space, plan, seed_policy) if space else None,
+            # a grid is an exhaustive table: every point runs to the end
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
+                                    reduction_factor=2) if space and not grid else None,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_tune_space(space) if space else {},
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=cfg.tracking.storage_path,
+                callbacks=[make_callback(bridge)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                verbose=1 if verbose else 0,
+            ),
+        )
+    results = tuner.fit()
+    return summarize(results, plan, name, path, space)
+
+
+def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict[str, float]:
+    """fANOVA-style importances of the searched params, from Optuna, over the scored trials."""
+    import optuna
+
+    if len(rows) < 3:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = {}
+    for p in space.params:
+        if p.type == "choice":
+            distributions[p.key] = optuna.distributions.CategoricalDistribution([json.dumps(v) for v in p.values])
+        elif p.type == "int":
+            distributions[p.key] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log)
+        else:
+            distributions[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    study = optuna.create_study(direction="maximize")
+    for row in rows:
+        params = {k: (json.dumps(row["config"][k]) if isinstance(distributions[k], optuna.distributions.CategoricalDistribution) else row["config"][k])
+                  for k in distributions if k in row["config"]}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
+                                                  value=float(row["metrics"][metric])))
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+    except (RuntimeError, ValueError):
+        return {}

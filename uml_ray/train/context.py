@@ -1,0 +1,218 @@
+"""The loop's view of where it runs: ``LoopContext`` and its three implementations.
+
+A loop (``train_supervised``, ``train_sequence``) touches Ray only through a context:
+
+- ``InlineContext``: a one-worker run inside a Ray Tune function trial;
+- ``TrainWorkerContext``: one Ray Train worker of a ``TorchTrainer`` (DDP, gloo on CPU, NCCL on GPU);
+- ``LocalContext``: no Ray at all — shards read with pyarrow, checkpoints kept in memory (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Iterator, Protocol
+
+import pyarrow as pa
+import torch
+
+from uml_ray.data.streams import TableSource, read_table
+from uml_ray.train.plan import RunPlan
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+
+
+class BatchSource(Protocol):
+    """The slice of a Ray Data ``DataIterator`` the streams use."""
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow", **options) -> Iterator[pa.Table]: ...
+
+
+class LoopContext(Protocol):
+    """Everything a loop needs from the process it runs in."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def source(self, name: str) -> BatchSource:
+        """This worker's view of dataset ``name`` (``modality.split``)."""
+
+    def restore(self) -> dict | None:
+        """The latest checkpoint's loop state, or None for a fresh run."""
+
+    def wrap(self, model, find_unused_parameters: bool = False):
+        """The model as trained (DDP across workers)."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over workers."""
+
+    def all_gather(self, value) -> list:
+        """Every worker's ``value``, in rank order."""
+
+    def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
+        """Metrics of one validation; a checkpoint too when ``state`` is given."""
+
+
+def write_checkpoint(folder: str, state: dict, best: dict) -> None:
+    """The full loop state (resume) and the best-val weights (the run's product) in one folder."""
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    torch.save(best, os.path.join(folder, BEST_FILE))
+
+
+def read_state(folder: str) -> dict:
+    """Loop state saved by ``write_checkpoint``."""
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def _device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class _SingleWorker:
+    """Collectives of a one-worker run: identities."""
+
+    rank = 0
+    world_size = 1
+
+    def wrap(self, model, find_unused_parameters: bool = False):
+        return model
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, value) -> list:
+        return [value]
+
+
+class InlineContext(_SingleWorker):
+    """A one-worker run inside a Tune function trial; ``sources`` are built by the runner."""
+
+    def __init__(self, sources: dict, use_gpu: bool):
+        self.sources = sources
+        self.device = _device(use_gpu)
+
+    def source(self, name: str) -> BatchSource:
+        return self.sources[name]
+
+    def restore(self) -> dict | None:
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return read_state(folder)
+
+    def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
+        import ray.tune
+
+        if state is None:
+            ray.tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(folder, state, best)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+class LocalContext(_SingleWorker):
+    """A one-worker run without Ray: shards read with pyarrow, checkpoints and reports kept in memory.
+
+    ``saved`` is a loop state to resume from. ``fail_after`` raises ``Interrupted`` after that
+    many reports, which is how tests simulate a killed worker.
+    """
+
+    class Interrupted(Exception):
+        """Raised after ``fail_after`` reports."""
+
+    def __init__(self, plan: RunPlan, saved: dict | None = None, fail_after: int | None = None):
+        self.plan = plan
+        self.device = torch.device("cpu")
+        self.saved = copy.deepcopy(saved)
+        self.best = None
+        self.fail_after = fail_after
+        self.reports: list[dict] = []
+
+    def source(self, name: str) -> BatchSource:
+        modality, split = name.rsplit(".", 1)
+        return TableSource(self.plan.shape_table(name, read_table(self.plan.dataset.manifest.uris(modality, split))))
+
+    def restore(self) -> dict | None:
+        return copy.deepcopy(self.saved)
+
+    def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if state is not None:
+            self.saved, self.best = copy.deepcopy(state), copy.deepcopy(best)
+        if self.fail_after is not None and len(self.reports) == self.fail_after:
+            raise LocalContext.Interrupted
+
+
+class TrainWorkerContext:
+    """One Ray Train worker (DDP over gloo on CPU, NCCL on GPU); in-memory shares come from the object store."""
+
+    def __init__(self, plan: RunPlan):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.plan = plan
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def source(self, name: str) -> BatchSource:
+        import ray
+        import ray.train
+
+        if name in self.plan.tables:
+            return TableSource(self.plan.shape_table(name, ray.get(self.plan.tables[name])))
+        return ray.train.get_dataset_shard(name)
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return read_state(folder)
+
+    def wrap(self, model, find_unused_parameters: bool = False):
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+    def all_gather(self, value) -> list:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        # NCCL reduces GPU tensors only; float64 sums keep accuracy counts exact
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+
+    def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0 and state is not None:
+                write_checkpoint(folder, state, best)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)

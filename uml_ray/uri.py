@@ -1,0 +1,31 @@
+"""Where a path lives: one answer to "is this URI remote?" for the whole package.
+
+A URI with a scheme other than ``file``/``local`` (``s3://``, ``gs://``, ``gcs://``, ``hdfs://``,
+``abfs://``, ...) names an object store or a distributed file system: it is passed to pyarrow /
+Ray as it is and never touched by ``os.path``. Everything else is a local path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCAL_SCHEMES = ("", "file", "local")
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store / distributed-file-system URIs (any scheme but file/local)."""
+    scheme, sep, _ = str(uri).partition("://")
+    return bool(sep) and scheme.lower() not in LOCAL_SCHEMES
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local folder or a remote URI."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+    return str(Path(base, *parts))
+
+
+def absolute(uri: str) -> str:
+    """Remote URIs as they are; local paths made absolute (recorded configs must run from any folder)."""
+    return uri if is_remote(uri) else os.path.abspath(uri)
