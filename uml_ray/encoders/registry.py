@@ -325,9 +325,22 @@ def load_efficientnet_lite0(weights: str | None = None) -> "torch.nn.Module":
 
 
 def _load_timm(spec: EncoderSpec, modality: str, device: str) -> Encoder:
+    _require_modality(spec, modality, ("image",))
+    model = load_timm_model(spec).eval().to(device)
+    config = model.pretrained_cfg
+    image_size = spec.int_option("image_size", _timm_input_size(model))
+    return ImageEncoder(spec, int(model.num_features), device, model, image_size,
+                        config.get("mean", (0.485, 0.456, 0.406)), config.get("std", (0.229, 0.224, 0.225)))
+
+
+def load_timm_model(spec: EncoderSpec) -> "torch.nn.Module":
+    """The timm model a ``timm:`` spec names, pooled features out (``num_classes=0``), on CPU.
+
+    Packaged EfficientNet-Lite0 weights, a local ``weights=`` file, random init (``pretrained=false``)
+    or timm's own pretrained weights (which need the model hub).
+    """
     import timm
 
-    _require_modality(spec, modality, ("image",))
     if spec.tag == EFFICIENTNET_LITE0_PACKAGE:
         if spec.name != "tf_efficientnet_lite0":
             raise ConfigError(f"encoder '{spec.text}': the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm:tf_efficientnet_lite0 only")
@@ -341,11 +354,7 @@ def _load_timm(spec: EncoderSpec, modality: str, device: str) -> Encoder:
                                   pretrained_cfg_overlay={"file": spec.options["weights"]}, **_timm_kwargs(spec))
     else:
         model = timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=0, **_timm_kwargs(spec))
-    model = model.eval().to(device)
-    config = model.pretrained_cfg
-    image_size = spec.int_option("image_size", _timm_input_size(model))
-    return ImageEncoder(spec, int(model.num_features), device, model, image_size,
-                        config.get("mean", (0.485, 0.456, 0.406)), config.get("std", (0.229, 0.224, 0.225)))
+    return model
 
 
 def _timm_input_size(model) -> int:
