@@ -190,7 +190,7 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
         live, pruned, step, validations = state["live"], set(state["pruned"]), state["step"], state["validations"]
         progress, best_weights, results = state["progress"], state["best_weights"], state["results"]
         model.select(live)
-        optimizer.select(live)
+        optimizer.select(live, model.parameters())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         for name, position in state["streams"].items():
@@ -198,7 +198,7 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
         set_rng_state(state["rng"])
 
     def compacted():
-        index = torch.tensor(live, device=ctx.device)
+        index = torch.tensor(live, dtype=torch.long, device=ctx.device)
         return ({m: values[index] for m, values in all_alpha.items()}, all_clip[index],
                 any(cfgs[k].train.grad_clip > 0 for k in live), ctx.wrap(model))
 
@@ -264,7 +264,7 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
         if remaining != live:
             positions = [live.index(k) for k in remaining]
             model.select(positions)
-            optimizer.select(positions)
+            optimizer.select(positions, model.parameters())
             live = remaining
             alpha, clip, clipping, trained = compacted()
         losses = {name: torch.zeros(len(live), dtype=torch.float64) for name in losses}

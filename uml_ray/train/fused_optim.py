@@ -24,8 +24,8 @@ class MemberAdamW:
 
     ``params`` are tensors whose dim 0 indexes members (``FusedSharedHead.parameters()``). The
     caller passes the schedule's multiplier to ``step`` (``lr_k = lr[k] * factor``), as
-    ``LambdaLR`` scales a group's base lr. ``select`` compacts the state after the model dropped
-    members; the parameters themselves are shared with the model and already compacted.
+    ``LambdaLR`` scales a group's base lr. ``select`` compacts the state to the members a model
+    kept and takes its new parameters.
     """
 
     def __init__(self, params, lr: Sequence[float], weight_decay: Sequence[float], betas: tuple[float, float] = (0.9, 0.999),
@@ -87,8 +87,10 @@ class MemberAdamW:
                 raise ValueError(f"optimizer state of shape {tuple(saved.shape)} does not fit a parameter of shape {tuple(mine.shape)}")
             mine.copy_(saved)
 
-    def select(self, indices: list[int]) -> None:
-        """Keep the state of the members at ``indices`` (call after the model's own ``select``)."""
+    def select(self, indices: list[int], params) -> None:
+        """Keep the state of the members at ``indices``; ``params`` are the model's parameters
+        after its own ``select`` (the same tensors, in the same order, with those members only)."""
+        self.params = list(params)
         index = torch.as_tensor(indices, dtype=torch.long)
         self.lr, self.weight_decay = self.lr[index], self.weight_decay[index]
         self.exp_avg = [t.index_select(0, index.to(t.device)) for t in self.exp_avg]
