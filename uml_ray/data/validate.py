@@ -8,9 +8,9 @@ line naming the file (and row/column/value) and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np

@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+from uml_ray.errors import UserError
+
 
 def register(subparsers) -> None:
     """Add the best command."""
@@ -24,6 +26,9 @@ def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
     from uml_ray.tracking.mlflow_store import best_runs, download_artifact
 
+    check_output(args.output)
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
     rows = best_runs(args.tracking_uri, args.experiment, args.metric, args.top, args.sweep or None)
     searched = sorted({k for r in rows for k in _sampled(r)})
     header = ["rank", "run", args.metric, "test_acc", *searched]
@@ -40,6 +45,17 @@ def run_best(args) -> int:
         shutil.copyfile(local, args.output)
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
     return 0
+
+
+def check_output(path: str) -> None:
+    """Refuse an output file whose folder is missing or read-only before MLflow is queried."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"--output {path}: is a folder; give a file name such as {os.path.join(path, 'best_config.yaml')}")
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {path}: folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--output {path}: folder {folder} is not writable; choose another path")
 
 
 def _sampled(row: dict) -> dict:

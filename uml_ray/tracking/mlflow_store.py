@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -60,7 +61,7 @@ def check_tracking(uri: str, experiment: str) -> None:
     """Reach the tracking store before any cluster work (a typo'd server URI fails here, clearly, within seconds)."""
     check_tracking_uri(uri)
     try:
-        with bounded_http():
+        with bounded_http(), _quiet_store_creation():
             _client(uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
         raise UserError(f"tracking.uri={uri}: cannot reach the MLflow store ({_one_line(exc)}); "
@@ -91,6 +92,19 @@ def bounded_http():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_store_creation():
+    """Hide MLflow's "Creating initial MLflow database tables..." lines: the check may create an empty
+    SQLite store, and a refusal that follows must still be the only line on stderr."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -136,7 +150,7 @@ def check_run_name(name: str) -> None:
     one kind of quote, not both.
     """
     if "'" in name and '"' in name:
-        raise UserError(f"run name {name!r} holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
+        raise UserError(f"run name ({name}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
     bad = sorted({c for c in name if c in "/\\" or not c.isprintable()})
     if bad or name in (".", ".."):
         raise UserError(f"run name {name!r} cannot be a folder name{f' (it holds {bad})' if bad else ''}; "
@@ -149,7 +163,7 @@ def quote_value(value: str) -> str:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise UserError(f"{value!r} holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
+    raise UserError(f"name ({value}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
 
 
 class SweepTracker:
@@ -272,11 +286,11 @@ def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int 
     Read-only and quick to fail: a missing SQLite file is not created, an unreachable server is
     given up on within seconds; every failure is a UserError naming the URI.
     """
+    if "`" in metric:
+        raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).is_file():
         raise UserError(f"tracking URI {uri!r}: no such SQLite file; point --tracking-uri at the store the runs were recorded in")
-    if "`" in metric:
-        raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
     filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
