@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo_work
 
-.PHONY: venv demo test test-fast test-slow bench clean
+.PHONY: venv debian-packages demo test test-unit test-integration test-cluster bench clean
 
 venv: $(STAMP)
 
@@ -18,9 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[assets,test]'
 	touch $(STAMP)
 
+# the offline real data (docs/data-format.md): Fashion-MNIST idx files and WordNet 3.0, from Debian
+DEBIAN_PACKAGES := dataset-fashion-mnist wordnet-base
+debian-packages:
+	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	else echo "uml-ray needs the Debian packages $(DEBIAN_PACKAGES): run 'sudo apt-get install $(DEBIAN_PACKAGES)', then make again" >&2; exit 2; fi
+
 # Fashion-MNIST (4-shot) features from the packaged EfficientNet-Lite0 + MiniLM features of
 # WordNet glosses and prompt templates → a real UML search → the best config read back from MLflow.
-demo: $(STAMP)
+demo: $(STAMP) debian-packages
 	$(BIN)/uml-ray case fashion-mnist --out $(DEMO)/fashion-mnist --shots 4 --split-seed 0
 	$(BIN)/uml-ray validate configs/fashion_mnist.yaml data.manifest=$(DEMO)/fashion-mnist/manifest.yaml \
 		--space search_spaces/supervised_linear_probe.yaml
@@ -31,14 +39,21 @@ demo: $(STAMP)
 		--output $(DEMO)/best_config.yaml
 	cat $(DEMO)/best_config.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout 900 --durations=15 tests
+# three tiers, all run by `make test` (CI): unit (no Ray), integration (one shared local Ray,
+# real MLflow), cluster (multi-node, job submission, autoscaler)
+PYTEST := $(BIN)/python -m pytest -q --timeout 900
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout 900 -m "not slow and not cluster" tests
+test: $(STAMP) debian-packages
+	$(PYTEST) --durations=20 tests
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout 900 -m "slow or cluster" tests
+test-unit: $(STAMP) debian-packages
+	$(PYTEST) -m unit tests
+
+test-integration: $(STAMP) debian-packages
+	$(PYTEST) -m integration tests
+
+test-cluster: $(STAMP) debian-packages
+	$(PYTEST) -m cluster tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trial_overhead.py

@@ -13,6 +13,38 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 
+TIERS = ("unit", "integration", "cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Sort every test into one tier: ``cluster`` (marked), ``integration`` (marked, or uses the
+    shared local Ray), else ``unit`` — which must never start Ray (``_unit_tier_has_no_ray``)."""
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            continue
+        if item.get_closest_marker("integration") or "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_has_no_ray(request, monkeypatch):
+    """A unit-tier test that starts Ray fails at once: it belongs to the integration tier."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration or use the ray_session fixture")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    # a Ray left running by an earlier integration test must not be borrowed either
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    yield
+
+
 @pytest.fixture
 def ray_session():
     """One local Ray (2 CPUs) shared by every test that trains; ``uml-ray`` commands attach to it.

@@ -201,6 +201,7 @@ def mlflow_auth_server(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_mlflow_server_refuses_anonymous_and_accepts_env_credentials(mlflow_auth_server, monkeypatch):
     from mlflow.tracking import MlflowClient

@@ -71,6 +71,7 @@ def test_synth_and_validate_on_s3(s3, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_train_reads_s3_manifest_and_checkpoints_to_s3(s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
