@@ -288,12 +288,12 @@ def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int 
     """
     if "`" in metric:
         raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
-    check_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).is_file():
-        raise UserError(f"tracking URI {uri!r}: no such SQLite file; point --tracking-uri at the store the runs were recorded in")
     filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).is_file():
+        raise UserError(f"tracking URI {uri!r}: no such SQLite file; point --tracking-uri at the store the runs were recorded in")
     client = _client(uri)
     try:
         with bounded_http():
