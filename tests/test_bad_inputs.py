@@ -224,8 +224,7 @@ CASES = [
     Case("shard-empty-val", _data_validate(_empty_val),
          lambda w: ["modalities.image.splits.val has 0 rows"], "the target needs val rows"),
     Case("val-rows-below-workers", _validate(_one_val_row),
-         lambda w: ["image.val", "resources.num_workers"], "num_workers",
-         xfail="driver: refuse (or handle) a split with fewer rows than resources.num_workers before launch", store=True),
+         lambda w: ["image.val", "resources.num_workers"], "num_workers", store=True),
     # run configs
     Case("config-binary", _validate(lambda w: w.write("run.yaml", GARBAGE)),
          lambda w: [w.config, "UTF-8"], "check the path"),

@@ -15,6 +15,8 @@ from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import is_remote
 
+# a fused trial's config and report: one entry per member (docs/architecture.md, fused trials)
+MEMBERS = "members"
 # what a trial reports instead of raising when it meets an error that would recur on retry
 FATAL_KEY = "fatal_error"
 USER_ERROR_KEY = "user_error"
@@ -47,52 +49,92 @@ class TrackingBridge:
             self._tracker.start_sweep(self.sweep_params)
         return self._tracker
 
-    def resolved_config(self, trial) -> Config:
-        """The trial's full config (base + sampled params + derived seed), built once per trial."""
-        if trial.trial_id not in self._configs:
-            self._configs[trial.trial_id] = self.resolve(trial.trial_id, dict(trial.config)).cfg
-        return self._configs[trial.trial_id]
+    def runs(self, trial) -> list[tuple[str, dict]]:
+        """(MLflow run key, sampled params) of each config a trial trains: one, or each member of a fused trial."""
+        if MEMBERS in trial.config:
+            return [(member_id(trial.trial_id, k), member) for k, member in enumerate(trial.config[MEMBERS])]
+        return [(trial.trial_id, dict(trial.config))]
+
+    def resolved_config(self, trial, key: str, params: dict) -> Config:
+        """A config's full form (base + sampled params + derived seed), built once per run key."""
+        if key not in self._configs:
+            self._configs[key] = self.resolve(trial.trial_id, params).cfg
+        return self._configs[key]
 
     def trial_started(self, trial) -> None:
-        """Open (or find again) the trial's MLflow run."""
-        if trial.trial_id in self.tracker.trial_runs:
-            return
-        cfg = self.resolved_config(trial)
-        self.tracker.start_trial(trial.trial_id, cfg.flat(), {"uml_ray.sampled": json.dumps(trial.config, default=str)})
-        if not self.single_run:
-            _say(f"trial {trial.trial_id} started: {_short(trial.config)}")
+        """Open (or find again) the trial's MLflow run(s)."""
+        for key, params in self.runs(trial):
+            if key in self.tracker.trial_runs:
+                continue
+            cfg = self.resolved_config(trial, key, params)
+            tags = {"uml_ray.sampled": json.dumps(params, default=str)}
+            if key != trial.trial_id:
+                tags["uml_ray.fused_trial"] = trial.trial_id
+            self.tracker.start_trial(key, cfg.flat(), tags)
+            if not self.single_run:
+                _say(f"trial {key} started: {_short(params)}")
 
     def trial_result(self, trial, result: dict) -> None:
-        """Metrics of one validation."""
+        """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
+        if MEMBERS in trial.config:
+            for k, member in enumerate(result.get(MEMBERS) or []):
+                if member.get("step") == result.get("step"):
+                    self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
+            if self.verbose or result.get("live") == 0:
+                _say(f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} best_val_acc={result.get('best_val_acc', 0):.4g}")
+            return
         self.tracker.log_metrics(trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0))))
         if self.verbose or result.get("completed"):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             _say(f"trial {trial.trial_id} {_short(shown)}")
 
     def trial_ended(self, trial, failed: bool) -> None:
-        """Close the trial's run: finished, stopped early, pruned or failed, with config and best weights."""
+        """Close the trial's run(s): finished, stopped early, pruned or failed, with config and best weights."""
         self.trial_started(trial)
         last = trial.last_result or {}
-        if failed or last.get(FATAL_KEY):
-            status, outcome = "FAILED", "failed"
-        elif last.get("completed"):
-            status, outcome = "FINISHED", "stopped_early" if last.get("stopped_early") else "finished"
-        else:
-            status, outcome = "KILLED", "pruned"
+        failed = failed or bool(last.get(FATAL_KEY))
+        members = last.get(MEMBERS) if MEMBERS in trial.config else None
         with tempfile.TemporaryDirectory() as folder:
-            artifacts = {"": _config_file(self.resolved_config(trial), folder)}
-            if last.get(TRACEBACK_KEY):
-                path = os.path.join(folder, "traceback.txt")
-                with open(path, "w") as handle:
-                    handle.write(last[TRACEBACK_KEY])
-                artifacts["error"] = path
-            best = None if status == "FAILED" else _fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
-            if best:
-                artifacts["checkpoint"] = best
-            self.tracker.end_trial(trial.trial_id, status, outcome, artifacts)
-        why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
-        _say(f"trial {trial.trial_id} {outcome}{why}")
+            best = None if failed else _fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+            payloads = None
+            if best and members is not None:
+                import torch
+
+                payloads = torch.load(best, map_location="cpu", weights_only=False)["members"]
+            for k, (key, params) in enumerate(self.runs(trial)):
+                final = last if members is None else (members[k] if k < len(members) else {})
+                if failed:
+                    status, outcome = "FAILED", "failed"
+                elif final.get("completed"):
+                    status, outcome = "FINISHED", "stopped_early" if final.get("stopped_early") else "finished"
+                else:
+                    status, outcome = "KILLED", "pruned"
+                run_folder = os.path.join(folder, f"run-{k}")
+                os.makedirs(run_folder)
+                artifacts = {"": _config_file(self.resolved_config(trial, key, params), run_folder)}
+                if last.get(TRACEBACK_KEY):
+                    path = os.path.join(run_folder, "traceback.txt")
+                    with open(path, "w") as handle:
+                        handle.write(last[TRACEBACK_KEY])
+                    artifacts["error"] = path
+                if payloads is not None and k in payloads:
+                    import torch
+
+                    path = os.path.join(run_folder, "checkpoint", BEST_FILE)
+                    os.makedirs(os.path.dirname(path))
+                    torch.save(payloads[k], path)
+                    artifacts["checkpoint"] = path
+                elif best and members is None:
+                    artifacts["checkpoint"] = best
+                self.tracker.end_trial(key, status, outcome, artifacts)
+                why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
+                _say(f"trial {key} {outcome}{why}")
+
+
+def member_id(trial_id: str, k: int) -> str:
+    """The MLflow run key of member ``k`` of a fused trial (stable across retries and resumes)."""
+    return f"{trial_id}-m{k}"
 
 
 def _say(line: str) -> None:

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     tune.add_argument("--concurrency", type=int, default=0, help="max concurrent trials (default: what fits)")
     tune.add_argument("--name", default="", help="sweep name (default: tracking.run_name or a timestamp)")
     tune.add_argument("--resume", action="store_true", help="continue the sweep --name after the driver stopped")
+    tune.add_argument("--fuse", type=int, default=0,
+                      help="configs trained together per fused trial (one batched model); 0 = 16 for head-only "
+                           "supervised sweeps, 1 = one config per trial")
     tune.add_argument("--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console")
     tune.set_defaults(func=run_tune)
 
@@ -35,7 +38,10 @@ def register(subparsers) -> None:
 
 def _check_resume(args) -> None:
     from uml_ray.errors import ConfigError
+    from uml_ray.tracking.mlflow_store import check_run_name
 
+    if args.name:  # before anything touches the tracking store
+        check_run_name(args.name)
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name: the name of the run or sweep to continue (see tracking.storage_path)")
 
@@ -66,11 +72,13 @@ def run_tune(args) -> int:
 
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    if args.fuse < 0:
+        raise ConfigError(f"--fuse must be >= 0 (0 = automatic, 1 = no fusion), got {args.fuse}")
     _check_resume(args)
     space = load_space(args.space)
     plan = build_plan(load_config(args.config, args.overrides), space)
     outcome = tune.run(plan, space, trials=args.trials, concurrency=args.concurrency, resume=args.resume, name=args.name,
-                       verbose=args.verbose)
+                       verbose=args.verbose, fuse=args.fuse)
     metric = space.metric
     print(json.dumps({"sweep": outcome.name, "path": outcome.path, "trials": len(outcome.results) + len(outcome.failures),
                       "best_config": outcome.best_config, metric: outcome.best_metrics.get(metric),

@@ -31,10 +31,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
         if name not in manifest.auxiliary:
             raise ConfigError(f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}")
     check_modalities(cfg, auxiliary)
-    kinds = {manifest.modalities[m].kind for m in [manifest.target] + auxiliary}
-    wanted = "sequence" if cfg.model.regime == "sequence" else "vector"
-    if kinds != {wanted}:
-        raise ConfigError(f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}")
+    check_kinds(cfg, manifest, auxiliary)
     if space is not None:
         check_space(space, cfg, auxiliary)
     check_storage_path(cfg.tracking.storage_path)
@@ -47,7 +44,38 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     )
     check_tracking(cfg.tracking.uri, cfg.tracking.experiment)
     streams = plan_streams(manifest, auxiliary, cfg.data.cache_max_mb)
+    workers = cfg.resources.num_workers
+    for name, spec in streams.items():
+        if spec.rows < workers:
+            # each worker takes its own slice of every dataset: an empty slice would stall the others
+            raise ConfigError(f"dataset '{name}' has {spec.rows} row(s), fewer than resources.num_workers={workers}; "
+                              f"use resources.num_workers<={spec.rows} or give '{name}' more rows")
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
+
+
+def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
+    """The regime fits the dataset's row kinds: sequences for the sequence regime; vectors for the
+    head-only regime; an image target (auxiliaries vectors) with ``model.backbone`` for fine-tuning."""
+    target_kind = manifest.modalities[manifest.target].kind
+    if cfg.model.regime == "supervised" and (target_kind == "image" or cfg.model.backbone):
+        if not cfg.model.backbone:
+            raise ConfigError(f"{manifest.path}: the target '{manifest.target}' holds images (kind image); set model.backbone "
+                              "(e.g. efficientnet-lite0) to fine-tune on them")
+        if target_kind != "image":
+            raise ConfigError(f"model.backbone='{cfg.model.backbone}' fine-tunes on images, but the target '{manifest.target}' "
+                              f"of {manifest.path} holds {target_kind} rows; write image shards (uml-ray data images) "
+                              "or set model.backbone='' for the head-only regime")
+        wrong = {m: manifest.modalities[m].kind for m in auxiliary if manifest.modalities[m].kind != "vector"}
+        if wrong:
+            raise ConfigError(f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; {wrong} are not")
+        from uml_ray.models.backbone import check_backbone
+
+        check_backbone(cfg.model.backbone, cfg.model.freeze_blocks)
+        return
+    kinds = {manifest.modalities[m].kind for m in [manifest.target] + auxiliary}
+    wanted = "sequence" if cfg.model.regime == "sequence" else "vector"
+    if kinds != {wanted}:
+        raise ConfigError(f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}")
 
 
 def load_tables(plan: RunPlan) -> RunPlan:

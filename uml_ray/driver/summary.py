@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uml_ray.driver.bridge import FATAL_KEY, TRACEBACK_KEY, USER_ERROR_KEY
+from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, member_id
 from uml_ray.errors import TrialCrash, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.plan import RunPlan
@@ -42,7 +42,7 @@ class RunOutcome:
             return
         lines = [f"trial {f.trial_id}: {f.error}" + (f" (traceback: {f.traceback_path})" if f.traceback_path else "")
                  for f in self.failures]
-        message = f"{len(self.failures)} of {len(self.results)} trial(s) of '{self.name}' failed: " + "; ".join(lines)
+        message = f"{len(self.failures)} of {len(self.results) + len(self.failures)} trial(s) of '{self.name}' failed: " + "; ".join(lines)
         if all(f.user_error for f in self.failures):
             raise UserError(message)
         raise TrialCrash(message)
@@ -78,6 +78,11 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
     rows = []
     for result in results:
         if result.metrics is None or result.metrics.get(FATAL_KEY):
+            continue
+        if MEMBERS in result.config:  # a fused trial: one row per member, as if each had been its own trial
+            for k, member in enumerate(result.metrics.get(MEMBERS) or []):
+                rows.append({"trial_id": member_id(result.metrics.get("trial_id"), k), "config": result.config[MEMBERS][k],
+                             "metrics": dict(member), "error": ""})
             continue
         rows.append({"trial_id": result.metrics.get("trial_id"), "config": result.config, "metrics": dict(result.metrics),
                      "error": str(result.error) if result.error else ""})

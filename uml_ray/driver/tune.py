@@ -19,17 +19,38 @@ from pathlib import Path
 from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
 from uml_ray.config import check_modalities
 from uml_ray.data.streams import start_ray_data_helpers
-from uml_ray.driver.bridge import FATAL_KEY, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge, make_callback
+from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge, make_callback
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.plan import RunPlan
-from uml_ray.train.runner import run_trial, use_inline
+from uml_ray.train.fused_loop import fusion_key
+from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
 from uml_ray.uri import is_remote, join_uri
 
 # how often a searcher may propose an invalid or already-trained config before a trial is spent on it
 MAX_RESAMPLES = 50
+REDUCTION_FACTOR = 2  # ASHA's across trials, successive halving's inside a fused one
+# configs per fused trial when --fuse is not given: a head-only sweep's members cost little each
+DEFAULT_FUSE = 16
+
+
+def can_fuse(plan: RunPlan, space: SearchSpace | None) -> bool:
+    """Fused trials serve head-only supervised sweeps trained in the trial process, one seed per trial."""
+    cfg = plan.cfg
+    return (space is not None and cfg.model.regime == "supervised" and not cfg.model.backbone and use_inline(cfg)
+            and space.seed_policy == "fixed")
+
+
+def fused_rungs(plan: RunPlan) -> list[int]:
+    """ASHA's rungs (validation counts: grace period × reduction factor^i below the last), for halving inside a fused trial."""
+    validations = -(-plan.cfg.train.max_steps // plan.cfg.train.val_every)
+    rung, rungs = max(1, validations // 4), []
+    while rung < validations:
+        rungs.append(rung)
+        rung *= REDUCTION_FACTOR
+    return rungs
 
 
 def init_ray(plan: RunPlan, verbose: bool = False) -> None:
@@ -55,8 +76,12 @@ def trial_resources(plan: RunPlan) -> dict:
 
 
 def data_cpus(plan: RunPlan) -> float:
-    """CPUs kept free for Ray Data: none when every dataset is served from memory."""
-    return plan.cfg.resources.data_cpus if any(not spec.cached for spec in plan.streams.values()) else 0.0
+    """CPUs kept free for Ray Data: none when every dataset is served from memory, at least one
+    image decode task's worth when a target of images streams through the image pipeline."""
+    reserved = plan.cfg.resources.data_cpus if any(not spec.cached for spec in plan.streams.values()) else 0.0
+    if any(spec.kind == "image" for spec in plan.streams.values()):
+        reserved = max(reserved, plan.cfg.resources.decode_cpus)
+    return reserved
 
 
 def max_concurrency(plan: RunPlan, requested: int) -> int:
@@ -91,15 +116,23 @@ def resolve_trial(plan: RunPlan, seed_policy: str, trial_id: str, params: dict) 
     return resolved
 
 
-def _trial(params: dict, plan: RunPlan, seed_policy: str) -> None:
+def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = ()) -> None:
     """A Tune function trial. An error that would recur on retry (bad config or data, a bug, CUDA
     out of memory) is reported as the trial's final result instead of raised, so Tune does not
     retry it; a lost worker or node (Ray errors) still raises and is retried from the checkpoint."""
     import ray
     import ray.tune
 
+    trial_id = ray.tune.get_context().get_trial_id()
     try:
-        run_trial(resolve_trial(plan, seed_policy, ray.tune.get_context().get_trial_id(), params))
+        if MEMBERS in params:
+            seed = {"train.seed": trial_seed(plan.cfg.train.seed, trial_id)} if seed_policy == "per_trial" else {}
+            members = [{**member, **seed} for member in params[MEMBERS]]
+            for member in members:  # the searcher checked them; a grid's points are checked here
+                resolve_trial(plan, "fixed", trial_id, member)
+            run_fused_trial(plan, members, list(rungs), REDUCTION_FACTOR)
+        else:
+            run_trial(resolve_trial(plan, seed_policy, trial_id, params))
     except ray.exceptions.RayError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Python-level error is deterministic here
@@ -130,13 +163,17 @@ def _config_key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def checked_searcher(inner, check, metric: str, limit: int | None):
+def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1, group=None):
     """A Tune ``Searcher`` around ``inner`` that never hands out an invalid or repeated config.
 
     ``check(config)`` raises ConfigError for a combination the config refuses: the inner searcher
     is told that suggestion failed, and asked again. A repeat of a config already handed out is
     told the first one's result (or failure) and asked again. After ``limit`` distinct configs
-    (a finite space), the search is finished.
+    (the sweep's budget, or a finite space's size), the search is finished.
+
+    With ``fuse`` > 1 a trial gets ``{"members": [config, ...]}``: up to ``fuse`` suggestions that
+    ``group(config)`` puts in one fusable set, and the inner searcher is told every member's own
+    result — TPE learns from each config, not one per trial.
     """
     from ray.tune.search import Searcher
 
@@ -144,8 +181,9 @@ def checked_searcher(inner, check, metric: str, limit: int | None):
         def __init__(self):
             super().__init__(metric=metric, mode="max")
             self.inner = inner
-            self.handed: dict[str, str] = {}  # config key -> trial id
-            self.results: dict[str, dict | None] = {}  # trial id -> final result (None while running)
+            self.handed: dict[str, str] = {}  # config key -> the inner searcher's id of its first suggestion
+            self.results: dict[str, dict | None] = {}  # inner id -> final result (None while running or failed)
+            self.pending: list = []  # (inner id, config) suggested but not yet in a fused trial
             self.probes: dict[str, str] = {}  # trial id -> the inner searcher's id for it
             self.counter = 0
 
@@ -153,6 +191,24 @@ def checked_searcher(inner, check, metric: str, limit: int | None):
             return self.inner.set_search_properties(metric, mode, config, **spec)
 
         def suggest(self, trial_id: str):
+            if fuse <= 1:
+                return self._next(trial_id)
+            while len(self.pending) < fuse:
+                config = self._next(trial_id)
+                if config is None or config == Searcher.FINISHED:
+                    break
+                self.pending.append((self.probes.pop(trial_id), config))
+            if not self.pending:
+                return config
+            groups: dict = {}
+            for probe, config in self.pending:
+                groups.setdefault(group(config), []).append((probe, config))
+            chosen = max(groups.values(), key=len)[:fuse]
+            self.pending = [item for item in self.pending if item not in chosen]
+            self.probes[trial_id] = [probe for probe, _ in chosen]
+            return {MEMBERS: [config for _, config in chosen]}
+
+        def _next(self, trial_id: str):
             if limit is not None and len(self.handed) >= limit:
                 return Searcher.FINISHED
             for _ in range(MAX_RESAMPLES):
@@ -174,23 +230,31 @@ def checked_searcher(inner, check, metric: str, limit: int | None):
                     else:
                         self.inner.on_trial_complete(probe, error=True)
                     continue
-                self.handed[key] = trial_id
-                self.results[trial_id] = None
+                self.handed[key] = probe
+                self.results[probe] = None
                 self.probes[trial_id] = probe
                 return config
             return None
 
         def on_trial_result(self, trial_id: str, result: dict):
             probe = self.probes.get(trial_id)
-            if probe is not None:
+            if isinstance(probe, str):
                 self.inner.on_trial_result(probe, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             probe = self.probes.get(trial_id)
             if probe is None:
                 return
+            if isinstance(probe, list):  # a fused trial: each member is its own result
+                members = (result or {}).get(MEMBERS) or [None] * len(probe)
+                for member_probe, member_result in zip(probe, members):
+                    self._complete(member_probe, member_result, error or bool((result or {}).get(FATAL_KEY)))
+                return
+            self._complete(probe, result, error)
+
+        def _complete(self, probe: str, result: dict | None, error: bool) -> None:
             failed = error or result is None or result.get(FATAL_KEY) or result.get(metric) != result.get(metric)
-            self.results[trial_id] = None if failed else result
+            self.results[probe] = None if failed else result
             self.inner.on_trial_complete(probe, result=None if failed else result, error=bool(failed))
 
         def save(self, checkpoint_path: str):
@@ -208,8 +272,8 @@ def checked_searcher(inner, check, metric: str, limit: int | None):
     return CheckedSearcher()
 
 
-def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str):
-    """TPE or random sampling through Optuna, checked and de-duplicated; None for a grid."""
+def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, fuse: int):
+    """TPE or random sampling through Optuna, checked, de-duplicated and grouped into fused trials; None for a grid."""
     if space.searcher == "grid":
         return None
     import optuna
@@ -220,7 +284,26 @@ def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str):
     sampler = optuna.samplers.RandomSampler(seed=seed) if space.searcher == "random" else optuna.samplers.TPESampler(seed=seed)
     inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max")
     check = functools.partial(_check_sample, plan, seed_policy)
-    return checked_searcher(inner, check, space.metric, space.size())
+    limit = min(trials, space.size() or trials)
+    return checked_searcher(inner, check, space.metric, limit, fuse, functools.partial(_fusion_group, plan))
+
+
+def _fusion_group(plan: RunPlan, params: dict) -> tuple:
+    return fusion_key(plan.with_params(params).cfg.flat(), plan.dataset)
+
+
+def grid_members(space: SearchSpace, plan: RunPlan, fuse: int) -> list[list[dict]]:
+    """A grid's points (× its seeds), each checked, grouped into fused trials of at most ``fuse`` members."""
+    import itertools
+
+    keys = [p.key for p in space.params] + (["train.seed"] if space.seeds else [])
+    values = [p.values for p in space.params] + ([list(space.seeds)] if space.seeds else [])
+    groups: dict = {}
+    for combination in itertools.product(*values):
+        point = dict(zip(keys, combination))
+        _check_sample(plan, "fixed", point)
+        groups.setdefault(_fusion_group(plan, point), []).append(point)
+    return [members[i:i + fuse] for members in groups.values() for i in range(0, len(members), fuse)]
 
 
 def _check_sample(plan: RunPlan, seed_policy: str, config: dict) -> None:
@@ -233,8 +316,11 @@ def experiment_path(plan: RunPlan, name: str) -> str:
 
 
 def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concurrency: int = 0,
-        resume: bool = False, name: str = "", verbose: bool = False) -> RunOutcome:
-    """Run one training (``space`` None) or a sweep of ``trials`` trials, tracked in MLflow."""
+        resume: bool = False, name: str = "", verbose: bool = False, fuse: int = 0) -> RunOutcome:
+    """Run one training (``space`` None) or a sweep of ``trials`` configs, tracked in MLflow.
+
+    ``fuse``: configs per fused trial (0 = ``DEFAULT_FUSE`` where the sweep can fuse, 1 = one config per trial).
+    """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -249,6 +335,12 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
         raise UserError(f"--resume: no run named '{name}' at {path}; check --name and tracking.storage_path")
     if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
         raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
+    if fuse > 1 and not can_fuse(plan, space):
+        raise ConfigError("--fuse needs a head-only supervised sweep trained in the trial process with seed_policy fixed "
+                          "(model.backbone empty, resources.num_workers=1); use --fuse 1")
+    fuse = (fuse or DEFAULT_FUSE) if can_fuse(plan, space) else 1
+    grid = space is not None and space.searcher == "grid"
+    fused_grid = grid_members(space, plan, fuse) if grid and fuse > 1 else None
     init_ray(plan, verbose)
     check_storage_for_cluster(cfg.tracking.storage_path, ray.nodes())
     if cluster_address(cfg.resources.address):
@@ -257,7 +349,9 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
         start_ray_data_helpers()
     plan = load_tables(plan)
     seed_policy = space.seed_policy if space else "fixed"
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy), trial_resources(plan))
+    rungs = () if grid or fuse == 1 else tuple(fused_rungs(plan))
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy, rungs=rungs),
+                                    trial_resources(plan))
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -265,26 +359,31 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
         sweep_params = {"base." + k: v for k, v in cfg.flat().items()}
         if space:
             sweep_params.update({f"space.{p.key}": {k: v for k, v in vars(p).items() if k != "key" and v not in (None, [], False)} for p in space.params})
-            sweep_params.update({"searcher": space.searcher, "scheduler": "asha", "trials": trials, "seed": cfg.train.seed,
-                                 "seed_policy": seed_policy, "metric": metric})
+            sweep_params.update({"searcher": space.searcher, "scheduler": "asha" if fuse == 1 else "halving-in-trial",
+                                 "trials": trials, "fuse": fuse, "seed": cfg.train.seed, "seed_policy": seed_policy, "metric": metric})
         bridge = TrackingBridge(plan, name, single_run=space is None, sweep_params=sweep_params,
                                 resolve=functools.partial(resolve_trial, plan, seed_policy), verbose=verbose)
         validations = -(-cfg.train.max_steps // cfg.train.val_every)
-        grid = space is not None and space.searcher == "grid"
+        # a fused sweep's searcher stops after `trials` configs: trials holds an upper bound of Tune trials
         samples = 1 if space is None or grid else min(trials, space.size() or trials)
+        if fused_grid is not None:
+            param_space = {MEMBERS: tune.grid_search(fused_grid)}
+        else:
+            param_space = _tune_space(space) if space else {}
         tune_config = tune.TuneConfig(
             metric=metric,
             mode="max",
             num_samples=samples,
             max_concurrent_trials=max_concurrency(plan, concurrency),
-            search_alg=_searcher(space, plan, seed_policy) if space else None,
-            # a grid is an exhaustive table: every point runs to the end
+            search_alg=_searcher(space, plan, seed_policy, trials, fuse) if space and not grid else None,
+            # a grid is an exhaustive table: every point runs to the end; fused trials halve their
+            # members at ASHA's rungs themselves
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
-                                    reduction_factor=2) if space and not grid else None,
+                                    reduction_factor=REDUCTION_FACTOR) if space and not grid and fuse == 1 else None,
         )
         tuner = tune.Tuner(
             trainable,
-            param_space=_tune_space(space) if space else {},
+            param_space=param_space,
             tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=name,

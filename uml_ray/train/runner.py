@@ -44,6 +44,21 @@ def _streamed(plan: RunPlan) -> dict:
                                    cfg.train.seed)
 
 
+def _inline_context(plan: RunPlan) -> InlineContext:
+    import ray
+
+    sources = {name: TableSource(plan.shape_table(name, ray.get(ref))) for name, ref in plan.tables.items()}
+    sources.update({name: ds.iterator() for name, ds in _streamed(plan).items()})
+    return InlineContext(sources, plan.cfg.resources.gpus_per_worker > 0)
+
+
+def run_fused_trial(plan: RunPlan, members: list[dict], rungs: list[int], reduction_factor: int) -> None:
+    """A Ray Tune function trial training ``members`` (dotted overrides of ``plan``) as one fused model, in the trial process."""
+    from uml_ray.train.fused_loop import train_fused
+
+    train_fused(plan, members, _inline_context(plan), rungs, reduction_factor)
+
+
 def run_trial(plan: RunPlan) -> None:
     """A Ray Tune function trial: one run of ``plan`` (its sampled params already applied)."""
     import ray
@@ -53,9 +68,7 @@ def run_trial(plan: RunPlan) -> None:
     loop = loop_for(cfg.model.regime)
     use_gpu = cfg.resources.gpus_per_worker > 0
     if use_inline(cfg):
-        sources = {name: TableSource(plan.shape_table(name, ray.get(ref))) for name, ref in plan.tables.items()}
-        sources.update({name: ds.iterator() for name, ds in _streamed(plan).items()})
-        loop(plan, InlineContext(sources, use_gpu))
+        loop(plan, _inline_context(plan))
         return
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

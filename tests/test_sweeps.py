@@ -1,0 +1,154 @@
+"""Sweeps: fused trials (one MLflow child run and one Optuna trial per member), grid and random
+modes, no config trained twice, invalid sampled combinations resampled, trial failures told apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from uml_ray.cli import main
+from uml_ray.config import load_config
+from uml_ray.driver.plan import build_plan
+from uml_ray.driver.tune import checked_searcher, fused_rungs, grid_members, _check_sample, _fusion_group
+from uml_ray.search.space import load_space
+
+
+def space_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def drain(searcher, trials: int, metric_of) -> list:
+    """Ask ``searcher`` for up to ``trials`` trials, completing each at once with ``metric_of(config)``."""
+    from ray.tune.search import Searcher
+
+    handed = []
+    for i in range(trials):
+        config = searcher.suggest(f"t{i}")
+        if config is None or config == Searcher.FINISHED:
+            break
+        handed.append(config)
+        if "members" in config:
+            result = {"members": [{"best_val_acc": metric_of(m)} for m in config["members"]], "best_val_acc": 0.0}
+        else:
+            result = {"best_val_acc": metric_of(config)}
+        searcher.on_trial_complete(f"t{i}", result=result)
+    return handed
+
+
+def optuna_searcher(plan, space, trials, fuse):
+    import functools
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from uml_ray.driver.tune import _tune_space
+
+    inner = OptunaSearch(space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max")
+    searcher = checked_searcher(inner, functools.partial(_check_sample, plan, "fixed"), "best_val_acc",
+                                min(trials, space.size() or trials), fuse, functools.partial(_fusion_group, plan))
+    searcher.set_search_properties("best_val_acc", "max", _tune_space(space))
+    return searcher, inner
+
+
+@pytest.fixture
+def plan(synthetic_manifest, tmp_path):
+    return build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)))
+
+
+def test_fused_searcher_tells_optuna_every_member(plan, tmp_path):
+    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+                                  "  train.alpha.text: {type: uniform, low: 0.1, high: 1.5}\n"))
+    searcher, inner = optuna_searcher(plan, space, trials=12, fuse=4)
+    handed = drain(searcher, 10, lambda m: round(m["train.lr"], 6))
+    assert [len(c["members"]) for c in handed] == [4, 4, 4]  # 12 configs, then finished
+    study = inner._ot_study
+    told = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(told) == 12  # one Optuna trial per member, each with its own value
+    assert sorted(t.value for t in told) == sorted(round(m["train.lr"], 6) for c in handed for m in c["members"])
+
+
+def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resampled(plan, tmp_path):
+    # 2 x 3 points, of which warmup 500 >= max_steps 120 is invalid: 4 valid points in all
+    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
+                                  "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n"))
+    searcher, _ = optuna_searcher(plan, space, trials=10, fuse=1)
+    handed = drain(searcher, 10, lambda c: c["train.lr"])
+    keys = [json.dumps(c, sort_keys=True) for c in handed]
+    assert len(keys) == len(set(keys)) == 3
+    assert all(c["train.warmup_steps"] == 5 for c in handed)
+
+
+def test_grid_points_grouped_into_fusable_trials(plan, tmp_path):
+    space = load_space(space_file(tmp_path / "s.yaml", "searcher: grid\nseeds: [0, 1]\nparams:\n"
+                                  "  train.lr: {type: choice, values: [0.001, 0.01]}\n"
+                                  "  train.batch_size: {type: choice, values: [16, 32]}\n"))
+    groups = grid_members(space, plan, fuse=16)
+    points = [json.dumps(m, sort_keys=True) for g in groups for m in g]
+    assert len(points) == len(set(points)) == 8
+    # batch size and seed are structural: four fused trials of the two lrs each
+    assert sorted(len(g) for g in groups) == [2, 2, 2, 2]
+    assert all(len({(m["train.batch_size"], m["train.seed"]) for m in g}) == 1 for g in groups)
+
+
+def test_fused_sweep_lands_one_child_run_per_member(ray_session, synthetic_manifest, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 80, "val_every": 10})
+    space = space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+                       "  train.alpha.text: {type: uniform, low: 0.0, high: 1.5}\n")
+    assert main(["tune", str(config), "--space", str(space), "--trials", "8", "--fuse", "4", "--name", "fused"]) == 0
+    summary = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
+    assert summary["trials"] == 8
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    children = [r for r in runs if r.data.tags.get("uml_ray.kind") == "trial"]
+    assert len(children) == 8 and len({r.data.tags["uml_ray.trial_id"] for r in children}) == 8
+    assert len({r.data.tags["uml_ray.fused_trial"] for r in children}) == 2
+    # in-trial halving at ASHA's rungs (validations 2 and 4 of 8): 4 -> 2 -> 1 finish per trial
+    assert fused_rungs(build_plan(load_config(config))) == [2, 4]
+    outcomes = sorted(r.data.tags["uml_ray.outcome"] for r in children)
+    assert outcomes.count("finished") == 2 and outcomes.count("pruned") == 6
+    for child in children:
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert history[:2] == [10, 20] and history == sorted(history)
+        assert float(child.data.params["train.lr"]) == pytest.approx(json.loads(child.data.tags["uml_ray.sampled"])["train.lr"])
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)} | {
+            a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert {"config.yaml", "checkpoint/best.pt"} <= artifacts
+    finished = [r for r in children if r.data.tags["uml_ray.outcome"] == "finished"]
+    assert max(r.data.metrics["best_val_acc"] for r in finished) == pytest.approx(summary["best_val_acc"])
+    assert main(["best", "--experiment", "tests", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--sweep", "fused", "--output", str(tmp_path / "best.yaml")]) == 0
+
+
+def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(ray_session, synthetic_manifest, tmp_path, capsys,
+                                                                       monkeypatch):
+    import dataclasses
+
+    from uml_ray.driver import commands, tune
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, resources={"max_failures": 2})
+    original = tune.load_tables
+
+    def broken_tables(plan):  # a share that is not a table: the trial's loop crashes on it (a bug, not a lost node)
+        plan = original(plan)
+        return dataclasses.replace(plan, tables={**plan.tables, "image.train": ray_session.put("not a table")})
+
+    monkeypatch.setattr(tune, "load_tables", broken_tables)
+    assert main(["train", str(config), "--name", "crash"]) == 1
+    err = capsys.readouterr().err
+    assert "trial crashed: 1 of 1 trial(s) of 'crash' failed" in err and "TypeError" in err
+    traceback_file = Path(err.split("(traceback: ")[1].split(")")[0])
+    assert "Traceback" in traceback_file.read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    # not retried: the trial reported its error once, as its only result
+    assert len(client.get_metric_history(run.info.run_id, "training_iteration")) <= 1
