@@ -1,5 +1,6 @@
 """Trial events → MLflow, from the driver (the one writer), and → one console line each.
 
+Ray-free: ``driver/tune.py`` hands it Tune's trial objects and fetches checkpoints for it.
 Picklable: Tune stores callbacks with the experiment, and a restored sweep gets this back; the
 MLflow tracker is rebuilt lazily after unpickling.
 """
@@ -13,7 +14,6 @@ import tempfile
 from uml_ray.config import Config, dump_config
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
-from uml_ray.uri import is_remote
 
 # a fused trial's config and report: one entry per member (docs/architecture.md, fused trials)
 MEMBERS = "members"
@@ -26,8 +26,10 @@ TRACEBACK_KEY = "fatal_traceback"
 class TrackingBridge:
     """Forwards Tune trial events to MLflow and prints one line per trial event."""
 
-    def __init__(self, plan: RunPlan, sweep: str, single_run: bool, sweep_params: dict, resolve, verbose: bool = False):
+    def __init__(self, plan: RunPlan, sweep: str, single_run: bool, sweep_params: dict, resolve, fetch_best,
+                 verbose: bool = False):
         self.plan = plan
+        self.fetch_best = fetch_best
         self.sweep = sweep
         self.single_run = single_run
         self.sweep_params = sweep_params
@@ -96,7 +98,7 @@ class TrackingBridge:
         failed = failed or bool(last.get(FATAL_KEY))
         members = last.get(MEMBERS) if MEMBERS in trial.config else None
         with tempfile.TemporaryDirectory() as folder:
-            best = None if failed else _fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+            best = None if failed else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
             payloads = None
             if best and members is not None:
                 import torch
@@ -149,45 +151,3 @@ def _config_file(cfg: Config, folder: str) -> str:
     path = os.path.join(folder, "config.yaml")
     dump_config(cfg, path)
     return path
-
-
-def _fetch_best(trial, last: dict, storage: str, folder: str) -> str | None:
-    """The trial's best-val weights file from its latest checkpoint (inline or Ray Train)."""
-    import ray.train
-
-    checkpoint = trial.checkpoint
-    if last.get("checkpoint_path"):
-        filesystem = None
-        if is_remote(storage):
-            from pyarrow import fs as pafs
-
-            filesystem, _ = pafs.FileSystem.from_uri(storage)
-        checkpoint = ray.train.Checkpoint(last["checkpoint_path"], filesystem=filesystem)
-    if checkpoint is None:
-        return None
-    local = checkpoint.to_directory(os.path.join(folder, "checkpoint"))
-    best = os.path.join(local, BEST_FILE)
-    return best if os.path.exists(best) else None
-
-
-def make_callback(bridge: TrackingBridge):
-    """The Tune callback that hands trial events to ``bridge``."""
-    from ray.tune import Callback
-
-    class MlflowBridgeCallback(Callback):
-        def __init__(self, bridge):
-            self.bridge = bridge
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.bridge.trial_started(trial)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.bridge.trial_result(trial, result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.bridge.trial_ended(trial, failed=False)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.bridge.trial_ended(trial, failed=True)
-
-    return MlflowBridgeCallback(bridge)

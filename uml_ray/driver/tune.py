@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -19,11 +21,12 @@ from pathlib import Path
 from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
 from uml_ray.config import check_modalities
 from uml_ray.data.streams import start_ray_data_helpers
-from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge, make_callback
+from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
+from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.fused_loop import fusion_key
 from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
@@ -58,8 +61,13 @@ def init_ray(plan: RunPlan, verbose: bool = False) -> None:
     attach_or_start_ray(plan.cfg.resources.address, plan.cfg.resources.num_cpus)
     import ray.data
 
-    # Ray Data's progress bars and INFO lines flood a sweep's console; --verbose brings them back
+    # Ray Data's progress bars, its and Tune's INFO lines and Tune's tables flood a sweep's console;
+    # the bridge prints one line per trial event instead, and --verbose brings the rest back
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter is silent at verbose=0
+        for name in ("ray.data", "ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def trial_resources(plan: RunPlan) -> dict:
@@ -310,6 +318,48 @@ def _check_sample(plan: RunPlan, seed_policy: str, config: dict) -> None:
     resolve_trial(plan, seed_policy if seed_policy != "per_trial" else "fixed", "check", config)
 
 
+def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | None:
+    """The trial's best-val weights file from its latest checkpoint (inline or Ray Train)."""
+    import ray.train
+
+    checkpoint = trial.checkpoint
+    if last.get("checkpoint_path"):
+        filesystem = None
+        if is_remote(storage):
+            from pyarrow import fs as pafs
+
+            filesystem, _ = pafs.FileSystem.from_uri(storage)
+        checkpoint = ray.train.Checkpoint(last["checkpoint_path"], filesystem=filesystem)
+    if checkpoint is None:
+        return None
+    local = checkpoint.to_directory(os.path.join(folder, "checkpoint"))
+    best = os.path.join(local, BEST_FILE)
+    return best if os.path.exists(best) else None
+
+
+def make_callback(bridge: TrackingBridge):
+    """The Tune callback that hands trial events to ``bridge``."""
+    from ray.tune import Callback
+
+    class MlflowBridgeCallback(Callback):
+        def __init__(self, bridge):
+            self.bridge = bridge
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.bridge.trial_started(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.bridge.trial_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bridge.trial_ended(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bridge.trial_ended(trial, failed=True)
+
+    return MlflowBridgeCallback(bridge)
+
+
 def experiment_path(plan: RunPlan, name: str) -> str:
     """Where Tune keeps a sweep's state (the folder ``--resume`` restores)."""
     return join_uri(plan.cfg.tracking.storage_path, name)
@@ -362,7 +412,8 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             sweep_params.update({"searcher": space.searcher, "scheduler": "asha" if fuse == 1 else "halving-in-trial",
                                  "trials": trials, "fuse": fuse, "seed": cfg.train.seed, "seed_policy": seed_policy, "metric": metric})
         bridge = TrackingBridge(plan, name, single_run=space is None, sweep_params=sweep_params,
-                                resolve=functools.partial(resolve_trial, plan, seed_policy), verbose=verbose)
+                                resolve=functools.partial(resolve_trial, plan, seed_policy), fetch_best=fetch_best_weights,
+                                verbose=verbose)
         validations = -(-cfg.train.max_steps // cfg.train.val_every)
         # a fused sweep's searcher stops after `trials` configs: trials holds an upper bound of Tune trials
         samples = 1 if space is None or grid else min(trials, space.size() or trials)

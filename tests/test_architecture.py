@@ -1,0 +1,45 @@
+"""The import rules of docs/architecture.md, read off every module's imports (top-level and lazy)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "uml_ray"
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", "."), imports_of(path)
+
+
+def importers(prefix: str) -> set[str]:
+    return {module for module, names in modules() if any(n == prefix or n.startswith(prefix + ".") for n in names)}
+
+
+def test_train_never_imports_the_driver_or_search():
+    upward = {module: sorted(n for n in names if n.startswith(("uml_ray.driver", "uml_ray.search", "uml_ray.cli")))
+              for module, names in modules() if module.startswith("uml_ray.train")}
+    assert {m: n for m, n in upward.items() if n} == {}
+
+
+def test_models_are_plain_pytorch():
+    offending = {module: sorted(n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna"))
+                 for module, names in modules() if module.startswith("uml_ray.models")}
+    assert {m: n for m, n in offending.items() if n} == {}
+
+
+def test_each_system_sits_behind_one_module():
+    assert importers("mlflow") == {"uml_ray.tracking.mlflow_store"}
+    assert importers("optuna") == {"uml_ray.driver.tune"}
+    assert importers("ray.tune") - {"uml_ray.train.context", "uml_ray.train.runner"} == {"uml_ray.driver.tune"}
