@@ -66,6 +66,7 @@ def init_ray(plan: RunPlan, verbose: bool = False) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter is silent at verbose=0
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         for name in ("ray.data", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -440,7 +441,9 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
                 name=name,
                 storage_path=cfg.tracking.storage_path,
                 callbacks=[make_callback(bridge)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # the latest checkpoint serves resume and the best-val weights; one spare, so Tune
+                # need not snapshot the whole experiment at every checkpoint
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                 verbose=1 if verbose else 0,
             ),
