@@ -137,7 +137,7 @@ def test_halving_keeps_the_best_members_and_shrinks_the_model(plan):
     whole = run_fused(plan, members)
     for k in survivors:
         for name in COMPARED:
-            assert ctx.reports[-1]["members"][k][name] == pytest.approx(whole.reports[-1]["members"][k][name], abs=1e-6)
+            assert ctx.reports[-1]["members"][k][name] == pytest.approx(whole.reports[-1]["members"][k][name], rel=1e-5, abs=1e-6)
 
 
 def test_resumed_fused_trial_continues_exactly(plan):
@@ -157,16 +157,17 @@ def test_resumed_fused_trial_continues_exactly(plan):
         assert torch.equal(weight, second.saved["model"][name]), name
 
 
-def test_member_adamw_equals_torch_adamw_per_member():
+@pytest.mark.parametrize("mode", [{"fused": False}, {"fused": True}, {"per_member": False}])
+def test_member_adamw_equals_torch_adamw_per_member(mode):
     torch.manual_seed(0)
     lrs, wds = [1e-3, 3e-2, 5e-4, 1e-2], [0.0, 0.01, 0.1, 1e-3]
     shapes = [(4, 7, 5), (4, 3)]
     start = [torch.randn(shape) for shape in shapes]
     alone = [[p[k].clone().requires_grad_() for p in start] for k in range(4)]
-    optimizers = [torch.optim.AdamW(alone[k], lr=lrs[k], weight_decay=wds[k]) for k in range(4)]
+    optimizers = [torch.optim.AdamW(alone[k], lr=lrs[k], weight_decay=wds[k], fused=mode.get("fused", False)) for k in range(4)]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(2, 12)) for o in optimizers]
     fused = [p.clone() for p in start]
-    optimizer = MemberAdamW(fused, lrs, wds)
+    optimizer = MemberAdamW(fused, lrs, wds, **mode)
     factor = warmup_cosine(2, 12)
     members = [0, 1, 2, 3]
     for step in range(12):
@@ -175,7 +176,7 @@ def test_member_adamw_equals_torch_adamw_per_member():
             fused[:] = [p[members] for p in fused]
             optimizer.select(members, fused)
             saved = optimizer.state_dict()
-            optimizer = MemberAdamW(fused, [0.0, 0.0], [0.0, 0.0])
+            optimizer = MemberAdamW(fused, [0.0, 0.0], [0.0, 0.0], **mode)
             optimizer.load_state_dict(saved)
         grads = [torch.randn(shape) for shape in shapes]
         for k in members:
@@ -188,8 +189,8 @@ def test_member_adamw_equals_torch_adamw_per_member():
         optimizer.step(factor(step))
         for position, k in enumerate(members):
             assert optimizer.current_lr(factor(step + 1))[position].item() == schedules[k].get_last_lr()[0]
-            for param, reference in zip(fused, alone[k]):
-                torch.testing.assert_close(param[position], reference.detach(), rtol=1e-6, atol=1e-9)
+            for param, reference in zip(fused, alone[k]):  # bit for bit on CPU, in every mode
+                torch.testing.assert_close(param[position], reference.detach(), rtol=0, atol=0)
 
 
 def test_member_grad_clipping_equals_torch_per_member():
@@ -244,6 +245,19 @@ def test_fused_head_logits_loss_and_products_equal_the_members():
         model.load_state_dict(fused.member_state_dict(k), strict=True)
     # slices a member lacks receive no gradient (member 0 has no text/audio; member 2 no scale)
     assert fused.projections["text"].grad[0].abs().max() == 0 and fused.log_scales.grad[[0, 2]].abs().max() == 0
+    # a second backward after recycle_grads writes the same gradients into the same buffers
+    # (autograd adopts a buffer only when nothing else refers to it: not even a view of it)
+    del fused_grads
+    first_grads = {name: param.grad.clone() for name, param in fused.named_parameters()}
+    buffers = {name: weight.grad.data_ptr() for name, weight in fused.projections.items()}
+    fused.recycle_grads()
+    assert all(param.grad is None for param in fused.parameters())
+    fused_loss(fused(batch), labels, "image", alpha)[0].backward()
+    assert {name: weight.grad.data_ptr() for name, weight in fused.projections.items()} == buffers
+    for name, param in fused.named_parameters():
+        assert torch.equal(param.grad, first_grads[name]), name
+    subset = fused.subset([1])
+    torch.testing.assert_close(subset(batch)["text"][0], logits["text"][1].detach(), rtol=1e-5, atol=1e-6)
     fused.select([2, 1])
     assert fused.members == 2 and fused.head.shape[0] == 2 and fused.scale_mask.shape[0] == 2
     assert torch.equal(fused.member_state_dict(0)["head.weight"], members[2].head.weight.detach())

@@ -18,6 +18,34 @@ from torch import nn
 from uml_ray.models.supervised import SharedHeadUML
 
 
+class _StackedProjection(torch.autograd.Function):
+    """``features @ W_k^T`` for every member ``k`` as one GEMM, the weight gradient written into a
+    recycled buffer: a fresh gradient of a 100 MB stack costs more in page faults than the GEMM
+    that fills it. Same arithmetic as ``F.linear`` and its backward."""
+
+    @staticmethod
+    def forward(ctx, features, weight, spare: dict, name: str):
+        ctx.save_for_backward(features, weight)
+        ctx.spare, ctx.name = spare, name
+        members, shared, dim = weight.shape
+        return F.linear(features, weight.reshape(members * shared, dim))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        features, weight = ctx.saved_tensors
+        members, shared, dim = weight.shape
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_features = grad_output.mm(weight.reshape(members * shared, dim))
+        if ctx.needs_input_grad[1]:
+            grad_weight = ctx.spare.pop(ctx.name, None)
+            if grad_weight is None or grad_weight.shape != weight.shape:
+                grad_weight = torch.empty_like(weight)
+            # autograd adopts this tensor as weight.grad: nothing else may hold it
+            torch.mm(grad_output.t(), features, out=grad_weight.view(members * shared, dim))
+        return grad_features, grad_weight, None, None
+
+
 class FusedSharedHead(nn.Module):
     """K ``SharedHeadUML`` members with stacked parameters; logits come out as ``[K, B, C]``.
 
@@ -39,6 +67,7 @@ class FusedSharedHead(nn.Module):
                 raise ValueError(f"modality '{name}' ({dim}-d) enters the {shared_dim}-d shared space unprojected")
         members = len(member_modalities)
         self.target = target
+        self.dims = dict(dims)
         self.modalities = list(dims)
         self.shared_dim = shared_dim
         self.member_modalities = [tuple(m) for m in member_modalities]
@@ -55,6 +84,7 @@ class FusedSharedHead(nn.Module):
             self.register_buffer("scale_mask", torch.tensor(mask))
         else:
             self.log_scales = None
+        self._spare_grads: dict[str, torch.Tensor] = {}  # projection gradients to reuse (recycle_grads)
 
     @property
     def members(self) -> int:
@@ -98,7 +128,11 @@ class FusedSharedHead(nn.Module):
         if modality in self.projections:
             weight = self.projections[modality]
             # one GEMM over the shared input for all members, then one batched matmul per head
-            projected = F.linear(features, weight.reshape(members * shared, -1)).view(batch, members, shared).transpose(0, 1)
+            if torch.is_grad_enabled() and weight.requires_grad:
+                projected = _StackedProjection.apply(features, weight, self._spare_grads, modality)
+            else:
+                projected = F.linear(features, weight.reshape(members * shared, -1))
+            projected = projected.view(batch, members, shared).transpose(0, 1)
             logits = torch.bmm(projected, self.head.transpose(1, 2))
         else:
             logits = F.linear(features, self.head.reshape(members * classes, shared)).view(batch, members, classes).transpose(0, 1)
@@ -111,6 +145,15 @@ class FusedSharedHead(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logits ``[K, B, C]`` for independent batches of several modalities in one forward pass."""
         return {name: self.logits(name, batch) for name, batch in features.items()}
+
+    def recycle_grads(self) -> None:
+        """Drop every gradient (as ``zero_grad(set_to_none=True)``), keeping the projections' buffers
+        for the next backward to write into."""
+        for name, weight in self.projections.items():
+            if weight.grad is not None:
+                self._spare_grads[name] = weight.grad
+        for param in self.parameters():
+            param.grad = None
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k`` as a ``SharedHeadUML`` state dict (loadable into the model it would be alone)."""
@@ -139,6 +182,17 @@ class FusedSharedHead(nn.Module):
                 self.log_scales[k, self.modalities.index(name)] = state[f"log_scales.{name}"]
 
     @torch.no_grad()
+    def subset(self, indices: list[int]) -> "FusedSharedHead":
+        """A new model of copies of the members at ``indices`` (no gradients), e.g. to evaluate a few of them."""
+        members, classes, shared = self.head.shape
+        subset = FusedSharedHead(self.dims, self.target, classes, shared, list(self.projections),
+                                 [self.member_modalities[i] for i in indices], [self.member_logit_scale[i] for i in indices])
+        subset.to(self.head.device)
+        for position, k in enumerate(indices):
+            subset.load_member_state_dict(position, self.member_state_dict(k))
+        return subset
+
+    @torch.no_grad()
     def select(self, indices: list[int]) -> None:
         """Keep only the members at ``indices`` (in that order): every stacked tensor shrinks, so a
         pruned member costs no more compute. The parameters are new tensors: hand them to the
@@ -151,6 +205,7 @@ class FusedSharedHead(nn.Module):
             self.log_scales = nn.Parameter(self.log_scales.index_select(0, index))
         for name, buffer in self.named_buffers():
             setattr(self, name, buffer.index_select(0, index))
+        self._spare_grads.clear()
         self.member_modalities = [self.member_modalities[i] for i in indices]
         self.member_logit_scale = [self.member_logit_scale[i] for i in indices]
 
