@@ -37,6 +37,8 @@ class DataConfig:
     aux_class_mean: bool = option(False, "Replace each auxiliary modality by its per-class mean vectors.")
     aux_batch_ratio: float = option(1.0, "Auxiliary batch size as a multiple of train.batch_size.", low=0.0, low_open=True)
     shuffle_buffer: int = option(4096, "Rows held in each worker's shuffle buffer.", low=1)
+    augment_min_scale: float = option(0.08, "Image targets: smallest area fraction of the train random-resized crop (0.08 = the ImageNet recipe; 1 = no cropping). The augmentation strength: lower is stronger.", low=0.0, low_open=True, high=1.0)
+    augment_flip: bool = option(True, "Image targets: random horizontal flips in training.")
     cache_max_mb: int = option(512, "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by every trial through the object store; larger ones stream through Ray Data.", low=0)
 
 
@@ -50,6 +52,9 @@ class ModelConfig:
     project_auxiliary: bool = option(False, "Give auxiliary modalities their own linear projection; off = they enter the shared space directly (reference).")
     head_init: str = option("random", "Head initialisation: random, or L2-normalised auxiliary class means.", choices=["random", "text"])
     logit_scale: bool = option(False, "Learnable per-modality logit scale.")
+    backbone: str = option("", "Fine-tuning regime (target of kind image): the vision backbone trained under the projection and shared head, as an encoder spec: efficientnet-lite0 (packaged ImageNet weights), timm:NAME[,pretrained=false][,img_size=PX][,weights=FILE]. Empty = head-only over features.")
+    freeze_blocks: int = option(0, "Fine-tuning: freeze the backbone's first N parameter groups in forward order (timm's coarse groups: the stem, then each stage/block); 0 trains all of it.", low=0)
+    image_size: int = option(0, "Fine-tuning: input size in pixels of the crops fed to the backbone; 0 = the backbone's pretrained input size.", low=0)
     zdim: int = option(40, "Sequence regime: transformer width (d_model).", low=1)
     layers: int = option(5, "Sequence regime: transformer layers.", low=1)
     heads: int = option(4, "Sequence regime: attention heads; must divide zdim.", low=1)
@@ -75,6 +80,9 @@ class TrainConfig:
     step_k: int = option(-1, "Sequence regime: auxiliary-only epochs before joint training; -1 = joint from the start.", low=-1)
     probe_c: float = option(1.0, "Sequence regime: inverse L2 strength of the logistic-regression probe.", low=0.0, low_open=True)
     grad_clip: float = option(0.0, "Clip the gradient norm to this value; 0 = off.", low=0.0)
+    backbone_lr_scale: float = option(0.1, "Fine-tuning: the backbone's learning rate is train.lr times this (projection and head use train.lr); 0 keeps the backbone fixed.", low=0.0, high=10.0)
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x workers).", low=1)
+    precision: str = option("bf16", "Mixed precision on CUDA: bf16 autocast, or fp32; CPU always computes in fp32.", choices=["bf16", "fp32"])
     seed: int = option(0, "The one seed: per-worker and per-trial seeds derive from it.", low=0)
 
 
@@ -102,6 +110,7 @@ class ResourcesConfig:
     address: str = option("", "Ray address to attach to; empty = RAY_ADDRESS or a new local Ray.")
     max_failures: int = option(1, "Retries of a run after a worker or node is lost (from its last checkpoint).", low=0)
     torch_threads: int = option(1, "Torch intra-op threads per training process.", low=1)
+    decode_cpus: float = option(1.0, "Fine-tuning: CPUs per Ray Data image decode/augment task; tasks run beside the training workers (or on CPU-only nodes feeding GPU workers).", low=0.0, low_open=True)
 
 
 @dataclass
@@ -265,6 +274,8 @@ def check_config(cfg: Config) -> None:
             f"model.zdim={cfg.model.zdim} is not divisible by model.heads={cfg.model.heads}; "
             f"pick heads from {[h for h in range(1, cfg.model.zdim + 1) if cfg.model.zdim % h == 0][:8]}"
         )
+    if cfg.model.regime == "sequence" and cfg.model.backbone:
+        raise ConfigError("model.backbone fine-tunes a vision backbone in the supervised regime; set model.regime=supervised or model.backbone=''")
     if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
         raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
     if not cfg.tracking.experiment.strip():

@@ -39,6 +39,20 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=SYNTH_DEFAULTS["seed"], help="seed; the same seed writes byte-identical shards")
     synth.set_defaults(func=run_synth)
 
+    images = commands.add_parser("images", help="write one split of images as PNG shards (kind: image) for fine-tuning")
+    images.add_argument("out_dir", help="dataset folder: shards go to OUT/<modality>/<split>, the manifest to OUT/manifest.yaml")
+    images.add_argument("--split", required=True, choices=["train", "val", "test"])
+    source = images.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fashion-mnist", choices=["train", "test"], help="a Fashion-MNIST idx split (Debian dataset-fashion-mnist)")
+    source.add_argument("--image-folder", help="ImageFolder-style directory root/<class>/<image>")
+    source.add_argument("--image-parquet", nargs="+", help="Parquet file(s) of encoded image bytes (columns image, label, id)")
+    images.add_argument("--classes", help="ordered class names, comma-separated (default: the folder's, Fashion-MNIST's or the manifest's)")
+    images.add_argument("--modality", default="image", help="modality name in the manifest")
+    images.add_argument("--target", default="image", help="target modality when a new manifest is created")
+    images.add_argument("--size", type=int, default=0, help="shrink each image's shorter side to this many pixels (0 = keep)")
+    images.add_argument("--limit", type=int, default=0, help="write only the first N images (smoke runs)")
+    images.set_defaults(func=run_images)
+
 
 def format_summary(summary: dict) -> str:
     """A readable table of shards, rows and per-class counts per modality and split."""
@@ -62,6 +76,25 @@ def run_validate(args) -> int:
     manifest = require_valid_manifest(args.manifest)
     print(format_summary(summarize_manifest(manifest)))
     print("OK")
+    return 0
+
+
+def run_images(args) -> int:
+    """Write one split of images and print a JSON summary."""
+    import json
+    from pathlib import Path
+
+    from uml_ray.data.format import load_manifest
+    from uml_ray.data.images import write_image_dataset
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    existing = Path(args.out_dir, "manifest.yaml")
+    if classes is None and existing.exists():
+        classes = load_manifest(str(existing)).classes
+    summary = write_image_dataset(args.out_dir, args.split, fashion_mnist=args.fashion_mnist, image_folder=args.image_folder,
+                                  image_parquet=args.image_parquet, classes=classes, modality=args.modality,
+                                  target=args.target, size=args.size, limit=args.limit)
+    print(json.dumps(summary))
     return 0
 
 

@@ -81,6 +81,10 @@ def plan_streams(manifest: Manifest, auxiliary: list[str], cache_max_mb: int) ->
         # the sequence probe makes ordered passes over the target's splits beside the endless
         # train stream, which a live streaming_split iterator cannot serve: those are always cached
         cached = table_mb <= cache_max_mb or (spec.kind == "sequence" and modality == manifest.target)
+        if spec.kind == "image":
+            # memory holds the encoded bytes only; pixels are decoded per batch by the image
+            # pipeline, whose exact resume needs the id-sorted share in hand
+            cached = True
         plan[name] = StreamSpec(name=name, kind=spec.kind, dim=spec.dim, rows=rows, cached=cached)
     return plan
 

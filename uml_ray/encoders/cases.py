@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import Manifest, ModalitySpec, table_to_numpy, write_manifest, write_shards
+from uml_ray.data.images import write_image_shards
 from uml_ray.data.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_SENSES, TEMPLATES, WORDNET_DIR,
                                   load_fashion_mnist, template_texts, wordnet_glosses)
 from uml_ray.data.splits import few_shot_split
@@ -100,6 +101,16 @@ def _encode_cached(cache: Path, key: str, jobs: list[tuple], encoder: str, modal
     return folder, False
 
 
+def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
+    """Fashion-MNIST train and test arrays with the case's fixed pool and test rows (never split-seed dependent)."""
+    train_images, train_labels = load_fashion_mnist("train", fashion_dir)
+    test_images, test_labels = load_fashion_mnist("test", fashion_dir)
+    rng = np.random.Generator(np.random.PCG64(POOL_SEED))
+    pool_rows = _draw(train_labels, train_pool, rng, "train")
+    test_rows = _draw(test_labels, test_size // len(FASHION_MNIST_CLASSES), rng, "test")
+    return train_images, train_labels, pool_rows, test_images, test_labels, test_rows
+
+
 def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
                              image_size: int = 128, text: tuple[str, ...] = TEXT_SOURCES, cache_dir: str | None = None,
                              batch_size: int = 64, num_actors: int | None = None, fashion_dir: str = FASHION_MNIST_DIR,
@@ -134,11 +145,7 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
 
     cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
     cache.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels = load_fashion_mnist("train", fashion_dir)
-    test_images, test_labels = load_fashion_mnist("test", fashion_dir)
-    rng = np.random.Generator(np.random.PCG64(POOL_SEED))
-    pool_rows = _draw(train_labels, train_pool, rng, "train")
-    test_rows = _draw(test_labels, test_size // len(FASHION_MNIST_CLASSES), rng, "test")
+    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(train_pool, test_size, fashion_dir)
 
     # pool and test images go through one actor pool (one encoder start-up); ids tell them apart
     image_labels = np.concatenate([train_labels[pool_rows], test_labels[test_rows]])
@@ -186,4 +193,73 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
                         "text/train": len(text_ids)},
                "seconds": round(time.perf_counter() - started, 2)}
     print(f"fashion-mnist case: {summary}", file=sys.stderr, flush=True)
+    return summary
+
+
+def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
+                                      text: tuple[str, ...] = TEXT_SOURCES, cache_dir: str | None = None, batch_size: int = 64,
+                                      num_actors: int | None = None, fashion_dir: str = FASHION_MNIST_DIR,
+                                      wordnet_dir: str = WORDNET_DIR) -> dict:
+    """The same case for the fine-tuning regime: the images kept as PNG bytes (kind image), text as MiniLM features.
+
+    The few-shot draws, ids and test set are those of ``build_fashion_mnist_case`` (same pool,
+    same split seed), so fine-tuned and linear-probe runs score the same images. Images stay at
+    their native 28 px, inverted; the pipeline resizes them to ``model.image_size`` at training
+    time. Text features share the probe case's cache.
+    """
+    from uml_ray.encoders.extract import rows_from_texts
+
+    started = time.perf_counter()
+    val_shots = min(4, shots)
+    if train_pool < shots + val_shots:
+        raise DataError(f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots")
+    if test_size < len(FASHION_MNIST_CLASSES):
+        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+    text_pairs = case_texts(tuple(text), wordnet_dir)
+    text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
+    args = {"regime": "finetune", "text": text_key, "shots": shots, "split_seed": split_seed, "pool": train_pool,
+            "test": test_size, "source": os.path.abspath(fashion_dir)}
+    out = Path(out_dir)
+    manifest_path = out / "manifest.yaml"
+    if (out / "case.json").exists() and manifest_path.exists() and json.loads((out / "case.json").read_text()) == args:
+        return {"manifest": str(manifest_path), "cached": True, "seconds": round(time.perf_counter() - started, 2)}
+
+    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(train_pool, test_size, fashion_dir)
+    text_folder, text_hit = _encode_cached(cache, f"text-{text_key}", [
+        ("train", lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs])),
+    ], TEXT_ENCODER, "text", batch_size, num_actors)
+    text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
+
+    pool_ids = [f"train-{r:05d}" for r in pool_rows]
+    chosen = few_shot_split(pool_ids, train_labels[pool_rows], shots, split_seed)
+    row_of = dict(zip(pool_ids, pool_rows))
+    if out.exists():
+        for modality in ("image", "text"):
+            shutil.rmtree(out / modality, ignore_errors=True)
+    splits = {}
+    for split, ids in chosen.items():
+        rows = np.array([row_of[i] for i in ids], dtype=np.int64)
+        splits[split], _ = write_image_shards(str(out), "image", split, 255 - train_images[rows], train_labels[rows], ids, channels=1)
+    test_ids = [f"test-{r:05d}" for r in test_rows]
+    splits["test"], _ = write_image_shards(str(out), "image", "test", 255 - test_images[test_rows], test_labels[test_rows],
+                                           test_ids, channels=1)
+    text_uris = write_shards(str(out), "text", "train", text_features, text_labels, text_ids, dim=384)
+    manifest = Manifest(
+        name=f"fashion-mnist-finetune-{shots}shot-seed{split_seed}",
+        classes=list(FASHION_MNIST_CLASSES),
+        target="image",
+        modalities={
+            "image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
+            "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}),
+        },
+    )
+    write_manifest(manifest, str(manifest_path))
+    (out / "case.json").write_text(json.dumps(args))
+    summary = {"manifest": str(manifest_path), "cached": text_hit,
+               "rows": {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
+                        "text/train": len(text_ids)},
+               "seconds": round(time.perf_counter() - started, 2)}
+    print(f"fashion-mnist finetune case: {summary}", file=sys.stderr, flush=True)
     return summary

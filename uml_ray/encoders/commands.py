@@ -40,7 +40,10 @@ def register(subparsers) -> None:
     case.add_argument("--split-seed", type=int, default=0, help="seed of the few-shot draw")
     case.add_argument("--train-pool", type=int, default=100, help="train-file images per class the few-shot splits draw from")
     case.add_argument("--test-size", type=int, default=1000, help="test images, balanced over the classes")
-    case.add_argument("--image-size", type=int, default=128, help="encoder input size in pixels")
+    case.add_argument("--image-size", type=int, default=128, help="encoder input size in pixels (probe regime; fine-tuning sets model.image_size)")
+    case.add_argument("--regime", choices=["probe", "finetune"], default="probe",
+                      help="fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept as PNG "
+                           "bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way")
     case.add_argument("--text", default="templates,wordnet", help="text sources: templates, wordnet or both")
     case.add_argument("--cache-dir", help="feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)")
     case.add_argument("--batch-size", type=int, default=64)
@@ -131,9 +134,18 @@ def run_case(args) -> int:
     if args.shots is None:
         raise ConfigError("case fashion-mnist needs --shots K (train images per class)")
 
+    text = tuple(s.strip() for s in args.text.split(",") if s.strip())
+    if args.regime == "finetune":
+        from uml_ray.encoders.cases import build_fashion_mnist_finetune_case
+
+        summary = build_fashion_mnist_finetune_case(args.out, shots=args.shots, split_seed=args.split_seed,
+                                                    train_pool=args.train_pool, test_size=args.test_size, text=text,
+                                                    cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                                    num_actors=args.num_actors)
+        print(json.dumps(summary))
+        return 0
     summary = build_fashion_mnist_case(args.out, shots=args.shots, split_seed=args.split_seed, train_pool=args.train_pool,
-                                       test_size=args.test_size, image_size=args.image_size,
-                                       text=tuple(s.strip() for s in args.text.split(",") if s.strip()),
+                                       test_size=args.test_size, image_size=args.image_size, text=text,
                                        cache_dir=args.cache_dir, batch_size=args.batch_size, num_actors=args.num_actors)
     print(json.dumps(summary))
     return 0

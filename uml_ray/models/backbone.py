@@ -111,21 +111,26 @@ def check_backbone(spec_text: str, freeze_blocks: int) -> int:
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float,
                  backbone_prefix: str = "backbone.") -> list[dict]:
-    """AdamW parameter groups: backbone at ``lr * backbone_lr_scale``, the rest (projections, head) at ``lr``;
-    no weight decay on norms, biases and scalars (parameters of fewer than 2 dims).
+    """AdamW parameter groups: the backbone at ``lr * backbone_lr_scale`` without weight decay on its norms
+    and biases (parameters of fewer than 2 dims); everything else (projections, head) at ``lr``.
 
+    The head's group keeps ``model.parameters()`` order and settings, so a model without a backbone
+    (the head-only regime) trains exactly as a plain ``AdamW(model.parameters())`` would.
     Frozen parameters are left out; empty groups are dropped.
     """
-    groups = {}
+    backbone_decay, backbone_no_decay, head = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        backbone = name.startswith(backbone_prefix)
-        decay = parameter.ndim >= 2
-        key = (backbone, decay)
-        if key not in groups:
-            groups[key] = {"params": [], "lr": lr * backbone_lr_scale if backbone else lr,
-                           "weight_decay": weight_decay if decay else 0.0,
-                           "name": ("backbone" if backbone else "head") + ("" if decay else "_no_decay")}
-        groups[key]["params"].append(parameter)
-    return [groups[key] for key in sorted(groups, key=lambda k: (not k[0], not k[1]))]
+        if not name.startswith(backbone_prefix):
+            head.append(parameter)
+        elif parameter.ndim >= 2:
+            backbone_decay.append(parameter)
+        else:
+            backbone_no_decay.append(parameter)
+    groups = [
+        {"name": "backbone", "params": backbone_decay, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay},
+        {"name": "backbone_no_decay", "params": backbone_no_decay, "lr": lr * backbone_lr_scale, "weight_decay": 0.0},
+        {"name": "head", "params": head, "lr": lr, "weight_decay": weight_decay},
+    ]
+    return [group for group in groups if group["params"]]

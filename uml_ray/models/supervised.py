@@ -18,6 +18,11 @@ class SharedHeadUML(nn.Module):
     An auxiliary modality enters the shared space directly (reference: text goes straight in)
     unless ``project_auxiliary`` is set. A modality whose dim differs from ``shared_dim`` is
     always projected.
+
+    With a ``backbone`` (the fine-tuning regime) the target's inputs are images: the backbone's
+    pooled features (``dims[target]`` = its feature dim) enter the target's projection. Without
+    one (the head-only regime) the target's inputs are features already — the same model, minus
+    the backbone.
     """
 
     def __init__(
@@ -29,12 +34,14 @@ class SharedHeadUML(nn.Module):
         project_auxiliary: bool = False,
         logit_scale: bool = False,
         project_target: bool = True,
+        backbone: nn.Module | None = None,
     ):
         super().__init__()
         if target not in dims:
             raise ValueError(f"target modality '{target}' not in {sorted(dims)}")
         auxiliary = [m for m in dims if m != target]
         self.target = target
+        self.backbone = backbone
         self.shared_dim = shared_dim or (dims[auxiliary[0]] if auxiliary else dims[target])
         self.projections = nn.ModuleDict()
         for name, dim in dims.items():
@@ -49,7 +56,9 @@ class SharedHeadUML(nn.Module):
         )
 
     def logits(self, modality: str, features: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of one modality's features."""
+        """Class logits for a batch of one modality's features (images for the target when there is a backbone)."""
+        if modality == self.target and self.backbone is not None:
+            features = self.backbone(features)
         logits = self.head(self.projections[modality](features))
         if modality in self.log_scales:
             logits = logits * self.log_scales[modality].exp()

@@ -15,6 +15,7 @@ import random
 import numpy as np
 import torch
 
+from uml_ray.data.image_pipeline import ImageStream, ImageTransform
 from uml_ray.data.streams import BatchStream, dataset_name
 from uml_ray.train.plan import RunPlan
 
@@ -149,9 +150,12 @@ def report_validation(ctx, plan: RunPlan, metrics: dict, ended: bool, model, opt
         ctx.report(metrics)
 
 
-def setup_worker(plan: RunPlan, ctx):
+def setup_worker(plan: RunPlan, ctx, image_transform: ImageTransform | None = None):
     """What every loop starts with: thread/denormal settings, alpha per auxiliary modality, the train
-    streams (target + auxiliary modalities with alpha > 0) and a factory for further streams."""
+    streams (target + auxiliary modalities with alpha > 0) and a factory for further streams.
+
+    Image datasets (the fine-tuning regime) stream through the image pipeline with ``image_transform``
+    (train augmentation; val/test use its eval form)."""
     cfg = plan.cfg
     torch.set_flush_denormal(True)  # denormals in optimizer state made CPU steps ~10x slower
     torch.set_num_threads(cfg.resources.torch_threads)
@@ -163,6 +167,10 @@ def setup_worker(plan: RunPlan, ctx):
 
     def stream(modality: str, split: str, batch_size: int) -> BatchStream:
         name = dataset_name(modality, split)
+        if plan.streams[name].kind == "image":
+            transform = image_transform if split == "train" else image_transform.for_eval()
+            return ImageStream(ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
+                               transform, cfg.resources.decode_cpus, cfg.data.cache_max_mb)
         return BatchStream(ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
                            cfg.data.shuffle_buffer)
 
