@@ -7,6 +7,7 @@ MLflow tracker is rebuilt lazily after unpickling.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -21,6 +22,22 @@ MEMBERS = "members"
 FATAL_KEY = "fatal_error"
 USER_ERROR_KEY = "user_error"
 TRACEBACK_KEY = "fatal_traceback"
+
+
+def _never_fails_the_sweep(event):
+    """A trial event whose tracking error is one console line: recording a trial must never fail it,
+    nor end the sweep (a Tune callback that raises ends it). An unreachable server is no error at
+    all: the tracker holds its writes until the server answers again."""
+
+    @functools.wraps(event)
+    def guarded(self, trial, *args, **kwargs):
+        try:
+            return event(self, trial, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever MLflow raised, the trial trains on
+            text = " ".join(str(exc).split())[:300]
+            _say(f"MLflow: could not record {event.__name__.replace('_', ' ')} of trial {trial.trial_id} "
+                 f"({type(exc).__name__}: {text}); the trial goes on")
+    return guarded
 
 
 class TrackingBridge:
@@ -63,6 +80,7 @@ class TrackingBridge:
             self._configs[key] = self.resolve(trial.trial_id, params).cfg
         return self._configs[key]
 
+    @_never_fails_the_sweep
     def trial_started(self, trial) -> None:
         """Open (or find again) the trial's MLflow run(s)."""
         for key, params in self.runs(trial):
@@ -76,6 +94,7 @@ class TrackingBridge:
             if not self.single_run:
                 _say(f"trial {key} started: {_short(params)}")
 
+    @_never_fails_the_sweep
     def trial_result(self, trial, result: dict) -> None:
         """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
@@ -91,6 +110,7 @@ class TrackingBridge:
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             _say(f"trial {trial.trial_id} {_short(shown)}")
 
+    @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:
         """Close the trial's run(s): finished, stopped early, pruned or failed, with config and best weights."""
         self.trial_started(trial)
@@ -132,6 +152,11 @@ class TrackingBridge:
                 self.tracker.end_trial(key, status, outcome, artifacts)
                 why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
                 _say(f"trial {key} {outcome}{why}")
+
+    def finish(self) -> None:
+        """At the sweep's end: send every tracking write still held for an unreachable server."""
+        if self._tracker is not None:
+            self._tracker.close()
 
 
 def member_id(trial_id: str, k: int) -> str:

@@ -14,6 +14,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import sys
+import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -24,6 +28,7 @@ TRIAL_TAG = "uml_ray.trial_id"
 KIND_TAG = "uml_ray.kind"
 OUTCOME_TAG = "uml_ray.outcome"
 PARENT_TAG = "mlflow.parentRunId"
+STUDY_TAG = "uml_ray.study"
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -75,15 +80,22 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 # defaults (7 retries with backoff, 120 s timeout) took over 4 minutes to say so
 CHECK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# a sweep's writes give up on an unreachable server within seconds too, and are held and sent
+# later (SweepTracker): waiting out MLflow's minutes of backoff would stall the driver and with
+# it every trial waiting for its report to be taken
+WRITE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# how often held writes try an unreachable server again, and how long the last ones wait for it
+RETRY_WRITES_S = 5.0
+FINAL_WAIT_S = 300.0
 
 
 @contextlib.contextmanager
-def bounded_http():
-    """MLflow HTTP requests inside the block retry once and time out after 10 s (MLflow reads these
-    variables at every request); the variables are restored afterwards, so a running sweep keeps
-    MLflow's patient defaults."""
-    saved = {key: os.environ.get(key) for key in CHECK_HTTP}
-    os.environ.update(CHECK_HTTP)
+def bounded_http(settings: dict = CHECK_HTTP):
+    """MLflow HTTP requests inside the block retry and time out as ``settings`` say (by default: once,
+    10 s; MLflow reads these variables at every request); the variables are restored afterwards."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
@@ -142,6 +154,23 @@ def _one_line(exc: Exception) -> str:
     return found.group(1).strip() if found else f"{type(exc).__name__}: {text[:200]}"
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow error means the server did not answer (refused, timed out, kept failing with
+    5xx/429): worth sending again later, unlike a refused request. MLflow re-raises these as a bare
+    MlflowException, the requests error only in ``__context__``."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)):
+            return True
+        if "Max retries exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def check_run_name(name: str) -> None:
     """Refuse a run or sweep name that cannot be a folder or be matched in an MLflow filter string.
 
@@ -167,7 +196,13 @@ def quote_value(value: str) -> str:
 
 
 class SweepTracker:
-    """Writes one sweep (parent run + child run per trial) or one single training run to MLflow."""
+    """Writes one sweep (parent run + child run per trial) or one single training run to MLflow.
+
+    Every write goes through ``_write``: while the server is unreachable, writes are held in order
+    (artifacts copied aside) and sent once it answers again, so a tracking outage neither stalls
+    nor fails the sweep. Opening a trial's run looks for it by its tag first, so a write sent twice
+    never duplicates a run.
+    """
 
     def __init__(self, uri: str, experiment: str, artifact_location: str, sweep: str, single_run: bool = False):
         self.uri = resolve_tracking_uri(uri)
@@ -182,8 +217,66 @@ class SweepTracker:
         self.sweep = sweep
         self.single_run = single_run
         self.parent_id: str | None = None
-        self.trial_runs: dict[str, str] = {}
-        self.last_step: dict[str, int] = {}
+        self.trial_runs: dict[str, str | None] = {}  # None while the write opening the run is held
+        self.last_step: dict[str, int] = {}  # per trial key: steps at or below it were logged already
+        self._held: list[tuple[str, object]] = []  # (what, write) not yet sent, in order
+        self._retry_at = 0.0
+        self._spool: str | None = None  # copies of held artifacts (the caller's files are temporary)
+
+    def _write(self, what: str, write) -> None:
+        """Send ``write`` (a no-argument call) after any held ones; hold it while the server is unreachable."""
+        self._held.append((what, write))
+        self.flush()
+
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Send held writes in order, waiting up to ``wait_s`` for an unreachable server; True when none is left.
+
+        A write that fails for another reason than an unreachable server is dropped and its error raised.
+        """
+        deadline = time.monotonic() + wait_s
+        while self._held:
+            pause = self._retry_at - time.monotonic()
+            if pause > 0:
+                if time.monotonic() + pause > deadline:
+                    return False
+                time.sleep(pause)
+            what, write = self._held[0]
+            try:
+                with bounded_http(WRITE_HTTP):
+                    write()
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many types; is_unreachable sorts them
+                if not is_unreachable(exc):
+                    self._held.pop(0)
+                    raise
+                if not self._retry_at:
+                    _note(f"MLflow at {self.uri} is unreachable ({_one_line(exc)}); holding its writes "
+                          f"and trying again every {RETRY_WRITES_S:g} s")
+                self._retry_at = time.monotonic() + RETRY_WRITES_S
+                continue
+            self._held.pop(0)
+            if self._retry_at and not self._held:
+                _note(f"MLflow at {self.uri} answers again: held writes sent")
+                self._retry_at = 0.0
+        if self._spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+        return True
+
+    def close(self, wait_s: float = FINAL_WAIT_S) -> None:
+        """Send what is held, waiting up to ``wait_s`` for the server; say what could not be sent."""
+        if not self.flush(wait_s):
+            _note(f"MLflow at {self.uri} stayed unreachable for {wait_s:g} s: {len(self._held)} write(s) not recorded "
+                  f"({', '.join(sorted({what for what, _ in self._held}))})")
+
+    def _spooled(self, paths: dict[str, str]) -> dict[str, str]:
+        """Copies of local files that a held write will send after their owner deleted them."""
+        if self._spool is None:
+            self._spool = tempfile.mkdtemp(prefix="uml-ray-mlflow-")
+        copies = {}
+        for key, path in paths.items():
+            folder = tempfile.mkdtemp(dir=self._spool)
+            copies[key] = shutil.copy(path, folder)
+        return copies
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1)
@@ -198,50 +291,55 @@ class SweepTracker:
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     def start_sweep(self, params: dict, tags: dict | None = None) -> str | None:
-        """Open (or, on resume, reopen) the sweep's parent run; None for a single training run."""
+        """Open (or, on resume, reopen) the sweep's parent run; None for a single training run (or while held)."""
         if self.single_run:
             return None
-        existing = self._find(f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'sweep'")
-        if existing is not None:
-            self.parent_id = existing.info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
-            return self.parent_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=self.sweep, tags={SWEEP_TAG: self.sweep, KIND_TAG: "sweep", **(tags or {})}
-        )
-        self.parent_id = run.info.run_id
-        self._log_params(self.parent_id, params)
+
+        def open_parent():
+            existing = self._find(f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'sweep'")
+            if existing is not None:
+                self.parent_id = existing.info.run_id
+                self.client.update_run(self.parent_id, status="RUNNING")
+                return
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.sweep, tags={SWEEP_TAG: self.sweep, KIND_TAG: "sweep", **(tags or {})}
+            )
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, params)
+
+        self._write("the sweep's parent run", open_parent)
         return self.parent_id
 
-    def start_trial(self, trial_id: str, params: dict, tags: dict | None = None) -> str:
-        """The trial's run: found again by its tag when the trial is retried or the sweep resumed."""
+    def start_trial(self, trial_id: str, params: dict, tags: dict | None = None) -> str | None:
+        """The trial's run: found again by its tag when the trial is retried or the sweep resumed (None while held)."""
         if trial_id in self.trial_runs:
             return self.trial_runs[trial_id]
-        existing = self._find(f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}")
-        if existing is not None:
-            run_id = existing.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            history = existing.data.metrics.get("step")
-            self.last_step[run_id] = int(history) if history is not None else -1
-        else:
-            run_tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, KIND_TAG: "train" if self.single_run else "trial", **(tags or {})}
-            if self.parent_id:
-                run_tags[PARENT_TAG] = self.parent_id
-            name = self.sweep if self.single_run else f"{self.sweep}-{trial_id}"
-            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
-            self._log_params(run_id, params)
-            self.last_step[run_id] = -1
-        self.trial_runs[trial_id] = run_id
-        return run_id
+        self.trial_runs[trial_id] = None
+
+        def open_run():
+            existing = self._find(f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}")
+            if existing is not None:
+                run_id = existing.info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                history = existing.data.metrics.get("step")
+                self.last_step[trial_id] = int(history) if history is not None else -1
+            else:
+                run_tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, KIND_TAG: "train" if self.single_run else "trial", **(tags or {})}
+                if self.parent_id:
+                    run_tags[PARENT_TAG] = self.parent_id
+                name = self.sweep if self.single_run else f"{self.sweep}-{trial_id}"
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+                self._log_params(run_id, params)
+                self.last_step[trial_id] = -1
+            self.trial_runs[trial_id] = run_id
+
+        self._write(f"trial {trial_id}'s run", open_run)
+        return self.trial_runs[trial_id]
 
     def log_metrics(self, trial_id: str, metrics: dict, step: int) -> None:
-        """Numeric metrics at a training step; steps already logged before a resume are not repeated."""
-        run_id = self.trial_runs[trial_id]
-        if step <= self.last_step.get(run_id, -1):
-            return
-        self.last_step[run_id] = step
+        """Numeric metrics at a training step, stamped now even when held; steps already logged
+        (before a retry or resume) are not repeated."""
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [
@@ -249,32 +347,90 @@ class SweepTracker:
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
         ]
-        self.client.log_batch(run_id, metrics=batch)
+
+        def send():
+            if step <= self.last_step.get(trial_id, -1):
+                return
+            self.client.log_batch(self.trial_runs[trial_id], metrics=batch)
+            self.last_step[trial_id] = step
+
+        self._write(f"trial {trial_id}'s metrics", send)
 
     def end_trial(self, trial_id: str, status: str, outcome: str, artifacts: dict[str, str] | None = None) -> None:
         """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its artifacts."""
-        run_id = self.trial_runs.get(trial_id)
-        if run_id is None:
+        if trial_id not in self.trial_runs:
             return
-        for artifact_path, local in (artifacts or {}).items():
-            if local and os.path.exists(local):
+        files = {path: local for path, local in (artifacts or {}).items() if local and os.path.exists(local)}
+
+        def close_run():
+            run_id = self.trial_runs[trial_id]
+            for artifact_path, local in files.items():
                 self.client.log_artifact(run_id, local, artifact_path=artifact_path or None)
-        self.client.set_tag(run_id, OUTCOME_TAG, outcome)
-        self.client.set_terminated(run_id, status=status)
+            self.client.set_tag(run_id, OUTCOME_TAG, outcome)
+            self.client.set_terminated(run_id, status=status)
+
+        self._write(f"trial {trial_id}'s end", close_run)
+        if self._held:
+            files.update(self._spooled(files))
 
     def end_sweep(self, metrics: dict, params: dict, artifacts: list[str], status: str = "FINISHED") -> None:
-        """Close the parent run with the sweep's best result, study summary and plots."""
-        if self.parent_id is None:
+        """Close the parent run with the sweep's best result, study summary and plots; waits for held writes."""
+        if self.single_run:
             return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        if clean:
-            from mlflow.entities import Metric
-            import time
+        files = [path for path in artifacts if os.path.exists(path)]
 
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
-        for key, value in params.items():
-            self.client.set_tag(self.parent_id, f"uml_ray.best.{key}", _clean(value))
+        def close_parent():
+            if self.parent_id is None:
+                return
+            if clean:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
+            for key, value in params.items():
+                self.client.set_tag(self.parent_id, f"uml_ray.best.{key}", _clean(value))
+            for path in files:
+                self.client.log_artifact(self.parent_id, path)
+            self.client.set_terminated(self.parent_id, status=status)
+
+        self._write("the sweep's summary", close_parent)
+        self.close()  # the caller's artifact files live only until it returns
+
+
+def _note(line: str) -> None:
+    print(f"[uml-ray] {line}", file=sys.stderr, flush=True)
+
+
+class StudyTracker(SweepTracker):
+    """A study (``uml-ray compare``, ``uml-ray study``): one parent run over several sweeps. Each
+    sweep's parent run (or a single training's run) becomes its child through ``mlflow.parentRunId``,
+    so the MLflow UI nests study → sweep → trial."""
+
+    def start_study(self, kind: str, params: dict) -> str:
+        """Open the study's run (tag ``uml_ray.kind=<kind>``) with its settings as params."""
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep, tags={STUDY_TAG: self.sweep, KIND_TAG: kind})
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+        return self.parent_id
+
+    def adopt(self, sweep: str) -> None:
+        """Make the top run of ``sweep`` (its sweep parent run, or a single training's run) a child of the study."""
+        found = self._find(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)} and tags.`{KIND_TAG}` != 'trial'")
+        if found is None:
+            raise UserError(f"no MLflow run of sweep '{sweep}' in the experiment; the study cannot record it")
+        self.client.set_tag(found.info.run_id, PARENT_TAG, self.parent_id)
+        self.client.set_tag(found.info.run_id, STUDY_TAG, self.sweep)
+
+    def end_study(self, metrics: dict, tags: dict, artifacts: list[str], status: str = "FINISHED") -> None:
+        """Close the study's run with its summary metrics, tags and artifacts (tables, plots)."""
+        from mlflow.entities import Metric, RunTag
+        import time
+
+        now = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()],
+                              tags=[RunTag(k, _clean(v)) for k, v in tags.items()])
         for path in artifacts:
             self.client.log_artifact(self.parent_id, path)
         self.client.set_terminated(self.parent_id, status=status)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from uml_ray.data.streams import TableSource, read_table
+from uml_ray.errors import UserError
 from uml_ray.train.plan import RunPlan
 
 STATE_FILE = "state.pt"
@@ -62,9 +63,49 @@ def write_checkpoint(folder: str, state: dict, best: dict) -> None:
     torch.save(best, os.path.join(folder, BEST_FILE))
 
 
-def read_state(folder: str) -> dict:
-    """Loop state saved by ``write_checkpoint``."""
-    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+class CheckpointError(UserError):
+    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names the file."""
+
+
+def read_state(folder: str, shown_as: str = "") -> dict:
+    """Loop state saved by ``write_checkpoint``; an unreadable file is a ``CheckpointError`` naming it
+    (``shown_as``: the file's real place, when ``folder`` is a downloaded copy), never torch's own error."""
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises RuntimeError, EOFError, UnpicklingError, OSError...
+        reason = " ".join(str(exc).split()).split(". ")[0][:200]
+        raise CheckpointError(f"checkpoint file {shown_as or path} is unreadable ({type(exc).__name__}: {reason})") from None
+
+
+def earlier_checkpoints(checkpoint) -> list:
+    """The checkpoints kept beside a Ray ``checkpoint`` (same folder, earlier names), newest first."""
+    from pyarrow import fs as pafs
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    found = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    names = sorted((info.base_name for info in found if info.type == pafs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
+    return [type(checkpoint)(f"{parent}/{earlier}", filesystem=checkpoint.filesystem) for earlier in names]
+
+
+def restore_state(checkpoint) -> dict:
+    """The loop state of a Ray ``checkpoint``. When its file is unreadable (a node died while writing
+    it, a disk filled up), the newest earlier checkpoint that reads serves instead — Tune keeps two
+    per trial — with one line saying so; when none reads, a ``CheckpointError`` naming the file."""
+    problems = []
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                state = read_state(folder, shown_as=f"{candidate.path}/{STATE_FILE}")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            print(f"[uml-ray] {problems[0]}; resuming from the earlier checkpoint {candidate.path}", flush=True)
+        return state
+    earlier = f"; so are the {len(problems) - 1} earlier one(s) kept beside it" if len(problems) > 1 else ""
+    raise CheckpointError(f"{problems[0]}{earlier}; the run cannot resume from it: start it again under a new --name")
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -101,10 +142,7 @@ class InlineContext(_SingleWorker):
         import ray.tune
 
         checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return read_state(folder)
+        return None if checkpoint is None else restore_state(checkpoint)
 
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         import ray.tune
@@ -175,10 +213,7 @@ class TrainWorkerContext:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return read_state(folder)
+        return None if checkpoint is None else restore_state(checkpoint)
 
     def wrap(self, model, find_unused_parameters: bool = False):
         if self.world_size == 1:
