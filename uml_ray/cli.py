@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "uml_ray.tracking.commands",
     "uml_ray.data.commands",
     "uml_ray.encoders.commands",
+    "uml_ray.science.commands",
 )
 
 

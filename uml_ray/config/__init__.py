@@ -34,6 +34,7 @@ class DataConfig:
     manifest: str = option("", "Path or s3:// / gs:// URI of the dataset manifest (docs/data-format.md).")
     auxiliary: list = option([], "Auxiliary modalities to use; empty = every non-target modality in the manifest.")
     aux_per_class: int = option(-1, "Keep k auxiliary rows per class (seeded); -1 keeps all.", low=-1)
+    target_per_class: int = option(-1, "Keep k target train rows per class: a draw seeded by train.seed from the id-sorted rows (nested: the k rows are among the 2k ones of the same seed); val and test stay whole. -1 keeps all.", low=-1)
     aux_class_mean: bool = option(False, "Replace each auxiliary modality by its per-class mean vectors.")
     aux_batch_ratio: float = option(1.0, "Auxiliary batch size as a multiple of train.batch_size.", low=0.0, low_open=True)
     shuffle_buffer: int = option(4096, "Rows held in each worker's shuffle buffer.", low=1)
@@ -68,7 +69,7 @@ class TrainConfig:
     """Optimisation and schedule (step-based, AdamW, linear warm-up then cosine)."""
 
     lr: float = option(1e-3, "Peak learning rate.", low=0.0, low_open=True, high=10.0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", low=0.0, high=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay (decoupled; few-shot heads tuned fairly may need more than 1, e.g. 7/sqrt(shots)).", low=0.0, high=100.0)
     batch_size: int = option(32, "Target-modality batch size per worker.", low=1)
     max_steps: int = option(500, "Optimizer steps.", low=1)
     warmup_steps: int = option(20, "Linear warm-up steps before the cosine decay.", low=0)
@@ -278,6 +279,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("model.backbone fine-tunes a vision backbone in the supervised regime; set model.regime=supervised or model.backbone=''")
     if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
         raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
+    if cfg.data.target_per_class > 0 and (cfg.model.regime == "sequence" or cfg.model.backbone):
+        raise ConfigError(f"data.target_per_class={cfg.data.target_per_class} selects target feature vectors of the head-only supervised "
+                          "regime; set it to -1 here (draw few-shot splits when building the dataset instead, e.g. uml-ray case --shots)")
     if not cfg.tracking.experiment.strip():
         # MLflow refuses an empty experiment name only when the run starts, after Ray has started
         raise ConfigError("tracking.experiment is empty; name the MLflow experiment (e.g. tracking.experiment=uml-ray)")

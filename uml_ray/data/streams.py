@@ -124,6 +124,11 @@ def read_table(uris: list[str]) -> pa.Table:
     return pq.read_table(paths, filesystem=filesystem).combine_chunks()
 
 
+def shape_target(table: pa.Table, target_per_class: int, seed: int) -> pa.Table:
+    """The target's train split as a run uses it: k rows per class (``data.target_per_class``), else whole."""
+    return _select_per_class(table, target_per_class, seed) if target_per_class > 0 else table
+
+
 def shape_auxiliary(table: pa.Table, aux_per_class: int, aux_class_mean: bool, seed: int) -> pa.Table:
     """An auxiliary vector modality as a run uses it: k rows per class and/or per-class means."""
     if aux_per_class > 0:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from uml_ray.config import Config, check_modalities
+from uml_ray.data.format import LABEL
 from uml_ray.data.streams import plan_streams, read_table
 from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace, check_space
@@ -32,6 +35,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
             raise ConfigError(f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}")
     check_modalities(cfg, auxiliary)
     check_kinds(cfg, manifest, auxiliary)
+    check_target_projection(cfg, manifest, auxiliary)
     if space is not None:
         check_space(space, cfg, auxiliary)
     check_storage_path(cfg.tracking.storage_path)
@@ -50,7 +54,46 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
             # each worker takes its own slice of every dataset: an empty slice would stall the others
             raise ConfigError(f"dataset '{name}' has {spec.rows} row(s), fewer than resources.num_workers={workers}; "
                               f"use resources.num_workers<={spec.rows} or give '{name}' more rows")
+    check_target_per_class(cfg, manifest, streams, space)
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
+
+
+def check_target_projection(cfg: Config, manifest, auxiliary: list[str]) -> None:
+    """``model.project_target=false`` feeds the target straight into the shared head, which only fits
+    when the target's dim is the shared width; otherwise the model would project it anyway."""
+    if cfg.model.regime != "supervised" or cfg.model.project_target or cfg.model.backbone:
+        return
+    dims = {name: spec.dim for name, spec in manifest.modalities.items()}
+    active = [m for m, a in cfg.alpha_for(auxiliary).items() if a > 0]
+    width = cfg.model.shared_dim or dims[active[0] if active else manifest.target]
+    if dims[manifest.target] != width:
+        source = "model.shared_dim" if cfg.model.shared_dim else f"the dim of auxiliary '{active[0]}' (model.shared_dim=0)"
+        raise ConfigError(f"model.project_target=false feeds the target '{manifest.target}' ({dims[manifest.target]}-d) into the "
+                          f"shared head directly, but the shared width is {width} ({source}); set model.project_target=true, "
+                          f"or model.shared_dim={dims[manifest.target]} when the auxiliary features are in the target's space")
+
+
+def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSpace | None) -> None:
+    """``data.target_per_class`` (the config's value or the largest a space may sample) needs the
+    target's train split in memory and at least that many rows in every class: fewer would be
+    taken silently."""
+    wanted = [cfg.data.target_per_class]
+    for param in space.params if space is not None else []:
+        if param.key == "data.target_per_class":
+            wanted += list(param.values) if param.type == "choice" else [param.high]
+    k = max(wanted)
+    if k <= 0:
+        return
+    name = f"{manifest.target}.train"
+    if not streams[name].cached:
+        raise ConfigError(f"data.target_per_class={k} selects rows of '{name}' in memory, but it is larger than "
+                          f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb")
+    labels = read_table(manifest.uris(manifest.target, "train")).column(LABEL).to_numpy(zero_copy_only=False)
+    counts = np.bincount(labels, minlength=len(manifest.classes))
+    if counts.min() < k:
+        poorest = manifest.classes[int(counts.argmin())]
+        raise ConfigError(f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
+                          f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} or a larger train split")
 
 
 def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:

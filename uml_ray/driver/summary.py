@@ -67,6 +67,14 @@ def _failures(results, path: str) -> list[Failure]:
     return failures
 
 
+def best_row(scored: list[dict], metric: str) -> dict:
+    """The selected trial among rows that reported ``metric``: like `uml-ray best`, completed trials
+    only (ASHA-pruned ones never reached their best-val point), ties broken by the lower validation
+    loss at that point."""
+    finalists = [r for r in scored if r["metrics"].get("completed")] or scored
+    return max(finalists, key=lambda r: (r["metrics"][metric], -r["metrics"].get("best_val_loss", 0.0)))
+
+
 def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace | None) -> RunOutcome:
     """Best result, study summary and plots onto the parent run; the outcome for the CLI."""
     from uml_ray.driver.tune import param_importances
@@ -93,10 +101,7 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
         outcome = RunOutcome(name, path, {}, {}, rows, failures)
         outcome.raise_for_failures()
         raise UserError(f"no trial of '{name}' reported {metric}")
-    # like `uml-ray best`: completed trials only (ASHA-pruned ones never reached their best-val
-    # point), ties broken by the lower validation loss at that point
-    finalists = [r for r in scored if r["metrics"].get("completed")] or scored
-    best = max(finalists, key=lambda r: (r["metrics"][metric], -r["metrics"].get("best_val_loss", 0.0)))
+    best = best_row(scored, metric)
     if space is not None:
         tracker = SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name)
         tracker.start_sweep({})

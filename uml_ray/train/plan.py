@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from uml_ray.config import Config, apply_overrides
 from uml_ray.data.format import Manifest
-from uml_ray.data.streams import StreamSpec, shape_auxiliary
+from uml_ray.data.streams import StreamSpec, shape_auxiliary, shape_target
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,14 @@ class RunPlan:
         return dataclasses.replace(self, cfg=apply_overrides(self.cfg, params))
 
     def shape_table(self, name: str, table):
-        """An in-memory share as the run uses it: auxiliary vector rows selected per ``data.aux_*``."""
-        modality = name.rsplit(".", 1)[0]
-        if modality == self.dataset.target or self.streams[name].kind != "vector":
-            return table
+        """An in-memory share as the run uses it: target train rows per ``data.target_per_class``,
+        auxiliary vector rows per ``data.aux_*``."""
+        modality, split = name.rsplit(".", 1)
         data = self.cfg.data
+        if self.streams[name].kind != "vector":
+            return table
+        if modality == self.dataset.target:
+            return shape_target(table, data.target_per_class, self.cfg.train.seed) if split == "train" else table
         return shape_auxiliary(table, data.aux_per_class, data.aux_class_mean, self.cfg.train.seed)
 
     def alpha(self) -> dict[str, float]:

@@ -56,7 +56,8 @@ def run_fused_trial(plan: RunPlan, members: list[dict], rungs: list[int], reduct
     """A Ray Tune function trial training ``members`` (dotted overrides of ``plan``) as one fused model, in the trial process."""
     from uml_ray.train.fused_loop import train_fused
 
-    train_fused(plan, members, _inline_context(plan), rungs, reduction_factor)
+    # members share every structural setting (data.*, train.seed): the first one's plan shapes the tables
+    train_fused(plan, members, _inline_context(plan.with_params(members[0])), rungs, reduction_factor)
 
 
 def run_trial(plan: RunPlan) -> None:

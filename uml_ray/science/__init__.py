@@ -1,0 +1,1 @@
+"""Answers, not just runs: paired UML-vs-unimodal comparisons over seeds and the conversion study."""
