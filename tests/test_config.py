@@ -66,5 +66,9 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     assert str(path) in str(info.value) and "model.zdimm" in str(info.value) and "zdim" in str(info.value)
 
 
-def test_defaults_are_valid():
-    assert Config().train.max_steps > Config().train.warmup_steps
+def test_a_dumped_config_loads_back_equal(tmp_path):
+    from uml_ray.config import dump_config, load_config
+
+    cfg = load_config(None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "data.auxiliary=text"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

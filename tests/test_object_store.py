@@ -87,7 +87,7 @@ def test_train_reads_s3_manifest_and_checkpoints_to_s3(s3, tmp_path):
     run = uml_ray(env, tmp_path, "train", config, "--name", "s3run", timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
-    assert 0 <= result["test_acc"] <= 1
+    assert result["test_acc"] > 0.3  # 5 classes: chance is 0.2
 
     stored = keys(client, "runs/")
     checkpoints = [k for k in stored if "/checkpoint_" in k]

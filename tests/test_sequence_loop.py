@@ -97,7 +97,7 @@ def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir
     assert [r["step"] for r in second.reports] == [10, 15, 20]
     for resumed, uninterrupted in zip(second.reports, whole.reports[1:]):
         assert resumed == uninterrupted  # losses, probe accuracies, lr: bit-identical
-    assert whole.reports[-1]["completed"] == 1 and 0.0 <= whole.reports[-1]["test_acc"] <= 1.0
+    assert whole.reports[-1]["completed"] == 1 and whole.reports[-1]["test_acc"] > 1 / CLASSES
     for name, weight in whole.saved["model"].items():
         assert torch.equal(weight, second.saved["model"][name]), name
     for name, weight in whole.saved["best_weights"].items():
@@ -143,6 +143,6 @@ def test_sequence_sweep_lands_trials_under_a_parent(ray_session, sequence_manife
     for child in children:
         assert child.data.params["model.zdim"] in {"20", "40", "150", "300"}
         assert child.data.params["model.pos_emb"] in {"none", "sinusoidal", "learnable"}
-        assert 0.0 <= child.data.metrics["best_val_acc"] <= 1.0
+        assert child.data.metrics["best_val_acc"] > 1 / CLASSES
         assert client.get_metric_history(child.info.run_id, "val_acc")[0].step == 5
     assert parents[0].data.metrics["trials"] == 3

@@ -87,7 +87,7 @@ def test_train_cli_records_mlflow_run(ray_session, synthetic_manifest, tmp_path,
 
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)
     result = train_once(capsys, config, "--name", "single")
-    assert result["best_val_acc"] > 0.4 and 0 <= result["test_acc"] <= 1
+    assert result["best_val_acc"] > 0.4 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id])
