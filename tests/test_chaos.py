@@ -27,6 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "search_spaces" / "supervised_linear_probe.yaml"
 
 
+def fusable_space(path: Path) -> Path:
+    """A space whose every config fuses with every other (alpha > 0, lr, weight decay): fused trials of --fuse members."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"recipe": "supervised", "metric": "best_val_acc", "params": {
+        "train.alpha.text": {"type": "uniform", "low": 0.2, "high": 1.5},
+        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+        "train.weight_decay": {"type": "choice", "values": [0.0, 0.01]}}}))
+    return path
+
+
 class Background:
     """``main(argv)`` in a thread (the driver stays in this process, so its Ray is the shared one)."""
 
@@ -116,7 +127,7 @@ def first_new_step_after(client, run, killed_at: float, key: str = "val_acc") ->
     """Seconds from a kill to the first validation step MLflow got that no one had reached before it."""
     history = client.get_metric_history(run.info.run_id, key)
     reached = max((m.step for m in history if m.timestamp / 1000 <= killed_at), default=-1)
-    return min(m.timestamp / 1000 for m in history if m.step > reached) - killed_at
+    return min((m.timestamp / 1000 for m in history if m.step > reached), default=float("inf")) - killed_at
 
 
 def reported_steps(trial_folder: Path) -> list[int]:
@@ -175,3 +186,85 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
     print(f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {steps[replays[0]:replays[0] + 3] if replays else []}); "
           f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
           f"final metrics identical: {killed}")
+
+
+# --- a trial process ------------------------------------------------------------------------------
+
+
+def sweep_children(workdir: Path, sweep: str) -> list:
+    return [r for r in tracked_runs(workdir) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "trial"]
+
+
+def results(folder: Path) -> list[dict]:
+    """Every result a Tune trial reported, in order, retries included (its result.json)."""
+    try:
+        return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):  # being written
+        return []
+
+
+def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple[Path, int] | None:
+    """(Tune trial folder, trial process pid) of a trial of ``sweep`` past ``step`` and not done, the pid
+    checked against the alive actors of Ray's state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    for path in (workdir / "runs" / sweep).glob("*/result.json"):
+        reported = results(path.parent)
+        if reported and step <= reported[-1].get("step", 0) < max_steps - 100 and not reported[-1].get("done"):
+            alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                                filters=[("state", "=", "ALIVE"), ("class_name", "=", "ImplicitFunc")], detail=True)
+            if reported[-1]["pid"] in [a.pid for a in alive]:
+                return path.parent, reported[-1]["pid"]
+    return None
+
+
+def resumed_from(reported: list[dict]) -> tuple[int, int]:
+    """(last step before the trial process changed, step its successor began from): a retry resumed from
+    a checkpoint starts right after the last one the first process wrote."""
+    first_pid = reported[0]["pid"]
+    switch = next(i for i, r in enumerate(reported) if r["pid"] != first_pid)
+    checkpointed = [r["step"] for r in reported[:switch] if r.get("checkpoint_dir_name")]
+    assert reported[switch]["step"] == max(checkpointed) + 20, [(r["step"], r["pid"]) for r in reported]
+    return reported[switch - 1]["step"], max(checkpointed)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fuse, trials", [(1, 3), (2, 4)], ids=["one-config-trials", "fused-trials"])
+def test_killed_trial_process_is_retried_from_checkpoint(ray_session, synthetic_manifest, tmp_path, capsys, fuse, trials):
+    """A sweep's trial process SIGKILLed after step 60 (checkpoints every 40 steps): Tune retries the
+    trial from its checkpoint; the sweep ends with every requested config tracked once, none failed."""
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    sweep = f"kill-trial-{fuse}"
+    started = time.monotonic()
+    space = SPACE if fuse == 1 else fusable_space(tmp_path / "space.yaml")
+    run = Background(["tune", str(config), "--space", str(space), "--trials", str(trials), "--fuse", str(fuse),
+                      "--concurrency", "1", "--name", sweep])
+    folder, pid = wait_for("a trial past step 60", lambda: running_trial(tmp_path, sweep, 60, 600), run, every=0.05)
+    killed_at = kill(pid)
+    assert run.join(600) == 0
+    summary = last_json(capsys.readouterr().out)
+    took = time.monotonic() - started
+
+    reported = results(folder)
+    killed_step, resumed_at = resumed_from(reported)
+    assert resumed_at >= 40  # from a checkpoint, not from step 0
+    trial_id = reported[0]["trial_id"]
+
+    client = mlflow_client(tmp_path)
+    children = sweep_children(tmp_path, sweep)
+    keys = [r.data.tags["uml_ray.trial_id"] for r in children]
+    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, keys  # none lost, none twice
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children), [r.info.status for r in children]  # none failed
+    for child in children:  # every validation a trial reached, once
+        history = metric_steps(client, child)
+        assert history == list(range(20, history[-1] + 1, 20)), (child.data.tags["uml_ray.trial_id"], history)
+    (parent,) = [r for r in tracked_runs(tmp_path) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["failed_trials"] == 0
+    victims = [r for r in children if trial_id in (r.data.tags["uml_ray.trial_id"], r.data.tags.get("uml_ray.fused_trial"))]
+    assert len(victims) == fuse
+    recovered = min(first_new_step_after(client, victim, killed_at) for victim in victims)
+    print(f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
+          f"resumed from step {resumed_at}; "
+          f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s")
