@@ -318,3 +318,33 @@ def test_an_informative_auxiliary_converts_to_more_target_samples(ray_session, d
         assert len(result["curve"]) == 3 and result["curve"] == sorted(result["curve"])
     # a redundant row is at most one more target row; the informative one is worth more
     assert ratios["informative"] > ratios["redundant"] and ratios["informative"] > 1.0, ratios
+
+
+def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datasets, tmp_path):
+    """The cells a study adds to a grid are structural settings: each fused trial must shape its
+    tables with its members' data.target_per_class and train.seed, exactly as the config trained
+    alone does (not with the base config's: all rows, seed 0)."""
+    from uml_ray.config import load_config
+    from uml_ray.driver import tune
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.search.space import load_space
+    from uml_ray.train.context import LocalContext
+    from uml_ray.train.loop import train_supervised
+
+    cells = ("searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.1]}\n"
+             "  data.target_per_class: {type: choice, values: [1, 2]}\n  train.seed: {type: choice, values: [1, 2]}\n")
+    config, space_path = _setup(tmp_path, datasets["informative"], cells, train={"max_steps": 40})
+    space = load_space(space_path)
+    plan = build_plan(load_config(config), space)
+    fused = {(r["config"]["data.target_per_class"], r["config"]["train.seed"]): (r["metrics"]["best_val_acc"], r["metrics"]["test_acc"])
+             for r in tune.run(plan, space, name="fused", fuse=16).results}
+    alone = {}
+    for k, seed in fused:
+        alone_plan = plan.with_params({"train.lr": 0.1, "data.target_per_class": k, "train.seed": seed})
+        metrics = train_supervised(alone_plan, LocalContext(alone_plan))
+        alone[(k, seed)] = (metrics["best_val_acc"], metrics["test_acc"])
+    print(fused, alone)
+    assert set(fused) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for cell in alone:
+        assert fused[cell] == pytest.approx(alone[cell], abs=1e-3), cell
+    assert len(set(alone.values())) == 4  # every cell trained on other rows

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     synth.add_argument("--noise-aux", type=float, default=SYNTH_DEFAULTS["noise_aux"], help="observation noise of the auxiliary modalities")
     synth.add_argument("--class-sep", type=float, default=SYNTH_DEFAULTS["class_sep"], help="scale of the class means in latent space")
     synth.add_argument("--aux-pure-noise", action="store_true", help="auxiliary modalities are pure noise (control case)")
+    synth.add_argument("--aux-shared-mixing", action="store_true",
+                       help="auxiliary modalities observed through the target's own mixing (aligned spaces; dims must equal --dim-x)")
     synth.add_argument("--kind", choices=["vector", "sequence"], default=SYNTH_DEFAULTS["kind"], help="row kind")
     synth.add_argument("--seq-len", type=int, nargs=2, default=list(SYNTH_DEFAULTS["seq_len"]), metavar=("MIN", "MAX"), help="sequence length range")
     synth.add_argument("--rows-per-shard", type=int, default=SYNTH_DEFAULTS["rows_per_shard"], help="rows per Parquet shard")
@@ -114,6 +116,7 @@ def run_synth(args) -> int:
         noise_aux=args.noise_aux,
         class_sep=args.class_sep,
         aux_pure_noise=args.aux_pure_noise,
+        aux_shared_mixing=args.aux_shared_mixing,
         kind=args.kind,
         seq_len=tuple(args.seq_len),
         rows_per_shard=args.rows_per_shard,
