@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import FEATURES, ID, LABEL, Manifest, table_to_numpy
@@ -211,6 +212,11 @@ def _to_arrays(table: pa.Table, spec: StreamSpec):
     return features, labels
 
 
+def _sorted_by_id(table: pa.Table) -> bool:
+    ids = table.column(ID)
+    return len(table) < 2 or pc.all(pc.less_equal(ids.slice(0, len(table) - 1), ids.slice(1))).as_py()
+
+
 def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks() if tables else None
 
@@ -255,7 +261,8 @@ class BatchStream:
         if self._table is None:
             tables = [batch for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow")]
             table = _concat([pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in tables])
-            table = table.sort_by(ID)
+            if not _sorted_by_id(table):  # the driver's tables come sorted: a check costs 1000x less than a sort
+                table = table.sort_by(ID)
             if self.world_size > 1:  # cached datasets reach every worker whole
                 table = table.take(pa.array(np.arange(self.rank, len(table), self.world_size)))
             if len(table) == 0:
@@ -333,6 +340,12 @@ class BatchStream:
                 self.epoch += 1
                 self.drawn = 0
                 self._batches = None
+
+    def close(self) -> None:
+        """End the epoch in progress, and with it any Ray Data read-ahead it holds (the loop calls this when done)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def batches_per_epoch(self) -> int:
         """Batches in one epoch of this worker's share (cached shares only; streamed shares estimate)."""

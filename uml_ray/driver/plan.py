@@ -13,6 +13,7 @@ import numpy as np
 
 from uml_ray.config import Config, check_modalities
 from uml_ray.data.format import LABEL
+from uml_ray.data.format import ID
 from uml_ray.data.streams import plan_streams, read_table
 from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace, check_space
@@ -125,6 +126,7 @@ def load_tables(plan: RunPlan) -> RunPlan:
     """Read every in-memory (modality, split) once and put it in the Ray object store (Ray must be up)."""
     import ray
 
-    tables = {name: ray.put(read_table(plan.dataset.manifest.uris(*name.rsplit(".", 1))))
+    # sorted by row id once here, so no trial or worker sorts it again (streams take id-sorted shares)
+    tables = {name: ray.put(read_table(plan.dataset.manifest.uris(*name.rsplit(".", 1))).sort_by(ID))
               for name, spec in plan.streams.items() if spec.cached}
     return dataclasses.replace(plan, tables=tables)
