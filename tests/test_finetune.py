@@ -1,7 +1,7 @@
 """The fine-tuning regime: image shards, the Ray Data image pipeline, a timm backbone under the shared head.
 
 A tiny random-init timm model (``test_efficientnet``, 99k parameters, with BatchNorm) on 32 px
-synthetic images whose class is a bright quadrant: fast on CPU, and learnable.
+synthetic images whose class is the colour of a square: fast on CPU, and learnable.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from uml_ray.models.backbone import build_backbone, param_groups
 from uml_ray.train.context import LocalContext
 from uml_ray.train.loop import train_supervised
 
-CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
+CLASSES = ["red", "green", "blue", "yellow"]
+COLORS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
 BACKBONE = "timm:test_efficientnet,pretrained=false"
 FINETUNE = {
     "model": {"regime": "supervised", "backbone": BACKBONE, "image_size": 32, "freeze_blocks": 2, "head_init": "text"},
@@ -38,24 +39,24 @@ FINETUNE = {
 }
 
 
-def quadrant_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -> np.ndarray:
-    """RGB images whose class is the bright quadrant, under noise."""
-    images = rng.integers(0, 90, size=(len(labels), size, size, 3)).astype(np.uint8)
-    half = size // 2
+def color_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """RGB noise images with a square of the class's colour at a random place (the class survives crops and flips)."""
+    images = rng.integers(0, 110, size=(len(labels), size, size, 3)).astype(np.uint8)
+    side = size // 2
     for image, label in zip(images, labels):
-        top, left = (label // 2) * half, (label % 2) * half
-        image[top:top + half, left:left + half] += 150
+        top, left = rng.integers(0, size - side, 2)
+        image[top:top + side, left:left + side] += (140 * COLORS[label]).astype(np.uint8)
     return images
 
 
 def write_image_case(out: Path, per_class: dict[str, int], seed: int = 0) -> str:
-    """An image target (PNG shards) + 8-d 'text' feature vectors carrying the class, with its manifest."""
+    """A colour-square image target (PNG shards) + 8-d 'text' feature vectors carrying the class, with its manifest."""
     rng = np.random.default_rng(seed)
     splits = {}
     for split, count in per_class.items():
         labels = np.repeat(np.arange(len(CLASSES)), count)
         ids = [f"{split}-{i:03d}" for i in range(len(labels))]
-        splits[split], _ = write_image_shards(str(out), "image", split, quadrant_images(labels, rng), labels, ids)
+        splits[split], _ = write_image_shards(str(out), "image", split, color_images(labels, rng), labels, ids)
     text_labels = np.repeat(np.arange(len(CLASSES)), 10)
     text = np.eye(len(CLASSES), 8, dtype=np.float32)[text_labels] * 2 + rng.normal(0, 0.3, (len(text_labels), 8)).astype(np.float32)
     manifest = Manifest("quadrants", CLASSES, "image", {
@@ -93,3 +94,148 @@ def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_pat
         assert resumed == uninterrupted  # losses, accuracies, lr: bit-identical
     for name, weight in whole.saved["model"].items():
         assert torch.equal(weight, second.saved["model"][name]), name
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_row_id():
+    picture = color_images(np.array([2]), np.random.default_rng(0))[0]
+    payload = encode_png(to_picture(picture))
+    train = ImageTransform(size=24, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), train=True, min_scale=0.3, seed=7)
+    first = transform_image(payload, "row-1", 3, train)
+    assert first.shape == (24, 24, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, transform_image(payload, "row-1", 3, train))
+    others = [transform_image(payload, "row-1", 4, train), transform_image(payload, "row-2", 3, train),
+              transform_image(payload, "row-1", 3, ImageTransform(**{**vars(train), "seed": 8}))]
+    assert all(not np.array_equal(first, other) for other in others)
+    # eval: shorter side to 24 / 0.875 = 27 px, then the centre 24 x 24, the same every time
+    evaluated = transform_image(payload, "row-1", 3, train.for_eval())
+    assert np.array_equal(evaluated, transform_image(payload, "row-9", 0, train.for_eval()))
+    rng = np.random.default_rng(0)
+    boxes = np.array([crop_box(40, 30, rng, 0.3) for _ in range(500)])
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 40).all() and (boxes[:, 1] + boxes[:, 3] <= 30).all()
+    areas = boxes[:, 2] * boxes[:, 3] / (40 * 30)
+    assert areas.min() >= 0.28 and areas.max() <= 1.0 and areas.std() > 0.1
+
+
+def test_param_groups_scale_the_backbone_lr_and_spare_norms_and_biases_from_decay():
+    from uml_ray.models.supervised import SharedHeadUML
+
+    torch.manual_seed(0)
+    backbone = build_backbone(BACKBONE)
+    backbone.freeze(2)
+    model = SharedHeadUML({"image": backbone.num_features, "text": 8}, "image", 4, backbone=backbone)
+    groups = {g["name"]: g for g in param_groups(model, 0.1, 0.05, 0.2)}
+    assert groups["backbone"]["lr"] == pytest.approx(0.02) and groups["head"]["lr"] == 0.1
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 0.05
+    assert all(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])
+    frozen = {id(p) for p in backbone.model.conv_stem.parameters()}
+    assert not frozen & {id(p) for g in groups.values() for p in g["params"]}
+    head_only = SharedHeadUML({"image": 16, "text": 8}, "image", 4, logit_scale=True)
+    (group,) = param_groups(head_only, 0.1, 0.05, 0.2)
+    assert group["params"] == list(head_only.parameters()) and group["weight_decay"] == 0.05
+
+
+def rewrite_row(uri: str, row: int, payload: bytes) -> None:
+    table = pq.read_table(uri)
+    images = table.column("image").to_pylist()
+    images[row] = payload
+    pq.write_table(table.set_column(0, pa.field("image", pa.binary(), nullable=False), pa.array(images, pa.binary())), uri)
+
+
+@pytest.mark.parametrize("defect", ["undecodable", "channels", "empty"])
+def test_each_bad_image_input_is_one_clear_error(defect, tmp_path, capsys):
+    manifest = write_image_case(tmp_path / "data", {"train": 2, "val": 1, "test": 1})
+    spec = load_manifest(manifest).modalities["image"]
+    if defect == "undecodable":
+        rewrite_row(spec.splits["train"][0], 5, b"\x89PNG\r\n\x1a\n not really")
+        expected = [f"{spec.splits['train'][0]}: 1 row(s) are not decodable images (first at row 5"]
+    elif defect == "channels":
+        rewrite_row(spec.splits["test"][0], 2, encode_png(to_picture(np.zeros((8, 8), np.uint8))))
+        expected = [f"{spec.splits['test'][0]}: 1 image(s) do not have the 3 channel(s) of modalities.image.dim "
+                    "(first at row 2: 1 channel(s) (L))"]
+    else:
+        uris, _ = write_image_shards(str(tmp_path / "data"), "image", "val", [], [], [])
+        expected = [f"modalities.image.splits.val has 0 rows in its shards"]
+    assert main(["data", "validate", manifest]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(text in lines[0] for text in expected), lines
+    # training refuses the same input with the same line, before Ray starts
+    config = finetune_config(tmp_path / "c.yaml", manifest, tmp_path)
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(lines[0].split(": ", 1)[1])
+
+
+def test_image_writers_from_fashion_mnist_image_folder_and_parquet_bytes(tmp_path, capsys):
+    from PIL import Image
+
+    from uml_ray.data.images import fashion_mnist_images
+
+    out = tmp_path / "fm"
+    assert main(["data", "images", str(out), "--split", "train", "--fashion-mnist", "train", "--limit", "12"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["channels"] == 1 and summary["rows"] == 12
+    table = pq.read_table(load_manifest(summary["manifest"]).uris("image", "train"))
+    images, labels, ids = fashion_mnist_images("train", np.arange(12))
+    assert table.column("id").to_pylist() == ids and table.column("label").to_pylist() == labels.tolist()
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(table.column("image")[3].as_py())))
+    assert np.array_equal(decoded, images[3])  # lossless: PNG keeps every pixel
+
+    folder = tmp_path / "folder"
+    for name, mode in (("cat", "RGBA"), ("dog", "RGB")):
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new(mode, (50, 30), (200, 10 * i, 30, 255)[: len(mode)]).save(folder / name / f"{i}.png")
+    assert main(["data", "images", str(tmp_path / "ds"), "--split", "train", "--image-folder", str(folder), "--size", "20"]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written["channels"] == 3 and written["rows"] == 4
+    bytes_file = tmp_path / "bytes.parquet"
+    source = pq.read_table(load_manifest(written["manifest"]).uris("image", "train"))
+    pq.write_table(source, bytes_file)
+    for split in ("val", "test"):
+        assert main(["data", "images", str(tmp_path / "ds"), "--split", split, "--image-parquet", str(bytes_file)]) == 0
+    capsys.readouterr()
+    assert main(["data", "validate", written["manifest"]]) == 0
+    stored = Image.open(__import__("io").BytesIO(source.column("image")[0].as_py()))
+    assert stored.mode == "RGB" and stored.size == (33, 20)  # alpha dropped, shorter side shrunk to 20
+
+
+def test_finetune_cli_trains_the_backbone_into_mlflow(ray_session, image_manifest, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    config = finetune_config(tmp_path / "c.yaml", image_manifest, tmp_path,
+                             train={"max_steps": 24, "val_every": 8, "backbone_lr_scale": 1.0})
+    assert main(["train", str(config), "--name", "finetune"]) == 0
+    result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert result["best_val_acc"] >= 0.5 and 0 <= result["test_acc"] <= 1  # 4 classes: chance is 0.25
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == BACKBONE
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [8, 16, 24]
+    best = torch.load(client.download_artifacts(run.info.run_id, "checkpoint/best.pt", str(tmp_path)), weights_only=False)
+
+    torch.manual_seed(0)  # train.seed: the loop builds the backbone right after seeding
+    initial = build_backbone(BACKBONE)
+    initial.freeze(2)  # model.freeze_blocks: the stem and the first block
+    trained = {name[len("backbone."):]: value for name, value in best["model"].items() if name.startswith("backbone.")}
+    frozen = tuple(f"model.{module}." for module in initial.frozen_modules)
+    kept = [name for name in initial.state_dict() if name.startswith(frozen)]
+    assert any(name.endswith("running_mean") for name in kept)  # BatchNorm statistics are frozen too
+    for name in kept:
+        assert torch.equal(initial.state_dict()[name], trained[name]), f"frozen {name} changed"
+    learned = [f"model.{name}" for group in initial.groups[2:] for name in group]
+    changed = [name for name in learned if not torch.equal(initial.state_dict()[name], trained[name])]
+    assert len(changed) == len(learned), sorted(set(learned) - set(changed))
+
+
+@pytest.mark.slow
+def test_two_ddp_workers_reach_the_accuracy_of_one(ray_session, tmp_path, capsys):
+    manifest = write_image_case(tmp_path / "data", {"train": 8, "val": 4, "test": 8}, seed=1)
+    config = finetune_config(tmp_path / "c.yaml", manifest, tmp_path, train={"max_steps": 60, "val_every": 20, "backbone_lr_scale": 1.0},
+                             resources={"cpus_per_worker": 0.5, "decode_cpus": 0.25})
+    results = {}
+    for workers in (1, 2):
+        assert main(["train", str(config), f"resources.num_workers={workers}", "--name", f"workers-{workers}"]) == 0
+        results[workers] = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    print(f"1 worker {results[1]} / 2 DDP workers {results[2]}")
+    assert results[1]["test_acc"] >= 0.75 and results[2]["test_acc"] >= 0.75  # chance: 0.25
+    assert abs(results[1]["test_acc"] - results[2]["test_acc"]) <= 0.2

@@ -195,7 +195,9 @@ class ImageStream(BatchStream):
 
         per_task = batch_size * BATCHES_PER_TASK
         blocks = [pa.table({ROW: rows[i:i + per_task], EPOCH: epochs[i:i + per_task]}) for i in range(0, len(rows), per_task)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
+        # from_blocks, not from_arrow: from_arrow runs a metadata task which, inside a Ray Train worker,
+        # would queue in the worker's own (full) placement group for ever
+        dataset = ray.data.from_blocks(blocks).map_batches(
             decode_block, batch_size=None, batch_format="pyarrow", num_cpus=self.decode_cpus,
             fn_kwargs={"share": self._share(), "transform": transform})
         # batch order is the stream's state: Ray Data must hand blocks over in input order

@@ -196,7 +196,10 @@ def check_image_column(column: pa.Array, rows: np.ndarray, channels: int, stride
             picture = Image.open(io.BytesIO(payload))
             if row % stride == 0:
                 picture.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except UnidentifiedImageError:
+            found.add("undecodable", row, "not an image format Pillow reads")
+            continue
+        except (OSError, ValueError, SyntaxError) as exc:
             found.add("undecodable", row, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             continue
         bands = picture.getbands() if picture.mode != "P" else tuple(picture.palette.mode)

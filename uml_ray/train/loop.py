@@ -171,4 +171,6 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
         report_validation(ctx, plan, metrics, stop or last, model, optimizer, scheduler, train_streams, progress, best_weights)
         if stop:
             break
+    for batches in [*train_streams.values(), val_stream, test_stream]:
+        batches.close()
     return metrics
