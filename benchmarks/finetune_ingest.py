@@ -78,14 +78,16 @@ def run_workers(manifest: str, folder: Path, args, workers: int) -> float:
     from uml_ray.cli import main as cli
 
     config = folder / f"workers-{workers}.yaml"
+    # the workers and the trial's sliver leave room for one decode task, or Ray Data waits for ever
+    decode_cpus = min(args.decode_cpus, 0.5)
     config.write_text(yaml.safe_dump({
         "data": {"manifest": manifest},
         "model": {"backbone": args.backbone, "image_size": args.size},
         "train": {"batch_size": args.batch_size, "max_steps": args.steps, "warmup_steps": 1, "val_every": args.steps,
                   "alpha_default": 0.0},
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "storage_path": str(folder / "runs"), "experiment": "ingest"},
-        "resources": {"num_workers": workers, "cpus_per_worker": args.cpus / (workers + 1), "decode_cpus": args.decode_cpus,
-                      "torch_threads": args.threads},
+        "resources": {"num_workers": workers, "cpus_per_worker": (args.cpus - decode_cpus - 0.01) / workers,
+                      "decode_cpus": decode_cpus, "torch_threads": args.threads},
     }))
     start = time.perf_counter()
     assert cli(["train", str(config), "--name", f"workers-{workers}"]) == 0
