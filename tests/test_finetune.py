@@ -78,9 +78,12 @@ def finetune_config(path: Path, manifest: str, workdir: Path, **sections) -> Pat
 
 
 def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_path):
-    plan = build_plan(load_config(finetune_config(tmp_path / "c.yaml", image_manifest, tmp_path)))
+    # two micro-batches per step: the streams' positions must survive accumulation too
+    plan = build_plan(load_config(finetune_config(tmp_path / "c.yaml", image_manifest, tmp_path, train={"grad_accum": 2})))
     whole = LocalContext(plan)
     train_supervised(plan, whole)
+    # 16 train images in batches of 8: 2 per epoch; 12 steps x 2 micro-batches = 24 batches = 12 epochs
+    assert whole.saved["streams"]["image"] == {"epoch": 11, "drawn": 2}
 
     first = LocalContext(plan, fail_after=1)
     with pytest.raises(LocalContext.Interrupted):
