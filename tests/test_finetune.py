@@ -242,3 +242,31 @@ def test_two_ddp_workers_reach_the_accuracy_of_one(ray_session, tmp_path, capsys
     print(f"1 worker {results[1]} / 2 DDP workers {results[2]}")
     assert results[1]["test_acc"] >= 0.75 and results[2]["test_acc"] >= 0.75  # chance: 0.25
     assert abs(results[1]["test_acc"] - results[2]["test_acc"]) <= 0.2
+
+
+@pytest.mark.slow
+def test_fashion_mnist_finetune_case_scores_the_probe_cases_images(ray_session, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    from uml_ray.data.sources import load_fashion_mnist
+
+    common = ["--train-pool", "6", "--test-size", "20", "--image-size", "32", "--cache-dir", str(tmp_path / "cache"),
+              "--shots", "2", "--split-seed", "1"]
+    cases = {}
+    for regime in ("probe", "finetune"):
+        assert main(["case", "fashion-mnist", "--regime", regime, "--out", str(tmp_path / regime), *common]) == 0
+        cases[regime] = load_manifest(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["manifest"])
+    finetune, probe = cases["finetune"], cases["probe"]
+    assert (finetune.modalities["image"].kind, finetune.modalities["image"].dim) == ("image", 1)
+    assert finetune.modalities["text"].dim == 384
+    for split in ("train", "val", "test"):
+        ids = pq.read_table(finetune.uris("image", split)).column("id").to_pylist()
+        assert sorted(ids) == sorted(pq.read_table(probe.uris("image", split)).column("id").to_pylist()), split
+    table = pq.read_table(finetune.uris("image", "test"))
+    images, _ = load_fashion_mnist("test")
+    row = int(table.column("id")[0].as_py().split("-")[1])
+    stored = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py())))
+    assert np.array_equal(stored, 255 - images[row])  # inverted, native 28 px, lossless
+    assert main(["data", "validate", str(finetune.path)]) == 0
