@@ -212,8 +212,7 @@ def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple
     for path in (workdir / "runs" / sweep).glob("*/result.json"):
         reported = results(path.parent)
         if reported and step <= reported[-1].get("step", 0) < max_steps - 100 and not reported[-1].get("done"):
-            alive = list_actors(address=ray.get_runtime_context().gcs_address,
-                                filters=[("state", "=", "ALIVE"), ("class_name", "=", "ImplicitFunc")], detail=True)
+            alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
             if reported[-1]["pid"] in [a.pid for a in alive]:
                 return path.parent, reported[-1]["pid"]
     return None
@@ -268,3 +267,88 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_session, synthetic_
     print(f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
           f"resumed from step {resumed_at}; "
           f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s")
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def searcher_history(experiment: Path) -> list:
+    """Optuna's trials as the sweep's searcher saved them in the experiment folder (the newest session's save;
+    each session's file is named by its start time)."""
+    import pickle
+
+    newest = max(experiment.glob("searcher-state-*.pkl"), key=lambda p: p.name)
+    with open(newest, "rb") as handle:
+        state = pickle.load(handle)  # the checked searcher's fields, Optuna's searcher among them
+    return state["inner"]._ot_study.trials
+
+
+def same_config(params: dict, sampled: dict) -> bool:
+    return params.keys() == sampled.keys() and all(
+        params[k] == pytest.approx(v) if isinstance(v, float) else params[k] == v for k, v in sampled.items())
+
+
+@pytest.mark.timeout(600)
+def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_session, synthetic_manifest, tmp_path, capsys):
+    """The driver SIGKILLed after 2 of 5 trials finished, then ``--resume``: the finished trials are
+    not run again, no trial is lost or tracked twice, and Optuna's history holds every trial's result."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    trials, sweep = 5, "kill-driver"
+    args = ["tune", str(config), "--space", str(SPACE), "--trials", str(trials), "--fuse", "1", "--concurrency", "1", "--name", sweep]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts a Ray of its own
+    started = time.monotonic()
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "uml_ray.cli", *args], cwd=tmp_path, env=env,
+                                  start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # one trial at a time: a third trial folder means two trials ended (MLflow is not read while the
+        # driver may still be creating its store)
+        experiment = tmp_path / "runs" / sweep
+        deadline = time.monotonic() + 300
+        while len(list(experiment.glob("*/result.json"))) < 3:
+            assert driver.poll() is None, "the sweep ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        killed_at = kill(driver.pid)
+        driver.wait()
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's own local Ray goes with it
+    finished = [r for r in sweep_children(tmp_path, sweep) if r.info.status in ("FINISHED", "KILLED")]
+    before = {r.data.tags["uml_ray.trial_id"]: r for r in finished}
+    assert 2 <= len(before) < trials
+    folders = {json.loads(p.read_text().splitlines()[0])["trial_id"]: p.parent
+               for p in (tmp_path / "runs" / sweep).glob("*/result.json") if p.read_text().strip()}
+    lines_before = {trial_id: len(results(folders[trial_id])) for trial_id in before}
+
+    resumed = time.monotonic()
+    assert main([*args, "--resume"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    resume_s = time.monotonic() - resumed
+
+    children = sweep_children(tmp_path, sweep)
+    keys = [r.data.tags["uml_ray.trial_id"] for r in children]
+    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, keys  # none lost, none twice
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    parents = [r for r in tracked_runs(tmp_path) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    for run in children:
+        trial_id = run.data.tags["uml_ray.trial_id"]
+        if trial_id in before:  # finished before the kill: not run again, neither in Tune nor in MLflow
+            assert run.info.end_time == before[trial_id].info.end_time
+            assert len(results(folders[trial_id])) == lines_before[trial_id]
+
+    # Optuna's history: every trial's config told with its result, the 2+ finished before the kill included;
+    # no config sampled twice
+    history = [t for t in searcher_history(tmp_path / "runs" / sweep) if t.state.name == "COMPLETE"]
+    for run in children:
+        sampled = json.loads(run.data.tags["uml_ray.sampled"])
+        (told,) = [t for t in history if same_config(t.params, sampled)]
+        assert told.value == pytest.approx(run.data.metrics["best_val_acc"])
+    assert len(history) == trials
+    print(f"CHAOS driver: killed pid {driver.pid} after {len(before)} of {trials} trials finished "
+          f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
+          f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history")

@@ -156,6 +156,7 @@ class TrackingBridge:
     def finish(self) -> None:
         """At the sweep's end: send every tracking write still held for an unreachable server."""
         if self._tracker is not None:
+            self._tracker.close_lost_trials()
             self._tracker.close()
 
 

@@ -125,14 +125,19 @@ def resolve_trial(plan: RunPlan, seed_policy: str, trial_id: str, params: dict) 
     return resolved
 
 
-def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = ()) -> None:
+def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), ended: dict | None = None) -> None:
     """A Tune function trial. An error that would recur on retry (bad config or data, a bug, CUDA
     out of memory) is reported as the trial's final result instead of raised, so Tune does not
-    retry it; a lost worker or node (Ray errors) still raises and is retried from the checkpoint."""
+    retry it; a lost worker or node (Ray errors) still raises and is retried from the checkpoint.
+    A trial that had ended before the sweep was resumed (``ended``: its last result) reports that
+    result again instead of training."""
     import ray
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
+    if ended and trial_id in ended:
+        ray.tune.report(ended[trial_id])
+        return
     try:
         if MEMBERS in params:
             seed = {"train.seed": trial_seed(plan.cfg.train.seed, trial_id)} if seed_policy == "per_trial" else {}
@@ -319,6 +324,61 @@ def _check_sample(plan: RunPlan, seed_policy: str, config: dict) -> None:
     resolve_trial(plan, seed_policy if seed_policy != "per_trial" else "fixed", "check", config)
 
 
+def restorable(trial_function):
+    """``trial_function`` as a Tune trainable that restores the newest checkpoint kept beside the one
+    Tune recorded for a trial when that one is gone. Tune deletes a trial's oldest checkpoint before
+    it snapshots the sweep; a driver killed in between leaves a snapshot naming a deleted checkpoint,
+    and Tune alone would fail that trial on ``--resume`` ("does not exist on storage anymore")."""
+    from pyarrow import fs as pafs
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from uml_ray.train.context import kept_checkpoints
+
+    class Trial(wrap_function(trial_function)):
+        def restore(self, checkpoint_path):
+            checkpoint = getattr(checkpoint_path, "checkpoint", None)  # Tune hands a (checkpoint, metrics) result
+            if checkpoint is not None and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound:
+                kept = kept_checkpoints(checkpoint)
+                if kept:
+                    print(f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}", flush=True)
+                    checkpoint_path.checkpoint = kept[0]
+            return super().restore(checkpoint_path)
+
+    Trial.__name__ = trial_function.__name__  # trial names and folders as before
+    return Trial
+
+
+def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
+    """On ``--resume``: the last result of every trial MLflow recorded as ended (finished, stopped
+    early or pruned), by trial id. Tune snapshots the sweep every ~10 s, so a driver killed soon
+    after a trial ended leaves it running in the snapshot; without this it would train again."""
+    from pyarrow import fs as pafs
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    from uml_ray.tracking.mlflow_store import SweepTracker
+
+    tracking = plan.cfg.tracking
+    ended = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, name).ended_trials()
+    if not ended:
+        return {}
+    filesystem, base = pafs.FileSystem.from_uri(path if is_remote(path) else os.path.abspath(path))
+    folders = [info.path for info in filesystem.get_file_info(pafs.FileSelector(base)) if info.type == pafs.FileType.Directory]
+    tune_keys = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
+    results = {}
+    for trial_id in ended:
+        for folder in folders:
+            if f"_{trial_id}_" not in os.path.basename(folder):
+                continue
+            try:
+                with filesystem.open_input_stream(f"{folder}/result.json") as handle:
+                    lines = handle.read().decode().strip().splitlines()
+            except (OSError, FileNotFoundError):
+                continue
+            if lines:
+                results[trial_id] = {k: v for k, v in json.loads(lines[-1]).items() if k not in tune_keys}
+    return results
+
+
 def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | None:
     """The trial's best-val weights file from its latest checkpoint (inline or Ray Train)."""
     import ray.train
@@ -404,7 +464,8 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
     plan = load_tables(plan)
     seed_policy = space.seed_policy if space else "fixed"
     rungs = () if grid or fuse == 1 else tuple(fused_rungs(plan))
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy, rungs=rungs),
+    ended = ended_results(plan, name, path) if resume else {}
+    trainable = tune.with_resources(restorable(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy, rungs=rungs, ended=ended)),
                                     trial_resources(plan))
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

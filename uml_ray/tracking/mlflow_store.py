@@ -27,6 +27,8 @@ SWEEP_TAG = "uml_ray.sweep"
 TRIAL_TAG = "uml_ray.trial_id"
 KIND_TAG = "uml_ray.kind"
 OUTCOME_TAG = "uml_ray.outcome"
+SAMPLED_TAG = "uml_ray.sampled"
+SEED_TAG = "uml_ray.seed"
 PARENT_TAG = "mlflow.parentRunId"
 STUDY_TAG = "uml_ray.study"
 
@@ -219,6 +221,7 @@ class SweepTracker:
         self.parent_id: str | None = None
         self.trial_runs: dict[str, str | None] = {}  # None while the write opening the run is held
         self.last_step: dict[str, int] = {}  # per trial key: steps at or below it were logged already
+        self.ended: set[str] = set()  # trial keys whose runs had ended before this driver: left as they are
         self._held: list[tuple[str, object]] = []  # (what, write) not yet sent, in order
         self._retry_at = 0.0
         self._spool: str | None = None  # copies of held artifacts (the caller's files are temporary)
@@ -318,13 +321,21 @@ class SweepTracker:
 
         def open_run():
             existing = self._find(f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}")
+            adopted = existing is None and (existing := self._adopt(trial_id, params, tags or {})) is not None
+            if adopted:
+                self._log_params(existing.info.run_id, params)  # the same values again: its driver may have died first
             if existing is not None:
                 run_id = existing.info.run_id
-                self.client.update_run(run_id, status="RUNNING")
+                if existing.info.status != "RUNNING" and existing.data.tags.get(OUTCOME_TAG) not in (None, "failed"):
+                    self.ended.add(trial_id)  # a resumed sweep's trial that had ended: it only reports again
+                else:
+                    self.client.update_run(run_id, status="RUNNING")
                 history = existing.data.metrics.get("step")
                 self.last_step[trial_id] = int(history) if history is not None else -1
             else:
                 run_tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, KIND_TAG: "train" if self.single_run else "trial", **(tags or {})}
+                if "train.seed" in params:  # with the run, not its params: a driver may die before those are logged
+                    run_tags[SEED_TAG] = _clean(params["train.seed"])
                 if self.parent_id:
                     run_tags[PARENT_TAG] = self.parent_id
                 name = self.sweep if self.single_run else f"{self.sweep}-{trial_id}"
@@ -335,6 +346,62 @@ class SweepTracker:
 
         self._write(f"trial {trial_id}'s run", open_run)
         return self.trial_runs[trial_id]
+
+    def _adopt(self, trial_id: str, params: dict, tags: dict):
+        """The run of a trial the driver opened just before it was killed, when Tune's last snapshot
+        missed that trial: on ``--resume`` the restored searcher suggests the same config again
+        under a new trial id, and that trial continues the run instead of duplicating it.
+
+        Matched by sampled config and seed (the same seed gives the same metrics at every step);
+        never a run this driver opened itself.
+        """
+        if SAMPLED_TAG not in tags or "train.seed" not in params or self.single_run:
+            return None
+        try:
+            sampled = quote_value(tags[SAMPLED_TAG])
+        except UserError:  # a config holding both quote kinds cannot be matched
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=50,
+            filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{SAMPLED_TAG}` = {sampled} "
+                          f"and tags.`{SEED_TAG}` = '{_clean(params['train.seed'])}' and attributes.status = 'RUNNING'")
+        mine = set(self.trial_runs.values())
+        orphan = next((run for run in runs if run.info.run_id not in mine), None)
+        if orphan is not None:
+            self.client.set_tag(orphan.info.run_id, "uml_ray.continues_trial", orphan.data.tags.get(TRIAL_TAG, ""))
+            self.client.set_tag(orphan.info.run_id, TRIAL_TAG, trial_id)
+            self.client.update_run(orphan.info.run_id, name=f"{self.sweep}-{trial_id}")
+        return orphan
+
+    def ended_trials(self) -> set[str]:
+        """Tune trial ids whose MLflow runs all ended (finished, stopped early or pruned; not failed):
+        a fused trial's when every member's run did."""
+        runs = self.client.search_runs([self.experiment_id], max_results=10000,
+                                       filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` != 'sweep'")
+        ended: dict[str, bool] = {}
+        for run in runs:
+            trial_id = run.data.tags.get("uml_ray.fused_trial") or run.data.tags.get(TRIAL_TAG, "")
+            done = run.info.status != "RUNNING" and run.data.tags.get(OUTCOME_TAG) not in (None, "failed")
+            ended[trial_id] = ended.get(trial_id, True) and done
+        return {trial_id for trial_id, done in ended.items() if done and trial_id}
+
+    def close_lost_trials(self) -> None:
+        """At a sweep's end: a trial run still RUNNING belongs to a trial the sweep lost (its driver was
+        killed before Tune recorded it, and no trial continued it): closed as KILLED, outcome ``lost``."""
+        if self.single_run:
+            return
+
+        def close_lost():
+            mine = set(self.trial_runs.values())
+            runs = self.client.search_runs(
+                [self.experiment_id], max_results=1000,
+                filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'")
+            for run in runs:
+                if run.info.run_id not in mine:
+                    self.client.set_tag(run.info.run_id, OUTCOME_TAG, "lost")
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+
+        self._write("runs of lost trials", close_lost)
 
     def log_metrics(self, trial_id: str, metrics: dict, step: int) -> None:
         """Numeric metrics at a training step, stamped now even when held; steps already logged
@@ -349,7 +416,7 @@ class SweepTracker:
         ]
 
         def send():
-            if step <= self.last_step.get(trial_id, -1):
+            if step <= self.last_step.get(trial_id, -1) or trial_id in self.ended:
                 return
             self.client.log_batch(self.trial_runs[trial_id], metrics=batch)
             self.last_step[trial_id] = step
@@ -363,6 +430,8 @@ class SweepTracker:
         files = {path: local for path, local in (artifacts or {}).items() if local and os.path.exists(local)}
 
         def close_run():
+            if trial_id in self.ended:
+                return
             run_id = self.trial_runs[trial_id]
             for artifact_path, local in files.items():
                 self.client.log_artifact(run_id, local, artifact_path=artifact_path or None)

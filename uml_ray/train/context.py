@@ -78,15 +78,22 @@ def read_state(folder: str, shown_as: str = "") -> dict:
         raise CheckpointError(f"checkpoint file {shown_as or path} is unreadable ({type(exc).__name__}: {reason})") from None
 
 
-def earlier_checkpoints(checkpoint) -> list:
-    """The checkpoints kept beside a Ray ``checkpoint`` (same folder, earlier names), newest first."""
+def kept_checkpoints(checkpoint) -> list:
+    """The other checkpoints kept beside a Ray ``checkpoint`` (same folder; Tune and Ray Train name them
+    in time order), newest first."""
     from pyarrow import fs as pafs
 
     parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
     found = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     names = sorted((info.base_name for info in found if info.type == pafs.FileType.Directory
-                    and info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
-    return [type(checkpoint)(f"{parent}/{earlier}", filesystem=checkpoint.filesystem) for earlier in names]
+                    and info.base_name.startswith("checkpoint_") and info.base_name != name), reverse=True)
+    return [type(checkpoint)(f"{parent}/{other}", filesystem=checkpoint.filesystem) for other in names]
+
+
+def earlier_checkpoints(checkpoint) -> list:
+    """The checkpoints kept beside a Ray ``checkpoint`` that were written before it, newest first."""
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[1]
+    return [kept for kept in kept_checkpoints(checkpoint) if kept.path.rsplit("/", 1)[1] < name]
 
 
 def restore_state(checkpoint) -> dict:
