@@ -14,6 +14,8 @@ the pipeline (``uml_ray.data.image_pipeline``) decodes and augments at training 
 from __future__ import annotations
 
 import io
+import itertools
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 
 from uml_ray.data.format import Manifest, ModalitySpec, load_manifest, shard_schema, write_manifest
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, decode_image, list_image_folder, load_fashion_mnist
+from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
 from uml_ray.uri import is_remote, join_uri
 
@@ -162,12 +165,13 @@ def write_image_dataset(out_dir: str, split: str, *, fashion_mnist: str | None =
     else:
         if not classes:
             raise DataError("--image-parquet needs --classes (or an existing manifest) to name the labels")
-        rows = list(parquet_image_rows(image_parquet))[: limit or None]
-        images, labels, ids = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        # three lock-step views of one stream of rows: the files are never held whole
+        views = itertools.tee(itertools.islice(parquet_image_rows(image_parquet), limit or None), 3)
+        images, labels, ids = (map(operator.itemgetter(i), view) for i, view in enumerate(views))
     uris, channels = write_image_shards(out_dir, modality, split, images, labels, ids, channels, size)
     manifest = add_image_split(out_dir, modality, split, uris, channels, classes, target)
     return {"manifest": manifest, "modality": modality, "split": split, "shards": len(uris), "channels": channels,
-            "rows": len(labels)}
+            "rows": count_rows(uris)}
 
 
 @dataclass
