@@ -352,3 +352,182 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
     print(f"CHAOS driver: killed pid {driver.pid} after {len(before)} of {trials} trials finished "
           f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
           f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history")
+
+# --- a truncated checkpoint -----------------------------------------------------------------------
+
+
+def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, int, list[Path]]:
+    """Freeze (SIGSTOP) the run's trial process once it kept two checkpoints; returns (trial folder, pid,
+    checkpoints kept, newest first) once the driver took in everything it reported."""
+    def two_kept():
+        for path in experiment.glob("*/result.json"):
+            reported = results(path.parent)
+            if len(sorted(path.parent.glob("checkpoint_*"))) >= 2 and reported and reported[-1].get("step", 0) < 400:
+                return path.parent, reported[-1]["pid"]
+        return None
+
+    folder, pid = wait_for("two kept checkpoints", two_kept, run, every=0.05)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(3)  # the driver takes in what the trial reported before it froze (registers its checkpoints)
+    return folder, pid, sorted(folder.glob("checkpoint_*"), reverse=True)
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.timeout(600)
+def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, synthetic_manifest, tmp_path, capsys):
+    """The newest checkpoint's state.pt truncated, then the trial process SIGKILLed: the retry resumes
+    from the other checkpoint kept and ends exactly where an uninterrupted run ends. Every kept state.pt
+    truncated: the run stops with exit 2 and one line naming the file, never torch's own error."""
+    from uml_ray.config import load_config
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.train.context import LocalContext
+    from uml_ray.train.loop import train_supervised
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    plan = build_plan(load_config(config))
+    uninterrupted = train_supervised(plan, LocalContext(plan))
+
+    started = time.monotonic()
+    run = Background(["train", str(config), "--name", "newest-truncated"])
+    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "newest-truncated")
+    registered = results(folder)[-1]
+    newest = folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
+    assert newest == kept[0], (newest, kept)  # what Tune hands the retry is the newest kept
+    truncate(newest / "state.pt")
+    killed_at = kill(pid)
+    assert run.join(600) == 0
+    resumed = last_json(capsys.readouterr().out)
+    took = time.monotonic() - started
+
+    reported = results(folder)
+    switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
+    fallback_step = reported[switch]["step"] - 20
+    assert fallback_step < registered["step"] and fallback_step % 40 == 0, [(r["step"], r["pid"]) for r in reported]
+    for key in ("best_val_acc", "test_acc", "best_step", "step"):
+        assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
+    client = mlflow_client(tmp_path)
+    (tracked,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "newest-truncated"]
+    assert tracked.info.status == "FINISHED" and metric_steps(client, tracked) == list(range(20, 601, 20))
+    recovered = first_new_step_after(client, tracked, killed_at)
+
+    # every kept state.pt truncated: the retry cannot resume; one line, exit 2, the file named
+    run = Background(["train", str(config), "--name", "all-truncated"])
+    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "all-truncated")
+    for checkpoint in kept:
+        truncate(checkpoint / "state.pt")
+    kill(pid)
+    assert run.join(600) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("uml-ray")]
+    assert len(err) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    assert f"{kept[0]}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], err[0]
+    assert "is unreadable (OSError: " in err[0] or "is unreadable (RuntimeError: PytorchStreamReader" in err[0]  # torch's reason, in short
+    (failed,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "all-truncated"]
+    assert failed.info.status == "FAILED"
+    print(f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
+          f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
+          f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'")
+
+
+# --- a node ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def head_and_two_nodes():
+    """``ray.cluster_utils.Cluster``: a head with no CPUs (dashboard on a free loopback port, for the state
+    API) and two 2-CPU nodes, this process attached as the driver; node failures detected within seconds.
+
+    The nodes inherit this process's Ray auth mode (token, once the shared local Ray started in it),
+    so driver and cluster agree (see test_cluster_runtime.driver_auth_mode for what a mismatch does).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from test_cluster_runtime import detach_driver, free_ports
+
+    detach_driver()
+    (dashboard_port,) = free_ports(1)
+    # a dead raylet is declared dead after ~3 missed 1 s health checks instead of Ray's ~30 s
+    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "_system_config": health})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()  # the next integration test starts the shared local Ray again
+        cluster.shutdown()
+
+
+def node_processes(node) -> list[int]:
+    """Pids of every process of a Ray node: its raylet and agents, and the workers the state API lists on it."""
+    import ray
+    from ray.util.state import list_workers
+
+    own = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    workers = list_workers(address=ray.get_runtime_context().gcs_address, filters=[("node_id", "=", node.node_id)],
+                           detail=True, limit=10000)
+    return own + [w.pid for w in workers if w.is_alive and w.pid]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synthetic_manifest, tmp_path, capsys):
+    """Every process of the node running a training's trial SIGKILLed (a lost machine): Tune retries the
+    trial on the other node from its last checkpoint, and the run ends as an uninterrupted one."""
+    import ray
+    from ray.util.state import list_actors
+
+    from uml_ray.config import load_config
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.train.context import LocalContext
+    from uml_ray.train.loop import train_supervised
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2}, resources={"cpus_per_worker": 2})
+    plan = build_plan(load_config(config))
+    uninterrupted = train_supervised(plan, LocalContext(plan))
+    gcs = ray.get_runtime_context().gcs_address
+
+    started = time.monotonic()
+    run = Background(["train", str(config), "--name", "node-lost"])
+    folder, pid = wait_for("the trial past step 60", lambda: running_trial(tmp_path, "node-lost", 60, 600), run, every=0.05)
+    (actor,) = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000) if a.pid == pid]
+    (lost,) = [n for n in head_and_two_nodes.worker_nodes if n.node_id == actor.node_id]
+    pids = node_processes(lost)
+    assert pid in pids
+    killed_at = time.time()
+    for victim in pids:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert run.join(600) == 0
+    result = last_json(capsys.readouterr().out)
+    took = time.monotonic() - started
+
+    reported = results(folder)
+    killed_step, resumed_at = resumed_from(reported)
+    assert resumed_at >= 40
+    retried = reported[-1]["pid"]
+    (again,) = [a for a in list_actors(address=gcs, detail=True, limit=10000) if a.pid == retried and a.class_name == actor.class_name]
+    assert again.node_id != lost.node_id  # rescheduled on the surviving node
+    assert not [n for n in ray.nodes() if n["NodeID"] == lost.node_id and n["Alive"]]
+    for key in ("best_val_acc", "test_acc", "best_step", "step"):
+        assert result[key] == uninterrupted[key], (key, result, uninterrupted)
+    client = mlflow_client(tmp_path)
+    (tracked,) = tracked_runs(tmp_path)
+    assert tracked.info.status == "FINISHED" and metric_steps(client, tracked) == list(range(20, 601, 20))
+    recovered = first_new_step_after(client, tracked, killed_at)
+    print(f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
+          f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
+          f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s")

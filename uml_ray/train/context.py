@@ -90,18 +90,13 @@ def kept_checkpoints(checkpoint) -> list:
     return [type(checkpoint)(f"{parent}/{other}", filesystem=checkpoint.filesystem) for other in names]
 
 
-def earlier_checkpoints(checkpoint) -> list:
-    """The checkpoints kept beside a Ray ``checkpoint`` that were written before it, newest first."""
-    name = checkpoint.path.rstrip("/").rsplit("/", 1)[1]
-    return [kept for kept in kept_checkpoints(checkpoint) if kept.path.rsplit("/", 1)[1] < name]
-
-
 def restore_state(checkpoint) -> dict:
     """The loop state of a Ray ``checkpoint``. When its file is unreadable (a node died while writing
-    it, a disk filled up), the newest earlier checkpoint that reads serves instead — Tune keeps two
-    per trial — with one line saying so; when none reads, a ``CheckpointError`` naming the file."""
+    it, a disk filled up), the newest other checkpoint kept beside it that reads serves instead —
+    Tune keeps two per trial — with one line saying so; when none reads, a ``CheckpointError``
+    naming the file."""
     problems = []
-    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+    for candidate in [checkpoint, *kept_checkpoints(checkpoint)]:
         try:
             with candidate.as_directory() as folder:
                 state = read_state(folder, shown_as=f"{candidate.path}/{STATE_FILE}")
@@ -109,10 +104,10 @@ def restore_state(checkpoint) -> dict:
             problems.append(str(exc))
             continue
         if problems:
-            print(f"[uml-ray] {problems[0]}; resuming from the earlier checkpoint {candidate.path}", flush=True)
+            print(f"[uml-ray] {problems[0]}; resuming from checkpoint {candidate.path} instead", flush=True)
         return state
-    earlier = f"; so are the {len(problems) - 1} earlier one(s) kept beside it" if len(problems) > 1 else ""
-    raise CheckpointError(f"{problems[0]}{earlier}; the run cannot resume from it: start it again under a new --name")
+    others = f"; so are the {len(problems) - 1} other(s) kept beside it" if len(problems) > 1 else ""
+    raise CheckpointError(f"{problems[0]}{others}; the run cannot resume from it: start it again under a new --name")
 
 
 def _device(use_gpu: bool) -> torch.device:
