@@ -23,7 +23,9 @@ from uml_ray.science import stats
 # towers are), 10 target train rows per class to draw few-shot splits from, X's noise hiding
 # part of the class structure
 TARGET = {"aux_shared_mixing": True, "dims_aux": (32,), "n_train": 50, "noise_x": 1.0}
-INFORMATIVE = {"noise_aux": 0.5}  # the same class structure, less noise: what X's noise hides, Y shows
+# a target row with its scatter around the class mean halved: it pins the class down as tightly as
+# 1 / 0.5**2 = 4 target rows would, and the classifier it teaches is X's own
+INFORMATIVE = {"noise_aux": 0.5, "aux_spread": 0.5}
 REDUNDANT = {"noise_aux": 1.0}  # distributed exactly as X: an auxiliary row is one more target row
 NOISE = {"aux_pure_noise": True}
 SPACE = ("searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.03, 0.1]}\n"

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     synth.add_argument("--aux-pure-noise", action="store_true", help="auxiliary modalities are pure noise (control case)")
     synth.add_argument("--aux-shared-mixing", action="store_true",
                        help="auxiliary modalities observed through the target's own mixing (aligned spaces; dims must equal --dim-x)")
+    synth.add_argument("--aux-spread", type=float, default=SYNTH_DEFAULTS["aux_spread"],
+                       help="within-class latent spread of the auxiliary rows (below 1: each row pins its class down more tightly)")
     synth.add_argument("--kind", choices=["vector", "sequence"], default=SYNTH_DEFAULTS["kind"], help="row kind")
     synth.add_argument("--seq-len", type=int, nargs=2, default=list(SYNTH_DEFAULTS["seq_len"]), metavar=("MIN", "MAX"), help="sequence length range")
     synth.add_argument("--rows-per-shard", type=int, default=SYNTH_DEFAULTS["rows_per_shard"], help="rows per Parquet shard")
@@ -117,6 +119,7 @@ def run_synth(args) -> int:
         class_sep=args.class_sep,
         aux_pure_noise=args.aux_pure_noise,
         aux_shared_mixing=args.aux_shared_mixing,
+        aux_spread=args.aux_spread,
         kind=args.kind,
         seq_len=tuple(args.seq_len),
         rows_per_shard=args.rows_per_shard,

@@ -53,13 +53,13 @@ def _balanced_labels(rng: np.random.Generator, n: int, n_classes: int) -> np.nda
     return rng.permutation(np.arange(n) % n_classes).astype(np.int32)
 
 
-def _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len):
-    """One row per label, each from its own latent ``z = mu_label + eps``.
+def _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len, spread=1.0):
+    """One row per label, each from its own latent ``z = mu_label + spread * eps``.
 
     Vectors: ``A z + noise * eps``. Sequences of random length in ``seq_len``:
     ``s_0`` random, ``s_t = R s_{t-1} + z``, ``x_t = A s_t + noise * eps``.
     """
-    z = means[labels] + rng.standard_normal((len(labels), means.shape[1]))
+    z = means[labels] + spread * rng.standard_normal((len(labels), means.shape[1]))
     if kind == "vector":
         return (z @ mixing.T + noise * rng.standard_normal((len(labels), mixing.shape[0]))).astype(np.float32)
     lengths = rng.integers(seq_len[0], seq_len[1] + 1, size=len(labels))
@@ -93,6 +93,7 @@ def write_synthetic(
     weak_scale: float = 0.1,
     aux_pure_noise: bool = False,
     aux_shared_mixing: bool = False,
+    aux_spread: float = 1.0,
     kind: str = "vector",
     seq_len: tuple[int, int] = (8, 16),
     seed: int = 0,
@@ -105,8 +106,11 @@ def write_synthetic(
     latent directions reach X scaled by ``weak_scale``. ``aux_shared_mixing`` observes the
     auxiliary modalities through X's own mixing matrix (aligned feature spaces, as CLIP's image and
     text towers are): then a head shared across modalities is a shared parameter in the strict
-    sense, and the auxiliary's labelled rows inform X's classifier directly. The same seed gives
-    byte-identical shards.
+    sense, and the auxiliary's labelled rows inform X's classifier directly. ``aux_spread`` scales
+    the auxiliary rows' within-class latent spread (``z = mu_c + aux_spread * eps``): with shared
+    mixing and ``noise_aux = aux_spread * noise_x``, an auxiliary row is a target row whose scatter
+    around its class mean is shrunk by ``aux_spread`` — the same classifier, each row pinning its
+    class down more tightly (below 1) than a target row does. The same seed gives byte-identical shards.
     """
     if kind not in KINDS:
         raise ConfigError(f"synthetic data: kind must be one of {list(KINDS)}, got {kind!r}")
@@ -127,6 +131,8 @@ def write_synthetic(
                           f"auxiliary rows, got {n_aux}")
     if seed < 0:
         raise ConfigError(f"synthetic data: seed (--seed) must be >= 0, got {seed}")
+    if not aux_spread > 0:
+        raise ConfigError(f"synthetic data: aux_spread (--aux-spread) must be > 0, got {aux_spread}")
     rng = np.random.default_rng(seed)
     means = class_sep * rng.standard_normal((n_classes, latent_dim))
     n_weak = int(round(weak_fraction * min(dim_x, latent_dim)))
@@ -154,7 +160,8 @@ def write_synthetic(
                 # unit Gaussian noise of the same shape; its labels say nothing about it
                 features = _draw(rng, labels, np.zeros_like(means), np.zeros_like(mixing), 1.0, kind, dynamics, seq_len)
             else:
-                features = _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len)
+                features = _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len,
+                                 aux_spread if name != TARGET else 1.0)
             uris[split] = write_shards(out_dir, name, split, features, labels, kind=kind, dim=dim, rows_per_shard=rows_per_shard)
         specs[name] = ModalitySpec(kind=kind, dim=dim, encoder="synthetic-linear", splits=uris)
     manifest = Manifest(
