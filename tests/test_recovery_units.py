@@ -1,0 +1,161 @@
+"""What the chaos suite relies on, case by case and without Ray: the MLflow tracker after a driver died
+(orphan runs continued, ended runs left alone, lost ones closed), its sorting of unreachable-server
+errors, and checkpoint reads that fall back or name the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from uml_ray.tracking.mlflow_store import OUTCOME_TAG, SAMPLED_TAG, SEED_TAG, TRIAL_TAG, SweepTracker, bounded_http, is_unreachable
+
+PARAMS = {"train.lr": 0.01, "train.seed": 0}
+SAMPLED = {SAMPLED_TAG: json.dumps({"train.lr": 0.01})}
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, made once and copied per test (its schema migrations cost seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").create_experiment("recovery")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def store(store_template, tmp_path) -> Path:
+    shutil.copyfile(store_template, tmp_path / "mlflow.db")
+    return tmp_path / "mlflow.db"
+
+
+def tracker(tmp_path, sweep="s"):
+    """A fresh tracker on the test's SQLite store: each call is a new driver of the same sweep."""
+    found = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "recovery", "", sweep)
+    found.start_sweep({"p": 1})
+    return found
+
+
+def children(tracker_):
+    return tracker_.client.search_runs([tracker_.experiment_id], "tags.`uml_ray.kind` = 'trial'")
+
+
+def val_steps(tracker_, run_id):
+    return [m.step for m in tracker_.client.get_metric_history(run_id, "val_acc")]
+
+
+def test_resumed_trial_continues_the_run_its_killed_driver_opened(tmp_path):
+    """Tune's snapshot missed a trial the killed driver had opened: the re-suggested config (same
+    params, same seed) continues that run under its new trial id; nothing is logged twice."""
+    first = tracker(tmp_path)
+    orphan = first.start_trial("old", PARAMS, SAMPLED)
+    first.log_metrics("old", {"val_acc": 0.5, "step": 20}, step=20)
+
+    second = tracker(tmp_path)
+    assert second.start_trial("new", PARAMS, SAMPLED) == orphan
+    second.log_metrics("new", {"val_acc": 0.5, "step": 20}, step=20)  # replayed from step 0: skipped
+    second.log_metrics("new", {"val_acc": 0.6, "step": 40}, step=40)
+    (run,) = children(second)
+    assert run.data.tags[TRIAL_TAG] == "new" and run.data.tags["uml_ray.continues_trial"] == "old"
+    assert run.info.run_name == "s-new" and val_steps(second, orphan) == [20, 40]
+
+
+def test_run_opened_without_params_is_continued_and_completed(tmp_path):
+    """A driver killed between creating a run and logging its params: the run is still found by its
+    tags, and gets its params."""
+    first = tracker(tmp_path)
+    run_id = first.client.create_run(first.experiment_id, tags={
+        TRIAL_TAG: "old", "uml_ray.sweep": "s", "uml_ray.kind": "trial", SEED_TAG: "0", **SAMPLED}).info.run_id
+    second = tracker(tmp_path)
+    assert second.start_trial("new", PARAMS, SAMPLED) == run_id
+    assert second.client.get_run(run_id).data.params == {"train.lr": "0.01", "train.seed": "0"}
+
+
+def test_another_seed_or_config_opens_its_own_run(tmp_path):
+    first = tracker(tmp_path)
+    orphan = first.start_trial("old", PARAMS, SAMPLED)
+    second = tracker(tmp_path)
+    assert second.start_trial("seed1", {**PARAMS, "train.seed": 1}, SAMPLED) != orphan
+    assert second.start_trial("lr", PARAMS, {SAMPLED_TAG: json.dumps({"train.lr": 0.02})}) != orphan
+    assert len(children(second)) == 3
+
+
+def test_trial_that_ended_before_the_resume_is_left_as_recorded(tmp_path):
+    """A trial MLflow saw end (finished, pruned) is not reopened: its re-report changes nothing; a failed
+    one is reopened, since --resume runs it again."""
+    first = tracker(tmp_path)
+    done = first.start_trial("done", PARAMS, SAMPLED)
+    first.log_metrics("done", {"val_acc": 0.5}, step=20)
+    first.end_trial("done", "FINISHED", "finished")
+    failed = first.start_trial("failed", {**PARAMS, "train.seed": 1}, SAMPLED)
+    first.end_trial("failed", "FAILED", "failed")
+    ended_at = first.client.get_run(done).info.end_time
+
+    second = tracker(tmp_path)
+    assert second.ended_trials() == {"done"}
+    assert second.start_trial("done", PARAMS, SAMPLED) == done
+    second.log_metrics("done", {"val_acc": 0.9}, step=40)
+    second.end_trial("done", "KILLED", "pruned")
+    run = second.client.get_run(done)
+    assert run.info.status == "FINISHED" and run.info.end_time == ended_at and run.data.tags[OUTCOME_TAG] == "finished"
+    assert val_steps(second, done) == [20]
+    second.start_trial("failed", {**PARAMS, "train.seed": 1}, SAMPLED)
+    assert second.client.get_run(failed).info.status == "RUNNING"
+
+
+def test_fused_trial_ended_only_when_every_member_did(tmp_path):
+    first = tracker(tmp_path)
+    for k, trial in enumerate(["f1", "f1", "f2", "f2"]):
+        first.start_trial(f"{trial}-m{k % 2}", {**PARAMS, "train.seed": k}, {"uml_ray.fused_trial": trial})
+    first.end_trial("f1-m0", "FINISHED", "finished")
+    first.end_trial("f1-m1", "KILLED", "pruned")
+    first.end_trial("f2-m0", "FINISHED", "finished")
+    assert tracker(tmp_path).ended_trials() == {"f1"}
+
+
+def test_runs_of_lost_trials_are_closed_at_the_sweeps_end(tmp_path):
+    first = tracker(tmp_path)
+    lost = first.start_trial("lost", PARAMS, SAMPLED)
+    second = tracker(tmp_path)
+    mine = second.start_trial("mine", {**PARAMS, "train.seed": 7}, SAMPLED)
+    second.close_lost_trials()
+    assert second.client.get_run(lost).info.status == "KILLED"
+    assert second.client.get_run(lost).data.tags[OUTCOME_TAG] == "lost"
+    assert second.client.get_run(mine).info.status == "RUNNING"
+
+
+def test_unreachable_server_errors_are_told_apart_from_refused_requests(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    with bounded_http(), pytest.raises(Exception) as unreachable:
+        MlflowClient("http://127.0.0.1:1").get_experiment_by_name("x")
+    assert is_unreachable(unreachable.value)
+    store = tracker(tmp_path)
+    with pytest.raises(Exception) as refused:
+        store.client.search_runs([store.experiment_id], "no such filter")
+    assert not is_unreachable(refused.value)
+
+
+def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_path):
+    from ray.train import Checkpoint
+
+    from uml_ray.train.context import CheckpointError, restore_state
+
+    for n in range(3):
+        (tmp_path / f"checkpoint_00000{n}").mkdir()
+        torch.save({"step": n}, tmp_path / f"checkpoint_00000{n}" / "state.pt")
+    newest = tmp_path / "checkpoint_000002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:40])
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1}
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000000"))) == {"step": 0}  # itself, when it reads
+    for n in (0, 1):
+        (tmp_path / f"checkpoint_00000{n}" / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))
+    message = str(error.value)
+    assert message.startswith(f"checkpoint file {newest} is unreadable (") and "so are the 2 other(s) kept beside it" in message
+    assert "\n" not in message and "start it again under a new --name" in message
