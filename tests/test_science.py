@@ -350,3 +350,25 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
     for cell in alone:
         assert fused[cell] == pytest.approx(alone[cell], abs=1e-3), cell
     assert len(set(alone.values())) == 4  # every cell trained on other rows
+
+
+# --- two auxiliary modalities on the real case ----------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="needs the Debian package wordnet-base")
+def test_separate_text_modalities_partition_the_joint_text_by_source():
+    from uml_ray.encoders.cases import case_text_sources, case_texts
+
+    sources = case_text_sources(("templates", "wordnet"))
+    pairs = case_texts(("templates", "wordnet"))
+    # the cached rows text-000000... follow case_texts' order: glosses first, then templates
+    assert len(sources) == len(pairs) and sources == sorted(sources, key=["wordnet", "templates"].index)
+    assert sources.count("wordnet") == len(case_texts(("wordnet",))) and sources.count("templates") == len(case_texts(("templates",)))
+    assert [p for p, s in zip(pairs, sources) if s == "templates"] == case_texts(("templates",))
+
+
+def test_separate_text_modalities_are_refused_for_the_finetune_case(tmp_path, capsys):
+    assert main(["case", "fashion-mnist", "--out", str(tmp_path / "c"), "--shots", "1", "--regime", "finetune",
+                 "--text-modalities", "separate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--text-modalities separate is for the feature case" in err

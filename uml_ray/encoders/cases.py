@@ -75,6 +75,11 @@ def case_texts(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_
     return pairs
 
 
+def case_text_sources(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_DIR) -> list[str]:
+    """The source ('wordnet' or 'templates') of each pair ``case_texts(sources)`` returns, in its order."""
+    return [source for source in ("wordnet", "templates") if source in sources for _ in case_texts((source,), wordnet_dir)]
+
+
 def _read_cached(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     table = pq.read_table(sorted(str(p) for p in folder.glob("part-*.parquet")))
     features, labels = table_to_numpy(table, "vector", dim)
@@ -114,13 +119,15 @@ def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
 def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
                              image_size: int = 128, text: tuple[str, ...] = TEXT_SOURCES, cache_dir: str | None = None,
                              batch_size: int = 64, num_actors: int | None = None, fashion_dir: str = FASHION_MNIST_DIR,
-                             wordnet_dir: str = WORDNET_DIR) -> dict:
+                             wordnet_dir: str = WORDNET_DIR, text_modalities: str = "joint") -> dict:
     """Write the Fashion-MNIST + WordNet case under ``out_dir`` and return a summary with the manifest path.
 
     ``train_pool`` images per class feed the k-shot train / min(4, k) val splits; ``test_size``
     test images are balanced over the 10 classes. Images are inverted (dark garment on light
     ground, like ImageNet product photos) and resized to ``image_size`` px: at 128 px a 16-shot
-    logistic probe scores ~0.82 vs ~0.80 un-inverted and ~0.75 at 64 px. A cache miss attaches to
+    logistic probe scores ~0.82 vs ~0.80 un-inverted and ~0.75 at 64 px. ``text_modalities``: 'joint'
+    writes every text source as one auxiliary modality ``text``; 'separate' writes one auxiliary
+    modality per source (``wordnet``, ``templates``), each with its own alpha. A cache miss attaches to
     ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
     """
     from uml_ray.encoders.extract import rows_from_arrays, rows_from_texts
@@ -137,7 +144,11 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
                       "seed": POOL_SEED, "invert": True, "source": os.path.abspath(fashion_dir)})
     text_pairs = case_texts(text, wordnet_dir)
     text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
+    if text_modalities not in ("joint", "separate"):
+        raise DataError(f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)")
     args = {"image": image_key, "text": text_key, "shots": shots, "split_seed": split_seed}
+    if text_modalities == "separate":
+        args["text_modalities"] = text_modalities
     out = Path(out_dir)
     manifest_path = out / "manifest.yaml"
     if (out / "case.json").exists() and manifest_path.exists() and json.loads((out / "case.json").read_text()) == args:
@@ -167,30 +178,39 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
     text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
     chosen = few_shot_split(pool_ids, pool_labels, shots, split_seed)
     position = {row_id: i for i, row_id in enumerate(pool_ids)}
+    # the cached text rows are numbered in case_texts order (text-000000, ...): that gives each its source
+    if text_modalities == "separate":
+        source_of = case_text_sources(text, wordnet_dir)
+        sources = [source_of[int(row_id.split("-")[1])] for row_id in text_ids]
+        text_sets = {name: np.array([k for k, s in enumerate(sources) if s == name]) for name in dict.fromkeys(source_of)}
+    else:
+        text_sets = {"text": np.arange(len(text_ids))}
 
     if out.exists():
-        for modality in ("image", "text"):
+        for modality in ("image", "text", *TEXT_SOURCES):
             shutil.rmtree(out / modality, ignore_errors=True)
     splits = {}
     for split, ids in chosen.items():
         rows = np.array([position[i] for i in ids], dtype=np.int64)
         splits[split] = write_shards(str(out), "image", split, pool_features[rows], pool_labels[rows], ids, dim=1280)
     splits["test"] = write_shards(str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280)
-    text_uris = write_shards(str(out), "text", "train", text_features, text_labels, text_ids, dim=384)
+    text_uris = {name: write_shards(str(out), name, "train", text_features[rows], text_labels[rows],
+                                    [text_ids[k] for k in rows], dim=384) for name, rows in text_sets.items()}
     manifest = Manifest(
         name=f"fashion-mnist-{shots}shot-seed{split_seed}",
         classes=list(FASHION_MNIST_CLASSES),
         target="image",
         modalities={
             "image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
-            "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}),
+            **{name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
+               for name, uris in text_uris.items()},
         },
     )
     write_manifest(manifest, str(manifest_path))
     (out / "case.json").write_text(json.dumps(args))
     summary = {"manifest": str(manifest_path), "cached": image_hit and text_hit,
                "rows": {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
-                        "text/train": len(text_ids)},
+                        **{f"{name}/train": len(rows) for name, rows in text_sets.items()}},
                "seconds": round(time.perf_counter() - started, 2)}
     print(f"fashion-mnist case: {summary}", file=sys.stderr, flush=True)
     return summary

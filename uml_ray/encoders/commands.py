@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                       help="fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept as PNG "
                            "bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way")
     case.add_argument("--text", default="templates,wordnet", help="text sources: templates, wordnet or both")
+    case.add_argument("--text-modalities", choices=["joint", "separate"], default="joint",
+                      help="fashion-mnist: the text sources as one auxiliary modality 'text' (joint) or one per source "
+                           "(separate: 'wordnet', 'templates', each with its own alpha)")
     case.add_argument("--cache-dir", help="feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)")
     case.add_argument("--batch-size", type=int, default=64)
     case.add_argument("--num-actors", type=int)
@@ -136,6 +139,9 @@ def run_case(args) -> int:
 
     text = tuple(s.strip() for s in args.text.split(",") if s.strip())
     if args.regime == "finetune":
+        if args.text_modalities != "joint":
+            raise ConfigError("--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
+                              "writes one 'text' modality")
         from uml_ray.encoders.cases import build_fashion_mnist_finetune_case
 
         summary = build_fashion_mnist_finetune_case(args.out, shots=args.shots, split_seed=args.split_seed,
@@ -146,6 +152,7 @@ def run_case(args) -> int:
         return 0
     summary = build_fashion_mnist_case(args.out, shots=args.shots, split_seed=args.split_seed, train_pool=args.train_pool,
                                        test_size=args.test_size, image_size=args.image_size, text=text,
-                                       cache_dir=args.cache_dir, batch_size=args.batch_size, num_actors=args.num_actors)
+                                       cache_dir=args.cache_dir, batch_size=args.batch_size, num_actors=args.num_actors,
+                                       text_modalities=args.text_modalities)
     print(json.dumps(summary))
     return 0
