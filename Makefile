@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo_work
 
-.PHONY: venv debian-packages demo test test-unit test-integration test-cluster bench clean
+.PHONY: venv debian-packages demo test test-unit test-integration test-cluster test-chaos bench clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ test-integration: $(STAMP) debian-packages
 
 test-cluster: $(STAMP) debian-packages
 	$(PYTEST) -m cluster tests
+
+# the chaos suite (README "Reliability"): workers, trials, the driver, a node and the MLflow server killed mid-run
+test-chaos: $(STAMP) debian-packages
+	$(PYTEST) -m chaos tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trial_overhead.py

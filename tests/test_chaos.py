@@ -1,10 +1,11 @@
 """Chaos: faults injected by killing processes by pid mid-run, and what must survive them.
 
-Each test kills a real process — a Ray Train worker, a Tune trial process, the driver, a Ray
-node's raylet, the MLflow server — found through Ray's state API or as the process the test
-started, then checks figures: the run resumes from its checkpoint and ends where an
-uninterrupted run ends, no trial is lost or run twice, MLflow holds one run per trial with every
-validation step. ``make test-chaos`` runs them; the README's reliability table quotes them.
+Each test kills real processes — a Ray Train worker, a Tune trial process, the driver, every
+process of a Ray node, the MLflow server — found through Ray's state API (or Tune's record of the
+trial process, checked against it) or as the process the test started, then checks figures: the
+run resumes from its checkpoint and ends where an uninterrupted run ends, no trial is lost or run
+twice, MLflow holds one run per trial with every validation step. ``make test-chaos`` runs them;
+the README's reliability table quotes them.
 """
 
 from __future__ import annotations
@@ -83,9 +84,15 @@ def actor_pids(class_name: str, alive: bool = True) -> list[tuple[int, str]]:
     from ray.util.state import list_actors
 
     # this process's Ray, by address: other Rays on the machine would make the default ambiguous
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", class_name)] + ([("state", "=", "ALIVE")] if alive else []),
-                         detail=True, limit=10000)
+    filters = [("class_name", "=", class_name)] + ([("state", "=", "ALIVE")] if alive else [])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, detail=True, limit=10000)
     return [(a.pid, a.node_id) for a in actors]
+
+
+def report(capsys, line: str) -> None:
+    """A test's figures on the console even while pytest captures output (the README's table quotes them)."""
+    with capsys.disabled():
+        print(line, flush=True)
 
 
 def kill(pid: int) -> float:
@@ -130,10 +137,12 @@ def first_new_step_after(client, run, killed_at: float, key: str = "val_acc") ->
     return min((m.timestamp / 1000 for m in history if m.step > reached), default=float("inf")) - killed_at
 
 
-def reported_steps(trial_folder: Path) -> list[int]:
-    """Every step a trial reported to Tune, in order, retries included (its result.json)."""
-    lines = (trial_folder / "result.json").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if line.strip() and "step" in json.loads(line)]
+def results(folder: Path) -> list[dict]:
+    """Every result a Tune trial reported, in order, retries included (its result.json)."""
+    try:
+        return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):  # being written
+        return []
 
 
 # --- a Ray Train worker --------------------------------------------------------------------------
@@ -144,7 +153,7 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
     """2 workers (0.5 CPU each): one SIGKILLed after the first checkpoint; Ray Train restarts the group
     from that checkpoint and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 300, "val_every": 20, "checkpoint_every": 2},
+                          train={"max_steps": 200, "val_every": 20, "checkpoint_every": 2},
                           resources={"num_workers": 2, "cpus_per_worker": 0.5})
     started = time.monotonic()
     assert main(["train", str(config), "--name", "whole"]) == 0
@@ -166,9 +175,9 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
     # what the group reported between that checkpoint and the kill is reported again, once
     assert len(actor_pids("RayTrainWorker", alive=False)) - workers_before == 4
     (trial_folder,) = [p.parent for p in (tmp_path / "runs" / "killed").glob("*/result.json")]
-    steps = reported_steps(trial_folder)
+    steps = [r["step"] for r in results(trial_folder)]
     replays = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(replays) <= 1 and steps[-1] == 300 and sorted(set(steps)) == list(range(20, 301, 20)), steps
+    assert len(replays) <= 1 and steps[-1] == 200 and sorted(set(steps)) == list(range(20, 201, 20)), steps
     resumed_at = steps[replays[0]] - 20 if replays else None
     assert resumed_at is None or (resumed_at >= 40 and resumed_at % 40 == 0), steps
 
@@ -179,13 +188,14 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
     runs = {r.info.run_name: r for r in tracked_runs(tmp_path)}
     assert sorted(runs) == ["killed", "whole"]  # one MLflow run for the killed run, not two
     assert runs["killed"].info.status == "FINISHED"
-    assert metric_steps(client, runs["killed"]) == list(range(20, 301, 20))  # every validation once
+    assert metric_steps(client, runs["killed"]) == list(range(20, 201, 20))  # every validation once
     for key in ("val_loss", "test_loss", "train_loss", "test_acc", "best_val_loss"):
         assert runs["killed"].data.metrics[key] == runs["whole"].data.metrics[key], key
     recovered = first_new_step_after(client, runs["killed"], killed_at)
-    print(f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {steps[replays[0]:replays[0] + 3] if replays else []}); "
-          f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
-          f"final metrics identical: {killed}")
+    replayed = steps[replays[0]:replays[0] + 3] if replays else []
+    report(capsys, f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {replayed}); "
+           f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
+           f"final metrics identical: {killed}")
 
 
 # --- a trial process ------------------------------------------------------------------------------
@@ -193,14 +203,6 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
 
 def sweep_children(workdir: Path, sweep: str) -> list:
     return [r for r in tracked_runs(workdir) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "trial"]
-
-
-def results(folder: Path) -> list[dict]:
-    """Every result a Tune trial reported, in order, retries included (its result.json)."""
-    try:
-        return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):  # being written
-        return []
 
 
 def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple[Path, int] | None:
@@ -212,7 +214,8 @@ def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple
     for path in (workdir / "runs" / sweep).glob("*/result.json"):
         reported = results(path.parent)
         if reported and step <= reported[-1].get("step", 0) < max_steps - 100 and not reported[-1].get("done"):
-            alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
+            alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                                detail=True, limit=10000)
             if reported[-1]["pid"] in [a.pid for a in alive]:
                 return path.parent, reported[-1]["pid"]
     return None
@@ -264,9 +267,9 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_session, synthetic_
     victims = [r for r in children if trial_id in (r.data.tags["uml_ray.trial_id"], r.data.tags.get("uml_ray.fused_trial"))]
     assert len(victims) == fuse
     recovered = min(first_new_step_after(client, victim, killed_at) for victim in victims)
-    print(f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
-          f"resumed from step {resumed_at}; "
-          f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s")
+    report(capsys, f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
+           f"resumed from step {resumed_at}; "
+           f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s")
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ def searcher_history(experiment: Path) -> list:
 
 
 def same_config(params: dict, sampled: dict) -> bool:
+    """Optuna's params of a trial are the sampled config MLflow recorded (floats to rounding)."""
     return params.keys() == sampled.keys() and all(
         params[k] == pytest.approx(v) if isinstance(v, float) else params[k] == v for k, v in sampled.items())
 
@@ -349,9 +353,10 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
         (told,) = [t for t in history if same_config(t.params, sampled)]
         assert told.value == pytest.approx(run.data.metrics["best_val_acc"])
     assert len(history) == trials
-    print(f"CHAOS driver: killed pid {driver.pid} after {len(before)} of {trials} trials finished "
-          f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
-          f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history")
+    report(capsys, f"CHAOS driver: killed pid {driver.pid} after {len(before)} of {trials} trials finished "
+           f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
+           f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history")
+
 
 # --- a truncated checkpoint -----------------------------------------------------------------------
 
@@ -429,108 +434,9 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     assert "is unreadable (OSError: " in err[0] or "is unreadable (RuntimeError: PytorchStreamReader" in err[0]  # torch's reason, in short
     (failed,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "all-truncated"]
     assert failed.info.status == "FAILED"
-    print(f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
-          f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
-          f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'")
-
-
-# --- a node ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def head_and_two_nodes():
-    """``ray.cluster_utils.Cluster``: a head with no CPUs (dashboard on a free loopback port, for the state
-    API) and two 2-CPU nodes, this process attached as the driver; node failures detected within seconds.
-
-    The nodes inherit this process's Ray auth mode (token, once the shared local Ray started in it),
-    so driver and cluster agree (see test_cluster_runtime.driver_auth_mode for what a mismatch does).
-    """
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from test_cluster_runtime import detach_driver, free_ports
-
-    detach_driver()
-    (dashboard_port,) = free_ports(1)
-    # a dead raylet is declared dead after ~3 missed 1 s health checks instead of Ray's ~30 s
-    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "_system_config": health})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster
-    finally:
-        ray.shutdown()  # the next integration test starts the shared local Ray again
-        cluster.shutdown()
-
-
-def node_processes(node) -> list[int]:
-    """Pids of every process of a Ray node: its raylet and agents, and the workers the state API lists on it."""
-    import ray
-    from ray.util.state import list_workers
-
-    own = [info.process.pid for infos in node.all_processes.values() for info in infos]
-    workers = list_workers(address=ray.get_runtime_context().gcs_address, filters=[("node_id", "=", node.node_id)],
-                           detail=True, limit=10000)
-    return own + [w.pid for w in workers if w.is_alive and w.pid]
-
-
-@pytest.mark.cluster
-@pytest.mark.timeout(600)
-def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synthetic_manifest, tmp_path, capsys):
-    """Every process of the node running a training's trial SIGKILLed (a lost machine): Tune retries the
-    trial on the other node from its last checkpoint, and the run ends as an uninterrupted one."""
-    import ray
-    from ray.util.state import list_actors
-
-    from uml_ray.config import load_config
-    from uml_ray.driver.plan import build_plan
-    from uml_ray.train.context import LocalContext
-    from uml_ray.train.loop import train_supervised
-
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2}, resources={"cpus_per_worker": 2})
-    plan = build_plan(load_config(config))
-    uninterrupted = train_supervised(plan, LocalContext(plan))
-    gcs = ray.get_runtime_context().gcs_address
-
-    started = time.monotonic()
-    run = Background(["train", str(config), "--name", "node-lost"])
-    folder, pid = wait_for("the trial past step 60", lambda: running_trial(tmp_path, "node-lost", 60, 600), run, every=0.05)
-    (actor,) = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000) if a.pid == pid]
-    (lost,) = [n for n in head_and_two_nodes.worker_nodes if n.node_id == actor.node_id]
-    pids = node_processes(lost)
-    assert pid in pids
-    killed_at = time.time()
-    for victim in pids:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert run.join(600) == 0
-    result = last_json(capsys.readouterr().out)
-    took = time.monotonic() - started
-
-    reported = results(folder)
-    killed_step, resumed_at = resumed_from(reported)
-    assert resumed_at >= 40
-    retried = reported[-1]["pid"]
-    (again,) = [a for a in list_actors(address=gcs, detail=True, limit=10000) if a.pid == retried and a.class_name == actor.class_name]
-    assert again.node_id != lost.node_id  # rescheduled on the surviving node
-    assert not [n for n in ray.nodes() if n["NodeID"] == lost.node_id and n["Alive"]]
-    for key in ("best_val_acc", "test_acc", "best_step", "step"):
-        assert result[key] == uninterrupted[key], (key, result, uninterrupted)
-    client = mlflow_client(tmp_path)
-    (tracked,) = tracked_runs(tmp_path)
-    assert tracked.info.status == "FINISHED" and metric_steps(client, tracked) == list(range(20, 601, 20))
-    recovered = first_new_step_after(client, tracked, killed_at)
-    print(f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
-          f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
-          f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s")
+    report(capsys, f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
+           f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
+           f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'")
 
 
 # --- the MLflow server ----------------------------------------------------------------------------
@@ -632,6 +538,105 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(ray_sessi
     # artifacts, held ones included (copied aside while their files were temporary), in the server's folder
     stored = lambda run, name: (root / "artifacts" / found.experiment_id / run.info.run_id / "artifacts" / name).is_file()  # noqa: E731
     assert stored(parents[0], "study_summary.json") and all(stored(child, "config.yaml") for child in children)
-    print(f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after {back_at - killed_at:.1f} s; "
-          f"{held} validations logged during the outage arrived afterwards; sweep ended {done_at - back_at:.1f} s after the "
-          f"restart; {trials} trials, one run each, none failed; {took:.1f} s")
+    report(capsys, f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after {back_at - killed_at:.1f} s; "
+           f"{held} validations logged during the outage arrived afterwards; sweep ended {done_at - back_at:.1f} s after the "
+           f"restart; {trials} trials, one run each, none failed; {took:.1f} s")
+
+
+# --- a node ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def head_and_two_nodes():
+    """``ray.cluster_utils.Cluster``: a head with no CPUs (dashboard on a free loopback port, for the state
+    API) and two 2-CPU nodes, this process attached as the driver; node failures detected within seconds.
+
+    The nodes inherit this process's Ray auth mode (token, once the shared local Ray started in it),
+    so driver and cluster agree (see test_cluster_runtime.driver_auth_mode for what a mismatch does).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from test_cluster_runtime import detach_driver, free_ports
+
+    detach_driver()
+    (dashboard_port,) = free_ports(1)
+    # a dead raylet is declared dead after ~3 missed 1 s health checks instead of Ray's ~30 s
+    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "_system_config": health})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()  # the next integration test starts the shared local Ray again
+        cluster.shutdown()
+
+
+def node_processes(node) -> list[int]:
+    """Pids of every process of a Ray node: its raylet and agents, and the workers the state API lists on it."""
+    import ray
+    from ray.util.state import list_workers
+
+    own = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    workers = list_workers(address=ray.get_runtime_context().gcs_address, filters=[("node_id", "=", node.node_id)],
+                           detail=True, limit=10000)
+    return own + [w.pid for w in workers if w.is_alive and w.pid]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synthetic_manifest, tmp_path, capsys):
+    """Every process of the node running a training's trial SIGKILLed (a lost machine): Tune retries the
+    trial on the other node from its last checkpoint, and the run ends as an uninterrupted one."""
+    import ray
+    from ray.util.state import list_actors
+
+    from uml_ray.config import load_config
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.train.context import LocalContext
+    from uml_ray.train.loop import train_supervised
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2}, resources={"cpus_per_worker": 2})
+    plan = build_plan(load_config(config))
+    uninterrupted = train_supervised(plan, LocalContext(plan))
+    gcs = ray.get_runtime_context().gcs_address
+
+    started = time.monotonic()
+    run = Background(["train", str(config), "--name", "node-lost"])
+    folder, pid = wait_for("the trial past step 60", lambda: running_trial(tmp_path, "node-lost", 60, 600), run, every=0.05)
+    (actor,) = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000) if a.pid == pid]
+    (lost,) = [n for n in head_and_two_nodes.worker_nodes if n.node_id == actor.node_id]
+    pids = node_processes(lost)
+    assert pid in pids
+    killed_at = time.time()
+    for victim in pids:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert run.join(600) == 0
+    result = last_json(capsys.readouterr().out)
+    took = time.monotonic() - started
+
+    reported = results(folder)
+    killed_step, resumed_at = resumed_from(reported)
+    assert resumed_at >= 40
+    retried = reported[-1]["pid"]
+    (again,) = [a for a in list_actors(address=gcs, detail=True, limit=10000) if a.pid == retried and a.class_name == actor.class_name]
+    assert again.node_id != lost.node_id  # rescheduled on the surviving node
+    assert not [n for n in ray.nodes() if n["NodeID"] == lost.node_id and n["Alive"]]
+    for key in ("best_val_acc", "test_acc", "best_step", "step"):
+        assert result[key] == uninterrupted[key], (key, result, uninterrupted)
+    client = mlflow_client(tmp_path)
+    (tracked,) = tracked_runs(tmp_path)
+    assert tracked.info.status == "FINISHED" and metric_steps(client, tracked) == list(range(20, 601, 20))
+    recovered = first_new_step_after(client, tracked, killed_at)
+    report(capsys, f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
+           f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
+           f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s")

@@ -393,9 +393,8 @@ class SweepTracker:
 
         def close_lost():
             mine = set(self.trial_runs.values())
-            runs = self.client.search_runs(
-                [self.experiment_id], max_results=1000,
-                filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'")
+            running = f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'"
+            runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=running)
             for run in runs:
                 if run.info.run_id not in mine:
                     self.client.set_tag(run.info.run_id, OUTCOME_TAG, "lost")
