@@ -99,7 +99,7 @@ def max_concurrency(plan: RunPlan, requested: int) -> int:
 
     cfg = plan.cfg
     cpus = ray.cluster_resources().get("CPU", 0)
-    per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers
+    per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers + trial_resources(plan)["CPU"] * (not use_inline(cfg))
     reserved = data_cpus(plan)
     fit = int((cpus - reserved) // per_trial) if per_trial else requested
     if fit < 1 and not cluster_address(cfg.resources.address):
