@@ -439,6 +439,42 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
            f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'")
 
 
+@pytest.mark.timeout(600)
+def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_session, synthetic_manifest, tmp_path, capsys):
+    """What a driver killed mid-rotation leaves (its snapshot names a checkpoint the rotation deleted):
+    the trial's recorded checkpoint folder removed, then its process SIGKILLed; the retry resumes from
+    the checkpoint kept beside it instead of failing with "does not exist on storage anymore"."""
+    import shutil
+
+    from uml_ray.config import load_config
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.train.context import LocalContext
+    from uml_ray.train.loop import train_supervised
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
+                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    plan = build_plan(load_config(config))
+    uninterrupted = train_supervised(plan, LocalContext(plan))
+
+    run = Background(["train", str(config), "--name", "recorded-gone"])
+    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "recorded-gone")
+    recorded = folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
+    assert recorded == kept[0]
+    shutil.rmtree(recorded)
+    kill(pid)
+    assert run.join(600) == 0
+    resumed = last_json(capsys.readouterr().out)
+
+    reported = results(folder)
+    switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
+    other = int(kept[1].name.split("_")[1])  # Tune's checkpoint_00000N holds the (N+1)th checkpoint: step 40 (N+1)
+    assert reported[switch]["step"] == 40 * (other + 1) + 20, [(r["step"], r["pid"]) for r in reported]
+    for key in ("best_val_acc", "test_acc", "best_step", "step"):
+        assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
+    report(capsys, f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
+           f"{kept[1].name} (step {reported[switch]['step'] - 20}); final metrics identical to an uninterrupted run")
+
+
 # --- the MLflow server ----------------------------------------------------------------------------
 
 
