@@ -461,9 +461,11 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
     recorded = folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
     assert recorded == kept[0]
     shutil.rmtree(recorded)
-    kill(pid)
+    killed_at = kill(pid)
     assert run.join(600) == 0
     resumed = last_json(capsys.readouterr().out)
+    (tracked,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "recorded-gone"]
+    recovered = first_new_step_after(mlflow_client(tmp_path), tracked, killed_at)
 
     reported = results(folder)
     switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
@@ -472,7 +474,8 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
     report(capsys, f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
-           f"{kept[1].name} (step {reported[switch]['step'] - 20}); final metrics identical to an uninterrupted run")
+           f"{kept[1].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
+           f"final metrics identical to an uninterrupted run")
 
 
 # --- the MLflow server ----------------------------------------------------------------------------
