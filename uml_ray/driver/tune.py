@@ -372,7 +372,7 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
             try:
                 with filesystem.open_input_stream(f"{folder}/result.json") as handle:
                     lines = handle.read().decode().strip().splitlines()
-            except (OSError, FileNotFoundError):
+            except OSError:  # a trial folder without results yet
                 continue
             if lines:
                 results[trial_id] = {k: v for k, v in json.loads(lines[-1]).items() if k not in tune_keys}
