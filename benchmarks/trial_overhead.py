@@ -52,7 +52,7 @@ def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
     space = load_space(space_file)
     plan = build_plan(cfg, space)
     start = time.perf_counter()
-    uml_tune.run(plan, space, trials=trials, concurrency=1, name=f"overhead-{trainer}")
+    uml_tune.run(plan, space, trials=trials, concurrency=1, name=f"overhead-{trainer}", fuse=1)
     return (time.perf_counter() - start) / trials
 
 

@@ -480,6 +480,9 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
                                 resolve=functools.partial(resolve_trial, plan, seed_policy), fetch_best=fetch_best_weights,
                                 verbose=verbose)
         validations = -(-cfg.train.max_steps // cfg.train.val_every)
+        # a grid is an exhaustive table: every point runs to the end; fused trials halve their
+        # members at ASHA's rungs themselves
+        asha = space is not None and not grid and fuse == 1
         # a fused sweep's searcher stops after `trials` configs: trials holds an upper bound of Tune trials
         samples = 1 if space is None or grid else min(trials, space.size() or trials)
         if fused_grid is not None:
@@ -491,13 +494,13 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             mode="max",
             num_samples=samples,
             max_concurrent_trials=max_concurrency(plan, concurrency),
-            # a trial process keeps torch and uml_ray imported for the next trial: seconds per trial
-            reuse_actors=True,
+            # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial);
+            # not where ASHA stops trials: Tune errors the next trial when a stopped one's thread is
+            # still busy after 2 s (a TorchTrainer always is)
+            reuse_actors=use_inline(cfg) and not asha,
             search_alg=_searcher(space, plan, seed_policy, trials, fuse) if space and not grid else None,
-            # a grid is an exhaustive table: every point runs to the end; fused trials halve their
-            # members at ASHA's rungs themselves
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
-                                    reduction_factor=REDUCTION_FACTOR) if space and not grid and fuse == 1 else None,
+                                    reduction_factor=REDUCTION_FACTOR) if asha else None,
         )
         tuner = tune.Tuner(
             trainable,
