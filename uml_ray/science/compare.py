@@ -125,16 +125,21 @@ def format_report(report: dict) -> list[str]:
     return lines
 
 
-def write_artifacts(report: dict, folder: str) -> list[str]:
-    """compare.csv (per-seed table), compare.json (everything) and compare.png (paired plot) in ``folder``."""
-    from uml_ray.science.plots import paired_plot
-
-    table = os.path.join(folder, "compare.csv")
+def write_report_files(report: dict, folder: str, stem: str, plot) -> list[str]:
+    """STEM.csv (the report's rows), STEM.json (everything) and STEM.png (``plot(report, path)``) in ``folder``."""
+    table = os.path.join(folder, f"{stem}.csv")
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))
         writer.writeheader()
         writer.writerows(report["rows"])
-    summary = os.path.join(folder, "compare.json")
+    summary = os.path.join(folder, f"{stem}.json")
     with open(summary, "w") as handle:
         json.dump(report, handle, indent=2, default=str)
-    return [table, summary, paired_plot(report, os.path.join(folder, "compare.png"))]
+    return [table, summary, plot(report, os.path.join(folder, f"{stem}.png"))]
+
+
+def write_artifacts(report: dict, folder: str) -> list[str]:
+    """compare.csv (per-seed table), compare.json (everything) and compare.png (paired plot) in ``folder``."""
+    from uml_ray.science.plots import paired_plot
+
+    return write_report_files(report, folder, "compare", paired_plot)

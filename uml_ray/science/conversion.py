@@ -13,16 +13,14 @@ Seeds are resampled whole for the bootstrap interval.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 
 import numpy as np
 
 from uml_ray.data.format import LABEL
 from uml_ray.data.streams import read_table
 from uml_ray.errors import ConfigError
-from uml_ray.science.compare import UML, UNIMODAL, check_uses_auxiliary, pinned_width, unimodal_arm
+from uml_ray.science.compare import UML, UNIMODAL, check_uses_auxiliary, pinned_width, unimodal_arm, write_report_files
 from uml_ray.science.searches import Arm, Selected
 from uml_ray.science.stats import bootstrap_conversion, conversion, paired_summary
 from uml_ray.search.space import SearchSpace
@@ -112,12 +110,4 @@ def write_artifacts(report: dict, folder: str) -> list[str]:
     """conversion.csv (every selected cell), conversion.json (everything) and conversion.png in ``folder``."""
     from uml_ray.science.plots import conversion_plot
 
-    table = os.path.join(folder, "conversion.csv")
-    with open(table, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))
-        writer.writeheader()
-        writer.writerows(report["rows"])
-    summary = os.path.join(folder, "conversion.json")
-    with open(summary, "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    return [table, summary, conversion_plot(report, os.path.join(folder, "conversion.png"))]
+    return write_report_files(report, folder, "conversion", conversion_plot)
