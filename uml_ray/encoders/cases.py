@@ -196,24 +196,13 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
     splits["test"] = write_shards(str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280)
     text_uris = {name: write_shards(str(out), name, "train", text_features[rows], text_labels[rows],
                                     [text_ids[k] for k in rows], dim=384) for name, rows in text_sets.items()}
-    manifest = Manifest(
-        name=f"fashion-mnist-{shots}shot-seed{split_seed}",
-        classes=list(FASHION_MNIST_CLASSES),
-        target="image",
-        modalities={
-            "image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
-            **{name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
-               for name, uris in text_uris.items()},
-        },
-    )
-    write_manifest(manifest, str(manifest_path))
-    (out / "case.json").write_text(json.dumps(args))
-    summary = {"manifest": str(manifest_path), "cached": image_hit and text_hit,
-               "rows": {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
-                        **{f"{name}/train": len(rows) for name, rows in text_sets.items()}},
-               "seconds": round(time.perf_counter() - started, 2)}
-    print(f"fashion-mnist case: {summary}", file=sys.stderr, flush=True)
-    return summary
+    modalities = {"image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
+                  **{name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
+                     for name, uris in text_uris.items()}}
+    rows = {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
+            **{f"{name}/train": len(rows) for name, rows in text_sets.items()}}
+    return _write_case(out, manifest_path, f"fashion-mnist-{shots}shot-seed{split_seed}", modalities, args, rows,
+                       image_hit and text_hit, started, "fashion-mnist case")
 
 
 def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
@@ -266,20 +255,20 @@ def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int,
     splits["test"], _ = write_image_shards(str(out), "image", "test", 255 - test_images[test_rows], test_labels[test_rows],
                                            test_ids, channels=1)
     text_uris = write_shards(str(out), "text", "train", text_features, text_labels, text_ids, dim=384)
-    manifest = Manifest(
-        name=f"fashion-mnist-finetune-{shots}shot-seed{split_seed}",
-        classes=list(FASHION_MNIST_CLASSES),
-        target="image",
-        modalities={
-            "image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
-            "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}),
-        },
-    )
-    write_manifest(manifest, str(manifest_path))
+    modalities = {"image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
+                  "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris})}
+    rows = {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
+            "text/train": len(text_ids)}
+    return _write_case(out, manifest_path, f"fashion-mnist-finetune-{shots}shot-seed{split_seed}", modalities, args, rows,
+                       text_hit, started, "fashion-mnist finetune case")
+
+
+def _write_case(out: Path, manifest_path, name: str, modalities: dict, args: dict, rows: dict, cached: bool,
+                started: float, label: str) -> dict:
+    """A Fashion-MNIST case's manifest and build record, and its summary (printed and returned)."""
+    write_manifest(Manifest(name=name, classes=list(FASHION_MNIST_CLASSES), target="image", modalities=modalities),
+                   str(manifest_path))
     (out / "case.json").write_text(json.dumps(args))
-    summary = {"manifest": str(manifest_path), "cached": text_hit,
-               "rows": {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
-                        "text/train": len(text_ids)},
-               "seconds": round(time.perf_counter() - started, 2)}
-    print(f"fashion-mnist finetune case: {summary}", file=sys.stderr, flush=True)
+    summary = {"manifest": str(manifest_path), "cached": cached, "rows": rows, "seconds": round(time.perf_counter() - started, 2)}
+    print(f"{label}: {summary}", file=sys.stderr, flush=True)
     return summary
