@@ -221,14 +221,19 @@ def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple
     return None
 
 
-def resumed_from(reported: list[dict]) -> tuple[int, int]:
-    """(last step before the trial process changed, step its successor began from): a retry resumed from
-    a checkpoint starts right after the last one the first process wrote."""
+def resumed_from(reported: list[dict], cadence: int = 40) -> tuple[int, int]:
+    """(last step the first trial process reported, step of the checkpoint its successor began from).
+
+    A retry resumes from the newest durable checkpoint: at least the last one the driver had seen
+    reported, possibly a later one a train worker wrote before its report reached the driver (the
+    node went away in between). Either way it starts right after a step on the checkpoint cadence."""
     first_pid = reported[0]["pid"]
     switch = next(i for i, r in enumerate(reported) if r["pid"] != first_pid)
     checkpointed = [r["step"] for r in reported[:switch] if r.get("checkpoint_dir_name")]
-    assert reported[switch]["step"] == max(checkpointed) + 20, [(r["step"], r["pid"]) for r in reported]
-    return reported[switch - 1]["step"], max(checkpointed)
+    resumed_at = reported[switch]["step"] - 20
+    trace = [(r["step"], r["pid"]) for r in reported]
+    assert resumed_at >= max(checkpointed) and resumed_at % cadence == 0, trace
+    return reported[switch - 1]["step"], resumed_at
 
 
 @pytest.mark.timeout(600)
