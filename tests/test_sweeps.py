@@ -152,3 +152,19 @@ def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(ray_sess
     assert run.info.status == "FAILED"
     # not retried: the trial reported its error once, as its only result
     assert len(client.get_metric_history(run.info.run_id, "training_iteration")) <= 1
+
+
+def test_sampled_project_target_off_is_checked_like_the_base_config(synthetic_manifest, tmp_path):
+    """project_target=false where the target's width is not the shared width would be trained as
+    project_target=true: a sampled config is refused and resampled, as the base config is refused."""
+    from uml_ray.errors import ConfigError
+
+    plan = build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"shared_dim": 16})))
+    with pytest.raises(ConfigError, match="model.project_target=false"):
+        _check_sample(plan, "fixed", {"model.project_target": False})
+    _check_sample(plan, "fixed", {"model.project_target": False, "model.shared_dim": 32})  # the target's own width
+    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  model.project_target: {type: choice, values: [true, false]}\n"
+                                  "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n"))
+    searcher, _ = optuna_searcher(plan, space, trials=6, fuse=1)
+    handed = drain(searcher, 6, lambda c: c["train.lr"])
+    assert len(handed) == 3 and all(c["model.project_target"] is True for c in handed)

@@ -59,10 +59,8 @@ def _filesystem(uri: str):
 def count_rows(uris: list[str]) -> int:
     """Rows in a list of shards, read from the Parquet footers only."""
     total = 0
-    for uri in uris:
-        filesystem = _filesystem(uri)
-        path = uri.split("://", 1)[1] if filesystem is not None else uri
-        total += pq.ParquetFile(path, filesystem=filesystem).metadata.num_rows
+    for path, filesystem in (_located([uri]) for uri in uris):
+        total += pq.ParquetFile(path[0], filesystem=filesystem).metadata.num_rows
     return total
 
 
@@ -120,9 +118,19 @@ def _class_means(table: pa.Table) -> pa.Table:
 
 def read_table(uris: list[str]) -> pa.Table:
     """Every row of a (modality, split) as one Arrow table, read with pyarrow (local or object store)."""
+    return pq.read_table(*_located(uris)).combine_chunks()
+
+
+def _located(uris: list[str]) -> tuple[list[str], object]:
+    """(paths, filesystem) for pyarrow: object-store URIs lose their scheme and get their filesystem."""
     filesystem = _filesystem(uris[0])
-    paths = [u.split("://", 1)[1] for u in uris] if filesystem is not None else uris
-    return pq.read_table(paths, filesystem=filesystem).combine_chunks()
+    return ([u.split("://", 1)[1] for u in uris] if filesystem is not None else uris), filesystem
+
+
+def read_column(uris: list[str], column: str) -> np.ndarray:
+    """One column of a (modality, split) as a numpy array (the other columns are not read)."""
+    paths, filesystem = _located(uris)
+    return pq.read_table(paths, filesystem=filesystem, columns=[column]).column(column).to_numpy()
 
 
 def shape_target(table: pa.Table, target_per_class: int, seed: int) -> pa.Table:
@@ -168,8 +176,7 @@ def build_streamed_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux
             continue
         modality, split = name.rsplit(".", 1)
         uris = manifest.uris(modality, split)
-        filesystem = _filesystem(uris[0])
-        paths = [u.split("://", 1)[1] for u in uris] if filesystem is not None else uris
+        paths, filesystem = _located(uris)
         ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_TASK_CPUS)
         if modality != manifest.target and spec.kind == "vector":
             if aux_per_class > 0:

@@ -14,7 +14,7 @@ import numpy as np
 from uml_ray.config import Config, check_modalities
 from uml_ray.data.format import LABEL
 from uml_ray.data.format import ID
-from uml_ray.data.streams import plan_streams, read_table
+from uml_ray.data.streams import plan_streams, read_column, read_table
 from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace, check_space
 from uml_ray.train.plan import DatasetFacts, RunPlan
@@ -56,6 +56,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
             raise ConfigError(f"dataset '{name}' has {spec.rows} row(s), fewer than resources.num_workers={workers}; "
                               f"use resources.num_workers<={spec.rows} or give '{name}' more rows")
     check_target_per_class(cfg, manifest, streams, space)
+    check_aux_per_class(cfg, manifest, list(auxiliary), space)
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
 
 
@@ -74,27 +75,56 @@ def check_target_projection(cfg: Config, manifest, auxiliary: list[str]) -> None
                           f"or model.shared_dim={dims[manifest.target]} when the auxiliary features are in the target's space")
 
 
+def _space_max(cfg_value: int, key: str, space: SearchSpace | None) -> int:
+    """The largest value ``key`` takes: the config's, or the largest a space may sample."""
+    wanted = [cfg_value]
+    for param in space.params if space is not None else []:
+        if param.key == key:
+            wanted += list(param.values) if param.type == "choice" else [param.high]
+    return max(wanted)
+
+
+def _class_counts(manifest, modality: str) -> np.ndarray:
+    """Train rows per class of one modality (only the label column is read)."""
+    from uml_ray.data.streams import read_column
+
+    labels = read_column(manifest.uris(modality, "train"), LABEL)
+    return np.bincount(labels, minlength=len(manifest.classes))
+
+
 def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSpace | None) -> None:
     """``data.target_per_class`` (the config's value or the largest a space may sample) needs the
     target's train split in memory and at least that many rows in every class: fewer would be
     taken silently."""
-    wanted = [cfg.data.target_per_class]
-    for param in space.params if space is not None else []:
-        if param.key == "data.target_per_class":
-            wanted += list(param.values) if param.type == "choice" else [param.high]
-    k = max(wanted)
+    k = _space_max(cfg.data.target_per_class, "data.target_per_class", space)
     if k <= 0:
         return
     name = f"{manifest.target}.train"
     if not streams[name].cached:
         raise ConfigError(f"data.target_per_class={k} selects rows of '{name}' in memory, but it is larger than "
                           f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb")
-    labels = read_table(manifest.uris(manifest.target, "train")).column(LABEL).to_numpy(zero_copy_only=False)
-    counts = np.bincount(labels, minlength=len(manifest.classes))
+    counts = _class_counts(manifest, manifest.target)
     if counts.min() < k:
         poorest = manifest.classes[int(counts.argmin())]
         raise ConfigError(f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
                           f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} or a larger train split")
+
+
+def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: SearchSpace | None) -> None:
+    """``data.aux_per_class`` (the config's value or the largest a space may sample) keeps k rows of
+    every class an auxiliary modality has: a class with fewer would silently get fewer, and an
+    N_y axis past that would train the same data twice under different labels."""
+    k = _space_max(cfg.data.aux_per_class, "data.aux_per_class", space)
+    if k <= 0 or cfg.model.regime != "supervised":
+        return
+    for name in auxiliary:
+        counts = _class_counts(manifest, name)
+        present = np.flatnonzero(counts)
+        if len(present) and counts[present].min() < k:
+            poorest = int(present[counts[present].argmin()])
+            raise ConfigError(f"data.aux_per_class={k}: class '{manifest.classes[poorest]}' has only {counts[poorest]} train "
+                              f"row(s) of auxiliary '{name}' in {manifest.path}; use data.aux_per_class<={counts[poorest]} "
+                              f"or more '{name}' rows")
 
 
 def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:

@@ -22,7 +22,7 @@ from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, clus
 from uml_ray.config import check_modalities
 from uml_ray.data.streams import start_ray_data_helpers
 from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, TrackingBridge
-from uml_ray.driver.plan import load_tables
+from uml_ray.driver.plan import check_target_projection, load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
@@ -122,6 +122,7 @@ def resolve_trial(plan: RunPlan, seed_policy: str, trial_id: str, params: dict) 
         params = {**params, "train.seed": trial_seed(plan.cfg.train.seed, trial_id)}
     resolved = plan.with_params(params)
     check_modalities(resolved.cfg, resolved.dataset.auxiliary)
+    check_target_projection(resolved.cfg, resolved.dataset.manifest, list(resolved.dataset.auxiliary))
     return resolved
 
 
