@@ -252,6 +252,8 @@ CASES = [
          lambda w: ["data.aux_per_class=50", "train row(s) of auxiliary", w.manifest], "use data.aux_per_class<="),
     Case("space-aux-per-class-over-rows", _tune(_space_with("data.aux_per_class", {"type": "choice", "values": [1, 50]})),
          lambda w: ["data.aux_per_class=50", "train row(s) of auxiliary"], "use data.aux_per_class<="),
+    Case("config-probe-without-backbone", _validate(lambda w: w.config, "model.head_init=probe"),
+         lambda w: ["model.head_init=probe", "model.backbone"], "use model.head_init=random or text"),
     Case("config-no-manifest", _validate(lambda w: w.with_manifest("")),
          lambda w: ["data.manifest is empty"], "data.manifest=data/manifest.yaml"),
     Case("config-not-mapping", _validate(lambda w: w.write("run.yaml", "- train\n")),

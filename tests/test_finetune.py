@@ -99,6 +99,34 @@ def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_pat
         assert torch.equal(weight, second.saved["model"][name]), name
 
 
+def test_linear_probe_then_fine_tune_starts_from_a_fitted_head_and_resumes_exactly(ray_session, image_manifest, tmp_path):
+    """model.head_init=probe (LP-FT): the head is fitted on the frozen backbone's features before any
+    backbone step, so fine-tuning starts from a far lower loss than from a random head; a resumed run
+    restores the probed head instead of probing again, and continues bit-identically."""
+    losses = {}
+    for head_init in ("random", "probe"):
+        plan = build_plan(load_config(finetune_config(
+            tmp_path / f"{head_init}.yaml", image_manifest, tmp_path,
+            model={"head_init": head_init}, train={"probe_steps": 30, "max_steps": 4, "val_every": 1, "warmup_steps": 1})))
+        run = LocalContext(plan)
+        train_supervised(plan, run)
+        losses[head_init] = run.reports[0]["train_loss"]
+    assert losses["probe"] < 0.6 * losses["random"], losses
+
+    plan = build_plan(load_config(finetune_config(tmp_path / "c.yaml", image_manifest, tmp_path,
+                                                  model={"head_init": "probe"}, train={"probe_steps": 10})))
+    whole = LocalContext(plan)
+    train_supervised(plan, whole)
+    first = LocalContext(plan, fail_after=1)
+    with pytest.raises(LocalContext.Interrupted):
+        train_supervised(plan, first)
+    second = LocalContext(plan, saved=first.saved)
+    train_supervised(plan, second)
+    assert second.reports == whole.reports[1:]
+    for name, weight in whole.saved["model"].items():
+        assert torch.equal(weight, second.saved["model"][name]), name
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_row_id():
     picture = color_images(np.array([2]), np.random.default_rng(0))[0]
     payload = encode_png(to_picture(picture))

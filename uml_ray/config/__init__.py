@@ -51,7 +51,7 @@ class ModelConfig:
     shared_dim: int = option(0, "Width of the shared space; 0 = the first auxiliary modality's dim (reference).", low=0)
     project_target: bool = option(True, "Give the target its own linear projection (reference); off = its features enter the shared head directly (aligned spaces, e.g. CLIP).")
     project_auxiliary: bool = option(False, "Give auxiliary modalities their own linear projection; off = they enter the shared space directly (reference).")
-    head_init: str = option("random", "Head initialisation: random, or L2-normalised auxiliary class means.", choices=["random", "text"])
+    head_init: str = option("random", "Head initialisation: random; text = L2-normalised auxiliary class means; probe (fine-tuning) = a linear probe first: projections and head trained train.probe_steps steps on the frozen backbone's features with the UML loss, then everything fine-tuned (LP-FT).", choices=["random", "text", "probe"])
     logit_scale: bool = option(False, "Learnable per-modality logit scale.")
     backbone: str = option("", "Fine-tuning regime (target of kind image): the vision backbone trained under the projection and shared head, as an encoder spec: efficientnet-lite0 (packaged ImageNet weights), timm:NAME[,pretrained=false][,img_size=PX][,weights=FILE]. Empty = head-only over features.")
     freeze_blocks: int = option(0, "Fine-tuning: freeze the backbone's first N parameter groups in forward order (timm's coarse groups: the stem, then each stage/block); 0 trains all of it.", low=0)
@@ -80,6 +80,7 @@ class TrainConfig:
     alpha_default: float = option(1.0, "Alpha for auxiliary modalities not named in train.alpha; 0 = unimodal baseline.", low=0.0)
     step_k: int = option(-1, "Sequence regime: auxiliary-only epochs before joint training; -1 = joint from the start.", low=-1)
     probe_c: float = option(1.0, "Sequence regime: inverse L2 strength of the logistic-regression probe.", low=0.0, low_open=True)
+    probe_steps: int = option(100, "Fine-tuning with model.head_init=probe: steps of the linear probe that initialises the head (backbone frozen, same batches and loss).", low=1)
     grad_clip: float = option(0.0, "Clip the gradient norm to this value; 0 = off.", low=0.0)
     backbone_lr_scale: float = option(0.1, "Fine-tuning: the backbone's learning rate is train.lr times this (projection and head use train.lr); 0 keeps the backbone fixed.", low=0.0, high=10.0)
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x workers).", low=1)
@@ -279,6 +280,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("model.backbone fine-tunes a vision backbone in the supervised regime; set model.regime=supervised or model.backbone=''")
     if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
         raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
+    if cfg.model.head_init == "probe" and not cfg.model.backbone:
+        raise ConfigError("model.head_init=probe trains a linear probe before fine-tuning a backbone; without model.backbone "
+                          "the run is already a probe: use model.head_init=random or text, or set model.backbone")
     if cfg.data.target_per_class > 0 and (cfg.model.regime == "sequence" or cfg.model.backbone):
         raise ConfigError(f"data.target_per_class={cfg.data.target_per_class} selects target feature vectors of the head-only supervised "
                           "regime; set it to -1 here (draw few-shot splits when building the dataset instead, e.g. uml-ray case --shots)")

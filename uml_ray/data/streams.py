@@ -118,7 +118,8 @@ def _class_means(table: pa.Table) -> pa.Table:
 
 def read_table(uris: list[str]) -> pa.Table:
     """Every row of a (modality, split) as one Arrow table, read with pyarrow (local or object store)."""
-    return pq.read_table(*_located(uris)).combine_chunks()
+    paths, filesystem = _located(uris)
+    return pq.read_table(paths, filesystem=filesystem).combine_chunks()
 
 
 def _located(uris: list[str]) -> tuple[list[str], object]:

@@ -217,13 +217,7 @@ def feature_dim(spec: EncoderSpec | str, modality: str) -> int:
     if "dim" in spec.options:
         return spec.int_option("dim")
     if spec.family == "open_clip":
-        _register_open_clip_config(spec)
-        import open_clip
-
-        config = open_clip.get_model_config(spec.name)
-        if config is None:
-            raise ConfigError(f"encoder '{spec.text}': open_clip has no model config '{spec.name}'")
-        return int(config["embed_dim"])
+        return int(open_clip_model_config(spec)["embed_dim"])
     if spec.family == "timm":
         import timm
         import torch
@@ -241,34 +235,85 @@ def _require_modality(spec: EncoderSpec, modality: str, allowed: tuple) -> None:
         raise ConfigError(f"encoder '{spec.text}' embeds {' or '.join(allowed)}, not {modality}")
 
 
-def _register_open_clip_config(spec: EncoderSpec) -> None:
+def _register_open_clip_config(spec: EncoderSpec, where: str | None = None) -> None:
+    # where: how errors name the spec (default "encoder '<spec>'"; the backbone says "model.backbone='<spec>'")
     config = spec.options.get("config")
     if config:
         import open_clip
 
+        where = where or f"encoder '{spec.text}'"
         if Path(config).stem != spec.name:
-            raise ConfigError(f"encoder '{spec.text}': config file stem '{Path(config).stem}' must equal the model name")
+            raise ConfigError(f"{where}: config file stem '{Path(config).stem}' must equal the model name")
         if not Path(config).is_file():
-            raise ConfigError(f"encoder '{spec.text}': config file {config} does not exist")
+            raise ConfigError(f"{where}: config file {config} does not exist; give the path of an open_clip model config JSON")
         open_clip.add_model_config(config)
+
+
+def open_clip_model_config(spec: EncoderSpec, where: str | None = None) -> dict:
+    """The open_clip model config an ``open_clip:`` spec names (``config=PATH.json`` registered first).
+
+    ConfigError when there is none; ``where`` is how the error names the spec (default ``encoder '<spec>'``).
+    """
+    import open_clip
+
+    where = where or f"encoder '{spec.text}'"
+    _register_open_clip_config(spec, where)
+    config = open_clip.get_model_config(spec.name)
+    if config is None:
+        raise ConfigError(f"{where}: open_clip has no model config '{spec.name}'; "
+                          "list names with open_clip.list_models(), or give config=PATH.json")
+    return config
+
+
+def _open_clip_kwargs(spec: EncoderSpec) -> dict:
+    return {"force_image_size": spec.int_option("img_size")} if "img_size" in spec.options else {}
+
+
+def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> "torch.nn.Module":
+    """The open_clip model (both towers) an ``open_clip:`` spec names, on ``device``, in train mode.
+
+    Weights: a local ``weights=`` file, else the ``@TAG``'s pretrained weights (which need the model
+    hub), else random init (``pretrained=false``, or no tag). ``img_size=`` builds the image tower at
+    that size (open_clip resamples pretrained position embeddings to it).
+    """
+    import open_clip
+
+    _register_open_clip_config(spec)
+    pretrained = spec.options.get("weights") or (spec.tag if spec.pretrained else None)
+    return open_clip.create_model(spec.name, pretrained=pretrained, device=device, **_open_clip_kwargs(spec))
+
+
+def open_clip_architecture(spec: EncoderSpec) -> "torch.nn.Module":
+    """The open_clip model a spec names, built weightless on the meta device: its shapes, nothing loaded or downloaded."""
+    import open_clip
+    import torch
+
+    open_clip_model_config(spec)
+    with torch.device("meta"):
+        return open_clip.create_model(spec.name, pretrained=None, device="meta", **_open_clip_kwargs(spec))
+
+
+def open_clip_image_config(visual) -> tuple[int, tuple, tuple]:
+    """(input size, mean, std) of an open_clip image tower: its ``preprocess_cfg`` (set from the pretrained
+    tag), else OpenAI CLIP's normalisation."""
+    import open_clip
+
+    preprocess = getattr(visual, "preprocess_cfg", None) or {}
+    image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    return (int(image_size), tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)))
 
 
 def _load_open_clip(spec: EncoderSpec, modality: str, device: str) -> Encoder:
     import open_clip
 
-    _register_open_clip_config(spec)
-    pretrained = spec.options.get("weights") or (spec.tag if spec.pretrained else None)
-    kwargs = {"force_image_size": spec.int_option("img_size")} if "img_size" in spec.options else {}
-    model = open_clip.create_model(spec.name, pretrained=pretrained, device=device, **kwargs).eval()
+    model = load_open_clip_model(spec, device).eval()
     dim = int(open_clip.get_model_config(spec.name)["embed_dim"])
     if modality == "image":
         visual = model.visual
         del model  # drop the text tower
-        preprocess = getattr(visual, "preprocess_cfg", {})
-        image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-        return ImageEncoder(spec, dim, device, visual, spec.int_option("image_size", image_size),
-                            preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                            preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+        image_size, mean, std = open_clip_image_config(visual)
+        return ImageEncoder(spec, dim, device, visual, spec.int_option("image_size", image_size), mean, std)
     model.visual = None  # drop the image tower; encode_text never touches it
     tokenizer = open_clip.get_tokenizer(spec.name)
 

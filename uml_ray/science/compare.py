@@ -45,7 +45,9 @@ def pinned_width(plan: RunPlan) -> dict:
 def unimodal_arm(plan: RunPlan, space: SearchSpace, pinned: dict) -> Arm:
     """Alpha fixed at 0 for every auxiliary modality; the space without the auxiliary-only params."""
     regime = plan.cfg.model.regime
-    overrides = {**pinned, "train.alpha_default": 0.0, "train.alpha": {}, "model.head_init": "random"}
+    # text class means need an auxiliary modality; a probe (fine-tuning) is fair to both arms
+    head_init = "random" if plan.cfg.model.head_init == "text" else plan.cfg.model.head_init
+    overrides = {**pinned, "train.alpha_default": 0.0, "train.alpha": {}, "model.head_init": head_init}
     if regime == "sequence":
         overrides["train.step_k"] = -1  # a warm-up on auxiliary modalities that all weigh 0 is refused
     return Arm(UNIMODAL, overrides, reduce_space(space, lambda key: auxiliary_only(key, regime)))

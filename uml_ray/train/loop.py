@@ -91,6 +91,44 @@ def _aux_class_means(stream: BatchStream, projection, num_classes: int, ctx) -> 
     return ctx.all_reduce(sums), ctx.all_reduce(counts)
 
 
+def probe_head(model: SharedHeadUML, streams: dict[str, BatchStream], alpha: dict, cfg, ctx, channels_last: bool) -> None:
+    """Linear probing before fine-tuning (LP-FT): the projections and the shared head are trained for
+    ``train.probe_steps`` steps on the frozen backbone's features with the run's UML loss and
+    batches, so fine-tuning starts from a fitted head instead of a random one that would send
+    large gradients into the pretrained backbone.
+
+    The backbone runs as fine-tuning will run it (train mode: BatchNorm on batch statistics), so
+    the head fits the features it will then see; its parameters get no gradients and its buffers
+    (running statistics) are put back afterwards, so the probe leaves the backbone exactly as
+    built. Gradients are averaged over workers, so every worker's head stays identical."""
+    backbone = model.backbone
+    head = [p for name, p in model.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    buffers = {name: buffer.clone() for name, buffer in backbone.named_buffers()}
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.AdamW(head, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for _ in range(cfg.train.probe_steps):
+        features, labels = {}, {}
+        for name, batches in streams.items():
+            features[name], labels[name] = to_tensors(batches.next(), ctx.device, channels_last)
+        with autocast(ctx.device, cfg.train.precision):
+            loss, _ = uml_loss(model(features), labels, model.target, alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if ctx.world_size > 1:  # one all-reduce of every head gradient
+            grads = [p.grad for p in head if p.grad is not None]
+            flat = ctx.all_reduce(torch.cat([g.reshape(-1) for g in grads])).to(grads[0].device) / ctx.world_size
+            for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+                grad.copy_(part.view_as(grad))
+        optimizer.step()
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    with torch.no_grad():
+        for name, buffer in backbone.named_buffers():
+            buffer.copy_(buffers[name])
+
+
 def train_supervised(plan: RunPlan, ctx) -> dict:
     """Train supervised UML for ``train.max_steps`` steps; returns the final metrics."""
     cfg = plan.cfg
@@ -115,15 +153,17 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
         model.to(memory_format=torch.channels_last)
     # images are large: evaluate them in train-sized batches, features in big ones
     eval_batch = cfg.train.batch_size if backbone is not None else 1024
-    if cfg.model.head_init == "text" and active:
+    state = ctx.restore()  # a resumed run has its head already: no initialisation to redo
+    if state is None and cfg.model.head_init == "text" and active:
         sums, counts = _aux_class_means(train_streams[active[0]], model.projections[active[0]], len(classes), ctx)
         present = counts > 0
         labels = torch.arange(len(classes))[present]
         model.init_head_from_class_means((sums[present] / counts[present, None]).float(), labels)
+    if state is None and cfg.model.head_init == "probe":
+        probe_head(model, train_streams, alpha, cfg, ctx, channels_last)
 
     optimizer, scheduler = build_optimizer(param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale), cfg)
     progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
-    state = ctx.restore()
     if state is not None:
         progress, best_weights = restore(state, model, optimizer, scheduler, train_streams)
 
