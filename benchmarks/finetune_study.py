@@ -1,8 +1,9 @@
 """Fine-tuned UML vs fine-tuned image-only vs linear-probe image-only on the real Fashion-MNIST case.
 
 For each shot count and split seed: EfficientNet-Lite0 (packaged ImageNet weights) fine-tuned
-under the shared head with the MiniLM text (UML, ``configs/fashion_mnist_finetune.yaml``) and
-without it (``train.alpha_default=0``), and a linear probe of the same backbone's frozen features
+under the shared head with the MiniLM text (UML, ``configs/fashion_mnist_finetune.yaml``), the
+same after a linear probe of the head (LP-FT, ``model.head_init=probe``), fine-tuned without the
+text (``train.alpha_default=0``), and a linear probe of the same backbone's frozen features
 at the same input size (``configs/fashion_mnist.yaml``, image-only). Every run goes through
 ``uml-ray train`` into MLflow; prints test accuracy (at the best-val point) per seed and the means.
 No search: the configs' own hyperparameters, the same for every arm.
@@ -52,7 +53,7 @@ def main() -> None:
     cache = args.cache_dir or os.path.join(workdir, ".feature-cache")
     start_local_ray(2)
     common = [f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs"]
-    arms = {"finetune_uml": [], "finetune_image_only": [], "probe_image_only": []}
+    arms = {"finetune_uml": [], "lpft_uml": [], "finetune_image_only": [], "probe_image_only": []}
     for shots in args.shots:
         for seed in args.seeds:
             images = build_fashion_mnist_finetune_case(f"{workdir}/ft-{shots}-{seed}", shots, seed, cache_dir=cache)["manifest"]
@@ -60,6 +61,8 @@ def main() -> None:
                                                 cache_dir=cache)["manifest"]
             runs = {
                 "finetune_uml": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}"]),
+                "lpft_uml": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}",
+                                        "model.head_init=probe"]),
                 "finetune_image_only": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}",
                                                    "train.alpha_default=0"]),
                 "probe_image_only": (PROBE, [f"data.manifest={features}", "train.alpha_default=0"]),
