@@ -298,3 +298,105 @@ def test_fashion_mnist_finetune_case_scores_the_probe_cases_images(ray_session, 
     stored = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py())))
     assert np.array_equal(stored, 255 - images[row])  # inverted, native 28 px, lossless
     assert main(["data", "validate", str(finetune.path)]) == 0
+
+
+# a tiny random-init open_clip ViT (2 blocks: 4 parameter groups), as fine-tuning backbone; a name of its own,
+# since open_clip keeps registered configs process-wide
+CLIP_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def clip_tower(tmp_path_factory):
+    """The backbone spec of a tiny open_clip ViT whose config is written to a JSON file."""
+    path = tmp_path_factory.mktemp("clip") / "TinyClipTower.json"
+    path.write_text(json.dumps(CLIP_TOWER))
+    return f"open_clip:TinyClipTower,config={path},pretrained=false"
+
+
+def test_open_clip_backbone_is_the_image_tower_in_groups_in_forward_order(clip_tower):
+    import open_clip
+
+    from uml_ray.data.image_pipeline import transform_from_data_config
+    from uml_ray.models.backbone import check_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone(clip_tower)
+    assert isinstance(backbone.model, open_clip.transformer.VisionTransformer)  # the text tower is gone
+    assert backbone.num_features == 16 and backbone.training
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 16)  # pooled, projected embeddings
+
+    names = [name for name, _ in backbone.model.named_parameters()]
+    grouped = [name for group in backbone.groups for name in group]
+    assert len(backbone.groups) == 4 and sorted(grouped) == sorted(names) and len(grouped) == len(set(grouped))
+    stem, first, second, last = (set(group) for group in backbone.groups)
+    assert {"conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight"} <= stem
+    assert all(n.startswith("transformer.resblocks.0.") for n in first) and all(n.startswith("transformer.resblocks.1.") for n in second)
+    assert last == {"ln_post.weight", "ln_post.bias", "proj"}
+
+    config = backbone.data_config  # CLIP's preprocessing: bicubic resize of the shorter side + centre crop
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0 and config["interpolation"] == "bicubic"
+    assert config["mean"] == tuple(open_clip.OPENAI_DATASET_MEAN) and config["std"] == tuple(open_clip.OPENAI_DATASET_STD)
+    transform = transform_from_data_config(config, 0, 0.5, True, 0)
+    assert (transform.size, transform.crop_pct, transform.mean) == (32, 1.0, config["mean"])
+    assert check_backbone(clip_tower, 4) == 16  # the weightless check sees the same dim and groups
+
+
+def test_freezing_an_open_clip_tower_keeps_its_first_groups_out_of_the_optimizer(clip_tower):
+    from uml_ray.models.supervised import SharedHeadUML
+
+    torch.manual_seed(0)
+    backbone = build_backbone(clip_tower)
+    backbone.freeze(2)  # the stem and the first block
+    frozen = {name for group in backbone.groups[:2] for name in group}
+    assert {n for n, p in backbone.model.named_parameters() if not p.requires_grad} == frozen
+    model = SharedHeadUML({"image": backbone.num_features, "text": 8}, "image", 4, backbone=backbone)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01, 0.01, 0.5))
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    parameters = dict(backbone.model.named_parameters())
+    assert not {id(parameters[name]) for name in frozen} & optimized
+
+    before = {name: p.detach().clone() for name, p in parameters.items()}
+    loss = torch.nn.functional.cross_entropy(model.logits("image", torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    optimizer.step()
+    changed = {name for name, p in parameters.items() if not torch.equal(before[name], p)}
+    assert changed == set(parameters) - frozen
+
+
+@pytest.mark.parametrize("tower,groups", [
+    ({"image_size": 64, "layers": [1, 1, 1, 1], "width": 8}, 6),  # ModifiedResNet: stem, layer1..4, attention pool
+    ({"image_size": 32, "timm_model_name": "test_vit", "timm_pool": "", "timm_proj": "linear"}, 7),  # timm trunk + projection
+])
+def test_open_clip_resnet_and_timm_towers_are_grouped_too(tower, groups, tmp_path):
+    from uml_ray.models.backbone import check_backbone
+
+    path = tmp_path / "TinyClipOtherTower.json"
+    path.write_text(json.dumps({**CLIP_TOWER, "vision_cfg": tower}))
+    spec = f"open_clip:TinyClipOtherTower,config={path},pretrained=false"
+    backbone = build_backbone(spec)
+    size = tower["image_size"]
+    assert backbone(torch.randn(2, 3, size, size)).shape == (2, 16)
+    grouped = [name for group in backbone.groups for name in group]
+    assert sorted(grouped) == sorted(name for name, _ in backbone.model.named_parameters())
+    assert len(backbone.groups) == groups and check_backbone(spec, groups) == 16
+
+
+def test_check_backbone_names_the_field_for_bad_open_clip_specs(clip_tower, tmp_path):
+    from uml_ray.errors import ConfigError
+    from uml_ray.models.backbone import check_backbone
+
+    bad = [
+        (clip_tower, 5, 0, "model.freeze_blocks=5: backbone TinyClipTower has 4 parameter groups"),
+        ("open_clip:NoSuchClip,pretrained=false", 0, 0, "model.backbone='open_clip:NoSuchClip,pretrained=false': open_clip has no model config"),
+        (f"open_clip:Gone,config={tmp_path / 'Gone.json'},pretrained=false", 0, 0, "does not exist"),
+        ("open_clip:ViT-B-16", 0, 0, "model.backbone='open_clip:ViT-B-16': no weights named; add @TAG"),
+        ("open_clip:ViT-B-16@nope", 0, 0, "no pretrained tag 'nope'"),
+        (clip_tower, 0, 64, "model.image_size=64: backbone TinyClipTower takes 32 px images"),
+    ]
+    for spec, freeze_blocks, image_size, expected in bad:
+        with pytest.raises(ConfigError) as error:
+            check_backbone(spec, freeze_blocks, image_size)
+        assert expected in str(error.value) and "\n" not in str(error.value), str(error.value)
+    # the real pretrained spec passes without loading (or downloading) a weight
+    assert check_backbone("open_clip:ViT-B-16@openai", 14) == 512

@@ -144,7 +144,7 @@ def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
             raise ConfigError(f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; {wrong} are not")
         from uml_ray.models.backbone import check_backbone
 
-        check_backbone(cfg.model.backbone, cfg.model.freeze_blocks)
+        check_backbone(cfg.model.backbone, cfg.model.freeze_blocks, cfg.model.image_size)
         return
     kinds = {manifest.modalities[m].kind for m in [manifest.target] + auxiliary}
     wanted = "sequence" if cfg.model.regime == "sequence" else "vector"

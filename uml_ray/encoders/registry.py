@@ -285,12 +285,19 @@ def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> "torch.nn.Mo
 
 def open_clip_architecture(spec: EncoderSpec) -> "torch.nn.Module":
     """The open_clip model a spec names, built weightless on the meta device: its shapes, nothing loaded or downloaded."""
+    import logging
+
     import open_clip
     import torch
 
     open_clip_model_config(spec)
-    with torch.device("meta"):
-        return open_clip.create_model(spec.name, pretrained=None, device="meta", **_open_clip_kwargs(spec))
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly" warning is moot for shapes
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(spec.name, pretrained=None, device="meta", **_open_clip_kwargs(spec))
+    finally:
+        logging.disable(disabled)
 
 
 def open_clip_image_config(visual) -> tuple[int, tuple, tuple]:

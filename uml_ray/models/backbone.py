@@ -26,7 +26,7 @@ from uml_ray.encoders.registry import (EncoderSpec, load_open_clip_model, load_t
                                        open_clip_image_config, open_clip_model_config, parse_encoder)
 from uml_ray.errors import ConfigError
 
-FAMILIES = "efficientnet-lite0, timm:NAME[,pretrained=false] or open_clip:NAME[@TAG][,pretrained=false][,config=PATH.json]"
+ACCEPTED = "efficientnet-lite0, timm:NAME[,pretrained=false] or open_clip:NAME[@TAG][,pretrained=false][,config=PATH.json]"
 
 
 class Backbone(nn.Module):
@@ -107,7 +107,7 @@ def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> i
     if spec.family == "open_clip":
         dim = int(open_clip_model_config(spec, _where(spec_text))["embed_dim"])
         _check_open_clip_weights(spec_text, spec)
-        visual = _open_clip_tower(spec_text, open_clip_architecture(spec))
+        visual = _open_clip_tower(spec_text, open_clip_architecture(spec).visual)
         _check_freeze(freeze_blocks, spec.name, len(_open_clip_groups(spec_text, visual)))
         size = open_clip_image_config(visual)[0]
         if image_size and image_size != size and not _is_timm_tower(visual):
@@ -131,7 +131,7 @@ def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> i
 def _require_image_family(spec_text: str, spec: EncoderSpec) -> None:
     if spec.family not in ("timm", "open_clip"):
         raise ConfigError(f"model.backbone='{spec_text}': the fine-tuning regime trains timm and open_clip image "
-                          f"backbones; use {FAMILIES}")
+                          f"backbones; use {ACCEPTED}")
 
 
 def _check_freeze(freeze_blocks: int, name: str, count: int) -> None:
@@ -174,11 +174,11 @@ def _check_open_clip_weights(spec_text: str, spec: EncoderSpec) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
     if spec.tag is None:
-        raise ConfigError(f"{_where(spec_text)}: no weights named; add @TAG (tags of {spec.name}: {tags or 'none'}), "
+        raise ConfigError(f"{_where(spec_text)}: no weights named; add @TAG (tags of {spec.name}: {', '.join(tags) or 'none'}), "
                           "weights=FILE, or pretrained=false for random init")
     if spec.tag not in tags:
         raise ConfigError(f"{_where(spec_text)}: open_clip has no pretrained tag '{spec.tag}' for {spec.name}; "
-                          f"use one of {tags}, weights=FILE, or pretrained=false")
+                          f"use one of {', '.join(tags) or '(none)'}, weights=FILE, or pretrained=false")
 
 
 def _open_clip_tower(spec_text: str, visual: nn.Module) -> nn.Module:
