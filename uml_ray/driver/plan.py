@@ -84,10 +84,8 @@ def _space_max(cfg_value: int, key: str, space: SearchSpace | None) -> int:
     return max(wanted)
 
 
-def _class_counts(manifest, modality: str) -> np.ndarray:
+def class_counts(manifest, modality: str) -> np.ndarray:
     """Train rows per class of one modality (only the label column is read)."""
-    from uml_ray.data.streams import read_column
-
     labels = read_column(manifest.uris(modality, "train"), LABEL)
     return np.bincount(labels, minlength=len(manifest.classes))
 
@@ -103,7 +101,7 @@ def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSp
     if not streams[name].cached:
         raise ConfigError(f"data.target_per_class={k} selects rows of '{name}' in memory, but it is larger than "
                           f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb")
-    counts = _class_counts(manifest, manifest.target)
+    counts = class_counts(manifest, manifest.target)
     if counts.min() < k:
         poorest = manifest.classes[int(counts.argmin())]
         raise ConfigError(f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
@@ -118,7 +116,7 @@ def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: Sear
     if k <= 0 or cfg.model.regime != "supervised":
         return
     for name in auxiliary:
-        counts = _class_counts(manifest, name)
+        counts = class_counts(manifest, name)
         present = np.flatnonzero(counts)
         if len(present) and counts[present].min() < k:
             poorest = int(present[counts[present].argmin()])

@@ -207,9 +207,8 @@ def run_conversion(args) -> int:
     check_axes_free(space, ["train.seed", conversion.TARGET_AXIS, conversion.AUX_AXIS])
     uml, unimodal = conversion.conversion_arms(plan, space, budget)
     name = args.name or plan.cfg.tracking.run_name or f"conversion-{time.strftime('%Y%m%d-%H%M%S')}"
+    conversion.check_aux_counts(plan, aux_counts, manifests)
     uml_jobs = plan_jobs(plan.cfg, uml, {"train.seed": seeds, conversion.AUX_AXIS: aux_counts}, name, manifests)
-    for job in uml_jobs:
-        conversion.check_aux_counts(job.plan, aux_counts)
     jobs = plan_jobs(plan.cfg, unimodal, {"train.seed": seeds, conversion.TARGET_AXIS: target_counts}, name, manifests) + uml_jobs
     params = _params(plan, space, args, seeds, manifests, [uml, unimodal])
     params.update({"nx": target_counts, "ny": aux_counts, "target_budget": budget})

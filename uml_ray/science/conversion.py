@@ -17,8 +17,6 @@ import json
 
 import numpy as np
 
-from uml_ray.data.format import LABEL
-from uml_ray.data.streams import read_table
 from uml_ray.errors import ConfigError
 from uml_ray.science.compare import UML, UNIMODAL, check_uses_auxiliary, pinned_width, unimodal_arm, write_report_files
 from uml_ray.science.searches import Arm, Selected
@@ -44,15 +42,21 @@ def check_grids(plan: RunPlan, target_counts: list[int], budget: int) -> None:
                           f"add --nx values above {budget}")
 
 
-def check_aux_counts(plan: RunPlan, aux_counts: list[int]) -> None:
-    """Every class has at least max(N_y) train rows of every auxiliary modality (fewer would be taken silently)."""
-    manifest = plan.dataset.manifest
-    for modality in plan.dataset.auxiliary:
-        labels = read_table(manifest.uris(modality, "train")).column(LABEL).to_numpy(zero_copy_only=False)
-        counts = np.bincount(labels, minlength=len(manifest.classes))
-        if counts.min() < max(aux_counts):
-            raise ConfigError(f"--ny {max(aux_counts)}: class '{manifest.classes[int(counts.argmin())]}' has only "
-                              f"{counts.min()} train row(s) of auxiliary '{modality}' in {manifest.path}; use --ny values <= {counts.min()}")
+def check_aux_counts(plan: RunPlan, aux_counts: list[int], manifests: dict[int, str] | None) -> None:
+    """Every class has at least max(N_y) train rows of every auxiliary modality, in every seed's
+    manifest (fewer would be taken silently); checked before the sweeps are planned, so the error
+    names the study's flag."""
+    from uml_ray.data.validate import require_valid_manifest
+    from uml_ray.driver.plan import class_counts
+
+    paths = sorted(set(manifests.values())) if manifests else [plan.dataset.manifest.path]
+    for manifest in (require_valid_manifest(path) for path in paths):
+        for modality in plan.dataset.auxiliary:
+            counts = class_counts(manifest, modality)
+            if counts.min() < max(aux_counts):
+                raise ConfigError(f"--ny {max(aux_counts)}: class '{manifest.classes[int(counts.argmin())]}' has only "
+                                  f"{counts.min()} train row(s) of auxiliary '{modality}' in {manifest.path}; "
+                                  f"use --ny values <= {counts.min()}")
 
 
 def conversion_arms(plan: RunPlan, space: SearchSpace, budget: int) -> list[Arm]:
