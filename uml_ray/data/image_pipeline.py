@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from uml_ray.data.format import ID, IMAGE, LABEL
-from uml_ray.data.streams import BatchStream, StreamSpec
+from uml_ray.data.streams import BatchStream, StreamSpec, _concat
 
 ROW = "row"
 EPOCH = "epoch"
@@ -156,6 +156,12 @@ def decode_block(block: pa.Table, share, transform: ImageTransform) -> dict:
     return transform_rows(ray.get(share), rows, epochs, transform)
 
 
+def decode_rows(block: pa.Table, transform: ImageTransform) -> dict:
+    """Ray Data map task of the streamed path: a block of encoded rows (image, id, label, epoch) →
+    transformed images and labels."""
+    return transform_rows(block, np.arange(len(block)), block.column(EPOCH).to_numpy(), transform)
+
+
 class ImageStream(BatchStream):
     """An endless stream of transformed image batches from one worker's share of an image dataset.
 
@@ -163,11 +169,20 @@ class ImageStream(BatchStream):
     the same seeded per-epoch order of the id-sorted share); batches are ``(images (N, 3, S, S)
     float32, labels)``. Each window of ``window_batches`` batches is one Ray Data pipeline of
     decode tasks (``decode_cpus`` CPUs each) whose output order is kept.
+
+    A share held in memory (``spec.cached``: its encoded bytes fit ``data.cache_max_mb``) is drawn in
+    a seeded order of the id-sorted share, so a resumed run sees exactly the same images. A larger
+    train share streams: encoded rows arrive from Ray Data's reads, a shuffle buffer of
+    ``shuffle_buffer`` rows is permuted with the epoch's seed, and only the buffer and the batches in
+    flight are in memory. Resuming skips the epoch's drawn batches before decoding them; the images
+    are the same when Ray Data reads the blocks in the same order (one worker), and a fresh shuffle
+    of the same epoch otherwise.
     """
 
     def __init__(self, source, spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
-                 transform: ImageTransform, decode_cpus: float, eval_cache_mb: float, window_batches: int = WINDOW_BATCHES):
-        super().__init__(source, spec, batch_size, seed, rank, world_size)
+                 transform: ImageTransform, decode_cpus: float, eval_cache_mb: float, window_batches: int = WINDOW_BATCHES,
+                 shuffle_buffer: int = 4096):
+        super().__init__(source, spec, batch_size, seed, rank, world_size, shuffle_buffer)
         self.transform = transform
         self.decode_cpus = decode_cpus
         self.eval_cache_mb = eval_cache_mb
@@ -191,15 +206,18 @@ class ImageStream(BatchStream):
 
     def _pipeline(self, rows: np.ndarray, epochs: np.ndarray, transform: ImageTransform, batch_size: int) -> Iterator[tuple]:
         """Transformed batches of ``rows`` (seen in ``epochs``) through Ray Data, in order."""
-        import ray.data
-
         per_task = batch_size * BATCHES_PER_TASK
         blocks = [pa.table({ROW: rows[i:i + per_task], EPOCH: epochs[i:i + per_task]}) for i in range(0, len(rows), per_task)]
+        yield from self._decoded(blocks, decode_block, {"share": self._share(), "transform": transform}, batch_size)
+
+    def _decoded(self, blocks: list[pa.Table], function, kwargs: dict, batch_size: int) -> Iterator[tuple]:
+        """``function`` over ``blocks`` as Ray Data decode tasks; the transformed batches, in block order."""
+        import ray.data
+
         # from_blocks, not from_arrow: from_arrow runs a metadata task which, inside a Ray Train worker,
         # would queue in the worker's own (full) placement group for ever
         dataset = ray.data.from_blocks(blocks).map_batches(
-            decode_block, batch_size=None, batch_format="pyarrow", num_cpus=self.decode_cpus,
-            fn_kwargs={"share": self._share(), "transform": transform})
+            function, batch_size=None, batch_format="pyarrow", num_cpus=self.decode_cpus, fn_kwargs=kwargs)
         # batch order is the stream's state: Ray Data must hand blocks over in input order
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
@@ -225,8 +243,55 @@ class ImageStream(BatchStream):
         for (epoch, drawn), batch in zip(positions, batches):
             yield epoch, drawn, batch
 
+    def _streamed_batches(self, epoch: int, skip: int) -> Iterator[tuple]:
+        """One epoch of a streamed share: shuffle-buffered encoded rows, the first ``skip`` batches
+        passed over undecoded (a resume), the rest decoded a window of batches at a time."""
+        rng = self._rng(epoch)
+        buffer: list[pa.Table] = []
+        buffered, index = 0, 0
+        wanted = [IMAGE, ID, LABEL]
+
+        def batches_of(table: pa.Table, order: np.ndarray, size: int):
+            nonlocal index
+            count = len(order) // size
+            first = min(max(skip - index, 0), count)  # batches already drawn before a resume
+            index += count
+            chosen = order[first * size: count * size]
+            for start in range(0, len(chosen), size * self.window_batches):
+                rows = chosen[start:start + size * self.window_batches]
+                picked = table.take(pa.array(rows)).select(wanted)
+                picked = picked.append_column(EPOCH, pa.array(np.full(len(picked), epoch, np.int64)))
+                per_task = size * BATCHES_PER_TASK
+                blocks = [picked.slice(i, per_task) for i in range(0, len(picked), per_task)]
+                yield from self._decoded(blocks, decode_rows, {"transform": self.transform}, size)
+
+        for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
+            buffered += len(buffer[-1])
+            if buffered >= self.shuffle_buffer:
+                table = _concat(buffer)
+                full = len(table) // self.batch_size * self.batch_size
+                order = rng.permutation(len(table))
+                yield from batches_of(table, order[:full], self.batch_size)
+                rest = table.take(pa.array(order[full:]))
+                buffer, buffered = [rest], len(rest)
+        if buffered:
+            table = _concat(buffer)
+            size = min(self.batch_size, len(table))
+            yield from batches_of(table, rng.permutation(len(table)), size)
+
     def next(self):
         """The next augmented batch; crosses epoch boundaries forever."""
+        if not self.spec.cached:
+            while True:
+                if self._batches is None:
+                    self._batches = self._streamed_batches(self.epoch, self.drawn)
+                try:
+                    batch = next(self._batches)
+                    self.drawn += 1
+                    return batch
+                except StopIteration:
+                    self.epoch, self.drawn, self._batches = self.epoch + 1, 0, None
         while True:
             if self._batches is None:
                 self._batches = self._window(self.epoch, self.drawn)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import FEATURES, ID, LABEL, Manifest, table_to_numpy
+from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
 from uml_ray.uri import is_remote
 
 log = logging.getLogger("uml_ray")
@@ -64,6 +64,16 @@ def count_rows(uris: list[str]) -> int:
     return total
 
 
+def encoded_mb(uris: list[str], column: str) -> float:
+    """Uncompressed size in MB of one column of a list of shards, from the Parquet footers only."""
+    total = 0
+    for path, filesystem in (_located([uri]) for uri in uris):
+        metadata = pq.ParquetFile(path[0], filesystem=filesystem).metadata
+        index = metadata.schema.names.index(column)
+        total += sum(metadata.row_group(g).column(index).total_uncompressed_size for g in range(metadata.num_row_groups))
+    return total / 2**20
+
+
 def plan_streams(manifest: Manifest, auxiliary: list[str], cache_max_mb: int) -> dict[str, StreamSpec]:
     """Decide, before any cluster work, which datasets a run reads and which are held in memory."""
     wanted = [(manifest.target, split) for split in ("train", "val", "test")]
@@ -81,9 +91,10 @@ def plan_streams(manifest: Manifest, auxiliary: list[str], cache_max_mb: int) ->
         # train stream, which a live streaming_split iterator cannot serve: those are always cached
         cached = table_mb <= cache_max_mb or (spec.kind == "sequence" and modality == manifest.target)
         if spec.kind == "image":
-            # memory holds the encoded bytes only; pixels are decoded per batch by the image
-            # pipeline, whose exact resume needs the id-sorted share in hand
-            cached = True
+            # memory holds encoded bytes only (pixels are decoded per batch). A train split whose
+            # bytes exceed cache_max_mb streams through Ray Data with a shuffle buffer; val and test
+            # are read in ordered passes beside the endless train stream, so they are always held
+            cached = split != "train" or encoded_mb(uris, IMAGE) <= cache_max_mb
         plan[name] = StreamSpec(name=name, kind=spec.kind, dim=spec.dim, rows=rows, cached=cached)
     return plan
 

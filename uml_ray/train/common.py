@@ -174,7 +174,7 @@ def setup_worker(plan: RunPlan, ctx, image_transform: ImageTransform | None = No
         if plan.streams[name].kind == "image":
             transform = image_transform if split == "train" else image_transform.for_eval()
             return ImageStream(ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
-                               transform, cfg.resources.decode_cpus, cfg.data.cache_max_mb)
+                               transform, cfg.resources.decode_cpus, cfg.data.cache_max_mb, shuffle_buffer=cfg.data.shuffle_buffer)
         return BatchStream(ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size,
                            cfg.data.shuffle_buffer)
 
