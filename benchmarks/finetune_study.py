@@ -23,6 +23,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 FINETUNE = os.path.join(ROOT, "configs", "fashion_mnist_finetune.yaml")
 PROBE = os.path.join(ROOT, "configs", "fashion_mnist.yaml")
+ARMS = ("finetune_uml", "lpft_uml", "finetune_image_only", "probe_image_only")
 
 
 def train(config: str, overrides: list[str], name: str) -> dict:
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=64, help="input size of both the fine-tuned and the probed backbone")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: <workdir>/.feature-cache)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     args = parser.parse_args()
     from uml_ray.cluster import start_local_ray
     from uml_ray.encoders.cases import build_fashion_mnist_case, build_fashion_mnist_finetune_case
@@ -53,7 +55,7 @@ def main() -> None:
     cache = args.cache_dir or os.path.join(workdir, ".feature-cache")
     start_local_ray(2)
     common = [f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs"]
-    arms = {"finetune_uml": [], "lpft_uml": [], "finetune_image_only": [], "probe_image_only": []}
+    arms = {arm: [] for arm in args.arms}
     for shots in args.shots:
         for seed in args.seeds:
             images = build_fashion_mnist_finetune_case(f"{workdir}/ft-{shots}-{seed}", shots, seed, cache_dir=cache)["manifest"]
@@ -67,7 +69,8 @@ def main() -> None:
                                                    "train.alpha_default=0"]),
                 "probe_image_only": (PROBE, [f"data.manifest={features}", "train.alpha_default=0"]),
             }
-            for arm, (config, overrides) in runs.items():
+            for arm in args.arms:
+                config, overrides = runs[arm]
                 started = time.perf_counter()
                 result = train(config, common + overrides, f"{arm}-{shots}shot-seed{seed}")
                 arms[arm].append({"shots": shots, "seed": seed, "test_acc": result["test_acc"],
