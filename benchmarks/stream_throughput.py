@@ -5,7 +5,8 @@ All in one run, as ratios to the in-memory loop (the ceiling):
 - naive Ray Data: ``read_parquet → iter_torch_batches`` each epoch;
 - BatchStream cached: the table read once by the driver and put in the object store (timed
   apart), every epoch of the trial from memory (uml-ray's default for datasets that fit ``data.cache_max_mb``);
-- BatchStream streamed: every epoch through Ray Data with a shuffle buffer (large shares).
+- BatchStream streamed: every epoch read again with a shuffle buffer (large shares): by pyarrow
+  with read-ahead in a one-process trial, through Ray Data (split across workers) in a multi-worker run.
 
     python benchmarks/stream_throughput.py [--rows 50000 --dim 512 --epochs 3]
 """
@@ -53,7 +54,7 @@ def main() -> None:
 
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.format import write_shards
-    from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, build_streamed_datasets, read_table
+    from uml_ray.data.streams import BatchStream, ParquetSource, StreamSpec, TableSource, build_streamed_datasets, read_table
     from uml_ray.data.format import Manifest, ModalitySpec
 
     rng = np.random.default_rng(0)
@@ -81,11 +82,13 @@ def main() -> None:
                 for batch in ds.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=4096):
                     yield batch["features"], batch["label"]
 
-        def ours(cached: bool):
-            spec = StreamSpec("image.train", "vector", args.dim, args.rows, cached)
-            if cached:  # what a trial does: the driver read the table once per sweep (timed apart)
+        def ours(how: str):
+            spec = StreamSpec("image.train", "vector", args.dim, args.rows, how == "cached")
+            if how == "cached":  # what a trial does: the driver read the table once per sweep (timed apart)
                 source = TableSource(ray.get(driver_table))
-            else:
+            elif how == "pyarrow":  # a one-process trial's streamed share
+                source = ParquetSource(uris)
+            else:  # the multi-worker path: Ray Data, split across Ray Train workers
                 source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)["image.train"].iterator()
             stream = BatchStream(source, spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192)
             for _ in range(steps_per_epoch * args.epochs):
@@ -93,16 +96,18 @@ def main() -> None:
 
         results = {}
         for name, source in [("in-memory loop", in_memory()), ("naive read_parquet→iter_torch_batches", naive()),
-                             ("BatchStream, cached", ours(True)), ("BatchStream, streamed", ours(False))]:
+                             ("BatchStream, cached", ours("cached")),
+                             ("BatchStream, streamed (1 process, pyarrow)", ours("pyarrow")),
+                             ("BatchStream, streamed (Ray Data)", ours("ray_data"))]:
             results[name] = head_steps(source, args.dim, steps_per_epoch * args.batch_size)
             source.close()  # release Ray Data iterators before Ray shuts down
         ray.shutdown()
     overall_ceiling, steady_ceiling = results["in-memory loop"]
     print(f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear head, 1 torch thread")
     print(f"  the driver's one read of the cached table per sweep (not in the trial's figures): {driver_read:.2f} s")
-    print(f"  {'source':40s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
+    print(f"  {'source':44s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
     for name, (overall, steady) in results.items():
-        print(f"  {name:40s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s {steady / steady_ceiling:7.1%}")
+        print(f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s {steady / steady_ceiling:7.1%}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,80 @@ def test_patience_stops_early_and_scores_the_best_val_point(ray_session, synthet
     # stopped after exactly `patience` validations without improvement over the best
     assert max(history) - result["best_step"] == 2 * 10
     assert run.data.tags["uml_ray.outcome"] == "stopped_early"
+
+
+def test_streamed_shares_read_by_pyarrow_match_the_same_rows_in_memory(synthetic_manifest):
+    """A one-process run streams shares over data.cache_max_mb straight from Parquet (pyarrow, read
+    ahead on a thread): the batches equal a BatchStream over the same rows held in memory, every row
+    comes once per epoch, and a stream resumed mid-epoch continues with the same batches."""
+    from uml_ray.data.format import load_manifest
+    from uml_ray.data.streams import BatchStream, ParquetSource, StreamSpec, TableSource, read_table
+
+    manifest = load_manifest(synthetic_manifest)
+    uris = manifest.uris("text", "train")
+    table = read_table(uris)
+    spec = StreamSpec("text.train", "vector", manifest.modalities["text"].dim, len(table), cached=False)
+
+    def stream(source, buffer):
+        return BatchStream(source, spec, 16, seed=3, rank=0, world_size=1, shuffle_buffer=buffer)
+
+    source = ParquetSource(uris, block_rows=7)  # blocks that do not divide the batches
+    n = len(table)
+    assert [len(t) for t in source.iter_batches(batch_size=50)] == [50] * (n // 50) + ([n % 50] if n % 50 else [])
+    assert pa_concat(source.iter_batches()).equals(table)
+    for buffer in (len(table), 40):
+        streamed, held = stream(source, buffer), stream(TableSource(table), buffer)
+        batches = {}  # (epoch, index in epoch) -> batch
+        while streamed.epoch < 2:
+            batch = streamed.next()
+            batches[(streamed.epoch, streamed.drawn - 1)] = batch
+        del batches[max(batches)]  # the first batch of epoch 2
+        if buffer == len(table):  # one buffer: the whole share in file order, as held in memory
+            for ours, theirs in zip(batches.values(), (held.next() for _ in batches)):
+                assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
+        epoch0 = [b for (e, _), b in batches.items() if e == 0]
+        assert sorted(np.concatenate([b[1] for b in epoch0]).tolist()) == sorted(table.column("label").to_pylist())
+        resumed = stream(source, buffer)
+        resumed.load_state_dict({"epoch": 1, "drawn": 2})
+        assert all(np.array_equal(resumed.next()[0], batches[(1, d)][0]) for d in range(2, 6))
+
+
+def pa_concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(list(tables)).combine_chunks()
+
+
+def test_read_ahead_hands_over_errors_and_stops_with_its_consumer():
+    import threading
+
+    from uml_ray.data.streams import read_ahead
+
+    def failing():
+        yield 1
+        raise ValueError("shard 2 is truncated")
+
+    with pytest.raises(ValueError, match="shard 2 is truncated"):
+        list(read_ahead(failing(), 2))
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    before = set(threading.enumerate())
+    items = read_ahead(endless(), 2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    (reader,) = [t for t in threading.enumerate() if t not in before and t.name == "uml-ray-read-ahead"]
+    items.close()
+    reader.join(timeout=5)
+    assert not reader.is_alive()
+    assert len(produced) <= 3 + 2 + 1  # the thread stopped a few items ahead, not at a billion
+
+
+def test_train_cli_streams_shares_over_the_cache(ray_session, synthetic_manifest, tmp_path, capsys):
+    """Every share streamed (data.cache_max_mb=0): the run trains to the end and learns."""
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64})
+    result = train_once(capsys, config, "--name", "streamed")
+    assert result["step"] == 120 and result["best_val_acc"] > 0.4 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2

@@ -174,6 +174,83 @@ class TableSource:
             yield self.table.slice(start, batch_size)
 
 
+class ParquetSource:
+    """A share streamed straight from its Parquet shards by pyarrow, behind the same slice of Ray
+    Data's iterator API as ``TableSource``: for a one-process run, where Ray Data's per-epoch
+    execution start-up (seconds) would cost more than the read itself. Row groups are read in file
+    order (so an epoch's order, and a resume, are exact) by a thread ``readahead`` blocks ahead;
+    pyarrow decodes without the GIL, so reading overlaps the training step."""
+
+    def __init__(self, uris: list[str], block_rows: int = 8192, readahead: int = 2):
+        self.uris = uris
+        self.block_rows = block_rows
+        self.readahead = readahead
+
+    def _blocks(self):
+        for uri in self.uris:
+            paths, filesystem = _located([uri])
+            yield from pq.ParquetFile(paths[0], filesystem=filesystem).iter_batches(batch_size=self.block_rows)
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
+        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows (the last may be short)."""
+        pending: list[pa.Table] = []
+        held = 0
+        for block in read_ahead(self._blocks(), self.readahead):
+            table = pa.Table.from_batches([block])
+            if batch_size is None:
+                yield table
+                continue
+            pending.append(table)
+            held += len(table)
+            while held >= batch_size:
+                table = _concat(pending)
+                yield table.slice(0, batch_size)
+                pending, held = [table.slice(batch_size)], held - batch_size
+        if batch_size is not None and held:
+            yield _concat(pending)
+
+
+def read_ahead(items, depth: int):
+    """``items`` produced by a thread up to ``depth`` ahead of the consumer; the thread ends when the
+    consumer stops early, and an error in it is raised in the consumer."""
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            offer(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="uml-ray-read-ahead")
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def build_streamed_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool,
                             seed: int) -> dict:
     """Lazy Ray Data datasets of the shares too large to hold in memory (``cached`` False), keyed by name.

@@ -29,7 +29,7 @@ from uml_ray.search.space import SearchSpace
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.fused_loop import fusion_key
-from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
+from uml_ray.train.runner import ray_data_streams, run_fused_trial, run_trial, use_inline
 from uml_ray.uri import is_remote, join_uri
 
 # how often a searcher may propose an invalid or already-trained config before a trial is spent on it
@@ -85,9 +85,10 @@ def trial_resources(plan: RunPlan) -> dict:
 
 
 def data_cpus(plan: RunPlan) -> float:
-    """CPUs kept free for Ray Data: none when every dataset is served from memory, at least one
-    image decode task's worth when a target of images streams through the image pipeline."""
-    reserved = plan.cfg.resources.data_cpus if any(not spec.cached for spec in plan.streams.values()) else 0.0
+    """CPUs kept free for Ray Data: none when no dataset is read through it (served from memory, or
+    streamed by pyarrow in a one-process trial), at least one image decode task's worth when a
+    target of images goes through the image pipeline."""
+    reserved = plan.cfg.resources.data_cpus if ray_data_streams(plan) else 0.0
     if any(spec.kind == "image" for spec in plan.streams.values()):
         reserved = max(reserved, plan.cfg.resources.decode_cpus)
     return reserved

@@ -10,7 +10,7 @@ datasets too large for memory go through Ray Data.
 
 from __future__ import annotations
 
-from uml_ray.data.streams import TableSource, build_streamed_datasets
+from uml_ray.data.streams import ParquetSource, TableSource, build_streamed_datasets
 from uml_ray.train.context import InlineContext, TrainWorkerContext
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import absolute, join_uri
@@ -38,17 +38,39 @@ def _worker_entry(loop_config: dict) -> None:
     loop_for(plan.cfg.model.regime)(plan, TrainWorkerContext(plan))
 
 
-def _streamed(plan: RunPlan) -> dict:
+def _streamed(plan: RunPlan, names=None) -> dict:
+    """Ray Data datasets of the streamed shares (of ``names`` only, when given)."""
     cfg = plan.cfg
-    return build_streamed_datasets(plan.dataset.manifest, plan.streams, cfg.data.aux_per_class, cfg.data.aux_class_mean,
+    streams = {name: spec for name, spec in plan.streams.items() if names is None or name in names}
+    return build_streamed_datasets(plan.dataset.manifest, streams, cfg.data.aux_per_class, cfg.data.aux_class_mean,
                                    cfg.train.seed)
 
 
+def ray_data_streams(plan: RunPlan) -> list[str]:
+    """The streamed shares a run reads through Ray Data. A multi-worker run: all of them (Ray Train
+    splits them across workers). A one-process run reads them with pyarrow in the trial process
+    (``ParquetSource``: no Ray Data execution to start every epoch), except auxiliary shares whose
+    row options (``data.aux_per_class``, ``data.aux_class_mean``) are Ray Data groupbys."""
+    cfg = plan.cfg
+    streamed = [name for name, spec in plan.streams.items() if not spec.cached]
+    if not use_inline(cfg):
+        return streamed
+    shaped = cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean
+    return [name for name in streamed if shaped and plan.streams[name].kind == "vector"
+            and name.rsplit(".", 1)[0] != plan.dataset.target]
+
+
 def _inline_context(plan: RunPlan) -> InlineContext:
+    """A one-process run's sources: in-memory shares from the object store, streamed ones as ``ray_data_streams`` says."""
     import ray
 
+    manifest = plan.dataset.manifest
     sources = {name: TableSource(plan.shape_table(name, ray.get(ref))) for name, ref in plan.tables.items()}
-    sources.update({name: ds.iterator() for name, ds in _streamed(plan).items()})
+    through_ray_data = ray_data_streams(plan)
+    sources.update({name: ParquetSource(manifest.uris(*name.rsplit(".", 1)))
+                    for name, spec in plan.streams.items() if not spec.cached and name not in through_ray_data})
+    if through_ray_data:
+        sources.update({name: ds.iterator() for name, ds in _streamed(plan, through_ray_data).items()})
     return InlineContext(sources, plan.cfg.resources.gpus_per_worker > 0)
 
 
