@@ -367,12 +367,13 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
 
 
 def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, int, list[Path]]:
-    """Freeze (SIGSTOP) the run's trial process once it kept two checkpoints; returns (trial folder, pid,
-    checkpoints kept, newest first) once the driver took in everything it reported."""
+    """Freeze (SIGSTOP) the run's trial process once the driver recorded two of its checkpoints; returns
+    (trial folder, pid, checkpoints on disk, newest first) once the driver took in everything it reported."""
     def two_kept():
         for path in experiment.glob("*/result.json"):
             reported = results(path.parent)
-            if len(sorted(path.parent.glob("checkpoint_*"))) >= 2 and reported and reported[-1].get("step", 0) < 400:
+            recorded = {r["checkpoint_dir_name"] for r in reported if r.get("checkpoint_dir_name")}
+            if len(recorded) >= 2 and reported[-1].get("step", 0) < 400:
                 return path.parent, reported[-1]["pid"]
         return None
 
@@ -380,6 +381,12 @@ def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, i
     os.kill(pid, signal.SIGSTOP)
     time.sleep(3)  # the driver takes in what the trial reported before it froze (registers its checkpoints)
     return folder, pid, sorted(folder.glob("checkpoint_*"), reverse=True)
+
+
+def recorded_checkpoint(folder: Path) -> Path:
+    """The newest checkpoint the driver took in (the one Tune hands a retry). A frozen trial may have
+    written a newer one whose report never reached the driver."""
+    return folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
 
 
 def truncate(path: Path) -> None:
@@ -406,9 +413,11 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     run = Background(["train", str(config), "--name", "newest-truncated"])
     folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "newest-truncated")
     registered = results(folder)[-1]
-    newest = folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
-    assert newest == kept[0], (newest, kept)  # what Tune hands the retry is the newest kept
-    truncate(newest / "state.pt")
+    newest = recorded_checkpoint(folder)  # what Tune hands the retry
+    # the trial may have written a newer one the driver never took in before the freeze: the newest
+    # *durable* checkpoint would serve then, so it is truncated too
+    for checkpoint in kept[:kept.index(newest) + 1]:
+        truncate(checkpoint / "state.pt")
     killed_at = kill(pid)
     assert run.join(600) == 0
     resumed = last_json(capsys.readouterr().out)
@@ -430,12 +439,14 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "all-truncated")
     for checkpoint in kept:
         truncate(checkpoint / "state.pt")
+    recorded = recorded_checkpoint(folder)
     kill(pid)
     assert run.join(600) == 2
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.startswith("uml-ray")]
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
-    assert f"{kept[0]}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], err[0]
+    assert f"{recorded}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], err[0]
+    assert f"so are the {len(kept) - 1} other(s) kept beside it" in err[0], err[0]
     assert "is unreadable (OSError: " in err[0] or "is unreadable (RuntimeError: PytorchStreamReader" in err[0]  # torch's reason, in short
     (failed,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "all-truncated"]
     assert failed.info.status == "FAILED"
@@ -463,9 +474,10 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
 
     run = Background(["train", str(config), "--name", "recorded-gone"])
     folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "recorded-gone")
-    recorded = folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
-    assert recorded == kept[0]
+    recorded = recorded_checkpoint(folder)
+    assert recorded in kept
     shutil.rmtree(recorded)
+    kept.remove(recorded)  # newest first: what serves instead is kept[0], newer than the recorded one or not
     killed_at = kill(pid)
     assert run.join(600) == 0
     resumed = last_json(capsys.readouterr().out)
@@ -474,12 +486,12 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
 
     reported = results(folder)
     switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
-    other = int(kept[1].name.split("_")[1])  # Tune's checkpoint_00000N holds the (N+1)th checkpoint: step 40 (N+1)
+    other = int(kept[0].name.split("_")[1])  # Tune's checkpoint_00000N holds the (N+1)th checkpoint: step 40 (N+1)
     assert reported[switch]["step"] == 40 * (other + 1) + 20, [(r["step"], r["pid"]) for r in reported]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
     report(capsys, f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
-           f"{kept[1].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
+           f"{kept[0].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
            f"final metrics identical to an uninterrupted run")
 
 
