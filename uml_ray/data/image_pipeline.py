@@ -172,11 +172,12 @@ class ImageStream(BatchStream):
 
     A share held in memory (``spec.cached``: its encoded bytes fit ``data.cache_max_mb``) is drawn in
     a seeded order of the id-sorted share, so a resumed run sees exactly the same images. A larger
-    train share streams: encoded rows arrive from Ray Data's reads, a shuffle buffer of
-    ``shuffle_buffer`` rows is permuted with the epoch's seed, and only the buffer and the batches in
-    flight are in memory. Resuming skips the epoch's drawn batches before decoding them; the images
-    are the same when Ray Data reads the blocks in the same order (one worker), and a fresh shuffle
-    of the same epoch otherwise.
+    train share streams: encoded rows arrive from its source (pyarrow in file order in a one-process
+    run, Ray Data's split across workers), a shuffle buffer of ``shuffle_buffer`` rows is permuted
+    with the epoch's seed, and only the buffer and the batches in flight are in memory. Resuming
+    skips the epoch's drawn batches before decoding them; the images are the same when the rows
+    arrive in the same order (always in a one-process run; Ray Data assigns blocks to workers as
+    they ask), and a fresh shuffle of the same epoch otherwise.
     """
 
     def __init__(self, source, spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
