@@ -496,11 +496,12 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             mode="max",
             num_samples=samples,
             max_concurrent_trials=max_concurrency(plan, concurrency),
-            # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial).
-            # An inline trial stopped by ASHA is parked in its report and ends at once; a stopped
-            # TorchTrainer trial is still tearing its workers down, and Tune errors the next trial
-            # when the process it reuses is busy for more than TUNE_FUNCTION_THREAD_TIMEOUT_S
-            reuse_actors=use_inline(cfg),
+            # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial);
+            # not where ASHA stops trials: Tune errors the next trial when a stopped one's thread is
+            # still busy after 2 s (a TorchTrainer always is), and with inline trials a driver killed
+            # mid-sweep left a trial Tune's snapshot never held in its concurrency limiter, so the
+            # resumed sweep waited for it for ever (tests/test_chaos.py, 1 of 3 fresh-clone runs)
+            reuse_actors=use_inline(cfg) and not asha,
             search_alg=_searcher(space, plan, seed_policy, trials, fuse) if space and not grid else None,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
                                     reduction_factor=REDUCTION_FACTOR) if asha else None,
