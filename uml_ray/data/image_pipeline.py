@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from uml_ray.data.format import ID, IMAGE, LABEL
-from uml_ray.data.streams import BatchStream, StreamSpec, _concat
+from uml_ray.data.streams import BatchStream, StreamSpec
 
 ROW = "row"
 EPOCH = "epoch"
@@ -247,39 +247,19 @@ class ImageStream(BatchStream):
     def _streamed_batches(self, epoch: int, skip: int) -> Iterator[tuple]:
         """One epoch of a streamed share: shuffle-buffered encoded rows, the first ``skip`` batches
         passed over undecoded (a resume), the rest decoded a window of batches at a time."""
-        rng = self._rng(epoch)
-        buffer: list[pa.Table] = []
-        buffered, index = 0, 0
-        wanted = [IMAGE, ID, LABEL]
-
-        def batches_of(table: pa.Table, order: np.ndarray, size: int):
-            nonlocal index
+        index = 0  # batches of this epoch so far
+        for table, order, size in self._shuffle_buffered(epoch):
             count = len(order) // size
             first = min(max(skip - index, 0), count)  # batches already drawn before a resume
             index += count
             chosen = order[first * size: count * size]
             for start in range(0, len(chosen), size * self.window_batches):
                 rows = chosen[start:start + size * self.window_batches]
-                picked = table.take(pa.array(rows)).select(wanted)
+                picked = table.take(pa.array(rows)).select([IMAGE, ID, LABEL])
                 picked = picked.append_column(EPOCH, pa.array(np.full(len(picked), epoch, np.int64)))
                 per_task = size * BATCHES_PER_TASK
                 blocks = [picked.slice(i, per_task) for i in range(0, len(picked), per_task)]
                 yield from self._decoded(blocks, decode_rows, {"transform": self.transform}, size)
-
-        for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
-            buffered += len(buffer[-1])
-            if buffered >= self.shuffle_buffer:
-                table = _concat(buffer)
-                full = len(table) // self.batch_size * self.batch_size
-                order = rng.permutation(len(table))
-                yield from batches_of(table, order[:full], self.batch_size)
-                rest = table.take(pa.array(order[full:]))
-                buffer, buffered = [rest], len(rest)
-        if buffered:
-            table = _concat(buffer)
-            size = min(self.batch_size, len(table))
-            yield from batches_of(table, rng.permutation(len(table)), size)
 
     def next(self):
         """The next augmented batch; crosses epoch boundaries forever."""

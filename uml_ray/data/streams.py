@@ -388,6 +388,13 @@ class BatchStream:
         yield from self._shuffled_batches(table, usable, size)
 
     def _epoch_streamed(self, epoch: int):
+        for table, order, size in self._shuffle_buffered(epoch):
+            yield from self._shuffled_batches(table, order, size)
+
+    def _shuffle_buffered(self, epoch: int):
+        """One epoch of a streamed share through the shuffle buffer: ``(table, row order, batch size)``
+        each time the buffer fills (whole batches; the rest stays for the next fill) and once for
+        what is left at the end, permuted with the epoch's seed."""
         rng = self._rng(epoch)
         buffer: list[pa.Table] = []
         buffered = 0
@@ -399,14 +406,14 @@ class BatchStream:
                 table = _concat(buffer)
                 full = len(table) // self.batch_size * self.batch_size
                 order = rng.permutation(len(table))
-                yield from self._shuffled_batches(table, order[:full], self.batch_size)
+                yield table, order[:full], self.batch_size
                 rest = table.take(pa.array(order[full:]))
                 buffer, buffered = [rest], len(rest)
         if buffered:
             table = _concat(buffer)
             size = min(self.batch_size, len(table))
             order = rng.permutation(len(table))
-            yield from self._shuffled_batches(table, order[: len(table) // size * size], size)
+            yield table, order[: len(table) // size * size], size
 
     def _shuffled_batches(self, table: pa.Table, order: np.ndarray, size: int):
         if self.spec.kind == "vector":
