@@ -39,7 +39,7 @@ def drain(searcher, trials: int, metric_of) -> list:
     return handed
 
 
-def optuna_searcher(plan, space, trials, fuse):
+def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):
     import functools
 
     import optuna
@@ -49,7 +49,7 @@ def optuna_searcher(plan, space, trials, fuse):
 
     inner = OptunaSearch(space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max")
     searcher = checked_searcher(inner, functools.partial(_check_sample, plan, "fixed"), "best_val_acc",
-                                min(trials, space.size() or trials), fuse, functools.partial(_fusion_group, plan))
+                                min(trials, space.size() or trials), fuse, functools.partial(_fusion_group, plan), max_concurrent)
     searcher.set_search_properties("best_val_acc", "max", _tune_space(space))
     return searcher, inner
 
@@ -69,6 +69,40 @@ def test_fused_searcher_tells_optuna_every_member(plan, tmp_path):
     told = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(told) == 12  # one Optuna trial per member, each with its own value
     assert sorted(t.value for t in told) == sorted(round(m["train.lr"], 6) for c in handed for m in c["members"])
+
+
+def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan, tmp_path):
+    """A driver killed between Tune's trial table and the searcher's state: the restored searcher holds
+    a live trial Tune does not. It must not count it against the concurrency limit for ever (the
+    resumed sweep would wait on it), and its config, still open in Optuna, goes to the next trial."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"))
+    searcher, _ = optuna_searcher(plan, space, trials=4, fuse=1, max_concurrent=1)
+    first = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", result={"best_val_acc": 0.5})
+    ghost = searcher.suggest("t1")
+    assert searcher.suggest("t2") is None  # one live trial at a time
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    searcher.save_to_dir(str(folder), session_str="s")
+    # Tune's table as the killed driver last wrote it: t0 ended, t1 never recorded
+    held = Trial("trial", config=first, trial_id="t0", stub=True)
+    held.set_status(Trial.TERMINATED)
+    held.run_metadata.last_result = {"best_val_acc": 0.5}
+    (folder / TuneController.CKPT_FILE_TMPL.format("s")).write_text(json.dumps({"trial_data": [list(held.get_json_state())]}))
+
+    restored, _ = optuna_searcher(plan, space, trials=4, fuse=1, max_concurrent=1)
+    restored.restore_from_dir(str(folder))
+    assert restored.suggest("t3") == ghost  # handed again, not lost and not resampled
+    assert restored.suggest("t4") is None  # t3 is live
+    restored.on_trial_complete("t3", result={"best_val_acc": 0.7})
+    fresh = restored.suggest("t4")
+    assert fresh is not None and fresh not in (first, ghost)
+    study = restored.inner._ot_study
+    assert sorted(t.value for t in study.trials if t.state.name == "COMPLETE") == [0.5, 0.7]
+    assert len(study.trials) == 3  # the ghost's Optuna trial was completed by t3, not abandoned
 
 
 def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resampled(plan, tmp_path):

@@ -179,7 +179,7 @@ def _config_key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1, group=None):
+def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1, group=None, max_concurrent: int = 0):
     """A Tune ``Searcher`` around ``inner`` that never hands out an invalid or repeated config.
 
     ``check(config)`` raises ConfigError for a combination the config refuses: the inner searcher
@@ -190,6 +190,12 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
     With ``fuse`` > 1 a trial gets ``{"members": [config, ...]}``: up to ``fuse`` suggestions that
     ``group(config)`` puts in one fusable set, and the inner searcher is told every member's own
     result — TPE learns from each config, not one per trial.
+
+    It also limits the sweep to ``max_concurrent`` live trials (0: no limit), in place of Tune's
+    ``ConcurrencyLimiter``, so that a restored sweep can be reconciled with Tune's snapshot: a
+    driver killed mid-sweep can leave searcher state newer than Tune's trial table, holding a trial
+    Tune never recorded. A limiter that counts it waits for it for ever; this searcher hands its
+    config to the next trial instead (``reconcile``).
     """
     from ray.tune.search import Searcher
 
@@ -202,11 +208,24 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
             self.pending: list = []  # (inner id, config) suggested but not yet in a fused trial
             self.probes: dict[str, str] = {}  # trial id -> the inner searcher's id for it
             self.counter = 0
+            self.live: dict[str, dict] = {}  # trial id -> the config handed to it, until Tune completes it
+            self.redo: list = []  # (inner id(s), config) of trials a restored Tune never held: handed again
 
         def set_search_properties(self, metric, mode, config, **spec):
             return self.inner.set_search_properties(metric, mode, config, **spec)
 
         def suggest(self, trial_id: str):
+            if self.redo:
+                self.probes[trial_id], config = self.redo.pop(0)
+            elif max_concurrent and len(self.live) >= max_concurrent:
+                return None
+            else:
+                config = self._suggest(trial_id)
+            if isinstance(config, dict):
+                self.live[trial_id] = config
+            return config
+
+        def _suggest(self, trial_id: str):
             if fuse <= 1:
                 return self._next(trial_id)
             while len(self.pending) < fuse:
@@ -258,6 +277,7 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
                 self.inner.on_trial_result(probe, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            self.live.pop(trial_id, None)
             probe = self.probes.get(trial_id)
             if probe is None:
                 return
@@ -285,10 +305,45 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
             with open(checkpoint_path, "rb") as handle:
                 self.__dict__.update(pickle.load(handle))
 
+        def restore_from_dir(self, checkpoint_dir: str):
+            super().restore_from_dir(checkpoint_dir)
+            self.reconcile(snapshot_trials(checkpoint_dir))
+
+        def reconcile(self, held: dict[str, tuple[str, dict]]) -> None:
+            """Match the live trials to Tune's restored trial table ``held`` (trial id -> (status,
+            last result)): a trial Tune does not hold gives its config to the next suggestion (the
+            inner searcher's trial for it stays open, and the tracker adopts its MLflow run); one
+            Tune holds as ended is completed with its last result."""
+            for trial_id in list(self.live):
+                if trial_id not in held:
+                    self.redo.append((self.probes.pop(trial_id), self.live.pop(trial_id)))
+                elif held[trial_id][0] == "TERMINATED":
+                    self.on_trial_complete(trial_id, result=held[trial_id][1])
+
     return CheckedSearcher()
 
 
-def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, fuse: int):
+def snapshot_trials(folder: str) -> dict[str, tuple[str, dict]]:
+    """Trial id -> (status, last result) in the newest Tune experiment snapshot in ``folder`` (the
+    one a restored Tune reads), or {} when there is none."""
+    import glob
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    paths = glob.glob(os.path.join(folder, TuneController.CKPT_FILE_TMPL.format("*")))
+    if not paths:
+        return {}
+    with open(max(paths)) as handle:
+        state = json.load(handle)
+    held = {}
+    for trial_json, metadata_json in state.get("trial_data", []):
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        last = metadata.get("last_result")
+        held[trial["trial_id"]] = (trial.get("status", ""), last if isinstance(last, dict) else {})
+    return held
+
+
+def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, fuse: int, concurrency: int):
     """TPE or random sampling through Optuna, checked, de-duplicated and grouped into fused trials; None for a grid."""
     if space.searcher == "grid":
         return None
@@ -301,7 +356,7 @@ def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, 
     inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max")
     check = functools.partial(_check_sample, plan, seed_policy)
     limit = min(trials, space.size() or trials)
-    return checked_searcher(inner, check, space.metric, limit, fuse, functools.partial(_fusion_group, plan))
+    return checked_searcher(inner, check, space.metric, limit, fuse, functools.partial(_fusion_group, plan), concurrency)
 
 
 def _fusion_group(plan: RunPlan, params: dict) -> tuple:
@@ -485,8 +540,11 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
         # a grid is an exhaustive table: every point runs to the end; fused trials halve their
         # members at ASHA's rungs themselves
         asha = space is not None and not grid and fuse == 1
-        # a fused sweep's searcher stops after `trials` configs: trials holds an upper bound of Tune trials
-        samples = 1 if space is None or grid else min(trials, space.size() or trials)
+        # a searcher stops the sweep itself, after `trials` distinct configs (a fused trial holds
+        # several; a trial lost with a killed driver is handed again on --resume): no bound on Tune trials
+        searched = space is not None and not grid
+        samples = -1 if searched else 1
+        concurrent = max_concurrency(plan, concurrency)
         if fused_grid is not None:
             param_space = {MEMBERS: tune.grid_search(fused_grid)}
         else:
@@ -495,14 +553,14 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             metric=metric,
             mode="max",
             num_samples=samples,
-            max_concurrent_trials=max_concurrency(plan, concurrency),
+            # the searcher limits concurrency itself (checked_searcher: Tune's limiter can wait for ever
+            # after a resume)
+            max_concurrent_trials=None if searched else concurrent,
             # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial);
-            # not where ASHA stops trials: Tune errors the next trial when a stopped one's thread is
-            # still busy after 2 s (a TorchTrainer always is), and with inline trials a driver killed
-            # mid-sweep left a trial Tune's snapshot never held in its concurrency limiter, so the
-            # resumed sweep waited for it for ever (tests/test_chaos.py, 1 of 3 fresh-clone runs)
-            reuse_actors=use_inline(cfg) and not asha,
-            search_alg=_searcher(space, plan, seed_policy, trials, fuse) if space and not grid else None,
+            # not for a TorchTrainer, whose thread is still busy when ASHA stops it, and Tune errors
+            # the next trial in that process after 2 s
+            reuse_actors=use_inline(cfg),
+            search_alg=_searcher(space, plan, seed_policy, trials, fuse, concurrent) if searched else None,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
                                     reduction_factor=REDUCTION_FACTOR) if asha else None,
         )
