@@ -307,7 +307,9 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
 
         def restore_from_dir(self, checkpoint_dir: str):
             super().restore_from_dir(checkpoint_dir)
-            self.reconcile(snapshot_trials(checkpoint_dir))
+            held = snapshot_trials(checkpoint_dir)
+            if held is not None:
+                self.reconcile(held)
 
         def reconcile(self, held: dict[str, tuple[str, dict]]) -> None:
             """Match the live trials to Tune's restored trial table ``held`` (trial id -> (status,
@@ -323,16 +325,16 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
     return CheckedSearcher()
 
 
-def snapshot_trials(folder: str) -> dict[str, tuple[str, dict]]:
-    """Trial id -> (status, last result) in the newest Tune experiment snapshot in ``folder`` (the
-    one a restored Tune reads), or {} when there is none."""
+def snapshot_trials(folder: str) -> dict[str, tuple[str, dict]] | None:
+    """Trial id -> (status, last result) in the newest Tune experiment snapshot in ``folder`` (Tune
+    copies the one it restores there), or None when there is none."""
     import glob
 
     from ray.tune.execution.tune_controller import TuneController
 
     paths = glob.glob(os.path.join(folder, TuneController.CKPT_FILE_TMPL.format("*")))
     if not paths:
-        return {}
+        return None
     with open(max(paths)) as handle:
         state = json.load(handle)
     held = {}
