@@ -404,7 +404,18 @@ def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, i
 
     folder, pid = wait_for("two kept checkpoints", two_kept, run, every=0.05)
     os.kill(pid, signal.SIGSTOP)
-    time.sleep(3)  # the driver takes in what the trial reported before it froze (registers its checkpoints)
+    # the driver takes in what the trial reported before it froze: it records the checkpoints and
+    # rotates out the oldest. Settled once it recorded the newest on disk and kept two; a newest the
+    # frozen trial wrote but never reported is never recorded (under load a fixed 3 s wait was too
+    # short: the driver recorded a newer checkpoint after the test had chosen what to truncate)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        kept = sorted(folder.glob("checkpoint_*"), reverse=True)
+        recorded = {r.get("checkpoint_dir_name") for r in results(folder)}
+        if kept and kept[0].name in recorded and len(kept) <= 2:
+            break
+        time.sleep(0.1)
+    time.sleep(1)
     return folder, pid, sorted(folder.glob("checkpoint_*"), reverse=True)
 
 
