@@ -391,38 +391,28 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
 # --- a truncated checkpoint -----------------------------------------------------------------------
 
 
-def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, int, list[Path]]:
-    """Freeze (SIGSTOP) the run's trial process once the driver recorded two of its checkpoints; returns
-    (trial folder, pid, checkpoints on disk, newest first) once the driver took in everything it reported."""
-    def two_kept():
+def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, int, list[Path], Path]:
+    """Freeze (SIGSTOP) the run's trial process once it wrote three checkpoints; returns (trial folder,
+    pid, the checkpoints on disk newest first, the one Tune holds as the trial's latest: what a retry gets).
+
+    A reported checkpoint becomes Tune's only when the trial process answers Tune's ``save`` call,
+    which a frozen process never does, though the driver may have written its result line already
+    (under CI load the test once truncated a checkpoint Tune never took). Tune keeps two and deletes
+    the older on taking a new one, so once three were written, Tune's latest is the newer of the two
+    on disk, or the middle one of three (the newest then never became Tune's)."""
+    def three_written():
         for path in experiment.glob("*/result.json"):
             reported = results(path.parent)
-            recorded = {r["checkpoint_dir_name"] for r in reported if r.get("checkpoint_dir_name")}
-            if len(recorded) >= 2 and reported[-1].get("step", 0) < 400:
+            if len([r for r in reported if r.get("checkpoint_dir_name")]) >= 3 and reported[-1].get("step", 0) < 400:
                 return path.parent, reported[-1]["pid"]
         return None
 
-    folder, pid = wait_for("two kept checkpoints", two_kept, run, every=0.05)
+    folder, pid = wait_for("three checkpoints", three_written, run, every=0.02)
     os.kill(pid, signal.SIGSTOP)
-    # the driver takes in what the trial reported before it froze: it records the checkpoints and
-    # rotates out the oldest. Settled once it recorded the newest on disk and kept two; a newest the
-    # frozen trial wrote but never reported is never recorded (under load a fixed 3 s wait was too
-    # short: the driver recorded a newer checkpoint after the test had chosen what to truncate)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        kept = sorted(folder.glob("checkpoint_*"), reverse=True)
-        recorded = {r.get("checkpoint_dir_name") for r in results(folder)}
-        if kept and kept[0].name in recorded and len(kept) <= 2:
-            break
-        time.sleep(0.1)
-    time.sleep(1)
-    return folder, pid, sorted(folder.glob("checkpoint_*"), reverse=True)
-
-
-def recorded_checkpoint(folder: Path) -> Path:
-    """The newest checkpoint the driver took in (the one Tune hands a retry). A frozen trial may have
-    written a newer one whose report never reached the driver."""
-    return folder / next(r["checkpoint_dir_name"] for r in reversed(results(folder)) if r.get("checkpoint_dir_name"))
+    time.sleep(3)  # the driver takes in what the trial sent before it froze
+    kept = sorted(folder.glob("checkpoint_*"), reverse=True)
+    assert len(kept) in (2, 3), kept
+    return folder, pid, kept, kept[-2]
 
 
 def truncate(path: Path) -> None:
@@ -447,11 +437,10 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
 
     started = time.monotonic()
     run = Background(["train", str(config), "--name", "newest-truncated"])
-    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "newest-truncated")
+    folder, pid, kept, newest = stop_trial_at_checkpoint(run, tmp_path / "runs" / "newest-truncated")
     registered = results(folder)[-1]
-    newest = recorded_checkpoint(folder)  # what Tune hands the retry
-    # the trial may have written a newer one the driver never took in before the freeze: the newest
-    # *durable* checkpoint would serve then, so it is truncated too
+    # Tune's latest, and a newer one the trial wrote that Tune never took (the newest durable
+    # checkpoint would serve then): the retry must fall back to the oldest kept
     for checkpoint in kept[:kept.index(newest) + 1]:
         truncate(checkpoint / "state.pt")
     killed_at = kill(pid)
@@ -472,10 +461,9 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
 
     # every kept state.pt truncated: the retry cannot resume; one line, exit 2, the file named
     run = Background(["train", str(config), "--name", "all-truncated"])
-    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "all-truncated")
+    folder, pid, kept, recorded = stop_trial_at_checkpoint(run, tmp_path / "runs" / "all-truncated")
     for checkpoint in kept:
         truncate(checkpoint / "state.pt")
-    recorded = recorded_checkpoint(folder)
     kill(pid)
     assert run.join(600) == 2
     captured = capsys.readouterr()
@@ -509,9 +497,7 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
     uninterrupted = train_supervised(plan, LocalContext(plan))
 
     run = Background(["train", str(config), "--name", "recorded-gone"])
-    folder, pid, kept = stop_trial_at_checkpoint(run, tmp_path / "runs" / "recorded-gone")
-    recorded = recorded_checkpoint(folder)
-    assert recorded in kept
+    folder, pid, kept, recorded = stop_trial_at_checkpoint(run, tmp_path / "runs" / "recorded-gone")
     shutil.rmtree(recorded)
     kept.remove(recorded)  # newest first: what serves instead is kept[0], newer than the recorded one or not
     killed_at = kill(pid)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from uml_ray.data.format import ID, IMAGE, LABEL
-from uml_ray.data.streams import BatchStream, StreamSpec
+from uml_ray.data.streams import BatchStream, StreamSpec, opened
 
 ROW = "row"
 EPOCH = "epoch"
@@ -223,8 +223,9 @@ class ImageStream(BatchStream):
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
         dataset.context.print_on_execution_start = False
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
-            yield batch[IMAGE], batch[LABEL]
+        with opened(dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)) as batches:
+            for batch in batches:
+                yield batch[IMAGE], batch[LABEL]
 
     def _window(self, epoch: int, drawn: int) -> Iterator[tuple[int, int, tuple]]:
         """The next ``window_batches`` batches from position (epoch, drawn), each with the position after it."""
@@ -240,9 +241,10 @@ class ImageStream(BatchStream):
             drawn += len(take)
         rows = np.concatenate(rows)
         epochs = np.repeat([e for e, _ in positions], rows.shape[1])
-        batches = self._pipeline(rows.reshape(-1), epochs, self.transform, rows.shape[1])
-        for (epoch, drawn), batch in zip(positions, batches):
-            yield epoch, drawn, batch
+        # zip stops at the last position, with the pipeline still open
+        with opened(self._pipeline(rows.reshape(-1), epochs, self.transform, rows.shape[1])) as batches:
+            for (epoch, drawn), batch in zip(positions, batches):
+                yield epoch, drawn, batch
 
     def _streamed_batches(self, epoch: int, skip: int) -> Iterator[tuple]:
         """One epoch of a streamed share: shuffle-buffered encoded rows, the first ``skip`` batches

@@ -15,6 +15,7 @@ a resumed run draws exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -210,6 +211,20 @@ class ParquetSource:
             yield _concat(pending)
 
 
+@contextlib.contextmanager
+def opened(iterable):
+    """An iterator over ``iterable``, closed on leaving the block: now, while Ray is up. Left to the
+    garbage collector, a Ray Data iterator reports its stats whenever it is collected, and after
+    ``ray.shutdown()`` that is a logging error on stderr."""
+    iterator = iter(iterable)
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
 def read_ahead(items, depth: int):
     """``items`` produced by a thread up to ``depth`` ahead of the consumer; the thread ends when the
     consumer stops early, and an error in it is raised in the consumer."""
@@ -399,16 +414,17 @@ class BatchStream:
         buffer: list[pa.Table] = []
         buffered = 0
         # native blocks (batch_size=None) skip Ray Data's re-batching; the buffer shuffles them
-        for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
-            buffered += len(buffer[-1])
-            if buffered >= self.shuffle_buffer:
-                table = _concat(buffer)
-                full = len(table) // self.batch_size * self.batch_size
-                order = rng.permutation(len(table))
-                yield table, order[:full], self.batch_size
-                rest = table.take(pa.array(order[full:]))
-                buffer, buffered = [rest], len(rest)
+        with opened(self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)) as batches:
+            for batch in batches:
+                buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
+                buffered += len(buffer[-1])
+                if buffered >= self.shuffle_buffer:
+                    table = _concat(buffer)
+                    full = len(table) // self.batch_size * self.batch_size
+                    order = rng.permutation(len(table))
+                    yield table, order[:full], self.batch_size
+                    rest = table.take(pa.array(order[full:]))
+                    buffer, buffered = [rest], len(rest)
         if buffered:
             table = _concat(buffer)
             size = min(self.batch_size, len(table))
@@ -462,7 +478,8 @@ class BatchStream:
             for start in range(0, len(table), batch_size):
                 yield _to_arrays(table.slice(start, batch_size), self.spec)
             return
-        for batch in self.iterator.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-            yield _to_arrays(table, self.spec)
+        with opened(self.iterator.iter_batches(batch_size=batch_size, batch_format="pyarrow")) as batches:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                yield _to_arrays(table, self.spec)
 
