@@ -94,6 +94,8 @@ def main() -> None:
             for _ in range(steps_per_epoch * args.epochs):
                 yield stream.next()
 
+        # torch's first steps (allocations, kernel selection) would be charged to whichever source runs first
+        head_steps(((features[:args.batch_size], labels[:args.batch_size]) for _ in range(200)), args.dim, args.batch_size)
         results = {}
         # the Ray-free and pyarrow sources first: a Ray Data execution leaves its workers busy for a
         # while after its iterator is done, which a one-process trial never has beside it
