@@ -575,9 +575,10 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             # the searcher limits concurrency itself (checked_searcher: Tune's limiter can wait for ever
             # after a resume)
             max_concurrent_trials=None if searched else concurrent,
-            # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial);
-            # not for a TorchTrainer, whose thread is still busy when ASHA stops it, and Tune errors
-            # the next trial in that process after 2 s
+            # a trial process keeps torch and uml_ray imported for the next trial (seconds per trial).
+            # An inline trial stopped by ASHA is parked in its report and ends at once; a stopped
+            # TorchTrainer trial is still tearing its workers down, and Tune errors the next trial
+            # when the process it reuses is busy for more than TUNE_FUNCTION_THREAD_TIMEOUT_S
             reuse_actors=use_inline(cfg),
             search_alg=_searcher(space, plan, seed_policy, trials, fuse, concurrent) if searched else None,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
