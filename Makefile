@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo_work
 
-.PHONY: venv debian-packages demo test test-unit test-integration test-cluster test-chaos bench clean
+.PHONY: venv debian-packages demo lint format test test-unit test-integration test-cluster test-chaos bench clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,16 @@ demo: $(STAMP) debian-packages
 		--output $(DEMO)/best_config.yaml && \
 	cat $(DEMO)/best_config.yaml && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s (MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1)"
+
+# ruff (pyproject.toml [tool.ruff]): lint and the formatter's check; `make format` rewrites
+LINTED := uml_ray tests benchmarks
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 # three tiers, all run by `make test` (CI): unit (no Ray), integration (one shared local Ray,
 # real MLflow), cluster (multi-node, job submission, autoscaler)

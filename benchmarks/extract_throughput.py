@@ -31,7 +31,7 @@ def in_process(images: np.ndarray, size: int, batch_size: int) -> float:
     encoder.encode(list(images[:batch_size]))  # warm-up: first-call allocations
     start = time.perf_counter()
     for first in range(0, len(images), batch_size):
-        encoder.encode(list(images[first:first + batch_size]))
+        encoder.encode(list(images[first : first + batch_size]))
     return len(images) / (time.perf_counter() - start)
 
 
@@ -42,8 +42,14 @@ def through_ray_data(images: np.ndarray, labels: np.ndarray, size: int, batch_si
     ids = [f"bench-{i:05d}" for i in range(len(images))]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        extract_features(rows_from_arrays(images, labels, ids), f"{ENCODER},image_size={size}", "image", "train", out,
-                         batch_size=batch_size)
+        extract_features(
+            rows_from_arrays(images, labels, ids),
+            f"{ENCODER},image_size={size}",
+            "image",
+            "train",
+            out,
+            batch_size=batch_size,
+        )
         return time.perf_counter() - start
 
 
@@ -61,21 +67,30 @@ def main() -> None:
     from uml_ray.data.sources import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
-    images, labels = 255 - images[:args.images], labels[:args.images]
+    images, labels = 255 - images[: args.images], labels[: args.images]
     start_local_ray()
-    print(f"EfficientNet-Lite0 feature extraction, {args.images} Fashion-MNIST images, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPU cores")
-    print(f"{'size':>5} {'in-process':>11} {'Ray Data':>9} {'ratio':>6} {'start-up s':>11} {'Ray steady':>11} {'ratio':>6}"
-          "   (img/s)")
+    print(
+        f"EfficientNet-Lite0 feature extraction, {args.images} Fashion-MNIST images, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPU cores"
+    )
+    print(
+        f"{'size':>5} {'in-process':>11} {'Ray Data':>9} {'ratio':>6} {'start-up s':>11} {'Ray steady':>11} {'ratio':>6}"
+        "   (img/s)"
+    )
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
             local = in_process(images, size, args.batch_size)
-            one_batch = through_ray_data(images[:args.batch_size], labels[:args.batch_size], size, args.batch_size)
+            one_batch = through_ray_data(
+                images[: args.batch_size], labels[: args.batch_size], size, args.batch_size
+            )
             full = through_ray_data(images, labels, size, args.batch_size)
             end_to_end = len(images) / full
             steady = (len(images) - args.batch_size) / max(full - one_batch, 1e-9)
-            print(f"{size:>5} {local:>11.1f} {end_to_end:>9.1f} {end_to_end / local:>6.2f} {one_batch:>11.1f} "
-                  f"{steady:>11.1f} {steady / local:>6.2f}", flush=True)
+            print(
+                f"{size:>5} {local:>11.1f} {end_to_end:>9.1f} {end_to_end / local:>6.2f} {one_batch:>11.1f} "
+                f"{steady:>11.1f} {steady / local:>6.2f}",
+                flush=True,
+            )
     finally:
         ray.shutdown()
 

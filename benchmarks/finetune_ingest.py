@@ -65,9 +65,15 @@ def write_case(folder: Path, rows: int) -> str:
     text_labels = np.arange(200) % 10
     text = np.random.default_rng(0).normal(size=(200, 384)).astype(np.float32)
     text_uris = write_shards(str(folder), "text", "train", text, text_labels)
-    manifest = Manifest("ingest", list(FASHION_MNIST_CLASSES), "image", {
-        "image": ModalitySpec(kind="image", dim=1, splits=splits),
-        "text": ModalitySpec(kind="vector", dim=384, splits={"train": text_uris})})
+    manifest = Manifest(
+        "ingest",
+        list(FASHION_MNIST_CLASSES),
+        "image",
+        {
+            "image": ModalitySpec(kind="image", dim=1, splits=splits),
+            "text": ModalitySpec(kind="vector", dim=384, splits={"train": text_uris}),
+        },
+    )
     return write_manifest(manifest, str(folder / "manifest.yaml"))
 
 
@@ -80,15 +86,32 @@ def run_workers(manifest: str, folder: Path, args, workers: int) -> float:
     config = folder / f"workers-{workers}.yaml"
     # the workers and the trial's sliver leave room for one decode task, or Ray Data waits for ever
     decode_cpus = min(args.decode_cpus, 0.5)
-    config.write_text(yaml.safe_dump({
-        "data": {"manifest": manifest},
-        "model": {"backbone": args.backbone, "image_size": args.size},
-        "train": {"batch_size": args.batch_size, "max_steps": args.steps, "warmup_steps": 1, "val_every": args.steps,
-                  "alpha_default": 0.0},
-        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "storage_path": str(folder / "runs"), "experiment": "ingest"},
-        "resources": {"num_workers": workers, "cpus_per_worker": (args.cpus - decode_cpus - 0.01) / workers,
-                      "decode_cpus": decode_cpus, "torch_threads": args.threads},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"manifest": manifest},
+                "model": {"backbone": args.backbone, "image_size": args.size},
+                "train": {
+                    "batch_size": args.batch_size,
+                    "max_steps": args.steps,
+                    "warmup_steps": 1,
+                    "val_every": args.steps,
+                    "alpha_default": 0.0,
+                },
+                "tracking": {
+                    "uri": f"sqlite:///{folder / 'mlflow.db'}",
+                    "storage_path": str(folder / "runs"),
+                    "experiment": "ingest",
+                },
+                "resources": {
+                    "num_workers": workers,
+                    "cpus_per_worker": (args.cpus - decode_cpus - 0.01) / workers,
+                    "decode_cpus": decode_cpus,
+                    "torch_threads": args.threads,
+                },
+            }
+        )
+    )
     start = time.perf_counter()
     assert cli(["train", str(config), "--name", f"workers-{workers}"]) == 0
     return args.steps * args.batch_size * workers / (time.perf_counter() - start)
@@ -101,11 +124,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000, help="train images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per feed")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (pipeline start, allocator)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (pipeline start, allocator)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training step")
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
-    parser.add_argument("--workers", type=int, nargs="*", default=[], help="also time uml-ray train runs with these worker counts")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time uml-ray train runs with these worker counts",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -129,7 +160,9 @@ def main() -> None:
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
 
         spec = StreamSpec(name="image.train", kind="image", dim=1, rows=len(table), cached=True)
-        stream = ImageStream(TableSource(table), spec, args.batch_size, 0, 0, 1, transform, args.decode_cpus, 0)
+        stream = ImageStream(
+            TableSource(table), spec, args.batch_size, 0, 0, 1, transform, args.decode_cpus, 0
+        )
         pipeline = train_steps(head, optimizer, iter(stream.next, None), args.steps, args.warmup)
         alone = drain(iter(stream.next, None), args.steps * 4, args.warmup)
         stream.close()
@@ -143,9 +176,17 @@ def main() -> None:
                 yield decoded["image"][rows], decoded["label"][rows]
 
         memory = train_steps(head, optimizer, in_memory(), args.steps, args.warmup)
-        result = {"backbone": args.backbone, "size": args.size, "batch": args.batch_size, "threads": args.threads,
-                  "decode_cpus": args.decode_cpus, "in_memory_img_s": round(memory, 1), "pipeline_img_s": round(pipeline, 1),
-                  "pipeline_alone_img_s": round(alone, 1), "ratio_pipeline_to_memory": round(pipeline / memory, 3)}
+        result = {
+            "backbone": args.backbone,
+            "size": args.size,
+            "batch": args.batch_size,
+            "threads": args.threads,
+            "decode_cpus": args.decode_cpus,
+            "in_memory_img_s": round(memory, 1),
+            "pipeline_img_s": round(pipeline, 1),
+            "pipeline_alone_img_s": round(alone, 1),
+            "ratio_pipeline_to_memory": round(pipeline / memory, 3),
+        }
         for workers in args.workers:
             result[f"train_{workers}_workers_img_s"] = round(run_workers(manifest, folder, args, workers), 1)
         print(json.dumps(result))

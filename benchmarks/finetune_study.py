@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="demo_work/finetune-study")
     parser.add_argument("--shots", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--size", type=int, default=64, help="input size of both the fine-tuned and the probed backbone")
+    parser.add_argument(
+        "--size", type=int, default=64, help="input size of both the fine-tuned and the probed backbone"
+    )
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: <workdir>/.feature-cache)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     args = parser.parse_args()
@@ -58,28 +60,50 @@ def main() -> None:
     arms = {arm: [] for arm in args.arms}
     for shots in args.shots:
         for seed in args.seeds:
-            images = build_fashion_mnist_finetune_case(f"{workdir}/ft-{shots}-{seed}", shots, seed, cache_dir=cache)["manifest"]
-            features = build_fashion_mnist_case(f"{workdir}/lp-{shots}-{seed}", shots, seed, image_size=args.size,
-                                                cache_dir=cache)["manifest"]
+            images = build_fashion_mnist_finetune_case(
+                f"{workdir}/ft-{shots}-{seed}", shots, seed, cache_dir=cache
+            )["manifest"]
+            features = build_fashion_mnist_case(
+                f"{workdir}/lp-{shots}-{seed}", shots, seed, image_size=args.size, cache_dir=cache
+            )["manifest"]
             runs = {
                 "finetune_uml": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}"]),
-                "lpft_uml": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}",
-                                        "model.head_init=probe"]),
-                "finetune_image_only": (FINETUNE, [f"data.manifest={images}", f"model.image_size={args.size}",
-                                                   "train.alpha_default=0"]),
+                "lpft_uml": (
+                    FINETUNE,
+                    [f"data.manifest={images}", f"model.image_size={args.size}", "model.head_init=probe"],
+                ),
+                "finetune_image_only": (
+                    FINETUNE,
+                    [f"data.manifest={images}", f"model.image_size={args.size}", "train.alpha_default=0"],
+                ),
                 "probe_image_only": (PROBE, [f"data.manifest={features}", "train.alpha_default=0"]),
             }
             for arm in args.arms:
                 config, overrides = runs[arm]
                 started = time.perf_counter()
                 result = train(config, common + overrides, f"{arm}-{shots}shot-seed{seed}")
-                arms[arm].append({"shots": shots, "seed": seed, "test_acc": result["test_acc"],
-                                  "seconds": round(time.perf_counter() - started, 1)})
+                arms[arm].append(
+                    {
+                        "shots": shots,
+                        "seed": seed,
+                        "test_acc": result["test_acc"],
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                )
                 print(json.dumps({"arm": arm, **arms[arm][-1]}), flush=True)
     for shots in args.shots:
         summary = {arm: [r["test_acc"] for r in rows if r["shots"] == shots] for arm, rows in arms.items()}
-        print(json.dumps({"shots": shots, **{arm: {"per_seed": accs, "mean": round(float(np.mean(accs)), 4)}
-                                             for arm, accs in summary.items()}}))
+        print(
+            json.dumps(
+                {
+                    "shots": shots,
+                    **{
+                        arm: {"per_seed": accs, "mean": round(float(np.mean(accs)), 4)}
+                        for arm, accs in summary.items()
+                    },
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,13 @@ CLASSES, BATCH, MAX_STEPS = 10, 32, 10_000
 
 def batches(count: int) -> list[tuple[dict, dict]]:
     """Fixed random batches, cycled (the data path is not what this measures)."""
-    return [({m: torch.randn(BATCH, d) for m, d in DIMS.items()}, {m: torch.randint(0, CLASSES, (BATCH,)) for m in DIMS})
-            for _ in range(count)]
+    return [
+        (
+            {m: torch.randn(BATCH, d) for m, d in DIMS.items()},
+            {m: torch.randint(0, CLASSES, (BATCH,)) for m in DIMS},
+        )
+        for _ in range(count)
+    ]
 
 
 def members(count: int) -> list[SharedHeadUML]:
@@ -58,7 +63,10 @@ def separate_rate(count: int, data: list, seconds: float, fused_kernel: bool) ->
     """Config-steps per CPU second of ``count`` models stepped one after another."""
     models = members(count)
     lrs = [1e-3 * (1 + k % 7) for k in range(count)]
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, fused=fused_kernel) for m, lr in zip(models, lrs)]
+    optimizers = [
+        torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, fused=fused_kernel)
+        for m, lr in zip(models, lrs)
+    ]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(20, MAX_STEPS)) for o in optimizers]
 
     def step(i: int) -> None:
@@ -99,14 +107,19 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # as the training loops do
     data = batches(8)
-    print(f"{'K':>4} {'separate torch':>15} {'separate fused-kernel':>22} {'fused':>9} "
-          f"{'fused/torch':>12} {'fused/fused-kernel':>19}   (config-steps per CPU second)")
+    print(
+        f"{'K':>4} {'separate torch':>15} {'separate fused-kernel':>22} {'fused':>9} "
+        f"{'fused/torch':>12} {'fused/fused-kernel':>19}   (config-steps per CPU second)"
+    )
     for count in args.members:
         separate = separate_rate(count, data, args.seconds, fused_kernel=False)
         separate_kernel = separate_rate(count, data, args.seconds, fused_kernel=True)
         fused = fused_rate(count, data, args.seconds)
-        print(f"{count:>4} {separate:>15.1f} {separate_kernel:>22.1f} {fused:>9.1f} "
-              f"{fused / separate:>11.2f}x {fused / separate_kernel:>18.2f}x")
+        print(
+            f"{count:>4} {separate:>15.1f} {separate_kernel:>22.1f} {fused:>9.1f} "
+            f"{fused / separate:>11.2f}x {fused / separate_kernel:>18.2f}x"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -53,16 +53,27 @@ def main() -> None:
     import ray
 
     from uml_ray.cluster import start_local_ray
-    from uml_ray.data.format import write_shards
-    from uml_ray.data.streams import BatchStream, ParquetSource, StreamSpec, TableSource, build_streamed_datasets, read_table
-    from uml_ray.data.format import Manifest, ModalitySpec
+    from uml_ray.data.format import Manifest, ModalitySpec, write_shards
+    from uml_ray.data.streams import (
+        BatchStream,
+        ParquetSource,
+        StreamSpec,
+        TableSource,
+        build_streamed_datasets,
+        read_table,
+    )
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
     labels = rng.integers(0, 10, args.rows)
     with tempfile.TemporaryDirectory() as workdir:
         uris = write_shards(workdir, "image", "train", features, labels, rows_per_shard=8192)
-        manifest = Manifest("bench", [str(i) for i in range(10)], "image", {"image": ModalitySpec("vector", args.dim, None, {"train": uris})})
+        manifest = Manifest(
+            "bench",
+            [str(i) for i in range(10)],
+            "image",
+            {"image": ModalitySpec("vector", args.dim, None, {"train": uris})},
+        )
         start_local_ray(2)
         steps_per_epoch = args.rows // args.batch_size
         start = time.perf_counter()
@@ -73,13 +84,15 @@ def main() -> None:
             for epoch in range(args.epochs):
                 order = np.random.default_rng(epoch).permutation(args.rows)
                 for start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-                    rows = order[start:start + args.batch_size]
+                    rows = order[start : start + args.batch_size]
                     yield features[rows], labels[rows]
 
         def naive():
             ds = ray.data.read_parquet(uris, columns=["features", "label"])
             for _ in range(args.epochs):
-                for batch in ds.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=4096):
+                for batch in ds.iter_torch_batches(
+                    batch_size=args.batch_size, local_shuffle_buffer_size=4096
+                ):
                     yield batch["features"], batch["label"]
 
         def ours(how: str):
@@ -89,30 +102,47 @@ def main() -> None:
             elif how == "pyarrow":  # a one-process trial's streamed share
                 source = ParquetSource(uris)
             else:  # the multi-worker path: Ray Data, split across Ray Train workers
-                source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)["image.train"].iterator()
-            stream = BatchStream(source, spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192)
+                source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)[
+                    "image.train"
+                ].iterator()
+            stream = BatchStream(
+                source, spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192
+            )
             for _ in range(steps_per_epoch * args.epochs):
                 yield stream.next()
 
         # torch's first steps (allocations, kernel selection) would be charged to whichever source runs first
-        head_steps(((features[:args.batch_size], labels[:args.batch_size]) for _ in range(200)), args.dim, args.batch_size)
+        head_steps(
+            ((features[: args.batch_size], labels[: args.batch_size]) for _ in range(200)),
+            args.dim,
+            args.batch_size,
+        )
         results = {}
         # the Ray-free and pyarrow sources first: a Ray Data execution leaves its workers busy for a
         # while after its iterator is done, which a one-process trial never has beside it
-        for name, make in [("in-memory loop", in_memory), ("BatchStream, cached", lambda: ours("cached")),
-                           ("BatchStream, streamed (1 process, pyarrow)", lambda: ours("pyarrow")),
-                           ("naive read_parquet→iter_torch_batches", naive),
-                           ("BatchStream, streamed (Ray Data)", lambda: ours("ray_data"))]:
+        for name, make in [
+            ("in-memory loop", in_memory),
+            ("BatchStream, cached", lambda: ours("cached")),
+            ("BatchStream, streamed (1 process, pyarrow)", lambda: ours("pyarrow")),
+            ("naive read_parquet→iter_torch_batches", naive),
+            ("BatchStream, streamed (Ray Data)", lambda: ours("ray_data")),
+        ]:
             source = make()
             results[name] = head_steps(source, args.dim, steps_per_epoch * args.batch_size)
             source.close()  # release Ray Data iterators before Ray shuts down
         ray.shutdown()
     overall_ceiling, steady_ceiling = results["in-memory loop"]
-    print(f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear head, 1 torch thread")
-    print(f"  the driver's one read of the cached table per sweep (not in the trial's figures): {driver_read:.2f} s")
+    print(
+        f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear head, 1 torch thread"
+    )
+    print(
+        f"  the driver's one read of the cached table per sweep (not in the trial's figures): {driver_read:.2f} s"
+    )
     print(f"  {'source':44s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
     for name, (overall, steady) in results.items():
-        print(f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s {steady / steady_ceiling:7.1%}")
+        print(
+            f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s {steady / steady_ceiling:7.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -68,11 +68,30 @@ def main() -> None:
         if not manifest:
             from uml_ray.cli import main as cli
 
-            assert cli(["case", "fashion-mnist", "--out", str(ROOT / "demo_work" / "fashion-mnist"), "--shots", "4",
-                        "--split-seed", "0"]) == 0
+            assert (
+                cli(
+                    [
+                        "case",
+                        "fashion-mnist",
+                        "--out",
+                        str(ROOT / "demo_work" / "fashion-mnist"),
+                        "--shots",
+                        "4",
+                        "--split-seed",
+                        "0",
+                    ]
+                )
+                == 0
+            )
             manifest = str(ROOT / "demo_work" / "fashion-mnist" / "manifest.yaml")
-        cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [
-            f"data.manifest={manifest}", f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs"])
+        cfg = load_config(
+            ROOT / "configs" / "fashion_mnist.yaml",
+            [
+                f"data.manifest={manifest}",
+                f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+                f"tracking.storage_path={workdir}/runs",
+            ],
+        )
         space = load_space(str(ROOT / "search_spaces" / "supervised_linear_probe.yaml"))
         plan = build_plan(cfg, space)
         figures = {"plain Optuna, one process": plain_optuna(plan, space, args.configs)}
@@ -83,10 +102,14 @@ def main() -> None:
     per_trial = args.configs / figures["uml-ray, one config per trial"][0]
     optuna_rate = args.configs / figures["plain Optuna, one process"][0]
     print(f"{args.configs} head-only configs, {os.cpu_count()} CPUs, {manifest}")
-    print(f"  {'how':32s} {'wall':>8s} {'configs/min':>12s} {'vs per-trial':>13s} {'vs Optuna':>10s} {'best val':>9s}")
+    print(
+        f"  {'how':32s} {'wall':>8s} {'configs/min':>12s} {'vs per-trial':>13s} {'vs Optuna':>10s} {'best val':>9s}"
+    )
     for label, (seconds, best) in figures.items():
         rate = args.configs / seconds
-        print(f"  {label:32s} {seconds:7.1f}s {rate * 60:12.1f} {rate / per_trial:12.2f}x {rate / optuna_rate:9.2f}x {best:9.4f}")
+        print(
+            f"  {label:32s} {seconds:7.1f}s {rate * 60:12.1f} {rate / per_trial:12.2f}x {rate / optuna_rate:9.2f}x {best:9.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,20 @@ def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
     space_file = os.path.join(workdir, f"space-{trainer}.yaml")
     with open(space_file, "w") as handle:
         handle.write("params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}\n")
-    cfg = load_config(None, [
-        f"data.manifest={manifest}", "train.max_steps=4", "train.warmup_steps=1", "train.val_every=4",
-        f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.storage_path={workdir}/runs",
-        f"resources.trainer={trainer}", "resources.num_workers=1", "resources.cpus_per_worker=1",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.manifest={manifest}",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.val_every=4",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+            f"tracking.storage_path={workdir}/runs",
+            f"resources.trainer={trainer}",
+            "resources.num_workers=1",
+            "resources.cpus_per_worker=1",
+        ],
+    )
     space = load_space(space_file)
     plan = build_plan(cfg, space)
     start = time.perf_counter()
@@ -59,8 +68,11 @@ def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--no-torchtrainer", action="store_true",
-                        help="leave out the TorchTrainer path (it hangs when another local Ray runs on this host)")
+    parser.add_argument(
+        "--no-torchtrainer",
+        action="store_true",
+        help="leave out the TorchTrainer path (it hangs when another local Ray runs on this host)",
+    )
     args = parser.parse_args()
     import ray
 
@@ -79,7 +91,9 @@ def main() -> None:
     print(f"  uml-ray trial, inline (1 worker) {inline:7.2f} s   {inline / bare:5.2f}x")
     if train is not None:
         print(f"  uml-ray trial, TorchTrainer(1)  {train:7.2f} s   {train / bare:5.2f}x")
-        print(f"  inline saves {train - inline:.1f} s per trial ({train / inline:.1f}x faster start-up than TorchTrainer)")
+        print(
+            f"  inline saves {train - inline:.1f} s per trial ({train / inline:.1f}x faster start-up than TorchTrainer)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def _unit_tier_has_no_ray(request, monkeypatch):
     import ray
 
     def refuse(*args, **kwargs):
-        raise RuntimeError(f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration or use the ray_session fixture")
+        raise RuntimeError(
+            f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration or use the ray_session fixture"
+        )
 
     monkeypatch.setattr(ray, "init", refuse)
     # a Ray left running by an earlier integration test must not be borrowed either
@@ -66,8 +68,19 @@ def write_config(path: Path, manifest: str, workdir: Path, **sections) -> Path:
     tree = {
         "data": {"manifest": str(manifest)},
         "model": {"regime": "supervised"},
-        "train": {"lr": 0.01, "batch_size": 32, "max_steps": 120, "warmup_steps": 10, "val_every": 20, "seed": 0},
-        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "storage_path": str(workdir / "runs"), "experiment": "tests"},
+        "train": {
+            "lr": 0.01,
+            "batch_size": 32,
+            "max_steps": 120,
+            "warmup_steps": 10,
+            "val_every": 20,
+            "seed": 0,
+        },
+        "tracking": {
+            "uri": f"sqlite:///{workdir / 'mlflow.db'}",
+            "storage_path": str(workdir / "runs"),
+            "experiment": "tests",
+        },
         "resources": {"num_workers": 1, "num_cpus": 2},
     }
     for section, values in sections.items():
@@ -99,8 +112,13 @@ def moto_s3(bucket: str):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     try:
         s3_client(aws).create_bucket(Bucket=bucket)
         yield aws
@@ -112,5 +130,10 @@ def s3_client(aws: dict):
     """A boto3 S3 client for the server ``moto_s3`` yielded ``aws`` for."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=aws["AWS_REGION"],
-                        aws_access_key_id=aws["AWS_ACCESS_KEY_ID"], aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=aws["AWS_ENDPOINT_URL"],
+        region_name=aws["AWS_REGION"],
+        aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"],
+    )

@@ -24,22 +24,32 @@ def modules():
 
 
 def importers(prefix: str) -> set[str]:
-    return {module for module, names in modules() if any(n == prefix or n.startswith(prefix + ".") for n in names)}
+    return {
+        module for module, names in modules() if any(n == prefix or n.startswith(prefix + ".") for n in names)
+    }
 
 
 def test_train_never_imports_the_driver_or_search():
-    upward = {module: sorted(n for n in names if n.startswith(("uml_ray.driver", "uml_ray.search", "uml_ray.cli")))
-              for module, names in modules() if module.startswith("uml_ray.train")}
+    upward = {
+        module: sorted(n for n in names if n.startswith(("uml_ray.driver", "uml_ray.search", "uml_ray.cli")))
+        for module, names in modules()
+        if module.startswith("uml_ray.train")
+    }
     assert {m: n for m, n in upward.items() if n} == {}
 
 
 def test_models_are_plain_pytorch():
-    offending = {module: sorted(n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna"))
-                 for module, names in modules() if module.startswith("uml_ray.models")}
+    offending = {
+        module: sorted(n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna"))
+        for module, names in modules()
+        if module.startswith("uml_ray.models")
+    }
     assert {m: n for m, n in offending.items() if n} == {}
 
 
 def test_each_system_sits_behind_one_module():
     assert importers("mlflow") == {"uml_ray.tracking.mlflow_store"}
     assert importers("optuna") == {"uml_ray.driver.tune"}
-    assert importers("ray.tune") - {"uml_ray.train.context", "uml_ray.train.runner"} == {"uml_ray.driver.tune"}
+    assert importers("ray.tune") - {"uml_ray.train.context", "uml_ray.train.runner"} == {
+        "uml_ray.driver.tune"
+    }

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from uml_ray.cli import main
 
 pytestmark = pytest.mark.chaos
@@ -32,10 +32,19 @@ def fusable_space(path: Path) -> Path:
     """A space whose every config fuses with every other (alpha > 0, lr, weight decay): fused trials of --fuse members."""
     import yaml
 
-    path.write_text(yaml.safe_dump({"recipe": "supervised", "metric": "best_val_acc", "params": {
-        "train.alpha.text": {"type": "uniform", "low": 0.2, "high": 1.5},
-        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
-        "train.weight_decay": {"type": "choice", "values": [0.0, 0.01]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": "supervised",
+                "metric": "best_val_acc",
+                "params": {
+                    "train.alpha.text": {"type": "uniform", "low": 0.2, "high": 1.5},
+                    "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                    "train.weight_decay": {"type": "choice", "values": [0.0, 0.01]},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -85,7 +94,9 @@ def actor_pids(class_name: str, alive: bool = True) -> list[tuple[int, str]]:
 
     # this process's Ray, by address: other Rays on the machine would make the default ambiguous
     filters = [("class_name", "=", class_name)] + ([("state", "=", "ALIVE")] if alive else [])
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, detail=True, limit=10000)
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, filters=filters, detail=True, limit=10000
+    )
     return [(a.pid, a.node_id) for a in actors]
 
 
@@ -140,7 +151,9 @@ def first_new_step_after(client, run, killed_at: float, key: str = "val_acc") ->
 def results(folder: Path) -> list[dict]:
     """Every result a Tune trial reported, in order, retries included (its result.json)."""
     try:
-        return [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()
+        ]
     except (OSError, ValueError):  # being written
         return []
 
@@ -149,12 +162,18 @@ def results(folder: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(600)
-def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
     """2 workers (0.5 CPU each): one SIGKILLed after the first checkpoint; Ray Train restarts the group
     from that checkpoint and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 200, "val_every": 20, "checkpoint_every": 2},
-                          resources={"num_workers": 2, "cpus_per_worker": 0.5})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 200, "val_every": 20, "checkpoint_every": 2},
+        resources={"num_workers": 2, "cpus_per_worker": 0.5},
+    )
     started = time.monotonic()
     assert main(["train", str(config), "--name", "whole"]) == 0
     whole = last_json(capsys.readouterr().out)
@@ -192,17 +211,24 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(ray_
     for key in ("val_loss", "test_loss", "train_loss", "test_acc", "best_val_loss"):
         assert runs["killed"].data.metrics[key] == runs["whole"].data.metrics[key], key
     recovered = first_new_step_after(client, runs["killed"], killed_at)
-    replayed = steps[replays[0]:replays[0] + 3] if replays else []
-    report(capsys, f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {replayed}); "
-           f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
-           f"final metrics identical: {killed}")
+    replayed = steps[replays[0] : replays[0] + 3] if replays else []
+    report(
+        capsys,
+        f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {replayed}); "
+        f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
+        f"final metrics identical: {killed}",
+    )
 
 
 # --- a trial process ------------------------------------------------------------------------------
 
 
 def sweep_children(workdir: Path, sweep: str) -> list:
-    return [r for r in tracked_runs(workdir) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "trial"]
+    return [
+        r
+        for r in tracked_runs(workdir)
+        if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "trial"
+    ]
 
 
 def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple[Path, int] | None:
@@ -213,9 +239,17 @@ def running_trial(workdir: Path, sweep: str, step: int, max_steps: int) -> tuple
 
     for path in (workdir / "runs" / sweep).glob("*/result.json"):
         reported = results(path.parent)
-        if reported and step <= reported[-1].get("step", 0) < max_steps - 100 and not reported[-1].get("done"):
-            alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                                detail=True, limit=10000)
+        if (
+            reported
+            and step <= reported[-1].get("step", 0) < max_steps - 100
+            and not reported[-1].get("done")
+        ):
+            alive = list_actors(
+                address=ray.get_runtime_context().gcs_address,
+                filters=[("state", "=", "ALIVE")],
+                detail=True,
+                limit=10000,
+            )
             if reported[-1]["pid"] in [a.pid for a in alive]:
                 return path.parent, reported[-1]["pid"]
     return None
@@ -238,17 +272,39 @@ def resumed_from(reported: list[dict], cadence: int = 40) -> tuple[int, int]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("fuse, trials", [(1, 3), (2, 4)], ids=["one-config-trials", "fused-trials"])
-def test_killed_trial_process_is_retried_from_checkpoint(ray_session, synthetic_manifest, tmp_path, capsys, fuse, trials):
+def test_killed_trial_process_is_retried_from_checkpoint(
+    ray_session, synthetic_manifest, tmp_path, capsys, fuse, trials
+):
     """A sweep's trial process SIGKILLed after step 60 (checkpoints every 40 steps): Tune retries the
     trial from its checkpoint; the sweep ends with every requested config tracked once, none failed."""
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+    )
     sweep = f"kill-trial-{fuse}"
     started = time.monotonic()
     space = SPACE if fuse == 1 else fusable_space(tmp_path / "space.yaml")
-    run = Background(["tune", str(config), "--space", str(space), "--trials", str(trials), "--fuse", str(fuse),
-                      "--concurrency", "1", "--name", sweep])
-    folder, pid = wait_for("a trial past step 60", lambda: running_trial(tmp_path, sweep, 60, 600), run, every=0.05)
+    run = Background(
+        [
+            "tune",
+            str(config),
+            "--space",
+            str(space),
+            "--trials",
+            str(trials),
+            "--fuse",
+            str(fuse),
+            "--concurrency",
+            "1",
+            "--name",
+            sweep,
+        ]
+    )
+    folder, pid = wait_for(
+        "a trial past step 60", lambda: running_trial(tmp_path, sweep, 60, 600), run, every=0.05
+    )
     killed_at = kill(pid)
     assert run.join(600) == 0
     summary = last_json(capsys.readouterr().out)
@@ -262,19 +318,34 @@ def test_killed_trial_process_is_retried_from_checkpoint(ray_session, synthetic_
     client = mlflow_client(tmp_path)
     children = sweep_children(tmp_path, sweep)
     keys = [r.data.tags["uml_ray.trial_id"] for r in children]
-    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, keys  # none lost, none twice
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in children), [r.info.status for r in children]  # none failed
+    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, (
+        keys
+    )  # none lost, none twice
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children), [
+        r.info.status for r in children
+    ]  # none failed
     for child in children:  # every validation a trial reached, once
         history = metric_steps(client, child)
         assert history == list(range(20, history[-1] + 1, 20)), (child.data.tags["uml_ray.trial_id"], history)
-    (parent,) = [r for r in tracked_runs(tmp_path) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"]
+    (parent,) = [
+        r
+        for r in tracked_runs(tmp_path)
+        if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"
+    ]
     assert parent.info.status == "FINISHED" and parent.data.metrics["failed_trials"] == 0
-    victims = [r for r in children if trial_id in (r.data.tags["uml_ray.trial_id"], r.data.tags.get("uml_ray.fused_trial"))]
+    victims = [
+        r
+        for r in children
+        if trial_id in (r.data.tags["uml_ray.trial_id"], r.data.tags.get("uml_ray.fused_trial"))
+    ]
     assert len(victims) == fuse
     recovered = min(first_new_step_after(client, victim, killed_at) for victim in victims)
-    report(capsys, f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
-           f"resumed from step {resumed_at}; "
-           f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s")
+    report(
+        capsys,
+        f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
+        f"resumed from step {resumed_at}; "
+        f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s",
+    )
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -294,7 +365,8 @@ def searcher_history(experiment: Path) -> list:
 def same_config(params: dict, sampled: dict) -> bool:
     """Optuna's params of a trial are the sampled config MLflow recorded (floats to rounding)."""
     return params.keys() == sampled.keys() and all(
-        params[k] == pytest.approx(v) if isinstance(v, float) else params[k] == v for k, v in sampled.items())
+        params[k] == pytest.approx(v) if isinstance(v, float) else params[k] == v for k, v in sampled.items()
+    )
 
 
 def drop_live_trials_from_snapshot(experiment: Path, ended: set[str]) -> set[str]:
@@ -308,14 +380,18 @@ def drop_live_trials_from_snapshot(experiment: Path, ended: set[str]) -> set[str
     snapshot = max(experiment.glob("experiment_state-*.json"), key=lambda p: p.name)
     state = json.loads(snapshot.read_text())
     dropped = {json.loads(entry[0])["trial_id"] for entry in state["trial_data"]} & live - ended
-    state["trial_data"] = [entry for entry in state["trial_data"] if json.loads(entry[0])["trial_id"] not in dropped]
+    state["trial_data"] = [
+        entry for entry in state["trial_data"] if json.loads(entry[0])["trial_id"] not in dropped
+    ]
     snapshot.write_text(json.dumps(state))
     return dropped
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("snapshot", ["as written", "lagging the searcher"])
-def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_session, synthetic_manifest, tmp_path, capsys, snapshot):
+def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
+    ray_session, synthetic_manifest, tmp_path, capsys, snapshot
+):
     """The driver SIGKILLed after 2 of 5 trials finished, then ``--resume``: the finished trials are
     not run again, no trial is lost or tracked twice, and Optuna's history holds every trial's result.
     Lagging: Tune's snapshot lacks the trial in flight that the searcher's state holds (the kill fell
@@ -324,33 +400,61 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
     import subprocess
     import sys
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+    )
     trials, sweep = 5, "kill-driver"
-    args = ["tune", str(config), "--space", str(SPACE), "--trials", str(trials), "--fuse", "1", "--concurrency", "1", "--name", sweep]
+    args = [
+        "tune",
+        str(config),
+        "--space",
+        str(SPACE),
+        "--trials",
+        str(trials),
+        "--fuse",
+        "1",
+        "--concurrency",
+        "1",
+        "--name",
+        sweep,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts a Ray of its own
     started = time.monotonic()
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "uml_ray.cli", *args], cwd=tmp_path, env=env,
-                                  start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "uml_ray.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # one trial at a time: a third trial folder means two trials ended (MLflow is not read while the
         # driver may still be creating its store)
         experiment = tmp_path / "runs" / sweep
         deadline = time.monotonic() + 300
         while len(list(experiment.glob("*/result.json"))) < 3:
-            assert driver.poll() is None, "the sweep ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            assert driver.poll() is None, (
+                "the sweep ended before it could be killed:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+            )
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        killed_at = kill(driver.pid)
+        kill(driver.pid)
         driver.wait()
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver's own local Ray goes with it
     finished = [r for r in sweep_children(tmp_path, sweep) if r.info.status in ("FINISHED", "KILLED")]
     before = {r.data.tags["uml_ray.trial_id"]: r for r in finished}
     assert 2 <= len(before) < trials
-    folders = {json.loads(p.read_text().splitlines()[0])["trial_id"]: p.parent
-               for p in (tmp_path / "runs" / sweep).glob("*/result.json") if p.read_text().strip()}
+    folders = {
+        json.loads(p.read_text().splitlines()[0])["trial_id"]: p.parent
+        for p in (tmp_path / "runs" / sweep).glob("*/result.json")
+        if p.read_text().strip()
+    }
     lines_before = {trial_id: len(results(folders[trial_id])) for trial_id in before}
     dropped = set()
     if snapshot != "as written":
@@ -364,9 +468,15 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
 
     children = sweep_children(tmp_path, sweep)
     keys = [r.data.tags["uml_ray.trial_id"] for r in children]
-    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, keys  # none lost, none twice
+    assert summary["trials"] == trials and len(keys) == trials and len(set(keys)) == trials, (
+        keys
+    )  # none lost, none twice
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
-    parents = [r for r in tracked_runs(tmp_path) if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"]
+    parents = [
+        r
+        for r in tracked_runs(tmp_path)
+        if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"
+    ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     for run in children:
         trial_id = run.data.tags["uml_ray.trial_id"]
@@ -382,11 +492,18 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(ray_sess
         (told,) = [t for t in history if same_config(t.params, sampled)]
         assert told.value == pytest.approx(run.data.metrics["best_val_acc"])
     assert len(history) == trials
-    continued = [r.data.tags["uml_ray.continues_trial"] for r in children if "uml_ray.continues_trial" in r.data.tags]
-    assert set(continued) == dropped  # the dropped trial's run was continued by the trial that took its config
-    report(capsys, f"CHAOS driver ({snapshot}): killed pid {driver.pid} after {len(before)} of {trials} trials finished "
-           f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
-           f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history")
+    continued = [
+        r.data.tags["uml_ray.continues_trial"] for r in children if "uml_ray.continues_trial" in r.data.tags
+    ]
+    assert (
+        set(continued) == dropped
+    )  # the dropped trial's run was continued by the trial that took its config
+    report(
+        capsys,
+        f"CHAOS driver ({snapshot}): killed pid {driver.pid} after {len(before)} of {trials} trials finished "
+        f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
+        f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history",
+    )
 
 
 # --- a truncated checkpoint -----------------------------------------------------------------------
@@ -401,10 +518,14 @@ def stop_trial_at_checkpoint(run: Background, experiment: Path) -> tuple[Path, i
     (under CI load the test once truncated a checkpoint Tune never took). Tune keeps two and deletes
     the older on taking a new one, so once three were written, Tune's latest is the newer of the two
     on disk, or the middle one of three (the newest then never became Tune's)."""
+
     def three_written():
         for path in experiment.glob("*/result.json"):
             reported = results(path.parent)
-            if len([r for r in reported if r.get("checkpoint_dir_name")]) >= 3 and reported[-1].get("step", 0) < 400:
+            if (
+                len([r for r in reported if r.get("checkpoint_dir_name")]) >= 3
+                and reported[-1].get("step", 0) < 400
+            ):
                 return path.parent, reported[-1]["pid"]
         return None
 
@@ -422,7 +543,9 @@ def truncate(path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
     """The newest checkpoint's state.pt truncated, then the trial process SIGKILLed: the retry resumes
     from the other checkpoint kept and ends exactly where an uninterrupted run ends. Every kept state.pt
     truncated: the run stops with exit 2 and one line naming the file, never torch's own error."""
@@ -431,8 +554,12 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+    )
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
 
@@ -442,7 +569,7 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     registered = results(folder)[-1]
     # Tune's latest, and a newer one the trial wrote that Tune never took (the newest durable
     # checkpoint would serve then): the retry must fall back to the oldest kept
-    for checkpoint in kept[:kept.index(newest) + 1]:
+    for checkpoint in kept[: kept.index(newest) + 1]:
         truncate(checkpoint / "state.pt")
     killed_at = kill(pid)
     assert run.join(600) == 0
@@ -452,7 +579,9 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     reported = results(folder)
     switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
     fallback_step = reported[switch]["step"] - 20
-    assert fallback_step < registered["step"] and fallback_step % 40 == 0, [(r["step"], r["pid"]) for r in reported]
+    assert fallback_step < registered["step"] and fallback_step % 40 == 0, [
+        (r["step"], r["pid"]) for r in reported
+    ]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
     client = mlflow_client(tmp_path)
@@ -470,18 +599,27 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(ray_session, syn
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.startswith("uml-ray")]
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
-    assert f"{recorded}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], err[0]
+    assert f"{recorded}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], (
+        err[0]
+    )
     assert f"so are the {len(kept) - 1} other(s) kept beside it" in err[0], err[0]
-    assert "is unreadable (OSError: " in err[0] or "is unreadable (RuntimeError: PytorchStreamReader" in err[0]  # torch's reason, in short
+    assert (
+        "is unreadable (OSError: " in err[0] or "is unreadable (RuntimeError: PytorchStreamReader" in err[0]
+    )  # torch's reason, in short
     (failed,) = [r for r in tracked_runs(tmp_path) if r.info.run_name == "all-truncated"]
     assert failed.info.status == "FAILED"
-    report(capsys, f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
-           f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
-           f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'")
+    report(
+        capsys,
+        f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
+        f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
+        f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'",
+    )
 
 
 @pytest.mark.timeout(600)
-def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
     """What a driver killed mid-rotation leaves (its snapshot names a checkpoint the rotation deleted):
     the trial's recorded checkpoint folder removed, then its process SIGKILLed; the retry resumes from
     the checkpoint kept beside it instead of failing with "does not exist on storage anymore"."""
@@ -492,8 +630,12 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+    )
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
 
@@ -509,13 +651,18 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(ray_se
 
     reported = results(folder)
     switch = next(i for i, r in enumerate(reported) if r["pid"] != pid)
-    other = int(kept[0].name.split("_")[1])  # Tune's checkpoint_00000N holds the (N+1)th checkpoint: step 40 (N+1)
+    other = int(
+        kept[0].name.split("_")[1]
+    )  # Tune's checkpoint_00000N holds the (N+1)th checkpoint: step 40 (N+1)
     assert reported[switch]["step"] == 40 * (other + 1) + 20, [(r["step"], r["pid"]) for r in reported]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
-    report(capsys, f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
-           f"{kept[0].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
-           f"final metrics identical to an uninterrupted run")
+    report(
+        capsys,
+        f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
+        f"{kept[0].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
+        f"final metrics identical to an uninterrupted run",
+    )
 
 
 # --- the MLflow server ----------------------------------------------------------------------------
@@ -529,9 +676,23 @@ def start_mlflow_server(root: Path, port: int):
     env = subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key, None)
-    cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}", "--workers", "1"]
+    cmd = [
+        MLFLOW,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--allowed-hosts",
+        f"127.0.0.1:{port},localhost:{port}",
+        "--workers",
+        "1",
+    ]
     log = root / f"server-{time.time():.0f}.log"
     server = start_in_session(cmd, env, log)
     wait_for_http(f"http://127.0.0.1:{port}/health", server, log, timeout=180)
@@ -553,12 +714,13 @@ def kill_session(server) -> list[int]:
 
 
 @pytest.mark.timeout(600)
-def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
     """The tracking server SIGKILLed after the first validation reached it, back on the same port ~30 s later:
     the sweep goes on meanwhile (its writes held, in order), no trial fails, and every validation step
     of every trial arrives once the server is back, with no run duplicated."""
     from mlflow.tracking import MlflowClient
-
     from test_cluster_runtime import free_ports
 
     (port,) = free_ports(1)
@@ -567,17 +729,40 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(ray_sessi
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(root, port)
     trials, sweep = 3, "outage"
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, tracking={"uri": uri, "experiment": "outage"},
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        tracking={"uri": uri, "experiment": "outage"},
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+    )
     client = MlflowClient(uri)
     try:
         started = time.monotonic()
-        run = Background(["tune", str(config), "--space", str(SPACE), "--trials", str(trials), "--fuse", "1",
-                          "--concurrency", "1", "--name", sweep])
+        run = Background(
+            [
+                "tune",
+                str(config),
+                "--space",
+                str(SPACE),
+                "--trials",
+                str(trials),
+                "--fuse",
+                "1",
+                "--concurrency",
+                "1",
+                "--name",
+                sweep,
+            ]
+        )
 
         def first_validation():
             found = client.get_experiment_by_name("outage")
-            runs = [] if found is None else client.search_runs([found.experiment_id], "tags.`uml_ray.kind` = 'trial'")
+            runs = (
+                []
+                if found is None
+                else client.search_runs([found.experiment_id], "tags.`uml_ray.kind` = 'trial'")
+            )
             return any("val_acc" in r.data.metrics for r in runs)
 
         wait_for("the first validation in MLflow", first_validation, run, every=0.2)
@@ -604,7 +789,11 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(ray_sessi
     children = [r for r in runs if r.data.tags.get("uml_ray.kind") == "trial"]
     parents = [r for r in runs if r.data.tags.get("uml_ray.kind") == "sweep"]
     keys = [r.data.tags["uml_ray.trial_id"] for r in children]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and parents[0].data.metrics["failed_trials"] == 0
+    assert (
+        len(parents) == 1
+        and parents[0].info.status == "FINISHED"
+        and parents[0].data.metrics["failed_trials"] == 0
+    )
     assert len(keys) == trials and len(set(keys)) == trials, keys  # one run per trial, none duplicated
     held = 0
     for child in children:
@@ -614,12 +803,20 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(ray_sessi
         assert steps == list(range(20, steps[-1] + 1, 20)), steps  # every validation, once, in order
         held += sum(1 for m in history if killed_at <= m.timestamp / 1000 <= back_at)
     assert held > 0  # validations stamped while the server was down arrived afterwards
+
     # artifacts, held ones included (copied aside while their files were temporary), in the server's folder
-    stored = lambda run, name: (root / "artifacts" / found.experiment_id / run.info.run_id / "artifacts" / name).is_file()  # noqa: E731
-    assert stored(parents[0], "study_summary.json") and all(stored(child, "config.yaml") for child in children)
-    report(capsys, f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after {back_at - killed_at:.1f} s; "
-           f"{held} validations logged during the outage arrived afterwards; sweep ended {done_at - back_at:.1f} s after the "
-           f"restart; {trials} trials, one run each, none failed; {took:.1f} s")
+    def stored(run, name):
+        return (root / "artifacts" / found.experiment_id / run.info.run_id / "artifacts" / name).is_file()
+
+    assert stored(parents[0], "study_summary.json") and all(
+        stored(child, "config.yaml") for child in children
+    )
+    report(
+        capsys,
+        f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after {back_at - killed_at:.1f} s; "
+        f"{held} validations logged during the outage arrived afterwards; sweep ended {done_at - back_at:.1f} s after the "
+        f"restart; {trials} trials, one run each, none failed; {took:.1f} s",
+    )
 
 
 # --- a node ---------------------------------------------------------------------------------------
@@ -635,16 +832,26 @@ def head_and_two_nodes():
     """
     import ray
     from ray.cluster_utils import Cluster
-
     from test_cluster_runtime import detach_driver, free_ports
 
     detach_driver()
     (dashboard_port,) = free_ports(1)
     # a dead raylet is declared dead after ~3 missed 1 s health checks instead of Ray's ~30 s
-    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "_system_config": health})
+    health = {
+        "health_check_period_ms": 1000,
+        "health_check_timeout_ms": 1000,
+        "health_check_failure_threshold": 3,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+            "_system_config": health,
+        },
+    )
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=2)
@@ -662,14 +869,20 @@ def node_processes(node) -> list[int]:
     from ray.util.state import list_workers
 
     own = [info.process.pid for infos in node.all_processes.values() for info in infos]
-    workers = list_workers(address=ray.get_runtime_context().gcs_address, filters=[("node_id", "=", node.node_id)],
-                           detail=True, limit=10000)
+    workers = list_workers(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("node_id", "=", node.node_id)],
+        detail=True,
+        limit=10000,
+    )
     return own + [w.pid for w in workers if w.is_alive and w.pid]
 
 
 @pytest.mark.cluster
 @pytest.mark.timeout(600)
-def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synthetic_manifest, tmp_path, capsys):
+def test_lost_node_reschedules_trial_on_the_other_node(
+    head_and_two_nodes, synthetic_manifest, tmp_path, capsys
+):
     """Every process of the node running a training's trial SIGKILLed (a lost machine): Tune retries the
     trial on the other node from its last checkpoint, and the run ends as an uninterrupted one."""
     import ray
@@ -680,16 +893,27 @@ def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synth
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2}, resources={"cpus_per_worker": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
+        resources={"cpus_per_worker": 2},
+    )
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
     gcs = ray.get_runtime_context().gcs_address
 
     started = time.monotonic()
     run = Background(["train", str(config), "--name", "node-lost"])
-    folder, pid = wait_for("the trial past step 60", lambda: running_trial(tmp_path, "node-lost", 60, 600), run, every=0.05)
-    (actor,) = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000) if a.pid == pid]
+    folder, pid = wait_for(
+        "the trial past step 60", lambda: running_trial(tmp_path, "node-lost", 60, 600), run, every=0.05
+    )
+    (actor,) = [
+        a
+        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
+        if a.pid == pid
+    ]
     (lost,) = [n for n in head_and_two_nodes.worker_nodes if n.node_id == actor.node_id]
     pids = node_processes(lost)
     assert pid in pids
@@ -707,7 +931,11 @@ def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synth
     killed_step, resumed_at = resumed_from(reported)
     assert resumed_at >= 40
     retried = reported[-1]["pid"]
-    (again,) = [a for a in list_actors(address=gcs, detail=True, limit=10000) if a.pid == retried and a.class_name == actor.class_name]
+    (again,) = [
+        a
+        for a in list_actors(address=gcs, detail=True, limit=10000)
+        if a.pid == retried and a.class_name == actor.class_name
+    ]
     assert again.node_id != lost.node_id  # rescheduled on the surviving node
     assert not [n for n in ray.nodes() if n["NodeID"] == lost.node_id and n["Alive"]]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
@@ -716,6 +944,9 @@ def test_lost_node_reschedules_trial_on_the_other_node(head_and_two_nodes, synth
     (tracked,) = tracked_runs(tmp_path)
     assert tracked.info.status == "FINISHED" and metric_steps(client, tracked) == list(range(20, 601, 20))
     recovered = first_new_step_after(client, tracked, killed_at)
-    report(capsys, f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
-           f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
-           f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s")
+    report(
+        capsys,
+        f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
+        f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
+        f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s",
+    )

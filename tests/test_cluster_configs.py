@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from uml_ray.cluster import check_storage_for_cluster, is_network_filesystem
-from uml_ray.uri import is_remote
 from uml_ray.config import load_config, parse_overrides
 from uml_ray.errors import ConfigError
+from uml_ray.uri import is_remote
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -56,7 +56,12 @@ def test_launcher_config_installs_uml_ray_and_starts_token_auth(name):
     assert ".venv" in config["rsync_exclude"] and ".git" in config["rsync_exclude"]
     head_start = config["head_start_ray_commands"][-1]
     worker_start = config["worker_start_ray_commands"][-1]
-    for flag in ("--head", "--num-cpus=0", "--autoscaling-config=~/ray_bootstrap_config.yaml", "--dashboard-port=8265"):
+    for flag in (
+        "--head",
+        "--num-cpus=0",
+        "--autoscaling-config=~/ray_bootstrap_config.yaml",
+        "--dashboard-port=8265",
+    ):
         assert flag in head_start
     assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
     assert "--address=$RAY_HEAD_IP:6379" in worker_start
@@ -144,7 +149,7 @@ def test_rayjob_manifest_carries_the_crd_fields_and_a_valid_entrypoint():
     assert argv[:2] == ["uml-ray", "tune"]
     config_path, space_path = ROOT / argv[2], ROOT / argv[argv.index("--space") + 1]
     assert config_path.is_file() and space_path.is_file()
-    overrides = argv[3:argv.index("--space")]
+    overrides = argv[3 : argv.index("--space")]
     parsed = parse_overrides(overrides)
     assert parsed["tracking.storage_path"].startswith("s3://") and parsed["resources.gpus_per_worker"] == 1
     cfg = load_config(config_path, overrides)
@@ -175,7 +180,9 @@ def test_runtime_env_file_is_what_ray_job_submit_parses():
     assert env["working_dir"] == "."
     assert {".venv/", ".git/", "uml_runs/"} <= set(env["excludes"])
     assert "MLFLOW_TRACKING_URI" in env["env_vars"]
-    assert not any("PASSWORD" in key for key in env["env_vars"]), "credentials do not belong in a committed file"
+    assert not any("PASSWORD" in key for key in env["env_vars"]), (
+        "credentials do not belong in a committed file"
+    )
 
 
 def test_basic_auth_ini_reads_with_mlflow(monkeypatch):
@@ -192,7 +199,11 @@ def test_basic_auth_ini_reads_with_mlflow(monkeypatch):
 def test_mlflow_server_setups_stay_on_the_cluster_network():
     script = (CLUSTER / "mlflow" / "mlflow-server.sh").read_text()
     subprocess.run(["bash", "-n", str(CLUSTER / "mlflow" / "mlflow-server.sh")], check=True)
-    assert '--host "$MLFLOW_HOST"' in script and "--host 0.0.0.0" not in script and "--host=0.0.0.0" not in script
+    assert (
+        '--host "$MLFLOW_HOST"' in script
+        and "--host 0.0.0.0" not in script
+        and "--host=0.0.0.0" not in script
+    )
     for flag in ("--app-name basic-auth", "--serve-artifacts", "--artifacts-destination", "postgresql://"):
         assert flag in script
     docs = list(yaml.safe_load_all((CLUSTER / "mlflow" / "mlflow-k8s.yaml").read_text()))

@@ -109,7 +109,9 @@ def http_status(url: str, headers: dict | None = None, auth: tuple[str, str] | N
     if auth:
         import base64
 
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -121,11 +123,15 @@ def http_status(url: str, headers: dict | None = None, auth: tuple[str, str] | N
 
 def http_get(url: str, headers: dict | None = None) -> str:
     """Body of a GET that must succeed."""
-    with urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers or {})), timeout=30) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=dict(headers or {})), timeout=30
+    ) as response:
         return response.read().decode()
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, headers: dict | None = None) -> None:
+def wait_for_http(
+    url: str, proc: subprocess.Popen, log_path: Path, timeout: float, headers: dict | None = None
+) -> None:
     """Poll ``url`` until it answers 200; fail with the server log if the server dies or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -277,14 +283,25 @@ def ray_head():
     )
     try:
         # The job API answers only once the job agent is up; asking it with the token proves both.
-        wait_for_http(f"{head.address}/api/jobs/", proc, log_path, timeout=180, headers={"Authorization": f"Bearer {token}"})
+        wait_for_http(
+            f"{head.address}/api/jobs/",
+            proc,
+            log_path,
+            timeout=180,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         yield head
     finally:
         stop_session(proc)
 
 
 def submit_and_wait(
-    address: str, entrypoint: str, working_dir: str | Path, env: dict, runtime_env: dict | None = None, timeout: float = 600
+    address: str,
+    entrypoint: str,
+    working_dir: str | Path,
+    env: dict,
+    runtime_env: dict | None = None,
+    timeout: float = 600,
 ) -> tuple[str, str]:
     """Run the documented `ray job submit --working-dir DIR -- ENTRYPOINT` and wait for the job to end.
 
@@ -293,12 +310,24 @@ def submit_and_wait(
     status (SUCCEEDED, FAILED, STOPPED) and its driver logs.
     """
     job_id = f"uml-ray-{uuid.uuid4().hex[:10]}"
-    cmd = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(working_dir)]
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(working_dir),
+    ]
     if runtime_env:
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
     # Without --no-wait the CLI tails the driver log until the job ends. It shell-quotes each
     # argument after `--`, so the entrypoint goes in as separate words.
-    subprocess.run(cmd + ["--", *shlex.split(entrypoint)], env=env, capture_output=True, text=True, timeout=timeout)
+    subprocess.run(
+        cmd + ["--", *shlex.split(entrypoint)], env=env, capture_output=True, text=True, timeout=timeout
+    )
     # The final status and logs come from the job REST API, which the CLI itself wraps.
     headers = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"} if env.get("RAY_AUTH_TOKEN") else {}
     info = json.loads(http_get(f"{address}/api/jobs/{job_id}", headers))
@@ -343,7 +372,11 @@ def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
 
     status, logs = submit_and_wait(
-        ray_head.address, "python job.py", workdir, ray_head.client_env, runtime_env={"env_vars": {"UML_RAY_MARK": "mark-42"}}
+        ray_head.address,
+        "python job.py",
+        workdir,
+        ray_head.client_env,
+        runtime_env={"env_vars": {"UML_RAY_MARK": "mark-42"}},
     )
     assert status == "SUCCEEDED", logs
     assert "RESULT 30 mark-42" in logs
@@ -364,6 +397,7 @@ TINY_TRAIN = {"max_steps": 40, "warmup_steps": 5, "val_every": 20}
 def tiny_config(path: Path, workdir: Path, **sections) -> Path:
     """A run config on a small synthetic dataset (5 classes, 20 target shots each): 40 steps, validation at 20 and 40."""
     from conftest import write_config
+
     from uml_ray.data.synth import write_synthetic
 
     manifest = write_synthetic(str(workdir / "data"), seed=0, n_train=20, n_val=50, n_test=100, n_aux=200)
@@ -422,19 +456,29 @@ def test_ray_job_submit_runs_a_tracked_sweep(ray_head, tmp_path):
     client, parent, children = sweep_runs(tracking_uri, "tests", "job-sweep")
     assert_trials_tracked(client, parent, children, trials=3)
     best = max(c.data.metrics["best_val_acc"] for c in children)
-    assert parent.data.metrics["best_best_val_acc"] == pytest.approx(best) == pytest.approx(summary["best_val_acc"])
+    assert (
+        parent.data.metrics["best_best_val_acc"]
+        == pytest.approx(best)
+        == pytest.approx(summary["best_val_acc"])
+    )
 
 
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sweep_on_mlflow_server_and_best_reads_it_back(mlflow_auth_server, ray_session, tmp_path, monkeypatch, capsys):
+def test_sweep_on_mlflow_server_and_best_reads_it_back(
+    mlflow_auth_server, ray_session, tmp_path, monkeypatch, capsys
+):
     from uml_ray.cli import main
 
     uri, username, password = mlflow_auth_server
     experiment = f"server-{uuid.uuid4().hex[:8]}"
-    config = tiny_config(tmp_path / "sweep.yaml", tmp_path, tracking={"uri": uri, "experiment": experiment},
-                         resources={"cpus_per_worker": 0.5})
+    config = tiny_config(
+        tmp_path / "sweep.yaml",
+        tmp_path,
+        tracking={"uri": uri, "experiment": experiment},
+        resources={"cpus_per_worker": 0.5},
+    )
     space = REPO / "search_spaces" / "supervised_linear_probe.yaml"
     best_yaml = tmp_path / "best.yaml"
 
@@ -443,7 +487,11 @@ def test_sweep_on_mlflow_server_and_best_reads_it_back(mlflow_auth_server, ray_s
         monkeypatch.delenv(key, raising=False)
     assert main(["tune", str(config), "--space", str(space), "--trials", "2", "--name", "server-sweep"]) == 2
     err = capsys.readouterr().err
-    assert f"tracking.uri={uri}: cannot reach the MLflow store" in err and "401" in err and "Traceback" not in err
+    assert (
+        f"tracking.uri={uri}: cannot reach the MLflow store" in err
+        and "401" in err
+        and "Traceback" not in err
+    )
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
@@ -462,8 +510,22 @@ def test_sweep_on_mlflow_server_and_best_reads_it_back(mlflow_auth_server, ray_s
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "study_summary.json" in artifacts
 
-    assert main(["best", "--tracking-uri", uri, "--experiment", experiment, "--sweep", "server-sweep",
-                 "--output", str(best_yaml)]) == 0
+    assert (
+        main(
+            [
+                "best",
+                "--tracking-uri",
+                uri,
+                "--experiment",
+                experiment,
+                "--sweep",
+                "server-sweep",
+                "--output",
+                str(best_yaml),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["rank", "run", "best_val_acc", "test_acc"]
     ranked = sorted(children, key=lambda c: c.data.metrics["best_val_acc"], reverse=True)
@@ -528,7 +590,12 @@ def ray_two_node_cluster():
 
     detach_driver()
     (dashboard_port,) = free_ports(1)
-    head_args = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port}
+    head_args = {
+        "num_cpus": 0,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": dashboard_port,
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         for _ in range(2):
@@ -565,7 +632,9 @@ class TestTwoNodeCluster:
         placed = ray.get(
             [
                 node_of_bundle.options(
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=i
+                    )
                 ).remote()
                 for i in range(2)
             ]
@@ -589,11 +658,15 @@ class TestTwoNodeCluster:
         # 1.5 CPUs per worker: two cannot share a 2-CPU node, so Ray Train's PACK placement has to
         # spread them. The trial driving the TorchTrainer holds 0.01 CPU; Ray Data reads the
         # cached datasets in 1-CPU tasks before the workers start.
-        config = tiny_config(tmp_path / "two.yaml", tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1.5})
+        config = tiny_config(
+            tmp_path / "two.yaml", tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1.5}
+        )
         started = time.monotonic()
         assert main(["train", str(config), "--name", "two-node"]) == 0
         print(f"two-worker training on two nodes: {time.monotonic() - started:.1f}s")
-        result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith('{"run"')][-1])
+        result = json.loads(
+            [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"run"')][-1]
+        )
         assert result["step"] == 40 and 0.0 <= result["test_acc"] <= 1.0
 
         train_workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
@@ -618,7 +691,9 @@ class FakeAutoscalingCluster:
     temp_dir: Path
 
 
-def fake_autoscaling_config(gcs_address: str, worker_types: dict, idle_timeout_minutes: float, head_cpus: int) -> dict:
+def fake_autoscaling_config(
+    gcs_address: str, worker_types: dict, idle_timeout_minutes: float, head_cpus: int
+) -> dict:
     """A complete `fake_multinode` autoscaler config (what ray.cluster_utils.AutoscalingCluster
     builds from the example.yaml the Ray 2.60 wheel does not ship)."""
     return {
@@ -677,7 +752,14 @@ def fake_gpu_autoscaling_cluster():
     temp_dir = short_tempdir("umlray-as-")
     ports = free_ports(7)
     gcs_address = f"127.0.0.1:{ports[0]}"
-    worker_types = {"gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
+    worker_types = {
+        "gpu_worker": {
+            "resources": {"CPU": 1, "GPU": 1},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": 2,
+        }
+    }
     config = fake_autoscaling_config(gcs_address, worker_types, idle_timeout_minutes=0.1, head_cpus=1)
     config_path = temp_dir / "autoscaling.json"
     config_path.write_text(json.dumps(config))
@@ -729,7 +811,9 @@ class TestFakeGpuAutoscaling:
         assert [i for i, _, _ in results] == [0, 1, 2, 3]
         used_nodes = {node for _, node, _ in results}
         gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU") == 1}
-        assert used_nodes <= gpu_nodes and len(gpu_nodes) == 2, "four pending GPU tasks scale up to max_workers=2"
+        assert used_nodes <= gpu_nodes and len(gpu_nodes) == 2, (
+            "four pending GPU tasks scale up to max_workers=2"
+        )
         assert all(len(gpus) == 1 for _, _, gpus in results)
 
         deadline = time.monotonic() + 120
@@ -758,11 +842,30 @@ class TestFakeGpuAutoscaling:
         # logical: torch finds no CUDA device here and trains on the CPU.) resources.address marks
         # an attached cluster, so its current CPUs (the head's one, kept for Ray Data) do not cap the
         # concurrency.
-        config = tiny_config(tmp_path / "gpu.yaml", tmp_path, resources={
-            "gpus_per_worker": 1, "cpus_per_worker": 1, "address": fake_gpu_autoscaling_cluster.gcs_address})
+        config = tiny_config(
+            tmp_path / "gpu.yaml",
+            tmp_path,
+            resources={
+                "gpus_per_worker": 1,
+                "cpus_per_worker": 1,
+                "address": fake_gpu_autoscaling_cluster.gcs_address,
+            },
+        )
         started = time.monotonic()
-        code = main(["tune", str(config), "--space", str(REPO / "search_spaces" / "supervised_linear_probe.yaml"),
-                     "--trials", "3", "--concurrency", "2", "--name", "gpu-sweep"])
+        code = main(
+            [
+                "tune",
+                str(config),
+                "--space",
+                str(REPO / "search_spaces" / "supervised_linear_probe.yaml"),
+                "--trials",
+                "3",
+                "--concurrency",
+                "2",
+                "--name",
+                "gpu-sweep",
+            ]
+        )
         errors = [p.read_text()[-3000:] for p in sorted((tmp_path / "runs").rglob("error.txt"))]
         assert code == 0, "the GPU sweep failed; trial errors:\n" + "\n---\n".join(errors)
         print(f"GPU sweep on the autoscaling cluster: {time.monotonic() - started:.1f}s")

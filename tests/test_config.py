@@ -2,12 +2,14 @@
 
 import pytest
 
-from uml_ray.config import Config, dump_config, load_config
+from uml_ray.config import dump_config, load_config
 from uml_ray.errors import ConfigError
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "resources.num_workers=2"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "resources.num_workers=2"]
+    )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.alpha == {"text": 0.5}
     assert cfg.model.head_init == "text"
@@ -36,13 +38,25 @@ def test_relative_manifest_resolves_against_config_folder(tmp_path):
         (["trian.lr=1"], "unknown config section 'trian'"),
         (["train.lr=-1"], "train.lr: -1.0 is out of range; it must be > 0.0"),
         (["train.batch_size=0"], "train.batch_size: 0 is out of range; it must be >= 1"),
-        (["model.regime=unsupervised"], "model.regime: 'unsupervised' is not allowed; choose one of ['supervised', 'sequence']"),
+        (
+            ["model.regime=unsupervised"],
+            "model.regime: 'unsupervised' is not allowed; choose one of ['supervised', 'sequence']",
+        ),
         (["train.alpha.text=-0.5"], "train.alpha: -0.5 is out of range"),
         (["train.max_steps=ten"], "train.max_steps: expected an integer, got 'ten'"),
-        (["model.regime=sequence", "model.zdim=30", "model.heads=4"], "model.zdim=30 is not divisible by model.heads=4"),
-        (["train.warmup_steps=600", "train.max_steps=500"], "train.warmup_steps=600 must be smaller than train.max_steps=500"),
+        (
+            ["model.regime=sequence", "model.zdim=30", "model.heads=4"],
+            "model.zdim=30 is not divisible by model.heads=4",
+        ),
+        (
+            ["train.warmup_steps=600", "train.max_steps=500"],
+            "train.warmup_steps=600 must be smaller than train.max_steps=500",
+        ),
         (["resources.trainer=inline", "resources.num_workers=2"], "resources.trainer=inline runs one worker"),
-        (["resources.data_cpus=0.5"], "resources.data_cpus=0.5: Ray Data's file-listing task needs a whole CPU"),
+        (
+            ["resources.data_cpus=0.5"],
+            "resources.data_cpus=0.5: Ray Data's file-listing task needs a whole CPU",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -69,6 +83,8 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
 def test_a_dumped_config_loads_back_equal(tmp_path):
     from uml_ray.config import dump_config, load_config
 
-    cfg = load_config(None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "data.auxiliary=text"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "data.auxiliary=text"]
+    )
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg

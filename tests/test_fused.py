@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_config
+
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
 from uml_ray.models.fused import FusedSharedHead, fused_loss
@@ -25,19 +25,44 @@ MEMBERS = [
     {"train.lr": 0.01, "train.weight_decay": 0.0, "train.alpha.text": 0.0, "model.head_init": "text"},
     {"train.lr": 0.003, "train.weight_decay": 0.01, "train.alpha.text": 0.5, "model.head_init": "text"},
     {"train.lr": 0.02, "train.weight_decay": 0.1, "train.alpha.text": 1.5, "model.head_init": "random"},
-    {"train.lr": 0.005, "train.weight_decay": 0.001, "train.alpha.text": 1.0, "model.logit_scale": True, "train.grad_clip": 0.5},
+    {
+        "train.lr": 0.005,
+        "train.weight_decay": 0.001,
+        "train.alpha.text": 1.0,
+        "model.logit_scale": True,
+        "train.grad_clip": 0.5,
+    },
     {"train.lr": 0.05, "train.weight_decay": 0.0, "train.alpha.text": 0.7, "train.patience": 1},
 ]
-COMPARED = ("val_acc", "val_loss", "best_val_acc", "best_val_loss", "best_step", "lr", "train_loss", "train_loss_image",
-            "train_loss_text", "test_acc", "test_loss", "stopped_early", "completed")
+COMPARED = (
+    "val_acc",
+    "val_loss",
+    "best_val_acc",
+    "best_val_loss",
+    "best_step",
+    "lr",
+    "train_loss",
+    "train_loss_image",
+    "train_loss_text",
+    "test_acc",
+    "test_loss",
+    "stopped_early",
+    "completed",
+)
 
 
 @pytest.fixture(scope="module")
 def plan(synthetic_manifest, tmp_path_factory):
     """A 120-step run validating every 20 steps, a checkpoint at every 2nd validation."""
     workdir = tmp_path_factory.mktemp("fused")
-    cfg = load_config(write_config(workdir / "c.yaml", synthetic_manifest, workdir,
-                                   train={"max_steps": 120, "val_every": 20, "checkpoint_every": 2}))
+    cfg = load_config(
+        write_config(
+            workdir / "c.yaml",
+            synthetic_manifest,
+            workdir,
+            train={"max_steps": 120, "val_every": 20, "checkpoint_every": 2},
+        )
+    )
     return build_plan(cfg)
 
 
@@ -62,8 +87,14 @@ class CheckpointShapes(LocalContext):
         self.shapes = []
 
     def report(self, metrics, state=None, best=None):
-        self.shapes.append((state["model"]["head"].shape[0], state["model"]["projections.image"].shape[0],
-                            state["optimizer"]["exp_avg"][0].shape[0], state["live"]))
+        self.shapes.append(
+            (
+                state["model"]["head"].shape[0],
+                state["model"]["projections.image"].shape[0],
+                state["optimizer"]["exp_avg"][0].shape[0],
+                state["live"],
+            )
+        )
         super().report(metrics, state, best)
 
 
@@ -89,7 +120,9 @@ def test_fused_members_equal_their_alone_runs(plan):
         assert best["config"] == alone.best["config"] and best["step"] == alone.best["step"]
         assert set(best["model"]) == set(alone.best["model"])
         for name, weight in alone.best["model"].items():
-            torch.testing.assert_close(best["model"][name], weight, atol=1e-5, rtol=0, msg=f"member {k} {name}")
+            torch.testing.assert_close(
+                best["model"][name], weight, atol=1e-5, rtol=0, msg=f"member {k} {name}"
+            )
     stopped = [m for m in fused.reports[-1]["members"] if m["stopped_early"]]
     assert [m["member"] for m in stopped] == [4]  # patience 1 stops the lr 0.05 member; the others complete
     assert fused.reports[-1]["best_val_acc"] == max(m["best_val_acc"] for m in fused.reports[-1]["members"])
@@ -98,27 +131,39 @@ def test_fused_members_equal_their_alone_runs(plan):
 
 
 def test_structural_differences_are_refused_and_keyed(plan):
-    with pytest.raises(ValueError, match=r"member 1 differs from member 0 in structural settings \['train.batch_size'\]"):
-        train_fused(plan, [{"train.lr": 0.01}, {"train.lr": 0.01, "train.batch_size": 16}], LocalContext(plan))
+    with pytest.raises(
+        ValueError, match=r"member 1 differs from member 0 in structural settings \['train.batch_size'\]"
+    ):
+        train_fused(
+            plan, [{"train.lr": 0.01}, {"train.lr": 0.01, "train.batch_size": 16}], LocalContext(plan)
+        )
     flat = plan.cfg.flat()
-    assert fusion_key({**flat, "train.lr": 0.5, "train.alpha_default": 0.3}, plan.dataset) == fusion_key(flat, plan.dataset)
+    assert fusion_key({**flat, "train.lr": 0.5, "train.alpha_default": 0.3}, plan.dataset) == fusion_key(
+        flat, plan.dataset
+    )
     assert fusion_key({**flat, "train.seed": 1}, plan.dataset) != fusion_key(flat, plan.dataset)
     # the default shared width follows alpha: a unimodal 64-d target keys apart from a 32-d text space
     wide = {**plan.dataset.dims, "image": 64}
     dataset = type("Facts", (), {"target": "image", "auxiliary": ("text",), "dims": wide})()
-    assert fusion_key({**flat, "train.alpha_default": 0.0}, dataset) != fusion_key({**flat, "train.alpha_default": 1.0}, dataset)
+    assert fusion_key({**flat, "train.alpha_default": 0.0}, dataset) != fusion_key(
+        {**flat, "train.alpha_default": 1.0}, dataset
+    )
 
 
 def test_halving_keeps_the_best_members_and_shrinks_the_model(plan):
-    members = [{"train.lr": lr, "train.alpha.text": alpha} for lr in (0.001, 0.01, 0.03, 0.1) for alpha in (0.0, 1.0)]
+    members = [
+        {"train.lr": lr, "train.alpha.text": alpha} for lr in (0.001, 0.01, 0.03, 0.1) for alpha in (0.0, 1.0)
+    ]
     ctx = CheckpointShapes(plan.with_params({"train.checkpoint_every": 1}))
     train_fused(ctx.plan, members, ctx, rungs=[1, 2], reduction_factor=2)
     assert [r["live"] for r in ctx.reports] == [4, 2, 2, 2, 2, 0]
     first, second = ctx.reports[0]["members"], ctx.reports[1]["members"]
 
     def best(ranked, keep):
-        return sorted(sorted(ranked, key=lambda m: (-m["best_val_acc"], m["best_val_loss"], m["member"]))[:keep],
-                      key=lambda m: m["member"])
+        return sorted(
+            sorted(ranked, key=lambda m: (-m["best_val_acc"], m["best_val_loss"], m["member"]))[:keep],
+            key=lambda m: m["member"],
+        )
 
     kept = [m["member"] for m in best(first, 4)]
     assert [m["member"] for m in first if not m["pruned"]] == kept
@@ -137,7 +182,9 @@ def test_halving_keeps_the_best_members_and_shrinks_the_model(plan):
     whole = run_fused(plan, members)
     for k in survivors:
         for name in COMPARED:
-            assert ctx.reports[-1]["members"][k][name] == pytest.approx(whole.reports[-1]["members"][k][name], rel=1e-5, abs=1e-6)
+            assert ctx.reports[-1]["members"][k][name] == pytest.approx(
+                whole.reports[-1]["members"][k][name], rel=1e-5, abs=1e-6
+            )
 
 
 def test_resumed_fused_trial_continues_exactly(plan):
@@ -164,7 +211,10 @@ def test_member_adamw_equals_torch_adamw_per_member(mode):
     shapes = [(4, 7, 5), (4, 3)]
     start = [torch.randn(shape) for shape in shapes]
     alone = [[p[k].clone().requires_grad_() for p in start] for k in range(4)]
-    optimizers = [torch.optim.AdamW(alone[k], lr=lrs[k], weight_decay=wds[k], fused=mode.get("fused", False)) for k in range(4)]
+    optimizers = [
+        torch.optim.AdamW(alone[k], lr=lrs[k], weight_decay=wds[k], fused=mode.get("fused", False))
+        for k in range(4)
+    ]
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(2, 12)) for o in optimizers]
     fused = [p.clone() for p in start]
     optimizer = MemberAdamW(fused, lrs, wds, **mode)
@@ -209,15 +259,23 @@ def test_member_grad_clipping_equals_torch_per_member():
             torch.testing.assert_close(norms[k], expected)
         for param, reference in zip(params, alone):
             torch.testing.assert_close(param.grad[k], reference.grad)
-    assert norms[0] > 1.0 and torch.linalg.vector_norm(torch.cat([p.grad[0].flatten() for p in params])) == pytest.approx(1.0, rel=1e-5)
+    assert norms[0] > 1.0 and torch.linalg.vector_norm(
+        torch.cat([p.grad[0].flatten() for p in params])
+    ) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_fused_head_logits_loss_and_products_equal_the_members():
     dims = {"image": 12, "text": 8, "audio": 6}
     members = []
-    for k, (modalities, scale) in enumerate([(("image",), False), (("image", "text", "audio"), True), (("image", "audio"), False)]):
+    for k, (modalities, scale) in enumerate(
+        [(("image",), False), (("image", "text", "audio"), True), (("image", "audio"), False)]
+    ):
         torch.manual_seed(k)
-        members.append(SharedHeadUML({m: dims[m] for m in modalities}, "image", 5, 8, project_auxiliary=True, logit_scale=scale))
+        members.append(
+            SharedHeadUML(
+                {m: dims[m] for m in modalities}, "image", 5, 8, project_auxiliary=True, logit_scale=scale
+            )
+        )
     with torch.no_grad():
         members[1].log_scales["text"].fill_(0.3)
     fused = FusedSharedHead.from_members(members, ["image", "text", "audio"])
@@ -232,19 +290,28 @@ def test_fused_head_logits_loss_and_products_equal_the_members():
         alone = model(used)
         for name, value in alone.items():
             torch.testing.assert_close(logits[name][k], value, rtol=1e-5, atol=1e-6)
-        loss, alone_parts = uml_loss(alone, {m: labels[m] for m in used}, "image",
-                                     {m: float(alpha[m][k]) for m in used if m != "image"})
+        loss, alone_parts = uml_loss(
+            alone,
+            {m: labels[m] for m in used},
+            "image",
+            {m: float(alpha[m][k]) for m in used if m != "image"},
+        )
         assert per_member[k].item() == pytest.approx(loss.item(), rel=1e-5)
         assert parts["image"][k].item() == pytest.approx(alone_parts["image"], rel=1e-5)
         loss.backward()
-        fused_grads = {"head.weight": fused.head.grad[k], **{f"projections.{m}.weight": fused.projections[m].grad[k] for m in model.projections}}
+        fused_grads = {
+            "head.weight": fused.head.grad[k],
+            **{f"projections.{m}.weight": fused.projections[m].grad[k] for m in model.projections},
+        }
         for name, param in model.named_parameters():
             if name in fused_grads:
                 torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-5, atol=1e-6)
         # the product loads into the alone model as it is
         model.load_state_dict(fused.member_state_dict(k), strict=True)
     # slices a member lacks receive no gradient (member 0 has no text/audio; member 2 no scale)
-    assert fused.projections["text"].grad[0].abs().max() == 0 and fused.log_scales.grad[[0, 2]].abs().max() == 0
+    assert (
+        fused.projections["text"].grad[0].abs().max() == 0 and fused.log_scales.grad[[0, 2]].abs().max() == 0
+    )
     # a second backward after recycle_grads writes the same gradients into the same buffers
     # (autograd adopts a buffer only when nothing else refers to it: not even a view of it)
     del fused_grads

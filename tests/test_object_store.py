@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import moto_s3, s3_client, write_config
 
 BUCKET = "uml-store"
@@ -37,14 +36,35 @@ def keys(client, prefix: str) -> set[str]:
 
 
 def uml_ray(env, cwd, *args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uml_ray.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "uml_ray.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_synth_and_validate_on_s3(s3, tmp_path):
     client, env = s3
-    synth = uml_ray(env, tmp_path, "data", "synth", f"s3://{BUCKET}/synth", "--n-train", 20, "--n-val", 10,
-                    "--n-test", 10, "--n-aux", 40, "--seed", 0)
+    synth = uml_ray(
+        env,
+        tmp_path,
+        "data",
+        "synth",
+        f"s3://{BUCKET}/synth",
+        "--n-train",
+        20,
+        "--n-val",
+        10,
+        "--n-test",
+        10,
+        "--n-aux",
+        40,
+        "--seed",
+        0,
+    )
     assert synth.returncode == 0, synth.stderr
     written = keys(client, "synth/")
     assert "synth/manifest.yaml" in written
@@ -67,7 +87,9 @@ def test_synth_and_validate_on_s3(s3, tmp_path):
     problems = [line for line in bad.stderr.splitlines() if f"s3://{BUCKET}/{broken}" in line]
     assert len(problems) == 1, bad.stderr
     assert "cannot read the Parquet shard" in problems[0]
-    assert not [line for line in bad.stderr.splitlines() if ".parquet" in line and broken not in line], bad.stderr
+    assert not [line for line in bad.stderr.splitlines() if ".parquet" in line and broken not in line], (
+        bad.stderr
+    )
 
 
 @pytest.mark.slow
@@ -76,14 +98,33 @@ def test_train_reads_s3_manifest_and_checkpoints_to_s3(s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client, env = s3
-    synth = uml_ray(env, tmp_path, "data", "synth", f"s3://{BUCKET}/train-data", "--n-train", 20,
-                    "--n-val", 20, "--n-test", 20, "--n-aux", 40, "--seed", 0)
+    synth = uml_ray(
+        env,
+        tmp_path,
+        "data",
+        "synth",
+        f"s3://{BUCKET}/train-data",
+        "--n-train",
+        20,
+        "--n-val",
+        20,
+        "--n-test",
+        20,
+        "--n-aux",
+        40,
+        "--seed",
+        0,
+    )
     assert synth.returncode == 0, synth.stderr
     manifest = f"s3://{BUCKET}/train-data/manifest.yaml"
-    config = write_config(tmp_path / "c.yaml", manifest, tmp_path,
-                          train={"max_steps": 40, "val_every": 20, "warmup_steps": 5},
-                          tracking={"storage_path": f"s3://{BUCKET}/runs"},
-                          resources={"num_workers": 1, "num_cpus": 2})
+    config = write_config(
+        tmp_path / "c.yaml",
+        manifest,
+        tmp_path,
+        train={"max_steps": 40, "val_every": 20, "warmup_steps": 5},
+        tracking={"storage_path": f"s3://{BUCKET}/runs"},
+        resources={"num_workers": 1, "num_cpus": 2},
+    )
     run = uml_ray(env, tmp_path, "train", config, "--name", "s3run", timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])

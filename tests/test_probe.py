@@ -49,11 +49,16 @@ def test_evaluate_probe_on_pooled_sequence_embeddings():
     def split(n):
         labels = rng.integers(0, 2, size=n)
         lengths = rng.integers(5, 12, size=n)
-        sequences = [np.cumsum(rng.normal(loc=0.5 if c else -0.5, size=(t, 3)), axis=0) for c, t in zip(labels, lengths)]
+        sequences = [
+            np.cumsum(rng.normal(loc=0.5 if c else -0.5, size=(t, 3)), axis=0)
+            for c, t in zip(labels, lengths)
+        ]
         return (np.concatenate(sequences).astype(np.float32), lengths), labels
 
     torch.manual_seed(0)
-    model = SharedSequenceModel({"x": 3}, zdim=16, layers=1, heads=2, dropout=0.0, pos_emb="sinusoidal", max_len=16).eval()
+    model = SharedSequenceModel(
+        {"x": 3}, zdim=16, layers=1, heads=2, dropout=0.0, pos_emb="sinusoidal", max_len=16
+    ).eval()
 
     def pool(inputs):
         with torch.no_grad():
@@ -71,8 +76,12 @@ def test_probe_log_loss_matches_sklearn_and_stays_finite_for_unseen_labels():
 
     train, val = _blobs(30, seed=0, spread=3.0), _blobs(20, seed=1, spread=3.0)
     probe = fit_probe(*train)
-    assert probe_log_loss(probe, *val) == pytest.approx(log_loss(val[1], probe.predict_proba(val[0]), labels=probe.classes_))
+    assert probe_log_loss(probe, *val) == pytest.approx(
+        log_loss(val[1], probe.predict_proba(val[0]), labels=probe.classes_)
+    )
     unseen = val[1].copy()
     unseen[0] = 7  # a class the probe never saw counts as probability 1e-15
-    expected = (probe_log_loss(probe, val[0][1:], val[1][1:]) * (len(unseen) - 1) - np.log(1e-15)) / len(unseen)
+    expected = (probe_log_loss(probe, val[0][1:], val[1][1:]) * (len(unseen) - 1) - np.log(1e-15)) / len(
+        unseen
+    )
     assert probe_log_loss(probe, val[0], unseen) == pytest.approx(expected)

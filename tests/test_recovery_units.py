@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from uml_ray.tracking.mlflow_store import OUTCOME_TAG, SAMPLED_TAG, SEED_TAG, TRIAL_TAG, SweepTracker, bounded_http, is_unreachable
+from uml_ray.tracking.mlflow_store import (
+    OUTCOME_TAG,
+    SAMPLED_TAG,
+    SEED_TAG,
+    TRIAL_TAG,
+    SweepTracker,
+    bounded_http,
+    is_unreachable,
+)
 
 PARAMS = {"train.lr": 0.01, "train.seed": 0}
 SAMPLED = {SAMPLED_TAG: json.dumps({"train.lr": 0.01})}
@@ -68,8 +76,10 @@ def test_run_opened_without_params_is_continued_and_completed(tmp_path):
     """A driver killed between creating a run and logging its params: the run is still found by its
     tags, and gets its params."""
     first = tracker(tmp_path)
-    run_id = first.client.create_run(first.experiment_id, tags={
-        TRIAL_TAG: "old", "uml_ray.sweep": "s", "uml_ray.kind": "trial", SEED_TAG: "0", **SAMPLED}).info.run_id
+    run_id = first.client.create_run(
+        first.experiment_id,
+        tags={TRIAL_TAG: "old", "uml_ray.sweep": "s", "uml_ray.kind": "trial", SEED_TAG: "0", **SAMPLED},
+    ).info.run_id
     second = tracker(tmp_path)
     assert second.start_trial("new", PARAMS, SAMPLED) == run_id
     assert second.client.get_run(run_id).data.params == {"train.lr": "0.01", "train.seed": "0"}
@@ -101,7 +111,11 @@ def test_trial_that_ended_before_the_resume_is_left_as_recorded(tmp_path):
     second.log_metrics("done", {"val_acc": 0.9}, step=40)
     second.end_trial("done", "KILLED", "pruned")
     run = second.client.get_run(done)
-    assert run.info.status == "FINISHED" and run.info.end_time == ended_at and run.data.tags[OUTCOME_TAG] == "finished"
+    assert (
+        run.info.status == "FINISHED"
+        and run.info.end_time == ended_at
+        and run.data.tags[OUTCOME_TAG] == "finished"
+    )
     assert val_steps(second, done) == [20]
     second.start_trial("failed", {**PARAMS, "train.seed": 1}, SAMPLED)
     assert second.client.get_run(failed).info.status == "RUNNING"
@@ -151,11 +165,16 @@ def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_
     newest = tmp_path / "checkpoint_000002" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:40])
     assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1}
-    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000000"))) == {"step": 0}  # itself, when it reads
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000000"))) == {
+        "step": 0
+    }  # itself, when it reads
     for n in (0, 1):
         (tmp_path / f"checkpoint_00000{n}" / "state.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as error:
         restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))
     message = str(error.value)
-    assert message.startswith(f"checkpoint file {newest} is unreadable (") and "so are the 2 other(s) kept beside it" in message
+    assert (
+        message.startswith(f"checkpoint file {newest} is unreadable (")
+        and "so are the 2 other(s) kept beside it" in message
+    )
     assert "\n" not in message and "start it again under a new --name" in message

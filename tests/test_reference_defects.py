@@ -69,9 +69,13 @@ def test_sequence_validation_pools_in_eval_mode_then_trains_with_dropout_again()
 def test_class_mean_set_smaller_than_a_batch_is_served_whole():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 5)
-    descriptions = build_table(rng.normal(size=(50, 4)) + labels[:, None], labels, [f"t-{i}" for i in range(50)], "vector", 4)
+    descriptions = build_table(
+        rng.normal(size=(50, 4)) + labels[:, None], labels, [f"t-{i}" for i in range(50)], "vector", 4
+    )
     means = _class_means(descriptions)
-    assert len(means) == 10  # 10 classes, batch size 32: the reference's drop_last loader had no batch to give
+    assert (
+        len(means) == 10
+    )  # 10 classes, batch size 32: the reference's drop_last loader had no batch to give
     spec = StreamSpec(name="text.train", kind="vector", dim=4, rows=10, cached=True)
     stream = BatchStream(TableIterator(means), spec, batch_size=32, seed=0, rank=0, world_size=1)
     assert stream.batches_per_epoch() == 1

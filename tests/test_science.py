@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_config
+
 from uml_ray.cli import main
 from uml_ray.errors import ConfigError
 from uml_ray.science import stats
@@ -28,8 +28,10 @@ TARGET = {"aux_shared_mixing": True, "dims_aux": (32,), "n_train": 50, "noise_x"
 INFORMATIVE = {"noise_aux": 0.5, "aux_spread": 0.5}
 REDUNDANT = {"noise_aux": 1.0}  # distributed exactly as X: an auxiliary row is one more target row
 NOISE = {"aux_pure_noise": True}
-SPACE = ("searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.03, 0.1]}\n"
-         "  train.alpha.text: {type: choice, values: [0.0, 0.5, 1.0]}\n")
+SPACE = (
+    "searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.03, 0.1]}\n"
+    "  train.alpha.text: {type: choice, values: [0.0, 0.5, 1.0]}\n"
+)
 SCHEDULE = {"max_steps": 80, "val_every": 20, "warmup_steps": 10}
 
 
@@ -39,9 +41,13 @@ def datasets(tmp_path_factory):
     from uml_ray.data.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("science")
-    found = {name: write_synthetic(str(root / name), seed=0, **TARGET, **aux)
-             for name, aux in (("informative", INFORMATIVE), ("redundant", REDUNDANT), ("noise", NOISE))}
-    found["sequence"] = write_synthetic(str(root / "sequence"), seed=0, kind="sequence", n_aux=20, n_test=20, n_val=20)
+    found = {
+        name: write_synthetic(str(root / name), seed=0, **TARGET, **aux)
+        for name, aux in (("informative", INFORMATIVE), ("redundant", REDUNDANT), ("noise", NOISE))
+    }
+    found["sequence"] = write_synthetic(
+        str(root / "sequence"), seed=0, kind="sequence", n_aux=20, n_test=20, n_val=20
+    )
     return found
 
 
@@ -90,9 +96,12 @@ def test_monotone_curve_and_equivalent_counts():
     assert stats.isotonic_increasing([1, 3, 2, 4]).tolist() == [1, 2.5, 2.5, 4]
     assert stats.isotonic_increasing([3, 2, 1]).tolist() == [2, 2, 2]
     counts, curve = [1, 2, 4, 8], [0.5, 0.6, 0.7, 0.8]
-    assert stats.equivalent_count(counts, curve, 0.65) == pytest.approx(2 ** 1.5)  # halfway in log2
+    assert stats.equivalent_count(counts, curve, 0.65) == pytest.approx(2**1.5)  # halfway in log2
     assert stats.equivalent_count(counts, curve, 0.7) == pytest.approx(4.0)
-    assert stats.equivalent_count(counts, curve, 0.3) == 1.0 and stats.equivalent_count(counts, curve, 0.95) == 8.0
+    assert (
+        stats.equivalent_count(counts, curve, 0.3) == 1.0
+        and stats.equivalent_count(counts, curve, 0.95) == 8.0
+    )
     # on a flat stretch the smallest count that reaches the accuracy
     assert stats.equivalent_count([1, 2, 4], [0.5, 0.6, 0.6], 0.6) == pytest.approx(2.0)
 
@@ -102,14 +111,16 @@ def test_conversion_ratio_by_hand():
     found = stats.conversion([1, 2, 4, 8], unimodal, 1, [2, 4], [[0.6, 0.7]] * 3)
     # UML with 2 auxiliary samples matches 2 target samples (gain 1), with 4 it matches 4 (gain 3)
     assert found.gains == pytest.approx([1.0, 3.0]) and found.ratios == pytest.approx([0.5, 0.75])
-    assert found.ratio == pytest.approx((2 * 1 + 4 * 3) / (2 ** 2 + 4 ** 2))  # slope through the origin
+    assert found.ratio == pytest.approx((2 * 1 + 4 * 3) / (2**2 + 4**2))  # slope through the origin
     assert found.capped == [False, False]
     # no gain below the budget's own point, a lower bound past the curve's end
     below = stats.conversion([1, 2, 4, 8], unimodal, 2, [2, 4], [[0.55, 0.9]] * 3)
     assert below.gains == pytest.approx([0.0, 6.0]) and below.capped == [False, True]
     # identical seeds: every bootstrap draw is the same study
     intervals = stats.bootstrap_conversion([1, 2, 4, 8], unimodal, 1, [2, 4], [[0.6, 0.7]] * 3, samples=200)
-    assert intervals["ratio"] == pytest.approx((0.7, 0.7)) and intervals["gains"][1] == pytest.approx((3.0, 3.0))
+    assert intervals["ratio"] == pytest.approx((0.7, 0.7)) and intervals["gains"][1] == pytest.approx(
+        (3.0, 3.0)
+    )
     with pytest.raises(ValueError, match="budget"):
         stats.conversion([1, 2, 4], unimodal, 3, [2], [[0.6]] * 3)
 
@@ -135,10 +146,12 @@ def test_arms_share_the_space_less_what_alpha_zero_ignores(tmp_path):
     from uml_ray.search.space import load_space
 
     manifest = write_synthetic(str(tmp_path / "two"), seed=0, dims_aux=(16, 24), n_aux=50)
-    space_text = ("params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
-                  "  train.weight_decay: {type: loguniform, low: 1.0e-4, high: 100}\n"
-                  "  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n  train.alpha.aux2: {type: uniform, low: 0, high: 1.5}\n"
-                  "  model.head_init: {type: choice, values: [random, text]}\n")
+    space_text = (
+        "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+        "  train.weight_decay: {type: loguniform, low: 1.0e-4, high: 100}\n"
+        "  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n  train.alpha.aux2: {type: uniform, low: 0, high: 1.5}\n"
+        "  model.head_init: {type: choice, values: [random, text]}\n"
+    )
     config, space_path = _setup(tmp_path, manifest, space_text, model={}, train={"alpha": {"aux2": 0.5}})
     space = load_space(space_path)
     arms = {arm.name: arm for arm in compare_arms(build_plan(load_config(config), space), space, ["aux2"])}
@@ -146,11 +159,22 @@ def test_arms_share_the_space_less_what_alpha_zero_ignores(tmp_path):
     # one architecture for all: the shared width of the UML arm (text's 16 dims), not alpha's default
     assert all(arm.overrides["model.shared_dim"] == 16 for arm in arms.values())
     assert arms["uml"].space is space
-    assert arms["without-aux2"].space.keys() == ["train.lr", "train.weight_decay", "train.alpha.text", "model.head_init"]
-    assert arms["without-aux2"].overrides["data.auxiliary"] == ["text"] and arms["without-aux2"].overrides["train.alpha"] == {}
+    assert arms["without-aux2"].space.keys() == [
+        "train.lr",
+        "train.weight_decay",
+        "train.alpha.text",
+        "model.head_init",
+    ]
+    assert (
+        arms["without-aux2"].overrides["data.auxiliary"] == ["text"]
+        and arms["without-aux2"].overrides["train.alpha"] == {}
+    )
     # the baseline searches the same regularisation, nothing that only acts through an auxiliary modality
     assert arms["unimodal"].space.keys() == ["train.lr", "train.weight_decay"]
-    assert arms["unimodal"].overrides["train.alpha_default"] == 0.0 and arms["unimodal"].overrides["train.alpha"] == {}
+    assert (
+        arms["unimodal"].overrides["train.alpha_default"] == 0.0
+        and arms["unimodal"].overrides["train.alpha"] == {}
+    )
 
 
 def test_sequence_baseline_trains_jointly_from_the_start(tmp_path, datasets):
@@ -160,9 +184,13 @@ def test_sequence_baseline_trains_jointly_from_the_start(tmp_path, datasets):
     from uml_ray.search.space import load_space
 
     manifest = datasets["sequence"]
-    space_text = ("recipe: sequence\nparams:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
-                  "  train.step_k: {type: choice, values: [-1, 1, 2]}\n  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n")
-    config, space_path = _setup(tmp_path, manifest, space_text, model={"regime": "sequence", "zdim": 8, "heads": 2, "layers": 1})
+    space_text = (
+        "recipe: sequence\nparams:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
+        "  train.step_k: {type: choice, values: [-1, 1, 2]}\n  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n"
+    )
+    config, space_path = _setup(
+        tmp_path, manifest, space_text, model={"regime": "sequence", "zdim": 8, "heads": 2, "layers": 1}
+    )
     space = load_space(space_path)
     arms = compare_arms(build_plan(load_config(config), space), space, [])
     uml, unimodal = arms
@@ -189,7 +217,9 @@ def test_target_rows_per_class_are_a_nested_seeded_draw(tmp_path, datasets):
     assert np.bincount(two.column(LABEL).to_numpy()).tolist() == [2] * 5
     assert np.bincount(four.column(LABEL).to_numpy()).tolist() == [4] * 5
     assert set(two.column(ID).to_pylist()) < set(four.column(ID).to_pylist())  # nested: k rows among the 2k
-    assert set(rows(2, 1).column(ID).to_pylist()) != set(two.column(ID).to_pylist())  # another seed, another split
+    assert set(rows(2, 1).column(ID).to_pylist()) != set(
+        two.column(ID).to_pylist()
+    )  # another seed, another split
     assert len(rows(2, 0, "val")) == 100 and len(rows(-1, 0)) == len(full) == 50
     with pytest.raises(ConfigError, match="class 'class_0' has only 10 train row"):
         build_plan(load_config(config, ["data.target_per_class=11"]))
@@ -214,31 +244,134 @@ BAD = {
     "no trials": ("compare", ["--seeds", "3", "--trials", "0"], {}, SPACE, "--trials must be >= 1"),
     "confidence": ("compare", ["--seeds", "3", "--confidence", "95"], {}, SPACE, "--confidence must be in"),
     "negative fuse": ("compare", ["--seeds", "3", "--fuse", "-1"], {}, SPACE, "--fuse must be >= 0"),
-    "unknown dropped modality": ("compare", ["--seeds", "3", "--drop-modality", "audio"], {}, SPACE, "not an auxiliary modality"),
-    "dropping the only modality": ("compare", ["--seeds", "3", "--drop-modality", "text"], {}, SPACE, "only auxiliary modality"),
-    "pattern without seed": ("compare", ["--seeds", "3", "--manifest-per-seed", "work/split/manifest.yaml"], {}, SPACE, "has no {seed}"),
-    "pattern with other braces": ("compare", ["--seeds", "3", "--manifest-per-seed", "w/{seed}/{shots}.yaml"], {}, SPACE, "only {seed}"),
-    "missing per-seed manifest": ("compare", ["--seeds", "3", "--manifest-per-seed", "/nonexistent/{seed}/manifest.yaml"], {}, SPACE,
-                                  "/nonexistent/0/manifest.yaml"),
-    "space searches the seed": ("compare", ["--seeds", "3"], {}, NO_ALPHA_SPACE.replace("params:\n", "params:\n  train.seed: {type: choice, values: [0, 1]}\n"),
-                                "set by the study itself"),
+    "unknown dropped modality": (
+        "compare",
+        ["--seeds", "3", "--drop-modality", "audio"],
+        {},
+        SPACE,
+        "not an auxiliary modality",
+    ),
+    "dropping the only modality": (
+        "compare",
+        ["--seeds", "3", "--drop-modality", "text"],
+        {},
+        SPACE,
+        "only auxiliary modality",
+    ),
+    "pattern without seed": (
+        "compare",
+        ["--seeds", "3", "--manifest-per-seed", "work/split/manifest.yaml"],
+        {},
+        SPACE,
+        "has no {seed}",
+    ),
+    "pattern with other braces": (
+        "compare",
+        ["--seeds", "3", "--manifest-per-seed", "w/{seed}/{shots}.yaml"],
+        {},
+        SPACE,
+        "only {seed}",
+    ),
+    "missing per-seed manifest": (
+        "compare",
+        ["--seeds", "3", "--manifest-per-seed", "/nonexistent/{seed}/manifest.yaml"],
+        {},
+        SPACE,
+        "/nonexistent/0/manifest.yaml",
+    ),
+    "space searches the seed": (
+        "compare",
+        ["--seeds", "3"],
+        {},
+        NO_ALPHA_SPACE.replace("params:\n", "params:\n  train.seed: {type: choice, values: [0, 1]}\n"),
+        "set by the study itself",
+    ),
     "space repeats seeds": ("compare", ["--seeds", "3"], {}, SEEDED_SPACE, "remove 'seeds'"),
-    "both arms unimodal": ("compare", ["--seeds", "3"], {"train": {"alpha_default": 0.0}}, NO_ALPHA_SPACE, "UML arm would be the unimodal"),
+    "both arms unimodal": (
+        "compare",
+        ["--seeds", "3"],
+        {"train": {"alpha_default": 0.0}},
+        NO_ALPHA_SPACE,
+        "UML arm would be the unimodal",
+    ),
     "bad study name": ("compare", ["--seeds", "3", "--name", "a/b"], {}, SPACE, "cannot be a folder name"),
-    "project_target off, widths differ": ("compare", ["--seeds", "3"], {"model": {"project_target": False, "shared_dim": 8}}, SPACE,
-                                          "model.project_target=false"),
-    "nx one point": ("conversion", ["--seeds", "3", "--nx", "2", "--ny", "1"], {}, SPACE, "at least 2 target counts"),
-    "nx twice": ("conversion", ["--seeds", "3", "--nx", "1,1", "--ny", "1"], {}, SPACE, "distinct integers >= 1"),
-    "nx not numbers": ("conversion", ["--seeds", "3", "--nx", "1,two", "--ny", "1"], {}, SPACE, "expected comma-separated integers"),
-    "ny zero": ("conversion", ["--seeds", "3", "--nx", "1,2", "--ny", "0"], {}, SPACE, "distinct integers >= 1"),
-    "budget off the grid": ("conversion", ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "3"], {}, SPACE, "must be one of --nx"),
-    "budget at the top": ("conversion", ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "4"], {}, SPACE, "is the largest --nx"),
-    "nx above the pool": ("conversion", ["--seeds", "3", "--nx", "1,20", "--ny", "1"], {}, SPACE, "data.target_per_class=20"),
-    "ny above the pool": ("conversion", ["--seeds", "3", "--nx", "1,2", "--ny", "500"], {}, SPACE, "--ny 500: class"),
-    "space searches nx": ("conversion", ["--seeds", "3", "--nx", "1,2", "--ny", "1"], {},
-                          SPACE + "  data.aux_per_class: {type: choice, values: [1, 2]}\n", "set by the study itself"),
-    "sequence regime": ("conversion", ["--seeds", "3", "--nx", "1,2", "--ny", "1"],
-                        {"model": {"regime": "sequence", "zdim": 8, "heads": 2}}, SEQUENCE_SPACE, "needs model.regime=supervised"),
+    "project_target off, widths differ": (
+        "compare",
+        ["--seeds", "3"],
+        {"model": {"project_target": False, "shared_dim": 8}},
+        SPACE,
+        "model.project_target=false",
+    ),
+    "nx one point": (
+        "conversion",
+        ["--seeds", "3", "--nx", "2", "--ny", "1"],
+        {},
+        SPACE,
+        "at least 2 target counts",
+    ),
+    "nx twice": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,1", "--ny", "1"],
+        {},
+        SPACE,
+        "distinct integers >= 1",
+    ),
+    "nx not numbers": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,two", "--ny", "1"],
+        {},
+        SPACE,
+        "expected comma-separated integers",
+    ),
+    "ny zero": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2", "--ny", "0"],
+        {},
+        SPACE,
+        "distinct integers >= 1",
+    ),
+    "budget off the grid": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "3"],
+        {},
+        SPACE,
+        "must be one of --nx",
+    ),
+    "budget at the top": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "4"],
+        {},
+        SPACE,
+        "is the largest --nx",
+    ),
+    "nx above the pool": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,20", "--ny", "1"],
+        {},
+        SPACE,
+        "data.target_per_class=20",
+    ),
+    "ny above the pool": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2", "--ny", "500"],
+        {},
+        SPACE,
+        "--ny 500: class",
+    ),
+    "space searches nx": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2", "--ny", "1"],
+        {},
+        SPACE + "  data.aux_per_class: {type: choice, values: [1, 2]}\n",
+        "set by the study itself",
+    ),
+    "sequence regime": (
+        "conversion",
+        ["--seeds", "3", "--nx", "1,2", "--ny", "1"],
+        {"model": {"regime": "sequence", "zdim": 8, "heads": 2}},
+        SEQUENCE_SPACE,
+        "needs model.regime=supervised",
+    ),
 }
 
 
@@ -251,9 +384,15 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_clear_line(case, tmp_path, datasets, store, capsys):
     command, flags, sections, space, message = BAD[case]
-    manifest = datasets["sequence" if sections.get("model", {}).get("regime") == "sequence" else "informative"]
+    manifest = datasets[
+        "sequence" if sections.get("model", {}).get("regime") == "sequence" else "informative"
+    ]
     config, space_path = _setup(tmp_path, manifest, space, tracking={"uri": store}, **sections)
-    argv = (["compare"] if command == "compare" else ["study", "conversion"]) + [config, "--space", space_path] + flags
+    argv = (
+        (["compare"] if command == "compare" else ["study", "conversion"])
+        + [config, "--space", space_path]
+        + flags
+    )
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -264,12 +403,19 @@ def test_bad_input_is_one_clear_line(case, tmp_path, datasets, store, capsys):
 
 
 @pytest.mark.slow
-def test_compare_finds_the_informative_auxiliary_and_records_the_study(ray_session, datasets, tmp_path, capsys):
+def test_compare_finds_the_informative_auxiliary_and_records_the_study(
+    ray_session, datasets, tmp_path, capsys
+):
     from mlflow.tracking import MlflowClient
 
     config, space = _setup(tmp_path, datasets["informative"])
     # each seed draws its own 2-shot split of the 10-per-class pool and trains with its own seed
-    assert main(["compare", config, "data.target_per_class=2", "--space", space, "--seeds", "3", "--name", "cmp"]) == 0
+    assert (
+        main(
+            ["compare", config, "data.target_per_class=2", "--space", space, "--seeds", "3", "--name", "cmp"]
+        )
+        == 0
+    )
     result = _last_json(capsys.readouterr().out)
     print(json.dumps(result))
     low, high = result["t_ci"]
@@ -280,7 +426,9 @@ def test_compare_finds_the_informative_auxiliary_and_records_the_study(ray_sessi
     study = client.get_run(result["run_id"])
     assert study.data.tags["uml_ray.kind"] == "compare" and study.info.status == "FINISHED"
     assert study.data.metrics["uml_minus_unimodal.mean"] == pytest.approx(result["delta"])
-    children = client.search_runs([study.info.experiment_id], f"tags.`mlflow.parentRunId` = '{study.info.run_id}'")
+    children = client.search_runs(
+        [study.info.experiment_id], f"tags.`mlflow.parentRunId` = '{study.info.run_id}'"
+    )
     # a grid with one manifest: one sweep per arm, every seed its own cells
     assert sorted(r.data.tags["uml_ray.sweep"] for r in children) == ["cmp-uml", "cmp-unimodal"]
     assert all(r.data.tags["uml_ray.kind"] == "sweep" for r in children)
@@ -298,7 +446,22 @@ def test_compare_finds_the_informative_auxiliary_and_records_the_study(ray_sessi
 @pytest.mark.slow
 def test_compare_with_a_pure_noise_auxiliary_finds_nothing(ray_session, datasets, tmp_path, capsys):
     config, space = _setup(tmp_path, datasets["noise"])
-    assert main(["compare", config, "data.target_per_class=2", "--space", space, "--seeds", "3", "--name", "cmp-noise"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                config,
+                "data.target_per_class=2",
+                "--space",
+                space,
+                "--seeds",
+                "3",
+                "--name",
+                "cmp-noise",
+            ]
+        )
+        == 0
+    )
     result = _last_json(capsys.readouterr().out)
     print(json.dumps(result))
     low, high = result["t_ci"]
@@ -312,8 +475,26 @@ def test_an_informative_auxiliary_converts_to_more_target_samples(ray_session, d
         folder = tmp_path / case
         folder.mkdir()
         config, space = _setup(folder, datasets[case])
-        assert main(["study", "conversion", config, "--space", space, "--seeds", "3", "--nx", "1,2,4", "--ny", "1",
-                     "--name", f"conv-{case}"]) == 0
+        assert (
+            main(
+                [
+                    "study",
+                    "conversion",
+                    config,
+                    "--space",
+                    space,
+                    "--seeds",
+                    "3",
+                    "--nx",
+                    "1,2,4",
+                    "--ny",
+                    "1",
+                    "--name",
+                    f"conv-{case}",
+                ]
+            )
+            == 0
+        )
         result = _last_json(capsys.readouterr().out)
         print(case, json.dumps(result))
         ratios[case] = result["ratio"]
@@ -333,13 +514,20 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    cells = ("searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.1]}\n"
-             "  data.target_per_class: {type: choice, values: [1, 2]}\n  train.seed: {type: choice, values: [1, 2]}\n")
+    cells = (
+        "searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.1]}\n"
+        "  data.target_per_class: {type: choice, values: [1, 2]}\n  train.seed: {type: choice, values: [1, 2]}\n"
+    )
     config, space_path = _setup(tmp_path, datasets["informative"], cells, train={"max_steps": 40})
     space = load_space(space_path)
     plan = build_plan(load_config(config), space)
-    fused = {(r["config"]["data.target_per_class"], r["config"]["train.seed"]): (r["metrics"]["best_val_acc"], r["metrics"]["test_acc"])
-             for r in tune.run(plan, space, name="fused", fuse=16).results}
+    fused = {
+        (r["config"]["data.target_per_class"], r["config"]["train.seed"]): (
+            r["metrics"]["best_val_acc"],
+            r["metrics"]["test_acc"],
+        )
+        for r in tune.run(plan, space, name="fused", fuse=16).results
+    }
     alone = {}
     for k, seed in fused:
         alone_plan = plan.with_params({"train.lr": 0.1, "data.target_per_class": k, "train.seed": seed})
@@ -355,7 +543,9 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
 # --- two auxiliary modalities on the real case ----------------------------------------------
 
 
-@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="needs the Debian package wordnet-base")
+@pytest.mark.skipif(
+    not Path("/usr/share/wordnet/data.noun").exists(), reason="needs the Debian package wordnet-base"
+)
 def test_separate_text_modalities_partition_the_joint_text_by_source():
     from uml_ray.encoders.cases import case_text_sources, case_texts
 
@@ -363,12 +553,29 @@ def test_separate_text_modalities_partition_the_joint_text_by_source():
     pairs = case_texts(("templates", "wordnet"))
     # the cached rows text-000000... follow case_texts' order: glosses first, then templates
     assert len(sources) == len(pairs) and sources == sorted(sources, key=["wordnet", "templates"].index)
-    assert sources.count("wordnet") == len(case_texts(("wordnet",))) and sources.count("templates") == len(case_texts(("templates",)))
+    assert sources.count("wordnet") == len(case_texts(("wordnet",))) and sources.count("templates") == len(
+        case_texts(("templates",))
+    )
     assert [p for p, s in zip(pairs, sources) if s == "templates"] == case_texts(("templates",))
 
 
 def test_separate_text_modalities_are_refused_for_the_finetune_case(tmp_path, capsys):
-    assert main(["case", "fashion-mnist", "--out", str(tmp_path / "c"), "--shots", "1", "--regime", "finetune",
-                 "--text-modalities", "separate"]) == 2
+    assert (
+        main(
+            [
+                "case",
+                "fashion-mnist",
+                "--out",
+                str(tmp_path / "c"),
+                "--shots",
+                "1",
+                "--regime",
+                "finetune",
+                "--text-modalities",
+                "separate",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--text-modalities separate is for the feature case" in err

@@ -7,15 +7,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from uml_ray.data.format import load_manifest, table_to_numpy
+from uml_ray.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 from uml_ray.encoders.cases import case_texts
 from uml_ray.encoders.sequence_case import TEXT_SOURCES, build_fashion_sequence_case, minilm_token_embeddings
-from uml_ray.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     out = tmp_path_factory.mktemp("fashion-seq")
-    return load_manifest(build_fashion_sequence_case(str(out), train_per_class=3, val_per_class=2, test_per_class=2, seed=7))
+    return load_manifest(
+        build_fashion_sequence_case(str(out), train_per_class=3, val_per_class=2, test_per_class=2, seed=7)
+    )
 
 
 def _read(manifest, modality, split):
@@ -46,7 +48,9 @@ def test_text_is_minilm_token_sequences_of_glosses_for_every_class(case):
     texts = case_texts(TEXT_SOURCES)
     assert case.modalities["text"].dim == 384 and "train" in case.modalities["text"].splits
     assert len(lengths) == len(texts) and set(labels.tolist()) == set(range(10))
-    assert lengths.min() >= 3 and lengths.max() > 2 * lengths.min()  # [CLS] word [SEP] at least; variable length
+    assert (
+        lengths.min() >= 3 and lengths.max() > 2 * lengths.min()
+    )  # [CLS] word [SEP] at least; variable length
     assert any(text.startswith("pullover: a sweater") for text, _ in texts)
     # the stored steps are the token embeddings sentence-transformers itself produces
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,5 +62,8 @@ def test_text_is_minilm_token_sequences_of_glosses_for_every_class(case):
     assert tokens.shape == (lengths[0], 384)
     assert np.allclose(steps[: lengths[0]], tokens, atol=1e-4)
     # padding inside a batch does not change a text's token embeddings
-    alone, padded = minilm_token_embeddings([texts[1][0]]), minilm_token_embeddings([texts[1][0], texts[2][0] * 3])
+    alone, padded = (
+        minilm_token_embeddings([texts[1][0]]),
+        minilm_token_embeddings([texts[1][0], texts[2][0] * 3]),
+    )
     assert np.allclose(alone[0], padded[0], atol=1e-4)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_config
+
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
@@ -19,8 +19,10 @@ SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "sequence.yaml"
 CLASSES = 5
 TRAIN_ROWS, BATCH = 60, 16  # 3 target batches per epoch
 STEPS_PER_EPOCH = TRAIN_ROWS // BATCH
-SEQUENCE = {"model": {"regime": "sequence", "zdim": 20, "layers": 1, "heads": 5, "pos_emb": "learnable"},
-            "train": {"lr": 0.003, "batch_size": BATCH, "max_steps": 30, "warmup_steps": 3, "val_every": 5}}
+SEQUENCE = {
+    "model": {"regime": "sequence", "zdim": 20, "layers": 1, "heads": 5, "pos_emb": "learnable"},
+    "train": {"lr": 0.003, "batch_size": BATCH, "max_steps": 30, "warmup_steps": 3, "val_every": 5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +31,27 @@ def sequence_manifest(tmp_path_factory):
     from uml_ray.data.synth import write_synthetic
 
     out = tmp_path_factory.mktemp("sequence")
-    return write_synthetic(str(out), kind="sequence", n_classes=CLASSES, dim_x=8, dims_aux=(6,), n_train=TRAIN_ROWS,
-                           n_val=60, n_test=100, n_aux=120, noise_x=0.5, class_sep=2.0, seq_len=(6, 12), seed=0)
+    return write_synthetic(
+        str(out),
+        kind="sequence",
+        n_classes=CLASSES,
+        dim_x=8,
+        dims_aux=(6,),
+        n_train=TRAIN_ROWS,
+        n_val=60,
+        n_test=100,
+        n_aux=120,
+        noise_x=0.5,
+        class_sep=2.0,
+        seq_len=(6, 12),
+        seed=0,
+    )
 
 
 def sequence_config(path: Path, manifest: str, workdir: Path, **train) -> Path:
-    return write_config(path, manifest, workdir, model=SEQUENCE["model"], train={**SEQUENCE["train"], **train})
+    return write_config(
+        path, manifest, workdir, model=SEQUENCE["model"], train={**SEQUENCE["train"], **train}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +61,11 @@ def loop_workdir(tmp_path_factory):
 
 def loop_plan(sequence_manifest, workdir, **train):
     """The run plan of the sequence regime on ``train`` settings, a checkpoint at every validation."""
-    return build_plan(load_config(sequence_config(workdir / "c.yaml", sequence_manifest, workdir, checkpoint_every=1, **train)))
+    return build_plan(
+        load_config(
+            sequence_config(workdir / "c.yaml", sequence_manifest, workdir, checkpoint_every=1, **train)
+        )
+    )
 
 
 def run_loop(sequence_manifest, workdir, **train) -> LocalContext:
@@ -63,11 +84,16 @@ def test_step_k_trains_the_target_from_exactly_epoch_step_k(sequence_manifest, l
     assert [r["target_on"] for r in ctx.reports] == [0.0] * warm_up + [1.0] * (max_steps - warm_up)
     assert [r["epoch"] for r in ctx.reports] == [(s - 1) // STEPS_PER_EPOCH for s in range(1, max_steps + 1)]
     # the target term is absent from the warm-up's losses, present from the first joint step on
-    assert all("train_loss_image" not in r and r["train_loss"] == r["train_loss_text"] for r in ctx.reports[:warm_up])
+    assert all(
+        "train_loss_image" not in r and r["train_loss"] == r["train_loss_text"] for r in ctx.reports[:warm_up]
+    )
     assert all(r["train_loss_image"] > 0 for r in ctx.reports[warm_up:])
     # no target batch was drawn during the warm-up: its stream has served exactly the joint steps
     joint = max_steps - warm_up
-    assert ctx.saved["streams"]["image"] == {"epoch": (joint - 1) // STEPS_PER_EPOCH, "drawn": (joint - 1) % STEPS_PER_EPOCH + 1}
+    assert ctx.saved["streams"]["image"] == {
+        "epoch": (joint - 1) // STEPS_PER_EPOCH,
+        "drawn": (joint - 1) % STEPS_PER_EPOCH + 1,
+    }
     text = ctx.saved["streams"]["text"]
     assert text["epoch"] * (120 // BATCH) + text["drawn"] == max_steps
 
@@ -75,7 +101,9 @@ def test_step_k_trains_the_target_from_exactly_epoch_step_k(sequence_manifest, l
 def test_unimodal_run_with_a_warm_up_is_refused_before_launch(sequence_manifest, loop_workdir):
     from uml_ray.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.step_k=2 warms up on the auxiliary modalities alone, but every alpha is 0"):
+    with pytest.raises(
+        ConfigError, match="train.step_k=2 warms up on the auxiliary modalities alone, but every alpha is 0"
+    ):
         run_loop(sequence_manifest, loop_workdir, step_k=2, alpha_default=0.0)
 
 
@@ -90,7 +118,10 @@ def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir
     first = LocalContext(plan, fail_after=1)
     with pytest.raises(LocalContext.Interrupted):
         train_sequence(plan, first)
-    assert first.saved["progress"]["step"] == 5 and first.saved["streams"]["image"] == {"epoch": 0, "drawn": 0}
+    assert first.saved["progress"]["step"] == 5 and first.saved["streams"]["image"] == {
+        "epoch": 0,
+        "drawn": 0,
+    }
     second = LocalContext(plan, saved=first.saved)
     train_sequence(plan, second)
 
@@ -133,7 +164,9 @@ def test_sequence_sweep_lands_trials_under_a_parent(ray_session, sequence_manife
     from mlflow.tracking import MlflowClient
 
     config = sequence_config(tmp_path / "c.yaml", sequence_manifest, tmp_path)
-    assert main(["tune", str(config), "--space", str(SPACE), "--trials", "3", "--name", "sequence-sweep"]) == 0
+    assert (
+        main(["tune", str(config), "--space", str(SPACE), "--trials", "3", "--name", "sequence-sweep"]) == 0
+    )
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     parents = [r for r in runs if r.data.tags.get("uml_ray.kind") == "sweep"]

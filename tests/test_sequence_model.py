@@ -19,7 +19,9 @@ from uml_ray.models.sequence import (
 
 def _model(pos_emb="none", dims=None, zdim=16, layers=2, heads=4, dropout=0.1, seed=0):
     torch.manual_seed(seed)
-    model = SharedSequenceModel(dims or {"image": 5, "text": 3}, zdim, layers, heads, dropout, pos_emb, max_len=32)
+    model = SharedSequenceModel(
+        dims or {"image": 5, "text": 3}, zdim, layers, heads, dropout, pos_emb, max_len=32
+    )
     return model.eval()
 
 
@@ -69,7 +71,10 @@ def test_padding_never_changes_loss_or_pooled_embedding(pos_emb):
     pooled = model.pool("image", x, mask)
     for extra, fill in [(0, 1e6), (5, 0.0), (9, -3e4), (4, float("nan")), (3, float("inf"))]:
         x2, mask2 = _padded(sequences, extra, fill)
-        assert torch.allclose(model.next_step_loss("image", x2, mask2), loss, rtol=1e-5, atol=1e-6), (extra, fill)
+        assert torch.allclose(model.next_step_loss("image", x2, mask2), loss, rtol=1e-5, atol=1e-6), (
+            extra,
+            fill,
+        )
         assert torch.allclose(model.pool("image", x2, mask2), pooled, rtol=1e-5, atol=1e-6), (extra, fill)
     # and each padded row equals its sequence run alone, with no padding at all
     for row, seq in enumerate(sequences):
@@ -111,7 +116,10 @@ def test_step_k_schedule_is_exact():
 
 def test_warm_up_leaves_target_layers_without_gradient_and_alpha_weighs_auxiliary():
     model = _model(dropout=0.0)
-    batches = {"image": _padded(_sequences([6, 4], dim=5, seed=1)), "text": _padded(_sequences([3, 7, 5], dim=3, seed=2))}
+    batches = {
+        "image": _padded(_sequences([6, 4], dim=5, seed=1)),
+        "text": _padded(_sequences([3, 7, 5], dim=3, seed=2)),
+    }
     with torch.no_grad():
         l_image = model.next_step_loss("image", *batches["image"])
         l_text = model.next_step_loss("text", *batches["text"])
@@ -143,12 +151,16 @@ def test_warm_up_leaves_target_layers_without_gradient_and_alpha_weighs_auxiliar
     objective = SequenceObjective(model, "image", {"text": 0.5})
     assert [p for p in objective.parameters()] == [p for p in model.parameters()]
     with torch.no_grad():
-        assert objective(batches, target_on=True)[0].item() == pytest.approx(float(l_image) + 0.5 * float(l_text), rel=1e-6)
+        assert objective(batches, target_on=True)[0].item() == pytest.approx(
+            float(l_image) + 0.5 * float(l_text), rel=1e-6
+        )
         assert set(objective(batches, target_on=False)[1]) == {"text"}
 
 
 def test_impossible_shapes_rejected():
-    with pytest.raises(ValueError, match="zdim=10 is not divisible by heads=4; heads must be one of \\[1, 2, 5, 10\\]"):
+    with pytest.raises(
+        ValueError, match="zdim=10 is not divisible by heads=4; heads must be one of \\[1, 2, 5, 10\\]"
+    ):
         SharedSequenceModel({"a": 3}, zdim=10, layers=1, heads=4)
     with pytest.raises(ValueError, match="pos_emb='rotary' is not one of"):
         SharedSequenceModel({"a": 3}, zdim=8, layers=1, heads=2, pos_emb="rotary")
@@ -182,7 +194,9 @@ def test_next_step_training_learns_linear_dynamics():
         return pad_sequences(np.concatenate(sequences), lengths)
 
     torch.manual_seed(0)
-    model = SharedSequenceModel({"x": dim}, zdim=32, layers=2, heads=4, dropout=0.0, pos_emb="learnable", max_len=steps)
+    model = SharedSequenceModel(
+        {"x": dim}, zdim=32, layers=2, heads=4, dropout=0.0, pos_emb="learnable", max_len=steps
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     held_out = draw()
     with torch.no_grad():

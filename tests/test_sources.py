@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uml_ray.data.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_SENSES, decode_image, list_image_folder,
-                                  load_cupl, load_fashion_mnist, read_idx, template_texts, wordnet_glosses)
+from uml_ray.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_SENSES,
+    decode_image,
+    list_image_folder,
+    load_cupl,
+    load_fashion_mnist,
+    read_idx,
+    template_texts,
+    wordnet_glosses,
+)
 from uml_ray.errors import DataError
 
 
@@ -62,8 +71,15 @@ def test_image_folder_listing_and_decoding(tmp_path):
 
 def test_cupl_matches_names_and_fails_loudly_on_missing_classes(tmp_path):
     path = tmp_path / "cupl.json"
-    path.write_text(json.dumps({"ankle_boot": ["A boot that ends at the ankle."], "Sandal": ["Open shoe.", "Strappy."],
-                                "Umbrella": ["Not a class here."]}))
+    path.write_text(
+        json.dumps(
+            {
+                "ankle_boot": ["A boot that ends at the ankle."],
+                "Sandal": ["Open shoe.", "Strappy."],
+                "Umbrella": ["Not a class here."],
+            }
+        )
+    )
     pairs = load_cupl(str(path), ["Sandal", "Ankle boot"])
     assert pairs == [("Open shoe.", 0), ("Strappy.", 0), ("A boot that ends at the ankle.", 1)]
     with pytest.raises(DataError) as info:
@@ -75,7 +91,11 @@ def test_cupl_matches_names_and_fails_loudly_on_missing_classes(tmp_path):
 
 def test_templates():
     assert template_texts(["cat", "dog"], ["a photo of a {}.", "{} again"]) == [
-        ("a photo of a cat.", 0), ("cat again", 0), ("a photo of a dog.", 1), ("dog again", 1)]
+        ("a photo of a cat.", 0),
+        ("cat again", 0),
+        ("a photo of a dog.", 1),
+        ("dog again", 1),
+    ]
     with pytest.raises(DataError, match="no '{}'"):
         template_texts(["cat"], ["a photo"])
 
@@ -95,11 +115,15 @@ def test_wordnet_glosses_for_the_fashion_mnist_classes():
     with_hyponyms = wordnet_glosses(FASHION_MNIST_CLASSES, FASHION_MNIST_SENSES, hyponyms=True)
     texts = [text for text, _ in with_hyponyms]
     assert len(texts) == len(set(texts)) and len(texts) > 60
-    assert ("flip-flop: a backless sandal held to the foot by a thong between the big toe and the second toe",
-            FASHION_MNIST_CLASSES.index("Sandal")) in with_hyponyms
+    assert (
+        "flip-flop: a backless sandal held to the foot by a thong between the big toe and the second toe",
+        FASHION_MNIST_CLASSES.index("Sandal"),
+    ) in with_hyponyms
 
 
 def test_wordnet_default_sense_and_unknown_class():
-    assert wordnet_glosses(["Sandal"], hyponyms=False) == [("sandal: a shoe consisting of a sole fastened by straps to the foot", 0)]
+    assert wordnet_glosses(["Sandal"], hyponyms=False) == [
+        ("sandal: a shoe consisting of a sole fastened by straps to the foot", 0)
+    ]
     with pytest.raises(DataError, match="class 'Zorblax': WordNet has no noun 'zorblax'"):
         wordnet_glosses(["Sandal", "Zorblax"])

@@ -45,16 +45,22 @@ def test_split_does_not_depend_on_input_order_and_changes_with_seed():
 
 def test_split_names_classes_that_are_too_small():
     with pytest.raises(DataError, match=r"class 1 has 3 rows, needs 6"):
-        few_shot_split(["a", "b", "c", "d", "e", "f", "g", "h", "i"], [0, 0, 0, 0, 0, 0, 1, 1, 1], shots=3, seed=0)
+        few_shot_split(
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i"], [0, 0, 0, 0, 0, 0, 1, 1, 1], shots=3, seed=0
+        )
 
 
 def test_coop_split_json_import(tmp_path):
     path = tmp_path / "split_zhou_Toy.json"
-    path.write_text(json.dumps({
-        "train": [["cat/1.jpg", 0, "cat"], ["dog/2.jpg", 1, "dog"], ["cat/3.jpg", 0, "cat"]],
-        "val": [["dog/4.jpg", 1, "dog"]],
-        "test": [["cat/5.jpg", 0, "cat"], ["dog/6.jpg", 1, "dog"]],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "train": [["cat/1.jpg", 0, "cat"], ["dog/2.jpg", 1, "dog"], ["cat/3.jpg", 0, "cat"]],
+                "val": [["dog/4.jpg", 1, "dog"]],
+                "test": [["cat/5.jpg", 0, "cat"], ["dog/6.jpg", 1, "dog"]],
+            }
+        )
+    )
     splits = load_coop_split(str(path), image_dir="/data/toy")
     assert splits["train"].classes == ["cat", "dog"]
     assert splits["train"].paths[1] == "/data/toy/dog/2.jpg"
@@ -69,12 +75,26 @@ def test_coop_split_json_import(tmp_path):
 
 def test_few_shot_index_import(tmp_path):
     path = tmp_path / "shot_1-seed_1.json"
-    path.write_text(json.dumps({
-        "train": {"data": [{"impath": "./data/toy/cat/1.jpg", "label": 0, "classname": "cat"},
-                           {"impath": "./data/toy/dog/2.jpg", "label": 1, "classname": "dog"}], "indices": [4, 9]},
-        "val": {"data": [{"impath": "./data/toy/cat/7.jpg", "label": 0, "classname": "cat"},
-                         {"impath": "./data/toy/dog/8.jpg", "label": 1, "classname": "dog"}], "indices": [1, 3]},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "train": {
+                    "data": [
+                        {"impath": "./data/toy/cat/1.jpg", "label": 0, "classname": "cat"},
+                        {"impath": "./data/toy/dog/2.jpg", "label": 1, "classname": "dog"},
+                    ],
+                    "indices": [4, 9],
+                },
+                "val": {
+                    "data": [
+                        {"impath": "./data/toy/cat/7.jpg", "label": 0, "classname": "cat"},
+                        {"impath": "./data/toy/dog/8.jpg", "label": 1, "classname": "dog"},
+                    ],
+                    "indices": [1, 3],
+                },
+            }
+        )
+    )
     splits = load_few_shot_index(str(path))
     assert splits["train"].classes == ["cat", "dog"]
     assert splits["train"].indices == [4, 9]

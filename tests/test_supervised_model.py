@@ -24,10 +24,16 @@ def test_loss_is_target_ce_plus_alpha_weighted_auxiliary_ce():
     torch.manual_seed(0)
     model = SharedHeadUML({"image": 6, "text": 5, "audio": 5}, "image", 3)
     batches = {"image": torch.randn(4, 6), "text": torch.randn(7, 5), "audio": torch.randn(2, 5)}
-    labels = {"image": torch.tensor([0, 1, 2, 0]), "text": torch.randint(0, 3, (7,)), "audio": torch.tensor([1, 2])}
+    labels = {
+        "image": torch.tensor([0, 1, 2, 0]),
+        "text": torch.randint(0, 3, (7,)),
+        "audio": torch.tensor([1, 2]),
+    }
     logits = model(batches)
     total, parts = uml_loss(logits, labels, "image", {"text": 0.5, "audio": 2.0})
-    expected = sum(F.cross_entropy(logits[m], labels[m]) * w for m, w in [("image", 1.0), ("text", 0.5), ("audio", 2.0)])
+    expected = sum(
+        F.cross_entropy(logits[m], labels[m]) * w for m, w in [("image", 1.0), ("text", 0.5), ("audio", 2.0)]
+    )
     assert torch.allclose(total, expected)
     assert set(parts) == {"image", "text", "audio"}
     alone, _ = uml_loss({"image": logits["image"]}, labels, "image", {})

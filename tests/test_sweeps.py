@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
-from uml_ray.driver.tune import checked_searcher, fused_rungs, grid_members, _check_sample, _fusion_group
+from uml_ray.driver.tune import _check_sample, _fusion_group, checked_searcher, fused_rungs, grid_members
 from uml_ray.search.space import load_space
 
 
@@ -32,7 +32,10 @@ def drain(searcher, trials: int, metric_of) -> list:
             break
         handed.append(config)
         if "members" in config:
-            result = {"members": [{"best_val_acc": metric_of(m)} for m in config["members"]], "best_val_acc": 0.0}
+            result = {
+                "members": [{"best_val_acc": metric_of(m)} for m in config["members"]],
+                "best_val_acc": 0.0,
+            }
         else:
             result = {"best_val_acc": metric_of(config)}
         searcher.on_trial_complete(f"t{i}", result=result)
@@ -47,9 +50,18 @@ def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):
 
     from uml_ray.driver.tune import _tune_space
 
-    inner = OptunaSearch(space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max")
-    searcher = checked_searcher(inner, functools.partial(_check_sample, plan, "fixed"), "best_val_acc",
-                                min(trials, space.size() or trials), fuse, functools.partial(_fusion_group, plan), max_concurrent)
+    inner = OptunaSearch(
+        space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max"
+    )
+    searcher = checked_searcher(
+        inner,
+        functools.partial(_check_sample, plan, "fixed"),
+        "best_val_acc",
+        min(trials, space.size() or trials),
+        fuse,
+        functools.partial(_fusion_group, plan),
+        max_concurrent,
+    )
     searcher.set_search_properties("best_val_acc", "max", _tune_space(space))
     return searcher, inner
 
@@ -60,15 +72,22 @@ def plan(synthetic_manifest, tmp_path):
 
 
 def test_fused_searcher_tells_optuna_every_member(plan, tmp_path):
-    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
-                                  "  train.alpha.text: {type: uniform, low: 0.1, high: 1.5}\n"))
+    space = load_space(
+        space_file(
+            tmp_path / "s.yaml",
+            "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+            "  train.alpha.text: {type: uniform, low: 0.1, high: 1.5}\n",
+        )
+    )
     searcher, inner = optuna_searcher(plan, space, trials=12, fuse=4)
     handed = drain(searcher, 10, lambda m: round(m["train.lr"], 6))
     assert [len(c["members"]) for c in handed] == [4, 4, 4]  # 12 configs, then finished
     study = inner._ot_study
     told = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(told) == 12  # one Optuna trial per member, each with its own value
-    assert sorted(t.value for t in told) == sorted(round(m["train.lr"], 6) for c in handed for m in c["members"])
+    assert sorted(t.value for t in told) == sorted(
+        round(m["train.lr"], 6) for c in handed for m in c["members"]
+    )
 
 
 def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan, tmp_path):
@@ -78,7 +97,11 @@ def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan,
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.experiment import Trial
 
-    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"))
+    space = load_space(
+        space_file(
+            tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+        )
+    )
     searcher, _ = optuna_searcher(plan, space, trials=4, fuse=1, max_concurrent=1)
     first = searcher.suggest("t0")
     searcher.on_trial_complete("t0", result={"best_val_acc": 0.5})
@@ -91,7 +114,9 @@ def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan,
     held = Trial("trial", config=first, trial_id="t0", stub=True)
     held.set_status(Trial.TERMINATED)
     held.run_metadata.last_result = {"best_val_acc": 0.5}
-    (folder / TuneController.CKPT_FILE_TMPL.format("s")).write_text(json.dumps({"trial_data": [list(held.get_json_state())]}))
+    (folder / TuneController.CKPT_FILE_TMPL.format("s")).write_text(
+        json.dumps({"trial_data": [list(held.get_json_state())]})
+    )
 
     restored, _ = optuna_searcher(plan, space, trials=4, fuse=1, max_concurrent=1)
     restored.restore_from_dir(str(folder))
@@ -107,8 +132,13 @@ def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan,
 
 def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resampled(plan, tmp_path):
     # 2 x 3 points, of which warmup 500 >= max_steps 120 is invalid: 4 valid points in all
-    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
-                                  "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n"))
+    space = load_space(
+        space_file(
+            tmp_path / "s.yaml",
+            "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
+            "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
+        )
+    )
     searcher, _ = optuna_searcher(plan, space, trials=10, fuse=1)
     handed = drain(searcher, 10, lambda c: c["train.lr"])
     keys = [json.dumps(c, sort_keys=True) for c in handed]
@@ -117,9 +147,14 @@ def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resamp
 
 
 def test_grid_points_grouped_into_fusable_trials(plan, tmp_path):
-    space = load_space(space_file(tmp_path / "s.yaml", "searcher: grid\nseeds: [0, 1]\nparams:\n"
-                                  "  train.lr: {type: choice, values: [0.001, 0.01]}\n"
-                                  "  train.batch_size: {type: choice, values: [16, 32]}\n"))
+    space = load_space(
+        space_file(
+            tmp_path / "s.yaml",
+            "searcher: grid\nseeds: [0, 1]\nparams:\n"
+            "  train.lr: {type: choice, values: [0.001, 0.01]}\n"
+            "  train.batch_size: {type: choice, values: [16, 32]}\n",
+        )
+    )
     groups = grid_members(space, plan, fuse=16)
     points = [json.dumps(m, sort_keys=True) for g in groups for m in g]
     assert len(points) == len(set(points)) == 8
@@ -131,11 +166,19 @@ def test_grid_points_grouped_into_fusable_trials(plan, tmp_path):
 def test_fused_sweep_lands_one_child_run_per_member(ray_session, synthetic_manifest, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 80, "val_every": 10})
-    space = space_file(tmp_path / "s.yaml", "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
-                       "  train.alpha.text: {type: uniform, low: 0.0, high: 1.5}\n")
-    assert main(["tune", str(config), "--space", str(space), "--trials", "8", "--fuse", "4", "--name", "fused"]) == 0
-    summary = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][-1])
+    config = write_config(
+        tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 80, "val_every": 10}
+    )
+    space = space_file(
+        tmp_path / "s.yaml",
+        "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+        "  train.alpha.text: {type: uniform, low: 0.0, high: 1.5}\n",
+    )
+    assert (
+        main(["tune", str(config), "--space", str(space), "--trials", "8", "--fuse", "4", "--name", "fused"])
+        == 0
+    )
+    summary = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
     assert summary["trials"] == 8
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -150,28 +193,50 @@ def test_fused_sweep_lands_one_child_run_per_member(ray_session, synthetic_manif
     for child in children:
         history = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert history[:2] == [10, 20] and history == sorted(history)
-        assert float(child.data.params["train.lr"]) == pytest.approx(json.loads(child.data.tags["uml_ray.sampled"])["train.lr"])
+        assert float(child.data.params["train.lr"]) == pytest.approx(
+            json.loads(child.data.tags["uml_ray.sampled"])["train.lr"]
+        )
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)} | {
-            a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+            a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")
+        }
         assert {"config.yaml", "checkpoint/best.pt"} <= artifacts
     finished = [r for r in children if r.data.tags["uml_ray.outcome"] == "finished"]
     assert max(r.data.metrics["best_val_acc"] for r in finished) == pytest.approx(summary["best_val_acc"])
-    assert main(["best", "--experiment", "tests", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                 "--sweep", "fused", "--output", str(tmp_path / "best.yaml")]) == 0
+    assert (
+        main(
+            [
+                "best",
+                "--experiment",
+                "tests",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--sweep",
+                "fused",
+                "--output",
+                str(tmp_path / "best.yaml"),
+            ]
+        )
+        == 0
+    )
 
 
-def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(ray_session, synthetic_manifest, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
+    ray_session, synthetic_manifest, tmp_path, capsys, monkeypatch
+):
     import dataclasses
 
-    from uml_ray.driver import commands, tune
+    from uml_ray.driver import tune
 
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, resources={"max_failures": 2})
     original = tune.load_tables
 
-    def broken_tables(plan):  # a share that is not a table: the trial's loop crashes on it (a bug, not a lost node)
+    def broken_tables(
+        plan,
+    ):  # a share that is not a table: the trial's loop crashes on it (a bug, not a lost node)
         plan = original(plan)
-        return dataclasses.replace(plan, tables={**plan.tables, "image.train": ray_session.put("not a table")})
+        return dataclasses.replace(
+            plan, tables={**plan.tables, "image.train": ray_session.put("not a table")}
+        )
 
     monkeypatch.setattr(tune, "load_tables", broken_tables)
     assert main(["train", str(config), "--name", "crash"]) == 1
@@ -193,12 +258,21 @@ def test_sampled_project_target_off_is_checked_like_the_base_config(synthetic_ma
     project_target=true: a sampled config is refused and resampled, as the base config is refused."""
     from uml_ray.errors import ConfigError
 
-    plan = build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"shared_dim": 16})))
+    plan = build_plan(
+        load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"shared_dim": 16}))
+    )
     with pytest.raises(ConfigError, match="model.project_target=false"):
         _check_sample(plan, "fixed", {"model.project_target": False})
-    _check_sample(plan, "fixed", {"model.project_target": False, "model.shared_dim": 32})  # the target's own width
-    space = load_space(space_file(tmp_path / "s.yaml", "params:\n  model.project_target: {type: choice, values: [true, false]}\n"
-                                  "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n"))
+    _check_sample(
+        plan, "fixed", {"model.project_target": False, "model.shared_dim": 32}
+    )  # the target's own width
+    space = load_space(
+        space_file(
+            tmp_path / "s.yaml",
+            "params:\n  model.project_target: {type: choice, values: [true, false]}\n"
+            "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
+        )
+    )
     searcher, _ = optuna_searcher(plan, space, trials=6, fuse=1)
     handed = drain(searcher, 6, lambda c: c["train.lr"])
     assert len(handed) == 3 and all(c["model.project_target"] is True for c in handed)

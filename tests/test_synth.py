@@ -28,13 +28,23 @@ def nearest_class_mean_accuracy(features, labels, n_classes):
 
 
 def test_layout_target_splits_and_unpaired_auxiliaries(tmp_path):
-    manifest = load_manifest(write_synthetic(str(tmp_path), dims_aux=(16, 8), n_train=30, n_val=20, n_test=25, n_aux=40))
+    manifest = load_manifest(
+        write_synthetic(str(tmp_path), dims_aux=(16, 8), n_train=30, n_val=20, n_test=25, n_aux=40)
+    )
     assert manifest.target == "image" and manifest.auxiliary == ["text", "aux2"]
     assert manifest.classes == [f"class_{c}" for c in range(5)]
     assert {s: list(spec.splits) for s, spec in manifest.modalities.items()} == {
-        "image": ["train", "val", "test"], "text": ["train"], "aux2": ["train"]}
+        "image": ["train", "val", "test"],
+        "text": ["train"],
+        "aux2": ["train"],
+    }
     rows = {}
-    for modality, split, dim, n in [("image", "train", 32, 30), ("image", "test", 32, 25), ("text", "train", 16, 40), ("aux2", "train", 8, 40)]:
+    for modality, split, dim, n in [
+        ("image", "train", 32, 30),
+        ("image", "test", 32, 25),
+        ("text", "train", 16, 40),
+        ("aux2", "train", 8, 40),
+    ]:
         features, labels, ids = read(manifest, modality, split)
         assert features.shape == (n, dim) and features.dtype == np.float32
         assert np.bincount(labels, minlength=5).tolist() == [n // 5] * 5  # balanced classes
@@ -52,12 +62,16 @@ def test_same_seed_writes_identical_bytes(tmp_path):
         assert not np.array_equal(read(first, modality, split)[0], read(other, modality, split)[0])
     seq_a = load_manifest(write_synthetic(str(tmp_path / "sa"), kind="sequence", n_aux=20, seed=1))
     seq_b = load_manifest(write_synthetic(str(tmp_path / "sb"), kind="sequence", n_aux=20, seed=1))
-    assert Path(seq_a.uris("text", "train")[0]).read_bytes() == Path(seq_b.uris("text", "train")[0]).read_bytes()
+    assert (
+        Path(seq_a.uris("text", "train")[0]).read_bytes() == Path(seq_b.uris("text", "train")[0]).read_bytes()
+    )
 
 
 def test_auxiliary_carries_class_information_unless_pure_noise(tmp_path):
     informative = load_manifest(write_synthetic(str(tmp_path / "real"), n_train=2000, n_aux=2000, seed=0))
-    pure_noise = load_manifest(write_synthetic(str(tmp_path / "noise"), n_aux=2000, aux_pure_noise=True, seed=0))
+    pure_noise = load_manifest(
+        write_synthetic(str(tmp_path / "noise"), n_aux=2000, aux_pure_noise=True, seed=0)
+    )
     features, labels, _ = read(informative, "text", "train")
     text_acc = nearest_class_mean_accuracy(features, labels, 5)
     features, labels, _ = read(informative, "image", "train")
@@ -74,12 +88,14 @@ def test_auxiliary_carries_class_information_unless_pure_noise(tmp_path):
 
 
 def test_sequences_are_predictable_and_carry_the_class(tmp_path):
-    manifest = load_manifest(write_synthetic(str(tmp_path), kind="sequence", seq_len=(8, 16), n_train=1000, seed=0))
+    manifest = load_manifest(
+        write_synthetic(str(tmp_path), kind="sequence", seq_len=(8, 16), n_train=1000, seed=0)
+    )
     assert manifest.modalities["image"].kind == "sequence"
     (steps, lengths), labels, _ = read(manifest, "image", "train")
     assert lengths.min() >= 8 and lengths.max() <= 16 and steps.shape == (lengths.sum(), 32)
     starts = np.cumsum(lengths) - lengths
-    sequences = [steps[s:s + n] for s, n in zip(starts, lengths)]
+    sequences = [steps[s : s + n] for s, n in zip(starts, lengths)]
     # a linear one-step predictor already explains most of the next step: next-step prediction is learnable
     previous = np.concatenate([s[:-1] for s in sequences])
     following = np.concatenate([s[1:] for s in sequences])
@@ -95,8 +111,33 @@ def test_sequences_are_predictable_and_carry_the_class(tmp_path):
 
 def test_synth_cli_writes_a_valid_manifest(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["data", "synth", str(out), "--classes", "3", "--dim-x", "6", "--dims-aux", "4", "5",
-                 "--n-train", "9", "--n-val", "6", "--n-test", "6", "--n-aux", "12", "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                str(out),
+                "--classes",
+                "3",
+                "--dim-x",
+                "6",
+                "--dims-aux",
+                "4",
+                "5",
+                "--n-train",
+                "9",
+                "--n-val",
+                "6",
+                "--n-test",
+                "6",
+                "--n-aux",
+                "12",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     path = capsys.readouterr().out.strip()
     assert path == str(out / "manifest.yaml")
     manifest = load_manifest(path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import ALIGNED, write_config
+
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
@@ -26,8 +25,14 @@ def train_once(capsys, config, *overrides) -> dict:
 def test_resumed_loop_continues_exactly_from_the_last_checkpoint(synthetic_manifest, tmp_path):
     # a checkpoint every 2nd validation: killed after the 3rd report (step 60), the run resumes
     # from step 40 and replays 60, 80, 100 bit for bit
-    cfg = load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                                   train={"max_steps": 100, "val_every": 20, "checkpoint_every": 2}))
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            synthetic_manifest,
+            tmp_path,
+            train={"max_steps": 100, "val_every": 20, "checkpoint_every": 2},
+        )
+    )
     plan = build_plan(cfg)
     whole = LocalContext(plan)
     train_supervised(plan, whole)
@@ -76,7 +81,9 @@ def test_pure_noise_auxiliary_neither_helps_nor_hurts(ray_session, tmp_path, cap
 def test_two_workers_match_one_worker(ray_session, synthetic_manifest, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)
     one = train_once(capsys, config, "--name", "one")
-    two = train_once(capsys, config, "resources.num_workers=2", "resources.cpus_per_worker=0.5", "--name", "two")
+    two = train_once(
+        capsys, config, "resources.num_workers=2", "resources.cpus_per_worker=0.5", "--name", "two"
+    )
     print(f"1 worker {one} / 2 workers {two}")
     assert two["test_acc"] > 0.5 and one["test_acc"] > 0.5
     assert abs(one["test_acc"] - two["test_acc"]) <= 0.06
@@ -97,16 +104,24 @@ def test_train_cli_records_mlflow_run(ray_session, synthetic_manifest, tmp_path,
     assert run.data.params["train.lr"] == "0.01"
     history = client.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history] == [20, 40, 60, 80, 100, 120]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")
+    }
     assert {"config.yaml", "checkpoint/best.pt"} <= artifacts
     assert run.data.metrics["test_acc"] == pytest.approx(result["test_acc"])
 
 
-def test_patience_stops_early_and_scores_the_best_val_point(ray_session, synthetic_manifest, tmp_path, capsys):
+def test_patience_stops_early_and_scores_the_best_val_point(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
     from mlflow.tracking import MlflowClient
 
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path,
-                          train={"max_steps": 400, "val_every": 10, "patience": 2, "lr": 0.05})
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 400, "val_every": 10, "patience": 2, "lr": 0.05},
+    )
     result = train_once(capsys, config, "--name", "patient")
     assert result["stopped_early"] == 1 and result["step"] < 400
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -135,7 +150,9 @@ def test_streamed_shares_read_by_pyarrow_match_the_same_rows_in_memory(synthetic
 
     source = ParquetSource(uris, block_rows=7)  # blocks that do not divide the batches
     n = len(table)
-    assert [len(t) for t in source.iter_batches(batch_size=50)] == [50] * (n // 50) + ([n % 50] if n % 50 else [])
+    assert [len(t) for t in source.iter_batches(batch_size=50)] == [50] * (n // 50) + (
+        [n % 50] if n % 50 else []
+    )
     assert pa_concat(source.iter_batches()).equals(table)
     for buffer in (len(table), 40):
         streamed, held = stream(source, buffer), stream(TableSource(table), buffer)
@@ -148,7 +165,9 @@ def test_streamed_shares_read_by_pyarrow_match_the_same_rows_in_memory(synthetic
             for ours, theirs in zip(batches.values(), (held.next() for _ in batches)):
                 assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
         epoch0 = [b for (e, _), b in batches.items() if e == 0]
-        assert sorted(np.concatenate([b[1] for b in epoch0]).tolist()) == sorted(table.column("label").to_pylist())
+        assert sorted(np.concatenate([b[1] for b in epoch0]).tolist()) == sorted(
+            table.column("label").to_pylist()
+        )
         resumed = stream(source, buffer)
         resumed.load_state_dict({"epoch": 1, "drawn": 2})
         assert all(np.array_equal(resumed.next()[0], batches[(1, d)][0]) for d in range(2, 6))
@@ -190,6 +209,10 @@ def test_read_ahead_hands_over_errors_and_stops_with_its_consumer():
 
 def test_train_cli_streams_shares_over_the_cache(ray_session, synthetic_manifest, tmp_path, capsys):
     """Every share streamed (data.cache_max_mb=0): the run trains to the end and learns."""
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64})
+    config = write_config(
+        tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64}
+    )
     result = train_once(capsys, config, "--name", "streamed")
-    assert result["step"] == 120 and result["best_val_acc"] > 0.4 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
+    assert (
+        result["step"] == 120 and result["best_val_acc"] > 0.4 and result["test_acc"] > 0.4
+    )  # 5 classes: chance is 0.2

@@ -17,7 +17,14 @@ from uml_ray.uri import is_remote
 # Mount types whose contents every client host sees (NFS/EFS, SMB, parallel file systems,
 # FUSE mounts of object stores such as gcsfuse, s3fs and mountpoint-s3).
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs")
-NETWORK_FUSE_PREFIXES = ("fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph")
+NETWORK_FUSE_PREFIXES = (
+    "fuse.gcsfuse",
+    "fuse.s3fs",
+    "fuse.mountpoint-s3",
+    "fuse.juicefs",
+    "fuse.glusterfs",
+    "fuse.ceph",
+)
 
 
 def mount_type(path: str, mounts_file: str = "/proc/mounts") -> str:
@@ -57,13 +64,19 @@ def check_storage_path(storage_path: str) -> None:
     path = Path(storage_path)
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise ConfigError(f"tracking.storage_path={storage_path!r}: {existing} is a file, not a folder; "
-                          "point it at a folder (created if missing) or an s3:// / gs:// URI")
+        raise ConfigError(
+            f"tracking.storage_path={storage_path!r}: {existing} is a file, not a folder; "
+            "point it at a folder (created if missing) or an s3:// / gs:// URI"
+        )
     if existing is not None and not os.access(existing, os.W_OK):
-        raise ConfigError(f"tracking.storage_path={storage_path!r}: {existing} is not writable; choose a writable folder")
+        raise ConfigError(
+            f"tracking.storage_path={storage_path!r}: {existing} is not writable; choose a writable folder"
+        )
 
 
-def check_storage_for_cluster(storage_path: str, ray_nodes: list[dict], mounts_file: str = "/proc/mounts") -> None:
+def check_storage_for_cluster(
+    storage_path: str, ray_nodes: list[dict], mounts_file: str = "/proc/mounts"
+) -> None:
     """Refuse a node-local ``tracking.storage_path`` when the Ray cluster spans several hosts.
 
     ``ray_nodes`` is the list ``ray.nodes()`` returns. Several Ray nodes on one host (a laptop,
@@ -94,8 +107,13 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     """
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or None,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+    )
 
 
 def cluster_address(address: str = "") -> str:

@@ -32,15 +32,33 @@ class DataConfig:
     """Which dataset to read and how modality streams are drawn."""
 
     manifest: str = option("", "Path or s3:// / gs:// URI of the dataset manifest (docs/data-format.md).")
-    auxiliary: list = option([], "Auxiliary modalities to use; empty = every non-target modality in the manifest.")
+    auxiliary: list = option(
+        [], "Auxiliary modalities to use; empty = every non-target modality in the manifest."
+    )
     aux_per_class: int = option(-1, "Keep k auxiliary rows per class (seeded); -1 keeps all.", low=-1)
-    target_per_class: int = option(-1, "Keep k target train rows per class: a draw seeded by train.seed from the id-sorted rows (nested: the k rows are among the 2k ones of the same seed); val and test stay whole. -1 keeps all.", low=-1)
+    target_per_class: int = option(
+        -1,
+        "Keep k target train rows per class: a draw seeded by train.seed from the id-sorted rows (nested: the k rows are among the 2k ones of the same seed); val and test stay whole. -1 keeps all.",
+        low=-1,
+    )
     aux_class_mean: bool = option(False, "Replace each auxiliary modality by its per-class mean vectors.")
-    aux_batch_ratio: float = option(1.0, "Auxiliary batch size as a multiple of train.batch_size.", low=0.0, low_open=True)
+    aux_batch_ratio: float = option(
+        1.0, "Auxiliary batch size as a multiple of train.batch_size.", low=0.0, low_open=True
+    )
     shuffle_buffer: int = option(4096, "Rows held in each worker's shuffle buffer.", low=1)
-    augment_min_scale: float = option(0.08, "Image targets: smallest area fraction of the train random-resized crop (0.08 = the ImageNet recipe; 1 = no cropping). The augmentation strength: lower is stronger.", low=0.0, low_open=True, high=1.0)
+    augment_min_scale: float = option(
+        0.08,
+        "Image targets: smallest area fraction of the train random-resized crop (0.08 = the ImageNet recipe; 1 = no cropping). The augmentation strength: lower is stronger.",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+    )
     augment_flip: bool = option(True, "Image targets: random horizontal flips in training.")
-    cache_max_mb: int = option(512, "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by every trial through the object store; larger ones stream through Ray Data.", low=0)
+    cache_max_mb: int = option(
+        512,
+        "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by every trial through the object store; larger ones stream through Ray Data.",
+        low=0,
+    )
 
 
 @dataclass
@@ -48,19 +66,44 @@ class ModelConfig:
     """The shared model: supervised head over features, or shared causal transformer over sequences."""
 
     regime: str = option("supervised", "Training regime.", choices=["supervised", "sequence"])
-    shared_dim: int = option(0, "Width of the shared space; 0 = the first auxiliary modality's dim (reference).", low=0)
-    project_target: bool = option(True, "Give the target its own linear projection (reference); off = its features enter the shared head directly (aligned spaces, e.g. CLIP).")
-    project_auxiliary: bool = option(False, "Give auxiliary modalities their own linear projection; off = they enter the shared space directly (reference).")
-    head_init: str = option("random", "Head initialisation: random; text = L2-normalised auxiliary class means; probe (fine-tuning) = a linear probe first: projections and head trained train.probe_steps steps on the frozen backbone's features with the UML loss, then everything fine-tuned (LP-FT).", choices=["random", "text", "probe"])
+    shared_dim: int = option(
+        0, "Width of the shared space; 0 = the first auxiliary modality's dim (reference).", low=0
+    )
+    project_target: bool = option(
+        True,
+        "Give the target its own linear projection (reference); off = its features enter the shared head directly (aligned spaces, e.g. CLIP).",
+    )
+    project_auxiliary: bool = option(
+        False,
+        "Give auxiliary modalities their own linear projection; off = they enter the shared space directly (reference).",
+    )
+    head_init: str = option(
+        "random",
+        "Head initialisation: random; text = L2-normalised auxiliary class means; probe (fine-tuning) = a linear probe first: projections and head trained train.probe_steps steps on the frozen backbone's features with the UML loss, then everything fine-tuned (LP-FT).",
+        choices=["random", "text", "probe"],
+    )
     logit_scale: bool = option(False, "Learnable per-modality logit scale.")
-    backbone: str = option("", "Fine-tuning regime (target of kind image): the vision backbone trained under the projection and shared head, as an encoder spec: efficientnet-lite0 (packaged ImageNet weights), timm:NAME[,pretrained=false][,img_size=PX][,weights=FILE], or open_clip:NAME[@TAG][,weights=FILE][,pretrained=false][,config=PATH.json][,img_size=PX] (the image tower of an open_clip model, e.g. open_clip:ViT-B-16@openai). Empty = head-only over features.")
-    freeze_blocks: int = option(0, "Fine-tuning: freeze the backbone's first N parameter groups in forward order (timm's coarse groups: the stem, then each stage/block; an open_clip ViT: the stem, each transformer block, then ln_post+proj); 0 trains all of it.", low=0)
-    image_size: int = option(0, "Fine-tuning: input size in pixels of the crops fed to the backbone; 0 = the backbone's pretrained input size.", low=0)
+    backbone: str = option(
+        "",
+        "Fine-tuning regime (target of kind image): the vision backbone trained under the projection and shared head, as an encoder spec: efficientnet-lite0 (packaged ImageNet weights), timm:NAME[,pretrained=false][,img_size=PX][,weights=FILE], or open_clip:NAME[@TAG][,weights=FILE][,pretrained=false][,config=PATH.json][,img_size=PX] (the image tower of an open_clip model, e.g. open_clip:ViT-B-16@openai). Empty = head-only over features.",
+    )
+    freeze_blocks: int = option(
+        0,
+        "Fine-tuning: freeze the backbone's first N parameter groups in forward order (timm's coarse groups: the stem, then each stage/block; an open_clip ViT: the stem, each transformer block, then ln_post+proj); 0 trains all of it.",
+        low=0,
+    )
+    image_size: int = option(
+        0,
+        "Fine-tuning: input size in pixels of the crops fed to the backbone; 0 = the backbone's pretrained input size.",
+        low=0,
+    )
     zdim: int = option(40, "Sequence regime: transformer width (d_model).", low=1)
     layers: int = option(5, "Sequence regime: transformer layers.", low=1)
     heads: int = option(4, "Sequence regime: attention heads; must divide zdim.", low=1)
     dropout: float = option(0.1, "Sequence regime: dropout.", low=0.0, high=0.9)
-    pos_emb: str = option("none", "Sequence regime: positional embedding.", choices=["none", "sinusoidal", "learnable"])
+    pos_emb: str = option(
+        "none", "Sequence regime: positional embedding.", choices=["none", "sinusoidal", "learnable"]
+    )
     max_len: int = option(512, "Sequence regime: longest sequence the positional embedding covers.", low=1)
 
 
@@ -69,22 +112,58 @@ class TrainConfig:
     """Optimisation and schedule (step-based, AdamW, linear warm-up then cosine)."""
 
     lr: float = option(1e-3, "Peak learning rate.", low=0.0, low_open=True, high=10.0)
-    weight_decay: float = option(0.0, "AdamW weight decay (decoupled; few-shot heads tuned fairly may need more than 1, e.g. 7/sqrt(shots)).", low=0.0, high=100.0)
+    weight_decay: float = option(
+        0.0,
+        "AdamW weight decay (decoupled; few-shot heads tuned fairly may need more than 1, e.g. 7/sqrt(shots)).",
+        low=0.0,
+        high=100.0,
+    )
     batch_size: int = option(32, "Target-modality batch size per worker.", low=1)
     max_steps: int = option(500, "Optimizer steps.", low=1)
     warmup_steps: int = option(20, "Linear warm-up steps before the cosine decay.", low=0)
     val_every: int = option(25, "Validate on the target modality every N steps.", low=1)
-    checkpoint_every: int = option(4, "Write a checkpoint every N validations, and always at the run's end; a retried or resumed run continues exactly from the last one.", low=1)
+    checkpoint_every: int = option(
+        4,
+        "Write a checkpoint every N validations, and always at the run's end; a retried or resumed run continues exactly from the last one.",
+        low=1,
+    )
     patience: int = option(0, "Stop after this many validations without improvement; 0 = never.", low=0)
-    alpha: dict = option({}, "Weight of each auxiliary modality's loss, e.g. {text: 0.5}; missing modalities use alpha_default.", low=0.0)
-    alpha_default: float = option(1.0, "Alpha for auxiliary modalities not named in train.alpha; 0 = unimodal baseline.", low=0.0)
-    step_k: int = option(-1, "Sequence regime: auxiliary-only epochs before joint training; -1 = joint from the start.", low=-1)
-    probe_c: float = option(1.0, "Sequence regime: inverse L2 strength of the logistic-regression probe.", low=0.0, low_open=True)
-    probe_steps: int = option(100, "Fine-tuning with model.head_init=probe: steps of the linear probe that initialises the head (backbone frozen, same batches and loss).", low=1)
+    alpha: dict = option(
+        {},
+        "Weight of each auxiliary modality's loss, e.g. {text: 0.5}; missing modalities use alpha_default.",
+        low=0.0,
+    )
+    alpha_default: float = option(
+        1.0, "Alpha for auxiliary modalities not named in train.alpha; 0 = unimodal baseline.", low=0.0
+    )
+    step_k: int = option(
+        -1, "Sequence regime: auxiliary-only epochs before joint training; -1 = joint from the start.", low=-1
+    )
+    probe_c: float = option(
+        1.0, "Sequence regime: inverse L2 strength of the logistic-regression probe.", low=0.0, low_open=True
+    )
+    probe_steps: int = option(
+        100,
+        "Fine-tuning with model.head_init=probe: steps of the linear probe that initialises the head (backbone frozen, same batches and loss).",
+        low=1,
+    )
     grad_clip: float = option(0.0, "Clip the gradient norm to this value; 0 = off.", low=0.0)
-    backbone_lr_scale: float = option(0.1, "Fine-tuning: the backbone's learning rate is train.lr times this (projection and head use train.lr); 0 keeps the backbone fixed.", low=0.0, high=10.0)
-    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x workers).", low=1)
-    precision: str = option("bf16", "Mixed precision on CUDA: bf16 autocast, or fp32; CPU always computes in fp32.", choices=["bf16", "fp32"])
+    backbone_lr_scale: float = option(
+        0.1,
+        "Fine-tuning: the backbone's learning rate is train.lr times this (projection and head use train.lr); 0 keeps the backbone fixed.",
+        low=0.0,
+        high=10.0,
+    )
+    grad_accum: int = option(
+        1,
+        "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x workers).",
+        low=1,
+    )
+    precision: str = option(
+        "bf16",
+        "Mixed precision on CUDA: bf16 autocast, or fp32; CPU always computes in fp32.",
+        choices=["bf16", "fp32"],
+    )
     seed: int = option(0, "The one seed: per-worker and per-trial seeds derive from it.", low=0)
 
 
@@ -92,10 +171,17 @@ class TrainConfig:
 class TrackingConfig:
     """Where runs, metrics, checkpoints and artifacts go."""
 
-    uri: str = option("sqlite:///mlflow.db", "MLflow tracking URI: a local SQLite store (embedded default) or http(s)://server.")
+    uri: str = option(
+        "sqlite:///mlflow.db",
+        "MLflow tracking URI: a local SQLite store (embedded default) or http(s)://server.",
+    )
     experiment: str = option("uml-ray", "MLflow experiment name.")
-    artifact_location: str = option("", "Artifact root for a new experiment; empty = ./mlartifacts beside a SQLite store.")
-    storage_path: str = option("./uml_runs", "Ray results and checkpoints: a local folder, or s3:// / gs:// on multi-node clusters.")
+    artifact_location: str = option(
+        "", "Artifact root for a new experiment; empty = ./mlartifacts beside a SQLite store."
+    )
+    storage_path: str = option(
+        "./uml_runs", "Ray results and checkpoints: a local folder, or s3:// / gs:// on multi-node clusters."
+    )
     run_name: str = option("", "Name of the run or sweep; empty = generated.")
 
 
@@ -106,13 +192,24 @@ class ResourcesConfig:
     num_workers: int = option(1, "Data-parallel training workers per run.", low=1)
     cpus_per_worker: float = option(1.0, "CPUs per training worker.", low=0.0, low_open=True)
     gpus_per_worker: float = option(0.0, "GPUs per training worker; > 0 trains on CUDA with NCCL.", low=0.0)
-    trainer: str = option("auto", "auto: in the trial process for one worker, Ray Train TorchTrainer otherwise.", choices=["auto", "inline", "ray_train"])
+    trainer: str = option(
+        "auto",
+        "auto: in the trial process for one worker, Ray Train TorchTrainer otherwise.",
+        choices=["auto", "inline", "ray_train"],
+    )
     data_cpus: float = option(1.0, "CPUs kept free for Ray Data reads beside the training workers.", low=0.0)
     num_cpus: int = option(0, "CPUs of a locally started Ray; 0 = all of this machine's.", low=0)
     address: str = option("", "Ray address to attach to; empty = RAY_ADDRESS or a new local Ray.")
-    max_failures: int = option(1, "Retries of a run after a worker or node is lost (from its last checkpoint).", low=0)
+    max_failures: int = option(
+        1, "Retries of a run after a worker or node is lost (from its last checkpoint).", low=0
+    )
     torch_threads: int = option(1, "Torch intra-op threads per training process.", low=1)
-    decode_cpus: float = option(1.0, "Fine-tuning: CPUs per Ray Data image decode/augment task; tasks run beside the training workers (or on CPU-only nodes feeding GPU workers).", low=0.0, low_open=True)
+    decode_cpus: float = option(
+        1.0,
+        "Fine-tuning: CPUs per Ray Data image decode/augment task; tasks run beside the training workers (or on CPU-only nodes feeding GPU workers).",
+        low=0.0,
+        low_open=True,
+    )
 
 
 @dataclass
@@ -147,14 +244,28 @@ def check_modalities(cfg: Config, auxiliary) -> None:
     auxiliary = list(auxiliary)
     for name in cfg.train.alpha:
         if name not in auxiliary:
-            raise ConfigError(f"train.alpha.{name}: '{name}' is not a used auxiliary modality; choose from {auxiliary}")
-    if cfg.model.regime == "sequence" and cfg.train.step_k > 0 and not any(a > 0 for a in cfg.alpha_for(auxiliary).values()):
-        raise ConfigError(f"train.step_k={cfg.train.step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
-                          "set train.step_k=-1 for the unimodal baseline, or give an auxiliary modality alpha > 0")
+            raise ConfigError(
+                f"train.alpha.{name}: '{name}' is not a used auxiliary modality; choose from {auxiliary}"
+            )
+    if (
+        cfg.model.regime == "sequence"
+        and cfg.train.step_k > 0
+        and not any(a > 0 for a in cfg.alpha_for(auxiliary).values())
+    ):
+        raise ConfigError(
+            f"train.step_k={cfg.train.step_k} warms up on the auxiliary modalities alone, but every alpha is 0; "
+            "set train.step_k=-1 for the unimodal baseline, or give an auxiliary modality alpha > 0"
+        )
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "tracking": TrackingConfig, "resources": ResourcesConfig}
+_SECTION_TYPES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "tracking": TrackingConfig,
+    "resources": ResourcesConfig,
+}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -182,7 +293,9 @@ def field_type(dotted: str) -> type:
     """The Python type of a dotted config key (``train.alpha.text`` is a float); ConfigError if unknown."""
     parts = dotted.split(".")
     if parts[0] not in _SECTION_TYPES:
-        raise ConfigError(f"unknown config section '{parts[0]}' in '{dotted}'; allowed sections: {', '.join(_SECTION_TYPES)}")
+        raise ConfigError(
+            f"unknown config section '{parts[0]}' in '{dotted}'; allowed sections: {', '.join(_SECTION_TYPES)}"
+        )
     if len(parts) < 2:
         raise ConfigError(f"'{dotted}' names a section, not a field; use e.g. '{parts[0]}.<field>'")
     f = _field_info(parts[0], parts[1])
@@ -257,7 +370,10 @@ def _check_field(section: str, f: dataclasses.Field, value):
         low, high = meta.get("low"), meta.get("high")
         if low is not None and (v < low or (meta.get("low_open") and v == low)):
             bound = f"> {low}" if meta.get("low_open") else f">= {low}"
-            raise ConfigError(f"{dotted}: {v!r} is out of range; it must be {bound}" + (f" and <= {high}" if high is not None else ""))
+            raise ConfigError(
+                f"{dotted}: {v!r} is out of range; it must be {bound}"
+                + (f" and <= {high}" if high is not None else "")
+            )
         if high is not None and v > high:
             raise ConfigError(f"{dotted}: {v!r} is out of range; it must be <= {high}")
 
@@ -277,18 +393,28 @@ def check_config(cfg: Config) -> None:
             f"pick heads from {[h for h in range(1, cfg.model.zdim + 1) if cfg.model.zdim % h == 0][:8]}"
         )
     if cfg.model.regime == "sequence" and cfg.model.backbone:
-        raise ConfigError("model.backbone fine-tunes a vision backbone in the supervised regime; set model.regime=supervised or model.backbone=''")
+        raise ConfigError(
+            "model.backbone fine-tunes a vision backbone in the supervised regime; set model.regime=supervised or model.backbone=''"
+        )
     if cfg.model.regime == "sequence" and (cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean):
-        raise ConfigError("data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)")
+        raise ConfigError(
+            "data.aux_per_class / data.aux_class_mean select vector rows; the sequence regime does not use them (set -1 / false)"
+        )
     if cfg.model.head_init == "probe" and not cfg.model.backbone:
-        raise ConfigError("model.head_init=probe trains a linear probe before fine-tuning a backbone; without model.backbone "
-                          "the run is already a probe: use model.head_init=random or text, or set model.backbone")
+        raise ConfigError(
+            "model.head_init=probe trains a linear probe before fine-tuning a backbone; without model.backbone "
+            "the run is already a probe: use model.head_init=random or text, or set model.backbone"
+        )
     if cfg.data.target_per_class > 0 and (cfg.model.regime == "sequence" or cfg.model.backbone):
-        raise ConfigError(f"data.target_per_class={cfg.data.target_per_class} selects target feature vectors of the head-only supervised "
-                          "regime; set it to -1 here (draw few-shot splits when building the dataset instead, e.g. uml-ray case --shots)")
+        raise ConfigError(
+            f"data.target_per_class={cfg.data.target_per_class} selects target feature vectors of the head-only supervised "
+            "regime; set it to -1 here (draw few-shot splits when building the dataset instead, e.g. uml-ray case --shots)"
+        )
     if not cfg.tracking.experiment.strip():
         # MLflow refuses an empty experiment name only when the run starts, after Ray has started
-        raise ConfigError("tracking.experiment is empty; name the MLflow experiment (e.g. tracking.experiment=uml-ray)")
+        raise ConfigError(
+            "tracking.experiment is empty; name the MLflow experiment (e.g. tracking.experiment=uml-ray)"
+        )
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(
             f"train.warmup_steps={cfg.train.warmup_steps} must be smaller than train.max_steps={cfg.train.max_steps}"
@@ -300,7 +426,9 @@ def check_config(cfg: Config) -> None:
             "set it to 0 (no reservation) or a value >= 1"
         )
     if cfg.resources.trainer == "inline" and cfg.resources.num_workers > 1:
-        raise ConfigError("resources.trainer=inline runs one worker; set resources.num_workers=1 or trainer=ray_train")
+        raise ConfigError(
+            "resources.trainer=inline runs one worker; set resources.num_workers=1 or trainer=ray_train"
+        )
 
 
 # Limits on YAML input: a config, space or manifest is a few KB; these refuse hostile or broken
@@ -326,17 +454,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             event = self.peek_event()
             self.alias_count += 1
             if self.alias_count > MAX_YAML_ALIASES:
-                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) at line {event.start_mark.line + 1}; "
-                                  "write the values out instead of repeating anchors")
+                raise ConfigError(
+                    f"more than {MAX_YAML_ALIASES} YAML aliases (*name) at line {event.start_mark.line + 1}; "
+                    "write the values out instead of repeating anchors"
+                )
             node = self.anchors.get(event.anchor)
             if node is not None:
                 if node.end_mark is None:
-                    raise ConfigError(f"alias *{event.anchor} at line {event.start_mark.line + 1} refers to itself; "
-                                      "a recursive YAML structure cannot be a config, space or manifest")
+                    raise ConfigError(
+                        f"alias *{event.anchor} at line {event.start_mark.line + 1} refers to itself; "
+                        "a recursive YAML structure cannot be a config, space or manifest"
+                    )
                 self.alias_nodes += _expanded_size(node, self.node_sizes)
                 if self.alias_nodes > MAX_YAML_ALIAS_NODES:
-                    raise ConfigError(f"YAML aliases expand to more than {MAX_YAML_ALIAS_NODES} values (at *{event.anchor}, "
-                                      f"line {event.start_mark.line + 1}); write the values out instead of nesting anchors")
+                    raise ConfigError(
+                        f"YAML aliases expand to more than {MAX_YAML_ALIAS_NODES} values (at *{event.anchor}, "
+                        f"line {event.start_mark.line + 1}); write the values out instead of nesting anchors"
+                    )
         return super().compose_node(parent, index)
 
 
@@ -348,7 +482,9 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
         elif isinstance(node, yaml.SequenceNode):
             sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
         else:
-            sizes[id(node)] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+            sizes[id(node)] = 1 + sum(
+                _expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value
+            )
     return sizes[id(node)]
 
 
@@ -357,7 +493,9 @@ def _construct_mapping(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1}; each key may appear once")
+            raise ConfigError(
+                f"duplicate key '{key}' at line {key_node.start_mark.line + 1}; each key may appear once"
+            )
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -379,13 +517,17 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def decode_text(data: bytes, source: str) -> str:
     """UTF-8 text of an input file read as bytes, refused when over ``MAX_INPUT_BYTES`` or binary."""
     if len(data) > MAX_INPUT_BYTES:
-        raise ConfigError(f"{source}: larger than {MAX_INPUT_BYTES // (1024 * 1024)} MB; "
-                          "configs, search spaces and manifests are small YAML/JSON text files: check the path")
+        raise ConfigError(
+            f"{source}: larger than {MAX_INPUT_BYTES // (1024 * 1024)} MB; "
+            "configs, search spaces and manifests are small YAML/JSON text files: check the path"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                          "expected YAML/JSON text: check the path") from None
+        raise ConfigError(
+            f"{source}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected YAML/JSON text: check the path"
+        ) from None
 
 
 def read_text(path: str | Path) -> str:
@@ -407,7 +549,9 @@ def load_yaml_text(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({_yaml_problem(exc)})") from None
     except RecursionError:
-        raise ConfigError(f"{source}: YAML nested too deeply; configs, spaces and manifests are a few levels deep") from None
+        raise ConfigError(
+            f"{source}: YAML nested too deeply; configs, spaces and manifests are a few levels deep"
+        ) from None
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -437,7 +581,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             out[key] = load_yaml_text(raw, f"override '{item}'") if raw else ""
         except ConfigError as exc:
-            raise ConfigError(f"{exc}; quote the value or write one field per override (e.g. train.alpha.text=0.5)") from None
+            raise ConfigError(
+                f"{exc}; quote the value or write one field per override (e.g. train.alpha.text=0.5)"
+            ) from None
     return out
 
 
@@ -454,7 +600,9 @@ def config_from_dict(tree: dict, source: str | None = None) -> Config:
     sections = {}
     for section, body in tree.items():
         if section not in _SECTION_TYPES:
-            raise ConfigError(f"{where}unknown config section '{section}'; allowed sections: {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(
+                f"{where}unknown config section '{section}'; allowed sections: {', '.join(_SECTION_TYPES)}"
+            )
         if body is None:
             body = {}
         if not isinstance(body, dict):
@@ -480,7 +628,12 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     tree = copy.deepcopy(tree) or {}
     if isinstance(tree, dict) and path is not None:
         manifest = (tree.get("data") or {}).get("manifest")
-        if isinstance(manifest, str) and manifest and "://" not in manifest and not Path(manifest).is_absolute():
+        if (
+            isinstance(manifest, str)
+            and manifest
+            and "://" not in manifest
+            and not Path(manifest).is_absolute()
+        ):
             tree.setdefault("data", {})["manifest"] = str((Path(path).parent / manifest).resolve())
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

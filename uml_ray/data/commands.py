@@ -19,41 +19,108 @@ def register(subparsers) -> None:
     validate.add_argument("manifest", help="manifest file (YAML or JSON), local or s3:// / gs://")
     validate.set_defaults(func=run_validate)
 
-    synth = commands.add_parser("synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)")
+    synth = commands.add_parser(
+        "synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)"
+    )
     synth.add_argument("out_dir", help="output folder (local or s3:// / gs://)")
     synth.add_argument("--classes", type=int, default=SYNTH_DEFAULTS["n_classes"], help="number of classes")
-    synth.add_argument("--latent-dim", type=int, default=SYNTH_DEFAULTS["latent_dim"], help="dim of the shared latent z")
-    synth.add_argument("--dim-x", type=int, default=SYNTH_DEFAULTS["dim_x"], help="dim of the target modality 'image'")
-    synth.add_argument("--dims-aux", type=int, nargs="+", default=list(SYNTH_DEFAULTS["dims_aux"]), help="dims of the auxiliary modalities (text, aux2, ...)")
+    synth.add_argument(
+        "--latent-dim", type=int, default=SYNTH_DEFAULTS["latent_dim"], help="dim of the shared latent z"
+    )
+    synth.add_argument(
+        "--dim-x", type=int, default=SYNTH_DEFAULTS["dim_x"], help="dim of the target modality 'image'"
+    )
+    synth.add_argument(
+        "--dims-aux",
+        type=int,
+        nargs="+",
+        default=list(SYNTH_DEFAULTS["dims_aux"]),
+        help="dims of the auxiliary modalities (text, aux2, ...)",
+    )
     synth.add_argument("--n-train", type=int, default=SYNTH_DEFAULTS["n_train"], help="target train rows")
     synth.add_argument("--n-val", type=int, default=SYNTH_DEFAULTS["n_val"], help="target val rows")
     synth.add_argument("--n-test", type=int, default=SYNTH_DEFAULTS["n_test"], help="target test rows")
-    synth.add_argument("--n-aux", type=int, default=SYNTH_DEFAULTS["n_aux"], help="train rows of each auxiliary modality")
-    synth.add_argument("--noise-x", type=float, default=SYNTH_DEFAULTS["noise_x"], help="observation noise of the target")
-    synth.add_argument("--noise-aux", type=float, default=SYNTH_DEFAULTS["noise_aux"], help="observation noise of the auxiliary modalities")
-    synth.add_argument("--class-sep", type=float, default=SYNTH_DEFAULTS["class_sep"], help="scale of the class means in latent space")
-    synth.add_argument("--aux-pure-noise", action="store_true", help="auxiliary modalities are pure noise (control case)")
-    synth.add_argument("--aux-shared-mixing", action="store_true",
-                       help="auxiliary modalities observed through the target's own mixing (aligned spaces; dims must equal --dim-x)")
-    synth.add_argument("--aux-spread", type=float, default=SYNTH_DEFAULTS["aux_spread"],
-                       help="within-class latent spread of the auxiliary rows (below 1: each row pins its class down more tightly)")
-    synth.add_argument("--kind", choices=["vector", "sequence"], default=SYNTH_DEFAULTS["kind"], help="row kind")
-    synth.add_argument("--seq-len", type=int, nargs=2, default=list(SYNTH_DEFAULTS["seq_len"]), metavar=("MIN", "MAX"), help="sequence length range")
-    synth.add_argument("--rows-per-shard", type=int, default=SYNTH_DEFAULTS["rows_per_shard"], help="rows per Parquet shard")
-    synth.add_argument("--seed", type=int, default=SYNTH_DEFAULTS["seed"], help="seed; the same seed writes byte-identical shards")
+    synth.add_argument(
+        "--n-aux", type=int, default=SYNTH_DEFAULTS["n_aux"], help="train rows of each auxiliary modality"
+    )
+    synth.add_argument(
+        "--noise-x", type=float, default=SYNTH_DEFAULTS["noise_x"], help="observation noise of the target"
+    )
+    synth.add_argument(
+        "--noise-aux",
+        type=float,
+        default=SYNTH_DEFAULTS["noise_aux"],
+        help="observation noise of the auxiliary modalities",
+    )
+    synth.add_argument(
+        "--class-sep",
+        type=float,
+        default=SYNTH_DEFAULTS["class_sep"],
+        help="scale of the class means in latent space",
+    )
+    synth.add_argument(
+        "--aux-pure-noise", action="store_true", help="auxiliary modalities are pure noise (control case)"
+    )
+    synth.add_argument(
+        "--aux-shared-mixing",
+        action="store_true",
+        help="auxiliary modalities observed through the target's own mixing (aligned spaces; dims must equal --dim-x)",
+    )
+    synth.add_argument(
+        "--aux-spread",
+        type=float,
+        default=SYNTH_DEFAULTS["aux_spread"],
+        help="within-class latent spread of the auxiliary rows (below 1: each row pins its class down more tightly)",
+    )
+    synth.add_argument(
+        "--kind", choices=["vector", "sequence"], default=SYNTH_DEFAULTS["kind"], help="row kind"
+    )
+    synth.add_argument(
+        "--seq-len",
+        type=int,
+        nargs=2,
+        default=list(SYNTH_DEFAULTS["seq_len"]),
+        metavar=("MIN", "MAX"),
+        help="sequence length range",
+    )
+    synth.add_argument(
+        "--rows-per-shard", type=int, default=SYNTH_DEFAULTS["rows_per_shard"], help="rows per Parquet shard"
+    )
+    synth.add_argument(
+        "--seed",
+        type=int,
+        default=SYNTH_DEFAULTS["seed"],
+        help="seed; the same seed writes byte-identical shards",
+    )
     synth.set_defaults(func=run_synth)
 
-    images = commands.add_parser("images", help="write one split of images as PNG shards (kind: image) for fine-tuning")
-    images.add_argument("out_dir", help="dataset folder: shards go to OUT/<modality>/<split>, the manifest to OUT/manifest.yaml")
+    images = commands.add_parser(
+        "images", help="write one split of images as PNG shards (kind: image) for fine-tuning"
+    )
+    images.add_argument(
+        "out_dir",
+        help="dataset folder: shards go to OUT/<modality>/<split>, the manifest to OUT/manifest.yaml",
+    )
     images.add_argument("--split", required=True, choices=["train", "val", "test"])
     source = images.add_mutually_exclusive_group(required=True)
-    source.add_argument("--fashion-mnist", choices=["train", "test"], help="a Fashion-MNIST idx split (Debian dataset-fashion-mnist)")
+    source.add_argument(
+        "--fashion-mnist",
+        choices=["train", "test"],
+        help="a Fashion-MNIST idx split (Debian dataset-fashion-mnist)",
+    )
     source.add_argument("--image-folder", help="ImageFolder-style directory root/<class>/<image>")
-    source.add_argument("--image-parquet", nargs="+", help="Parquet file(s) of encoded image bytes (columns image, label, id)")
-    images.add_argument("--classes", help="ordered class names, comma-separated (default: the folder's, Fashion-MNIST's or the manifest's)")
+    source.add_argument(
+        "--image-parquet", nargs="+", help="Parquet file(s) of encoded image bytes (columns image, label, id)"
+    )
+    images.add_argument(
+        "--classes",
+        help="ordered class names, comma-separated (default: the folder's, Fashion-MNIST's or the manifest's)",
+    )
     images.add_argument("--modality", default="image", help="modality name in the manifest")
     images.add_argument("--target", default="image", help="target modality when a new manifest is created")
-    images.add_argument("--size", type=int, default=0, help="shrink each image's shorter side to this many pixels (0 = keep)")
+    images.add_argument(
+        "--size", type=int, default=0, help="shrink each image's shorter side to this many pixels (0 = keep)"
+    )
     images.add_argument("--limit", type=int, default=0, help="write only the first N images (smoke runs)")
     images.set_defaults(func=run_images)
 
@@ -62,7 +129,9 @@ def format_summary(summary: dict) -> str:
     """A readable table of shards, rows and per-class counts per modality and split."""
     classes = summary["classes"]
     lines = [f"dataset {summary['name']}: {len(classes)} classes, target {summary['target']}"]
-    lines.append(f"{'modality':<12}{'split':<7}{'kind':<10}{'dim':>6}{'shards':>8}{'rows':>9}{'unlabeled':>11}  per class")
+    lines.append(
+        f"{'modality':<12}{'split':<7}{'kind':<10}{'dim':>6}{'shards':>8}{'rows':>9}{'unlabeled':>11}  per class"
+    )
     for modality, spec in summary["modalities"].items():
         for split, counts in spec["splits"].items():
             per_class = " ".join(str(counts["per_class"][name]) for name in classes)
@@ -95,9 +164,18 @@ def run_images(args) -> int:
     existing = Path(args.out_dir, "manifest.yaml")
     if classes is None and existing.exists():
         classes = load_manifest(str(existing)).classes
-    summary = write_image_dataset(args.out_dir, args.split, fashion_mnist=args.fashion_mnist, image_folder=args.image_folder,
-                                  image_parquet=args.image_parquet, classes=classes, modality=args.modality,
-                                  target=args.target, size=args.size, limit=args.limit)
+    summary = write_image_dataset(
+        args.out_dir,
+        args.split,
+        fashion_mnist=args.fashion_mnist,
+        image_folder=args.image_folder,
+        image_parquet=args.image_parquet,
+        classes=classes,
+        modality=args.modality,
+        target=args.target,
+        size=args.size,
+        limit=args.limit,
+    )
     print(json.dumps(summary))
     return 0
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -53,10 +53,20 @@ def sequence_type(dim: int) -> pa.DataType:
 def shard_schema(kind: str, dim: int) -> pa.Schema:
     """The exact schema every shard of a modality must have."""
     if kind == "image":
-        return pa.schema([pa.field(IMAGE, pa.binary(), nullable=False), pa.field(LABEL, pa.int32()), pa.field(ID, pa.string())])
+        return pa.schema(
+            [
+                pa.field(IMAGE, pa.binary(), nullable=False),
+                pa.field(LABEL, pa.int32()),
+                pa.field(ID, pa.string()),
+            ]
+        )
     feature_type = vector_type(dim) if kind == "vector" else sequence_type(dim)
     return pa.schema(
-        [pa.field(FEATURES, feature_type, nullable=False), pa.field(LABEL, pa.int32()), pa.field(ID, pa.string())]
+        [
+            pa.field(FEATURES, feature_type, nullable=False),
+            pa.field(LABEL, pa.int32()),
+            pa.field(ID, pa.string()),
+        ]
     )
 
 
@@ -118,7 +128,9 @@ def _require(mapping: dict, key: str, where: str, kind: type | tuple):
         raise DataError(f"{where}: missing field '{key}'")
     value = mapping[key]
     # YAML's true/false are Python bools, and bool is an int: never accept one as a number
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field '{key}' must be {names}, got {type(value).__name__} {value!r}")
     return value
@@ -167,7 +179,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(f"{path}: a manifest is a mapping with name, classes, target, modalities")
     unknown = set(raw) - {"name", "classes", "target", "modalities"}
     if unknown:
-        raise DataError(f"{path}: unknown manifest field(s) {sorted(unknown)}; allowed: name, classes, target, modalities")
+        raise DataError(
+            f"{path}: unknown manifest field(s) {sorted(unknown)}; allowed: name, classes, target, modalities"
+        )
     name = str(raw.get("name", Path(path).stem))
     classes = _require(raw, "classes", path, list)
     if not classes or len(set(map(str, classes))) != len(classes):
@@ -183,7 +197,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise DataError(f"{where}: must be a mapping with kind, dim, splits")
         unknown = set(spec) - {"kind", "dim", "encoder", "splits"}
         if unknown:
-            raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: kind, dim, encoder, splits")
+            raise DataError(
+                f"{where}: unknown field(s) {sorted(unknown)}; allowed: kind, dim, encoder, splits"
+            )
         kind = _require(spec, "kind", where, str)
         if kind not in KINDS:
             raise DataError(f"{where}.kind: '{kind}' is not one of {list(KINDS)}")
@@ -191,7 +207,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         if dim <= 0:
             raise DataError(f"{where}.dim: must be a positive integer, got {dim}")
         if kind == "image" and dim not in (1, 3):
-            raise DataError(f"{where}.dim: an image modality's dim is its channel count, 1 (grayscale) or 3 (RGB); got {dim}")
+            raise DataError(
+                f"{where}.dim: an image modality's dim is its channel count, 1 (grayscale) or 3 (RGB); got {dim}"
+            )
         splits = _require(spec, "splits", where, dict)
         resolved = {}
         for split, uris in splits.items():
@@ -201,9 +219,13 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                 uris = [uris]
             if not isinstance(uris, list):
                 raise DataError(f"{where}.splits.{split}: must be a list of shard paths")
-            resolved[split] = [u if is_remote(u) or os.path.isabs(u) else join_uri(base, u) for u in map(str, uris)]
+            resolved[split] = [
+                u if is_remote(u) or os.path.isabs(u) else join_uri(base, u) for u in map(str, uris)
+            ]
         modalities[mod_name] = ModalitySpec(kind=kind, dim=dim, encoder=spec.get("encoder"), splits=resolved)
-    return Manifest(name=name, classes=[str(c) for c in classes], target=target, modalities=modalities, path=path)
+    return Manifest(
+        name=name, classes=[str(c) for c in classes], target=target, modalities=modalities, path=path
+    )
 
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> str:
@@ -211,7 +233,9 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> str:
     path = str(path)
     base = None if is_remote(path) else str(Path(path).resolve().parent)
     payload = manifest.to_dict(relative_to=base)
-    text = json.dumps(payload, indent=2) if path.endswith(".json") else yaml.safe_dump(payload, sort_keys=False)
+    text = (
+        json.dumps(payload, indent=2) if path.endswith(".json") else yaml.safe_dump(payload, sort_keys=False)
+    )
     if is_remote(path):
         from pyarrow import fs as pafs
 

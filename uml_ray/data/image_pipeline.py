@@ -21,8 +21,8 @@ import dataclasses
 import hashlib
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,20 +51,29 @@ class ImageTransform:
     flip: bool = True
     seed: int = 0
 
-    def for_eval(self) -> "ImageTransform":
+    def for_eval(self) -> ImageTransform:
         """The same transform without augmentation (val/test)."""
         return dataclasses.replace(self, train=False)
 
 
-def transform_from_data_config(data_config: dict, size: int, min_scale: float, flip: bool, seed: int) -> ImageTransform:
+def transform_from_data_config(
+    data_config: dict, size: int, min_scale: float, flip: bool, seed: int
+) -> ImageTransform:
     """The train transform for a backbone's pretrained data config (``timm.data.resolve_data_config``).
 
     ``size`` 0 keeps the backbone's own input size.
     """
-    return ImageTransform(size=int(size or data_config["input_size"][-1]), mean=tuple(map(float, data_config["mean"])),
-                          std=tuple(map(float, data_config["std"])), interpolation=str(data_config.get("interpolation", "bicubic")),
-                          crop_pct=float(data_config.get("crop_pct", 0.875)), train=True, min_scale=float(min_scale),
-                          flip=bool(flip), seed=int(seed))
+    return ImageTransform(
+        size=int(size or data_config["input_size"][-1]),
+        mean=tuple(map(float, data_config["mean"])),
+        std=tuple(map(float, data_config["std"])),
+        interpolation=str(data_config.get("interpolation", "bicubic")),
+        crop_pct=float(data_config.get("crop_pct", 0.875)),
+        train=True,
+        min_scale=float(min_scale),
+        flip=bool(flip),
+        seed=int(seed),
+    )
 
 
 def row_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
@@ -73,7 +82,9 @@ def row_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, key])
 
 
-def crop_box(width: int, height: int, rng: np.random.Generator, min_scale: float) -> tuple[int, int, int, int]:
+def crop_box(
+    width: int, height: int, rng: np.random.Generator, min_scale: float
+) -> tuple[int, int, int, int]:
     """(left, top, width, height) of a random-resized crop: area fraction in [min_scale, 1], aspect in RATIO.
 
     torchvision's algorithm: ten tries, then the largest centred crop of an in-range aspect ratio.
@@ -99,7 +110,9 @@ def crop_box(width: int, height: int, rng: np.random.Generator, min_scale: float
 def _resample(name: str) -> int:
     from PIL import Image
 
-    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(name, Image.BICUBIC)
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(
+        name, Image.BICUBIC
+    )
 
 
 def transform_image(payload: bytes, row_id: str, epoch: int, transform: ImageTransform) -> np.ndarray:
@@ -180,9 +193,20 @@ class ImageStream(BatchStream):
     they ask), and a fresh shuffle of the same epoch otherwise.
     """
 
-    def __init__(self, source, spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
-                 transform: ImageTransform, decode_cpus: float, eval_cache_mb: float, window_batches: int = WINDOW_BATCHES,
-                 shuffle_buffer: int = 4096):
+    def __init__(
+        self,
+        source,
+        spec: StreamSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        transform: ImageTransform,
+        decode_cpus: float,
+        eval_cache_mb: float,
+        window_batches: int = WINDOW_BATCHES,
+        shuffle_buffer: int = 4096,
+    ):
         super().__init__(source, spec, batch_size, seed, rank, world_size, shuffle_buffer)
         self.transform = transform
         self.decode_cpus = decode_cpus
@@ -205,11 +229,18 @@ class ImageStream(BatchStream):
         order = self._rng(epoch).permutation(n)
         return order[: n // size * size].reshape(-1, size)
 
-    def _pipeline(self, rows: np.ndarray, epochs: np.ndarray, transform: ImageTransform, batch_size: int) -> Iterator[tuple]:
+    def _pipeline(
+        self, rows: np.ndarray, epochs: np.ndarray, transform: ImageTransform, batch_size: int
+    ) -> Iterator[tuple]:
         """Transformed batches of ``rows`` (seen in ``epochs``) through Ray Data, in order."""
         per_task = batch_size * BATCHES_PER_TASK
-        blocks = [pa.table({ROW: rows[i:i + per_task], EPOCH: epochs[i:i + per_task]}) for i in range(0, len(rows), per_task)]
-        yield from self._decoded(blocks, decode_block, {"share": self._share(), "transform": transform}, batch_size)
+        blocks = [
+            pa.table({ROW: rows[i : i + per_task], EPOCH: epochs[i : i + per_task]})
+            for i in range(0, len(rows), per_task)
+        ]
+        yield from self._decoded(
+            blocks, decode_block, {"share": self._share(), "transform": transform}, batch_size
+        )
 
     def _decoded(self, blocks: list[pa.Table], function, kwargs: dict, batch_size: int) -> Iterator[tuple]:
         """``function`` over ``blocks`` as Ray Data decode tasks; the transformed batches, in block order."""
@@ -218,12 +249,15 @@ class ImageStream(BatchStream):
         # from_blocks, not from_arrow: from_arrow runs a metadata task which, inside a Ray Train worker,
         # would queue in the worker's own (full) placement group for ever
         dataset = ray.data.from_blocks(blocks).map_batches(
-            function, batch_size=None, batch_format="pyarrow", num_cpus=self.decode_cpus, fn_kwargs=kwargs)
+            function, batch_size=None, batch_format="pyarrow", num_cpus=self.decode_cpus, fn_kwargs=kwargs
+        )
         # batch order is the stream's state: Ray Data must hand blocks over in input order
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
         dataset.context.print_on_execution_start = False
-        with opened(dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)) as batches:
+        with opened(
+            dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+        ) as batches:
             for batch in batches:
                 yield batch[IMAGE], batch[LABEL]
 
@@ -235,7 +269,7 @@ class ImageStream(BatchStream):
             if drawn >= len(batches):
                 epoch, drawn = epoch + 1, 0
                 continue
-            take = batches[drawn: drawn + self.window_batches - len(positions)]
+            take = batches[drawn : drawn + self.window_batches - len(positions)]
             rows.append(take)
             positions += [(epoch, drawn + i + 1) for i in range(len(take))]
             drawn += len(take)
@@ -254,9 +288,9 @@ class ImageStream(BatchStream):
             count = len(order) // size
             first = min(max(skip - index, 0), count)  # batches already drawn before a resume
             index += count
-            chosen = order[first * size: count * size]
+            chosen = order[first * size : count * size]
             for start in range(0, len(chosen), size * self.window_batches):
-                rows = chosen[start:start + size * self.window_batches]
+                rows = chosen[start : start + size * self.window_batches]
                 picked = table.take(pa.array(rows)).select([IMAGE, ID, LABEL])
                 picked = picked.append_column(EPOCH, pa.array(np.full(len(picked), epoch, np.int64)))
                 per_task = size * BATCHES_PER_TASK
@@ -292,12 +326,14 @@ class ImageStream(BatchStream):
         if self._evaluated is not None:
             images, labels = self._evaluated
             for start in range(0, len(labels), batch_size):
-                yield images[start:start + batch_size], labels[start:start + batch_size]
+                yield images[start : start + batch_size], labels[start : start + batch_size]
             return
         n = len(self.table())
-        keep = n * 3 * self.transform.size ** 2 * 4 / 2**20 <= self.eval_cache_mb
+        keep = n * 3 * self.transform.size**2 * 4 / 2**20 <= self.eval_cache_mb
         kept = []
-        for batch in self._pipeline(np.arange(n), np.zeros(n, np.int64), self.transform.for_eval(), batch_size):
+        for batch in self._pipeline(
+            np.arange(n), np.zeros(n, np.int64), self.transform.for_eval(), batch_size
+        ):
             if keep:
                 kept.append(batch)
             yield batch

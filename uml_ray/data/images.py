@@ -17,16 +17,22 @@ import io
 import itertools
 import operator
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import Manifest, ModalitySpec, load_manifest, shard_schema, write_manifest
-from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, decode_image, list_image_folder, load_fashion_mnist
+from uml_ray.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    decode_image,
+    list_image_folder,
+    load_fashion_mnist,
+)
 from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
 from uml_ray.uri import is_remote, join_uri
@@ -48,7 +54,9 @@ def to_picture(payload, channels: int | None = None, size: int = 0):
     picture = picture.convert(mode)
     if size and min(picture.size) > size:
         scale = size / min(picture.size)
-        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BICUBIC)
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.BICUBIC
+        )
     return picture
 
 
@@ -59,9 +67,17 @@ def encode_png(picture) -> bytes:
     return buffer.getvalue()
 
 
-def write_image_shards(out_dir: str, modality: str, split: str, images: Iterable, labels: Iterable[int],
-                       ids: Iterable[str], channels: int | None = None, size: int = 0,
-                       rows_per_shard: int = 4096) -> tuple[list[str], int]:
+def write_image_shards(
+    out_dir: str,
+    modality: str,
+    split: str,
+    images: Iterable,
+    labels: Iterable[int],
+    ids: Iterable[str],
+    channels: int | None = None,
+    size: int = 0,
+    rows_per_shard: int = 4096,
+) -> tuple[list[str], int]:
     """Write one (modality, split) of images as PNG Parquet shards under ``out_dir/modality/split``.
 
     ``images`` yields encoded bytes, file paths or uint8 arrays; they are read one at a time, so a
@@ -82,10 +98,18 @@ def write_image_shards(out_dir: str, modality: str, split: str, images: Iterable
     uris, column, label_column, id_column = [], [], [], []
 
     def flush() -> None:
-        table = pa.Table.from_arrays([pa.array(column, pa.binary()), pa.array(label_column, pa.int32()),
-                                      pa.array(id_column, pa.string())], schema=schema)
+        table = pa.Table.from_arrays(
+            [
+                pa.array(column, pa.binary()),
+                pa.array(label_column, pa.int32()),
+                pa.array(id_column, pa.string()),
+            ],
+            schema=schema,
+        )
         uri = join_uri(folder, f"part-{len(uris):05d}.parquet")
-        pq.write_table(table, uri.split("://", 1)[1] if filesystem is not None else uri, filesystem=filesystem)
+        pq.write_table(
+            table, uri.split("://", 1)[1] if filesystem is not None else uri, filesystem=filesystem
+        )
         uris.append(uri)
         column.clear(), label_column.clear(), id_column.clear()
 
@@ -102,8 +126,9 @@ def write_image_shards(out_dir: str, modality: str, split: str, images: Iterable
     return uris, channels or 3
 
 
-def fashion_mnist_images(split: str, rows: np.ndarray | None = None, invert: bool = True,
-                         folder: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def fashion_mnist_images(
+    split: str, rows: np.ndarray | None = None, invert: bool = True, folder: str = FASHION_MNIST_DIR
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Fashion-MNIST images (uint8, 28 x 28), labels and ids ``<split>-<row>``, optionally a subset of rows.
 
     ``invert`` gives dark garments on a light ground, like the product photos ImageNet backbones saw.
@@ -114,42 +139,68 @@ def fashion_mnist_images(split: str, rows: np.ndarray | None = None, invert: boo
     return (255 - chosen if invert else chosen), labels[rows], [f"{split}-{r:05d}" for r in rows]
 
 
-def parquet_image_rows(paths: list[str], image_column: str = "image", label_column: str = "label",
-                       id_column: str = "id") -> Iterator[tuple[bytes, int, str]]:
+def parquet_image_rows(
+    paths: list[str], image_column: str = "image", label_column: str = "label", id_column: str = "id"
+) -> Iterator[tuple[bytes, int, str]]:
     """``(encoded bytes, label, id)`` from Parquet files of image bytes, a record batch at a time."""
     for path in paths:
         try:
             shard = pq.ParquetFile(path)
-            missing = [c for c in (image_column, label_column, id_column) if c not in shard.schema_arrow.names]
+            missing = [
+                c for c in (image_column, label_column, id_column) if c not in shard.schema_arrow.names
+            ]
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read the Parquet file ({exc})") from None
         if missing:
-            raise DataError(f"{path}: no column(s) {missing}; it has {shard.schema_arrow.names} "
-                            "(name yours with --image-column/--label-column/--id-column)")
+            raise DataError(
+                f"{path}: no column(s) {missing}; it has {shard.schema_arrow.names} "
+                "(name yours with --image-column/--label-column/--id-column)"
+            )
         for batch in shard.iter_batches(batch_size=1024, columns=[image_column, label_column, id_column]):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), map(str, batch.column(2).to_pylist()))
+            yield from zip(
+                batch.column(0).to_pylist(),
+                batch.column(1).to_pylist(),
+                map(str, batch.column(2).to_pylist()),
+            )
 
 
-def add_image_split(out_dir: str, modality: str, split: str, uris: list[str], channels: int, classes: list[str],
-                    target: str) -> str:
+def add_image_split(
+    out_dir: str, modality: str, split: str, uris: list[str], channels: int, classes: list[str], target: str
+) -> str:
     """Record one written (modality, split) in ``out_dir/manifest.yaml``, creating the manifest if needed."""
     path = join_uri(out_dir, "manifest.yaml")
     exists = Path(path).exists() if not is_remote(path) else False
-    manifest = load_manifest(path) if exists else Manifest(name=Path(out_dir).name, classes=list(classes),
-                                                            target=target, modalities={})
+    manifest = (
+        load_manifest(path)
+        if exists
+        else Manifest(name=Path(out_dir).name, classes=list(classes), target=target, modalities={})
+    )
     if list(manifest.classes) != list(classes):
         raise DataError(f"{path}: classes {manifest.classes} differ from this source's {classes}")
     spec = manifest.modalities.setdefault(modality, ModalitySpec(kind="image", dim=channels, encoder=None))
     if spec.kind != "image" or spec.dim != channels:
-        raise DataError(f"{path}: modality '{modality}' holds {spec.kind} rows of dim {spec.dim}; write "
-                        f"{channels}-channel images under another --modality or --out")
+        raise DataError(
+            f"{path}: modality '{modality}' holds {spec.kind} rows of dim {spec.dim}; write "
+            f"{channels}-channel images under another --modality or --out"
+        )
     spec.splits[split] = uris
     return write_manifest(manifest, path)
 
 
-def write_image_dataset(out_dir: str, split: str, *, fashion_mnist: str | None = None, image_folder: str | None = None,
-                        image_parquet: list[str] | None = None, classes: list[str] | None = None, modality: str = "image",
-                        target: str = "image", size: int = 0, channels: int | None = None, limit: int = 0) -> dict:
+def write_image_dataset(
+    out_dir: str,
+    split: str,
+    *,
+    fashion_mnist: str | None = None,
+    image_folder: str | None = None,
+    image_parquet: list[str] | None = None,
+    classes: list[str] | None = None,
+    modality: str = "image",
+    target: str = "image",
+    size: int = 0,
+    channels: int | None = None,
+    limit: int = 0,
+) -> dict:
     """Write one split of images from exactly one source into ``out_dir`` and its manifest; returns a summary."""
     chosen = [s for s in (fashion_mnist, image_folder, image_parquet) if s]
     if len(chosen) != 1:
@@ -170,8 +221,14 @@ def write_image_dataset(out_dir: str, split: str, *, fashion_mnist: str | None =
         images, labels, ids = (map(operator.itemgetter(i), view) for i, view in enumerate(views))
     uris, channels = write_image_shards(out_dir, modality, split, images, labels, ids, channels, size)
     manifest = add_image_split(out_dir, modality, split, uris, channels, classes, target)
-    return {"manifest": manifest, "modality": modality, "split": split, "shards": len(uris), "channels": channels,
-            "rows": count_rows(uris)}
+    return {
+        "manifest": manifest,
+        "modality": modality,
+        "split": split,
+        "shards": len(uris),
+        "channels": channels,
+        "rows": count_rows(uris),
+    }
 
 
 @dataclass
@@ -187,7 +244,9 @@ class ImageRowProblems:
         self.first.setdefault(kind, detail)
 
 
-def check_image_column(column: pa.Array, rows: np.ndarray, channels: int, stride: int, found: ImageRowProblems) -> None:
+def check_image_column(
+    column: pa.Array, rows: np.ndarray, channels: int, stride: int, found: ImageRowProblems
+) -> None:
     """Check a batch of encoded images (``rows``: their shard row numbers): each header is read,
     every ``stride``-th row is decoded in full.
 
@@ -211,14 +270,20 @@ def check_image_column(column: pa.Array, rows: np.ndarray, channels: int, stride
             found.add("channels", row, f"{len(bands)} channel(s) ({picture.mode})")
 
 
-def report_image_problems(uri: str, modality: str, channels: int, found: ImageRowProblems, problems: list[str]) -> None:
+def report_image_problems(
+    uri: str, modality: str, channels: int, found: ImageRowProblems, problems: list[str]
+) -> None:
     """One line per kind of bad image row: how many, the first row and what it showed, and the fix."""
     if found.rows["undecodable"]:
         rows = found.rows["undecodable"]
-        problems.append(f"{uri}: {len(rows)} row(s) are not decodable images (first at row {rows[0]}: "
-                        f"{found.first['undecodable']}); re-encode them as PNG/JPEG or drop those rows")
+        problems.append(
+            f"{uri}: {len(rows)} row(s) are not decodable images (first at row {rows[0]}: "
+            f"{found.first['undecodable']}); re-encode them as PNG/JPEG or drop those rows"
+        )
     if found.rows["channels"]:
         rows = found.rows["channels"]
-        problems.append(f"{uri}: {len(rows)} image(s) do not have the {channels} channel(s) of modalities.{modality}.dim "
-                        f"(first at row {rows[0]}: {found.first['channels']}); convert them to "
-                        f"{CHANNEL_MODES.get(channels, 'L or RGB')} (uml-ray data images does) or fix the dim")
+        problems.append(
+            f"{uri}: {len(rows)} image(s) do not have the {channels} channel(s) of modalities.{modality}.dim "
+            f"(first at row {rows[0]}: {found.first['channels']}); convert them to "
+            f"{CHANNEL_MODES.get(channels, 'L or RGB')} (uml-ray data images does) or fix the dim"
+        )

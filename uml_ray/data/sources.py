@@ -24,8 +24,18 @@ import numpy as np
 from uml_ray.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 WORDNET_DIR = "/usr/share/wordnet"
 # WordNet 3.0 noun senses per Fashion-MNIST class, as lemma.n.<sense number in index.noun order>.
 # "top" has eleven noun senses; sense 10 is the garment. The Fashion-MNIST bags are handbags, so "Bag"
@@ -63,7 +73,9 @@ def read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as handle:
             data = handle.read()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc}); for Fashion-MNIST install the Debian package dataset-fashion-mnist") from None
+        raise DataError(
+            f"{path}: cannot read ({exc}); for Fashion-MNIST install the Debian package dataset-fashion-mnist"
+        ) from None
     if len(data) < 8:
         raise DataError(f"{path}: too short for an idx file")
     magic, count = struct.unpack(">II", data[:8])
@@ -73,7 +85,9 @@ def read_idx(path: str) -> np.ndarray:
     elif magic == 2049:
         expected, offset, shape = count, 8, (count,)
     else:
-        raise DataError(f"{path}: not an idx uint8 image (2051) or label (2049) file; magic number is {magic}")
+        raise DataError(
+            f"{path}: not an idx uint8 image (2051) or label (2049) file; magic number is {magic}"
+        )
     if len(data) - offset != expected:
         raise DataError(f"{path}: header says {expected} bytes of data, file has {len(data) - offset}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
@@ -150,7 +164,9 @@ def class_key(name: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[_\-]", " ", str(name).lower())).strip()
 
 
-def _check_coverage(pairs: list[tuple[str, int]], classes: list[str], source: str, available: list[str]) -> None:
+def _check_coverage(
+    pairs: list[tuple[str, int]], classes: list[str], source: str, available: list[str]
+) -> None:
     covered = {label for _, label in pairs}
     missing = [name for label, name in enumerate(classes) if label not in covered]
     if missing:
@@ -177,18 +193,28 @@ def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
         if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
             raise DataError(f"{path}: key {key!r} must map to a list of sentences")
         by_key.setdefault(class_key(key), []).extend(s.strip() for s in sentences if s.strip())
-    pairs = [(sentence, label) for label, name in enumerate(classes) for sentence in by_key.get(class_key(name), [])]
+    pairs = [
+        (sentence, label)
+        for label, name in enumerate(classes)
+        for sentence in by_key.get(class_key(name), [])
+    ]
     _check_coverage(pairs, classes, path, sorted(raw))
     return pairs
 
 
-def template_texts(classes: list[str], templates: list[str] = TEMPLATES, names: dict[str, str] | None = None) -> list[tuple[str, int]]:
+def template_texts(
+    classes: list[str], templates: list[str] = TEMPLATES, names: dict[str, str] | None = None
+) -> list[tuple[str, int]]:
     """``(template.format(name), class index)`` for every template and class; ``names`` renames classes for prose."""
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DataError(f"prompt template(s) {bad} have no '{{}}' for the class name")
     names = names or {}
-    return [(template.format(names.get(name, name)), label) for label, name in enumerate(classes) for template in templates]
+    return [
+        (template.format(names.get(name, name)), label)
+        for label, name in enumerate(classes)
+        for template in templates
+    ]
 
 
 @dataclass
@@ -207,7 +233,9 @@ class WordNet:
             raise DataError(f"WordNet has no noun '{lemma}'")
         index = int(number or 1) - 1
         if not 0 <= index < len(offsets):
-            raise DataError(f"WordNet noun '{lemma}' has {len(offsets)} sense(s); asked for sense {index + 1}")
+            raise DataError(
+                f"WordNet noun '{lemma}' has {len(offsets)} sense(s); asked for sense {index + 1}"
+            )
         return offsets[index]
 
 
@@ -220,7 +248,7 @@ def load_wordnet(folder: str = WORDNET_DIR) -> WordNet:
                 if line.startswith(" "):  # license header
                     continue
                 fields = line.split()
-                senses[fields[0]] = fields[-int(fields[2]):]
+                senses[fields[0]] = fields[-int(fields[2]) :]
         with open(os.path.join(folder, "data.noun")) as handle:
             for line in handle:
                 if line.startswith(" "):
@@ -228,18 +256,26 @@ def load_wordnet(folder: str = WORDNET_DIR) -> WordNet:
                 head, _, gloss = line.partition(" | ")
                 fields = head.split()
                 word_count = int(fields[3], 16)
-                words = [w.replace("_", " ") for w in fields[4:4 + 2 * word_count:2]]
+                words = [w.replace("_", " ") for w in fields[4 : 4 + 2 * word_count : 2]]
                 position = 4 + 2 * word_count
-                pointers = [fields[position + 1 + 4 * i: position + 5 + 4 * i] for i in range(int(fields[position]))]
+                pointers = [
+                    fields[position + 1 + 4 * i : position + 5 + 4 * i] for i in range(int(fields[position]))
+                ]
                 hyponyms = [p[1] for p in pointers if p[0] in ("~", "~i") and p[2] == "n"]
                 synsets[fields[0]] = (words, hyponyms, gloss.strip())
     except OSError as exc:
-        raise DataError(f"{folder}: cannot read WordNet ({exc}); install the Debian package wordnet-base") from None
+        raise DataError(
+            f"{folder}: cannot read WordNet ({exc}); install the Debian package wordnet-base"
+        ) from None
     return WordNet(senses=senses, synsets=synsets)
 
 
-def wordnet_glosses(classes: list[str], senses: dict[str, list[str]] | None = None, hyponyms: bool = True,
-                    folder: str = WORDNET_DIR) -> list[tuple[str, int]]:
+def wordnet_glosses(
+    classes: list[str],
+    senses: dict[str, list[str]] | None = None,
+    hyponyms: bool = True,
+    folder: str = WORDNET_DIR,
+) -> list[tuple[str, int]]:
     """``("<lemma>: <gloss>", class index)`` pairs from WordNet for each class.
 
     ``senses`` maps a class to WordNet senses (``lemma.n.N``); a class not in it uses the first noun
@@ -257,7 +293,9 @@ def wordnet_glosses(classes: list[str], senses: dict[str, list[str]] | None = No
         except DataError as exc:
             problems.append(f"class {name!r}: {exc}")
     if problems:
-        raise DataError(problems + ["map these classes to WordNet senses (lemma.n.N) with the senses argument"])
+        raise DataError(
+            problems + ["map these classes to WordNet senses (lemma.n.N) with the senses argument"]
+        )
     used = {offset for offsets in chosen.values() for offset in offsets}
     pairs = []
     for label in range(len(classes)):

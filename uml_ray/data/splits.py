@@ -18,7 +18,9 @@ from uml_ray.errors import DataError
 MAX_VAL_SHOTS = 4
 
 
-def few_shot_split(ids, labels, shots: int, seed: int, max_val_shots: int = MAX_VAL_SHOTS) -> dict[str, list[str]]:
+def few_shot_split(
+    ids, labels, shots: int, seed: int, max_val_shots: int = MAX_VAL_SHOTS
+) -> dict[str, list[str]]:
     """Pick ``shots`` train ids and ``min(max_val_shots, shots)`` val ids per class, disjoint, from one pool.
 
     ``ids`` and ``labels`` describe the pool row by row. Each class's ids are sorted, permuted by
@@ -45,7 +47,7 @@ def few_shot_split(ids, labels, shots: int, seed: int, max_val_shots: int = MAX_
             continue
         order = rng.permutation(len(pool))
         chosen["train"].extend((int(label), pool[i]) for i in order[:shots])
-        chosen["val"].extend((int(label), pool[i]) for i in order[shots:shots + val_shots])
+        chosen["val"].extend((int(label), pool[i]) for i in order[shots : shots + val_shots])
     if short:
         raise DataError([f"few-shot split ({shots} train + {val_shots} val per class): " + s for s in short])
     return {split: [i for _, i in sorted(rows)] for split, rows in chosen.items()}
@@ -73,13 +75,19 @@ def _classes_from(entries: list[tuple[str, int, str]], source: str) -> list[str]
     return [names[label] for label in range(len(names))]
 
 
-def _image_list(entries: list[tuple[str, int, str]], image_dir: str | None, classes: list[str], indices=None) -> ImageList:
+def _image_list(
+    entries: list[tuple[str, int, str]], image_dir: str | None, classes: list[str], indices=None
+) -> ImageList:
     def resolve(path: str) -> str:
         return path if image_dir is None or os.path.isabs(path) else os.path.join(image_dir, path)
 
-    return ImageList(paths=[resolve(p) for p, _, _ in entries], ids=[p for p, _, _ in entries],
-                     labels=np.array([label for _, label, _ in entries], dtype=np.int64), classes=classes,
-                     indices=list(indices or []))
+    return ImageList(
+        paths=[resolve(p) for p, _, _ in entries],
+        ids=[p for p, _, _ in entries],
+        labels=np.array([label for _, label, _ in entries], dtype=np.int64),
+        classes=classes,
+        indices=list(indices or []),
+    )
 
 
 def _read_json(path: str) -> dict:
@@ -128,6 +136,8 @@ def load_few_shot_index(path: str, image_dir: str | None = None) -> dict[str, Im
             raise DataError(f"{path}: '{split}.data' entries need impath, label, classname") from None
         indices[split] = [int(i) for i in block.get("indices", [])]
         if indices[split] and len(indices[split]) != len(entries[split]):
-            raise DataError(f"{path}: '{split}' has {len(entries[split])} data entries but {len(indices[split])} indices")
+            raise DataError(
+                f"{path}: '{split}' has {len(entries[split])} data entries but {len(indices[split])} indices"
+            )
     classes = _classes_from([e for rows in entries.values() for e in rows], path)
     return {split: _image_list(rows, image_dir, classes, indices[split]) for split, rows in entries.items()}

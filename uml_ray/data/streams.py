@@ -71,7 +71,10 @@ def encoded_mb(uris: list[str], column: str) -> float:
     for path, filesystem in (_located([uri]) for uri in uris):
         metadata = pq.ParquetFile(path[0], filesystem=filesystem).metadata
         index = metadata.schema.names.index(column)
-        total += sum(metadata.row_group(g).column(index).total_uncompressed_size for g in range(metadata.num_row_groups))
+        total += sum(
+            metadata.row_group(g).column(index).total_uncompressed_size
+            for g in range(metadata.num_row_groups)
+        )
     return total / 2**20
 
 
@@ -190,7 +193,9 @@ class ParquetSource:
     def _blocks(self):
         for uri in self.uris:
             paths, filesystem = _located([uri])
-            yield from pq.ParquetFile(paths[0], filesystem=filesystem).iter_batches(batch_size=self.block_rows)
+            yield from pq.ParquetFile(paths[0], filesystem=filesystem).iter_batches(
+                batch_size=self.block_rows
+            )
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
         """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows (the last may be short)."""
@@ -266,8 +271,9 @@ def read_ahead(items, depth: int):
         stop.set()
 
 
-def build_streamed_datasets(manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool,
-                            seed: int) -> dict:
+def build_streamed_datasets(
+    manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool, seed: int
+) -> dict:
     """Lazy Ray Data datasets of the shares too large to hold in memory (``cached`` False), keyed by name.
 
     Auxiliary row options run as groupby operations; Ray Train splits these across workers.
@@ -309,7 +315,10 @@ def start_ray_data_helpers(timeout_s: float = 60.0) -> None:
         )
         from ray.data._internal.stats import get_or_create_stats_actor
     except ImportError as exc:  # another Ray version: the helpers land wherever Ray Data first runs
-        log.warning("Ray Data helper actors not started on the driver's node (%s); an autoscaled node may stay up", exc)
+        log.warning(
+            "Ray Data helper actors not started on the driver's node (%s); an autoscaled node may stay up",
+            exc,
+        )
         return
     actors = [get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()]
     try:
@@ -340,8 +349,16 @@ class BatchStream:
     for sequences, features are (steps, lengths). State is (epoch, batches drawn this epoch).
     """
 
-    def __init__(self, iterator, spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
-                 shuffle_buffer: int = 4096):
+    def __init__(
+        self,
+        iterator,
+        spec: StreamSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int = 4096,
+    ):
         self.iterator = iterator
         self.spec = spec
         self.batch_size = batch_size
@@ -371,8 +388,12 @@ class BatchStream:
         """This worker's whole share, id-sorted (read once, then held): the cached path."""
         if self._table is None:
             tables = [batch for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow")]
-            table = _concat([pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in tables])
-            if not _sorted_by_id(table):  # the driver's tables come sorted: a check costs 1000x less than a sort
+            table = _concat(
+                [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in tables]
+            )
+            if not _sorted_by_id(
+                table
+            ):  # the driver's tables come sorted: a check costs 1000x less than a sort
                 table = table.sort_by(ID)
             if self.world_size > 1:  # cached datasets reach every worker whole
                 table = table.take(pa.array(np.arange(self.rank, len(table), self.world_size)))
@@ -397,7 +418,7 @@ class BatchStream:
                 self._arrays = _to_arrays(table, self.spec)
             features, labels = self._arrays
             for start in range(0, len(usable), size):
-                rows = usable[start:start + size]
+                rows = usable[start : start + size]
                 yield features[rows], labels[rows]
             return
         yield from self._shuffled_batches(table, usable, size)
@@ -414,7 +435,9 @@ class BatchStream:
         buffer: list[pa.Table] = []
         buffered = 0
         # native blocks (batch_size=None) skip Ray Data's re-batching; the buffer shuffles them
-        with opened(self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)) as batches:
+        with opened(
+            self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        ) as batches:
             for batch in batches:
                 buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
                 buffered += len(buffer[-1])
@@ -435,11 +458,11 @@ class BatchStream:
         if self.spec.kind == "vector":
             features, labels = _to_arrays(table, self.spec)
             for start in range(0, len(order), size):
-                rows = order[start:start + size]
+                rows = order[start : start + size]
                 yield features[rows], labels[rows]
             return
         for start in range(0, len(order), size):
-            yield _to_arrays(table.take(pa.array(order[start:start + size])), self.spec)
+            yield _to_arrays(table.take(pa.array(order[start : start + size])), self.spec)
 
     def _epoch(self, epoch: int):
         return self._epoch_from_cache(epoch) if self.spec.cached else self._epoch_streamed(epoch)
@@ -482,4 +505,3 @@ class BatchStream:
             for batch in batches:
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
                 yield _to_arrays(table, self.spec)
-

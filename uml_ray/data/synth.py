@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from uml_ray.data.format import KINDS, Manifest, ModalitySpec, write_manifest, write_shards
-from uml_ray.uri import join_uri
 from uml_ray.errors import ConfigError
+from uml_ray.uri import join_uri
 
 TARGET = "image"
 DECAY = 0.8  # |eigenvalues| of the sequence dynamics R
@@ -71,7 +71,9 @@ def _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len, spread=1.0
         for t in range(length):
             state = dynamics @ state + drive
             states[t] = state
-        rows.append((states @ mixing.T + noise * rng.standard_normal((length, mixing.shape[0]))).astype(np.float32))
+        rows.append(
+            (states @ mixing.T + noise * rng.standard_normal((length, mixing.shape[0]))).astype(np.float32)
+        )
     return rows
 
 
@@ -115,20 +117,32 @@ def write_synthetic(
     if kind not in KINDS:
         raise ConfigError(f"synthetic data: kind must be one of {list(KINDS)}, got {kind!r}")
     if not 1 <= seq_len[0] <= seq_len[1]:
-        raise ConfigError(f"synthetic data: seq_len must be (min, max) with 1 <= min <= max, got {tuple(seq_len)}")
+        raise ConfigError(
+            f"synthetic data: seq_len must be (min, max) with 1 <= min <= max, got {tuple(seq_len)}"
+        )
     # refused here rather than written: `data validate` rejects a dataset with an empty split
-    sizes = {"n_classes (--classes)": n_classes, "latent_dim (--latent-dim)": latent_dim, "dim_x (--dim-x)": dim_x,
-             "n_train (--n-train)": n_train, "n_val (--n-val)": n_val, "n_test (--n-test)": n_test,
-             "rows_per_shard (--rows-per-shard)": rows_per_shard}
+    sizes = {
+        "n_classes (--classes)": n_classes,
+        "latent_dim (--latent-dim)": latent_dim,
+        "dim_x (--dim-x)": dim_x,
+        "n_train (--n-train)": n_train,
+        "n_val (--n-val)": n_val,
+        "n_test (--n-test)": n_test,
+        "rows_per_shard (--rows-per-shard)": rows_per_shard,
+    }
     for what, value in sizes.items():
         if value < 1:
             raise ConfigError(f"synthetic data: {what} must be >= 1, got {value}")
     if any(dim < 1 for dim in dims_aux):
-        raise ConfigError(f"synthetic data: every auxiliary dim (--dims-aux) must be >= 1, got {list(dims_aux)}")
+        raise ConfigError(
+            f"synthetic data: every auxiliary dim (--dims-aux) must be >= 1, got {list(dims_aux)}"
+        )
     if dims_aux and n_aux < n_classes:
         # balanced labels give every class an auxiliary row only when there are at least as many rows as classes
-        raise ConfigError(f"synthetic data: n_aux (--n-aux) must be >= n_classes={n_classes} so every class has "
-                          f"auxiliary rows, got {n_aux}")
+        raise ConfigError(
+            f"synthetic data: n_aux (--n-aux) must be >= n_classes={n_classes} so every class has "
+            f"auxiliary rows, got {n_aux}"
+        )
     if seed < 0:
         raise ConfigError(f"synthetic data: seed (--seed) must be >= 0, got {seed}")
     if not aux_spread > 0:
@@ -142,7 +156,9 @@ def write_synthetic(
     modalities = {TARGET: (dim_x, x_mixing, noise_x)}
     for name, dim in zip(auxiliary_names(len(dims_aux)), dims_aux):
         if aux_shared_mixing and dim != dim_x:
-            raise ConfigError(f"synthetic data: aux_shared_mixing needs every auxiliary dim == dim_x={dim_x}, got {dim}")
+            raise ConfigError(
+                f"synthetic data: aux_shared_mixing needs every auxiliary dim == dim_x={dim_x}, got {dim}"
+            )
         mixing = x_mixing if aux_shared_mixing else _mixing(rng, dim, latent_dim, np.ones(latent_dim))
         modalities[name] = (dim, mixing, noise_aux)
     # eigenvalues of magnitude DECAY < 1 keep the state bounded
@@ -158,11 +174,24 @@ def write_synthetic(
             labels = _balanced_labels(rng, n, n_classes)
             if pure_noise:
                 # unit Gaussian noise of the same shape; its labels say nothing about it
-                features = _draw(rng, labels, np.zeros_like(means), np.zeros_like(mixing), 1.0, kind, dynamics, seq_len)
+                features = _draw(
+                    rng, labels, np.zeros_like(means), np.zeros_like(mixing), 1.0, kind, dynamics, seq_len
+                )
             else:
-                features = _draw(rng, labels, means, mixing, noise, kind, dynamics, seq_len,
-                                 aux_spread if name != TARGET else 1.0)
-            uris[split] = write_shards(out_dir, name, split, features, labels, kind=kind, dim=dim, rows_per_shard=rows_per_shard)
+                features = _draw(
+                    rng,
+                    labels,
+                    means,
+                    mixing,
+                    noise,
+                    kind,
+                    dynamics,
+                    seq_len,
+                    aux_spread if name != TARGET else 1.0,
+                )
+            uris[split] = write_shards(
+                out_dir, name, split, features, labels, kind=kind, dim=dim, rows_per_shard=rows_per_shard
+            )
         specs[name] = ModalitySpec(kind=kind, dim=dim, encoder="synthetic-linear", splits=uris)
     manifest = Manifest(
         name="synthetic",

@@ -18,10 +18,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, SPLITS, Manifest, ModalitySpec, load_manifest, shard_schema, table_to_numpy
+from uml_ray.data.format import (
+    FEATURES,
+    ID,
+    IMAGE,
+    LABEL,
+    SPLITS,
+    Manifest,
+    ModalitySpec,
+    load_manifest,
+    shard_schema,
+    table_to_numpy,
+)
 from uml_ray.data.images import DECODE_SAMPLE, ImageRowProblems, check_image_column, report_image_problems
-from uml_ray.uri import is_remote
 from uml_ray.errors import DataError
+from uml_ray.uri import is_remote
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
 FORMAT_HINT = "write shards with uml_ray.data.format.write_shards"
@@ -88,7 +99,9 @@ def _schema_problems(uri: str, found: pa.Schema, modality: str, spec: ModalitySp
                     f"fix the manifest kind or rewrite the shard"
                 )
                 continue
-        problems.append(f"{uri}: column '{field.name}' has type {found_type}, expected {field.type}; {FORMAT_HINT}")
+        problems.append(
+            f"{uri}: column '{field.name}' has type {found_type}, expected {field.type}; {FORMAT_HINT}"
+        )
     extra = [name for name in found.names if name not in expected.names]
     if extra:
         problems.append(f"{uri}: unexpected column(s) {extra}; a shard holds exactly {expected.names}")
@@ -101,8 +114,9 @@ def _report_rows(problems: list[str], uri: str, rows: np.ndarray, what: str, fix
         problems.append(f"{uri}: {len(rows)} row(s) {what} (first at row {int(rows[0])}); {fix}")
 
 
-def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, labels_required: bool,
-                problems: list[str]) -> ShardStats | None:
+def check_shard(
+    uri: str, modality: str, spec: ModalitySpec, n_classes: int, labels_required: bool, problems: list[str]
+) -> ShardStats | None:
     """Check one shard's readability, schema and every row; append problems. None when unreadable or mis-typed.
 
     Rows are read in record batches, so a shard of any size is checked in bounded memory.
@@ -111,7 +125,9 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
         shard = open_shard(uri)
         schema = shard.schema_arrow
     except (OSError, pa.ArrowException) as exc:
-        problems.append(f"{uri}: cannot read the Parquet shard ({_reason(exc)}); fix the path in the manifest or rewrite the shard")
+        problems.append(
+            f"{uri}: cannot read the Parquet shard ({_reason(exc)}); fix the path in the manifest or rewrite the shard"
+        )
         return None
     schema_problems = _schema_problems(uri, schema, modality, spec)
     if schema_problems:
@@ -158,13 +174,17 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
     except (OSError, pa.ArrowException) as exc:
         null_row = _null_fixed_size_row(exc, total)
         if null_row is not None:
-            problems.append(f"{uri}: row {null_row} has null features (the first; Parquet cannot read past it); "
-                            "every row needs features: drop or fill those rows")
+            problems.append(
+                f"{uri}: row {null_row} has null features (the first; Parquet cannot read past it); "
+                "every row needs features: drop or fill those rows"
+            )
         else:
             problems.append(f"{uri}: cannot read rows past row {total} ({_reason(exc)}); rewrite the shard")
         return None
-    found = {name: np.concatenate(bad[name]) if bad[name] else np.zeros(0, np.int64)
-             for name in ("null features", "non-finite", "empty sequence", "label range", "null label")}
+    found = {
+        name: np.concatenate(bad[name]) if bad[name] else np.zeros(0, np.int64)
+        for name in ("null features", "non-finite", "empty sequence", "label range", "null label")
+    }
     _report_rows(problems, uri, found["null features"], "have null features", "every row needs features")
     _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
     if spec.kind == "sequence":
@@ -178,8 +198,13 @@ def check_shard(uri: str, modality: str, spec: ModalitySpec, n_classes: int, lab
             f"{int(found['label range'][0])}: label {first}); labels index the manifest's classes"
         )
     if labels_required:
-        _report_rows(problems, uri, found["null label"], "have no label",
-                     "the target's splits and every auxiliary train split need a class label on each row")
+        _report_rows(
+            problems,
+            uri,
+            found["null label"],
+            "have no label",
+            "the target's splits and every auxiliary train split need a class label on each row",
+        )
     return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled, ids=ids)
 
 
@@ -209,8 +234,10 @@ def _duplicate_id_problem(where: str, uris: list[str], shard_ids: list[list[pa.A
         column = pa.chunked_array(per_shard, pa.string()) if per_shard else pa.chunked_array([], pa.string())
         rows = np.flatnonzero(pc.equal(column, first).fill_null(False).to_numpy(zero_copy_only=False))
         places += [f"{uri} row {int(r)}" for r in rows]
-    return (f"{where}: {len(repeated)} id(s) appear more than once in the split (first: '{first}' at "
-            f"{' and '.join(places[:2])}); ids must be unique within a split: drop or rename the duplicates")
+    return (
+        f"{where}: {len(repeated)} id(s) appear more than once in the split (first: '{first}' at "
+        f"{' and '.join(places[:2])}); ids must be unique within a split: drop or rename the duplicates"
+    )
 
 
 def _duplicate_problems(manifest: Manifest) -> list[str]:
@@ -268,9 +295,13 @@ def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
         role = "the target" if modality == manifest.target else "an auxiliary modality"
         for split in needed:
             if not manifest.uris(modality, split):
-                problems.append(f"{where}: modalities.{modality}.splits.{split} has no shards; {role} needs {split} rows")
+                problems.append(
+                    f"{where}: modalities.{modality}.splits.{split} has no shards; {role} needs {split} rows"
+                )
             elif stats.get((modality, split)) is not None and stats[modality, split].rows == 0:
-                problems.append(f"{where}: modalities.{modality}.splits.{split} has 0 rows in its shards; {role} needs {split} rows")
+                problems.append(
+                    f"{where}: modalities.{modality}.splits.{split} has 0 rows in its shards; {role} needs {split} rows"
+                )
 
     auxiliary = manifest.auxiliary
     target_train = stats.get((manifest.target, "train"))
@@ -297,7 +328,12 @@ def require_valid_manifest(path: str) -> Manifest:
 
 def summarize_manifest(manifest: Manifest) -> dict:
     """Shards, rows, unlabeled rows and per-class label counts per modality and split (labels read only)."""
-    summary = {"name": manifest.name, "target": manifest.target, "classes": list(manifest.classes), "modalities": {}}
+    summary = {
+        "name": manifest.name,
+        "target": manifest.target,
+        "classes": list(manifest.classes),
+        "modalities": {},
+    }
     for modality, spec in manifest.modalities.items():
         splits = {}
         for split, uris in spec.splits.items():
@@ -306,7 +342,11 @@ def summarize_manifest(manifest: Manifest) -> dict:
                 for uri in uris
                 for batch in open_shard(uri).iter_batches(batch_size=BATCH_ROWS * 8, columns=[LABEL])
             ]
-            values = np.concatenate([a.drop_null().to_numpy(zero_copy_only=False) for a in labels]) if labels else np.zeros(0, np.int64)
+            values = (
+                np.concatenate([a.drop_null().to_numpy(zero_copy_only=False) for a in labels])
+                if labels
+                else np.zeros(0, np.int64)
+            )
             counts = np.bincount(values.astype(np.int64), minlength=len(manifest.classes))
             splits[split] = {
                 "shards": len(uris),

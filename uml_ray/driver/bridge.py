@@ -35,16 +35,27 @@ def _never_fails_the_sweep(event):
             return event(self, trial, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever MLflow raised, the trial trains on
             text = " ".join(str(exc).split())[:300]
-            _say(f"MLflow: could not record {event.__name__.replace('_', ' ')} of trial {trial.trial_id} "
-                 f"({type(exc).__name__}: {text}); the trial goes on")
+            _say(
+                f"MLflow: could not record {event.__name__.replace('_', ' ')} of trial {trial.trial_id} "
+                f"({type(exc).__name__}: {text}); the trial goes on"
+            )
+
     return guarded
 
 
 class TrackingBridge:
     """Forwards Tune trial events to MLflow and prints one line per trial event."""
 
-    def __init__(self, plan: RunPlan, sweep: str, single_run: bool, sweep_params: dict, resolve, fetch_best,
-                 verbose: bool = False):
+    def __init__(
+        self,
+        plan: RunPlan,
+        sweep: str,
+        single_run: bool,
+        sweep_params: dict,
+        resolve,
+        fetch_best,
+        verbose: bool = False,
+    ):
         self.plan = plan
         self.fetch_best = fetch_best
         self.sweep = sweep
@@ -64,7 +75,9 @@ class TrackingBridge:
 
         if self._tracker is None:
             tracking = self.plan.cfg.tracking
-            self._tracker = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, self.sweep, self.single_run)
+            self._tracker = SweepTracker(
+                tracking.uri, tracking.experiment, tracking.artifact_location, self.sweep, self.single_run
+            )
             self._tracker.start_sweep(self.sweep_params)
         return self._tracker
 
@@ -103,9 +116,13 @@ class TrackingBridge:
                 if member.get("step") == result.get("step"):
                     self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
             if self.verbose or result.get("live") == 0:
-                _say(f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} best_val_acc={result.get('best_val_acc', 0):.4g}")
+                _say(
+                    f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} best_val_acc={result.get('best_val_acc', 0):.4g}"
+                )
             return
-        self.tracker.log_metrics(trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0))))
+        self.tracker.log_metrics(
+            trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0)))
+        )
         if self.verbose or result.get("completed"):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             _say(f"trial {trial.trial_id} {_short(shown)}")
@@ -118,7 +135,9 @@ class TrackingBridge:
         failed = failed or bool(last.get(FATAL_KEY))
         members = last.get(MEMBERS) if MEMBERS in trial.config else None
         with tempfile.TemporaryDirectory() as folder:
-            best = None if failed else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+            best = (
+                None if failed else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+            )
             payloads = None
             if best and members is not None:
                 import torch
@@ -129,7 +148,10 @@ class TrackingBridge:
                 if failed:
                     status, outcome = "FAILED", "failed"
                 elif final.get("completed"):
-                    status, outcome = "FINISHED", "stopped_early" if final.get("stopped_early") else "finished"
+                    status, outcome = (
+                        "FINISHED",
+                        "stopped_early" if final.get("stopped_early") else "finished",
+                    )
                 else:
                     status, outcome = "KILLED", "pruned"
                 run_folder = os.path.join(folder, f"run-{k}")

@@ -9,24 +9,42 @@ def register(subparsers) -> None:
     """Add the train, tune and validate commands."""
     train = subparsers.add_parser("train", help="train one UML run (Ray Train workers, tracked in MLflow)")
     train.add_argument("config", help="run config YAML")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 train.alpha.text=0.5")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 train.alpha.text=0.5"
+    )
     train.add_argument("--name", default="", help="run name (default: tracking.run_name or a timestamp)")
-    train.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
-    train.add_argument("--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run --name from its latest checkpoint"
+    )
+    train.add_argument(
+        "--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console"
+    )
     train.set_defaults(func=run_train)
 
-    tune = subparsers.add_parser("tune", help="search hyperparameters with Ray Tune + Optuna (TPE / random / grid) + ASHA")
+    tune = subparsers.add_parser(
+        "tune", help="search hyperparameters with Ray Tune + Optuna (TPE / random / grid) + ASHA"
+    )
     tune.add_argument("config", help="base run config YAML")
     tune.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     tune.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
-    tune.add_argument("--trials", type=int, default=10, help="number of trials (a grid runs every point once instead)")
+    tune.add_argument(
+        "--trials", type=int, default=10, help="number of trials (a grid runs every point once instead)"
+    )
     tune.add_argument("--concurrency", type=int, default=0, help="max concurrent trials (default: what fits)")
     tune.add_argument("--name", default="", help="sweep name (default: tracking.run_name or a timestamp)")
-    tune.add_argument("--resume", action="store_true", help="continue the sweep --name after the driver stopped")
-    tune.add_argument("--fuse", type=int, default=0,
-                      help="configs trained together per fused trial (one batched model); 0 = 16 for head-only "
-                           "supervised sweeps, 1 = one config per trial")
-    tune.add_argument("--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console")
+    tune.add_argument(
+        "--resume", action="store_true", help="continue the sweep --name after the driver stopped"
+    )
+    tune.add_argument(
+        "--fuse",
+        type=int,
+        default=0,
+        help="configs trained together per fused trial (one batched model); 0 = 16 for head-only "
+        "supervised sweeps, 1 = one config per trial",
+    )
+    tune.add_argument(
+        "--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console"
+    )
     tune.set_defaults(func=run_tune)
 
     validate = subparsers.add_parser("validate", help="check config, data and tracking; train nothing")
@@ -43,7 +61,9 @@ def _check_resume(args) -> None:
     if args.name:  # before anything touches the tracking store
         check_run_name(args.name)
     if args.resume and not args.name:
-        raise ConfigError("--resume needs --name: the name of the run or sweep to continue (see tracking.storage_path)")
+        raise ConfigError(
+            "--resume needs --name: the name of the run or sweep to continue (see tracking.storage_path)"
+        )
 
 
 def run_train(args) -> int:
@@ -77,12 +97,30 @@ def run_tune(args) -> int:
     _check_resume(args)
     space = load_space(args.space)
     plan = build_plan(load_config(args.config, args.overrides), space)
-    outcome = tune.run(plan, space, trials=args.trials, concurrency=args.concurrency, resume=args.resume, name=args.name,
-                       verbose=args.verbose, fuse=args.fuse)
+    outcome = tune.run(
+        plan,
+        space,
+        trials=args.trials,
+        concurrency=args.concurrency,
+        resume=args.resume,
+        name=args.name,
+        verbose=args.verbose,
+        fuse=args.fuse,
+    )
     metric = space.metric
-    print(json.dumps({"sweep": outcome.name, "path": outcome.path, "trials": len(outcome.results) + len(outcome.failures),
-                      "best_config": outcome.best_config, metric: outcome.best_metrics.get(metric),
-                      "test_acc": outcome.best_metrics.get("test_acc")}, default=str))
+    print(
+        json.dumps(
+            {
+                "sweep": outcome.name,
+                "path": outcome.path,
+                "trials": len(outcome.results) + len(outcome.failures),
+                "best_config": outcome.best_config,
+                metric: outcome.best_metrics.get(metric),
+                "test_acc": outcome.best_metrics.get("test_acc"),
+            },
+            default=str,
+        )
+    )
     outcome.raise_for_failures()
     return 0
 
@@ -96,6 +134,15 @@ def run_validate(args) -> int:
     space = load_space(args.space) if args.space else None
     plan = build_plan(load_config(args.config, args.overrides), space)
     rows = {name: spec.rows for name, spec in plan.streams.items()}
-    print(json.dumps({"ok": True, "target": plan.dataset.target, "auxiliary": list(plan.dataset.auxiliary),
-                      "rows": rows, "tracking": plan.cfg.tracking.uri}))
+    print(
+        json.dumps(
+            {
+                "ok": True,
+                "target": plan.dataset.target,
+                "auxiliary": list(plan.dataset.auxiliary),
+                "rows": rows,
+                "tracking": plan.cfg.tracking.uri,
+            }
+        )
+    )
     return 0

@@ -12,8 +12,7 @@ import dataclasses
 import numpy as np
 
 from uml_ray.config import Config, check_modalities
-from uml_ray.data.format import LABEL
-from uml_ray.data.format import ID
+from uml_ray.data.format import ID, LABEL
 from uml_ray.data.streams import plan_streams, read_column, read_table
 from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace, check_space
@@ -28,12 +27,16 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     from uml_ray.tracking.mlflow_store import check_tracking, resolve_tracking_uri
 
     if not cfg.data.manifest:
-        raise ConfigError("data.manifest is empty; set it to a manifest file (e.g. data.manifest=data/manifest.yaml)")
+        raise ConfigError(
+            "data.manifest is empty; set it to a manifest file (e.g. data.manifest=data/manifest.yaml)"
+        )
     manifest = require_valid_manifest(cfg.data.manifest)
     auxiliary = cfg.data.auxiliary or manifest.auxiliary
     for name in auxiliary:
         if name not in manifest.auxiliary:
-            raise ConfigError(f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}")
+            raise ConfigError(
+                f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}"
+            )
     check_modalities(cfg, auxiliary)
     check_kinds(cfg, manifest, auxiliary)
     check_target_projection(cfg, manifest, auxiliary)
@@ -44,8 +47,11 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, auxiliary=list(auxiliary), manifest=absolute(cfg.data.manifest)),
-        tracking=dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri),
-                                     storage_path=absolute(cfg.tracking.storage_path)),
+        tracking=dataclasses.replace(
+            cfg.tracking,
+            uri=resolve_tracking_uri(cfg.tracking.uri),
+            storage_path=absolute(cfg.tracking.storage_path),
+        ),
     )
     check_tracking(cfg.tracking.uri, cfg.tracking.experiment)
     streams = plan_streams(manifest, auxiliary, cfg.data.cache_max_mb)
@@ -53,8 +59,10 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     for name, spec in streams.items():
         if spec.rows < workers:
             # each worker takes its own slice of every dataset: an empty slice would stall the others
-            raise ConfigError(f"dataset '{name}' has {spec.rows} row(s), fewer than resources.num_workers={workers}; "
-                              f"use resources.num_workers<={spec.rows} or give '{name}' more rows")
+            raise ConfigError(
+                f"dataset '{name}' has {spec.rows} row(s), fewer than resources.num_workers={workers}; "
+                f"use resources.num_workers<={spec.rows} or give '{name}' more rows"
+            )
     check_target_per_class(cfg, manifest, streams, space)
     check_aux_per_class(cfg, manifest, list(auxiliary), space)
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
@@ -69,10 +77,16 @@ def check_target_projection(cfg: Config, manifest, auxiliary: list[str]) -> None
     active = [m for m, a in cfg.alpha_for(auxiliary).items() if a > 0]
     width = cfg.model.shared_dim or dims[active[0] if active else manifest.target]
     if dims[manifest.target] != width:
-        source = "model.shared_dim" if cfg.model.shared_dim else f"the dim of auxiliary '{active[0]}' (model.shared_dim=0)"
-        raise ConfigError(f"model.project_target=false feeds the target '{manifest.target}' ({dims[manifest.target]}-d) into the "
-                          f"shared head directly, but the shared width is {width} ({source}); set model.project_target=true, "
-                          f"or model.shared_dim={dims[manifest.target]} when the auxiliary features are in the target's space")
+        source = (
+            "model.shared_dim"
+            if cfg.model.shared_dim
+            else f"the dim of auxiliary '{active[0]}' (model.shared_dim=0)"
+        )
+        raise ConfigError(
+            f"model.project_target=false feeds the target '{manifest.target}' ({dims[manifest.target]}-d) into the "
+            f"shared head directly, but the shared width is {width} ({source}); set model.project_target=true, "
+            f"or model.shared_dim={dims[manifest.target]} when the auxiliary features are in the target's space"
+        )
 
 
 def _space_max(cfg_value: int, key: str, space: SearchSpace | None) -> int:
@@ -99,13 +113,17 @@ def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSp
         return
     name = f"{manifest.target}.train"
     if not streams[name].cached:
-        raise ConfigError(f"data.target_per_class={k} selects rows of '{name}' in memory, but it is larger than "
-                          f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb")
+        raise ConfigError(
+            f"data.target_per_class={k} selects rows of '{name}' in memory, but it is larger than "
+            f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb"
+        )
     counts = class_counts(manifest, manifest.target)
     if counts.min() < k:
         poorest = manifest.classes[int(counts.argmin())]
-        raise ConfigError(f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
-                          f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} or a larger train split")
+        raise ConfigError(
+            f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
+            f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} or a larger train split"
+        )
 
 
 def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: SearchSpace | None) -> None:
@@ -120,9 +138,11 @@ def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: Sear
         present = np.flatnonzero(counts)
         if len(present) and counts[present].min() < k:
             poorest = int(present[counts[present].argmin()])
-            raise ConfigError(f"data.aux_per_class={k}: class '{manifest.classes[poorest]}' has only {counts[poorest]} train "
-                              f"row(s) of auxiliary '{name}' in {manifest.path}; use data.aux_per_class<={counts[poorest]} "
-                              f"or more '{name}' rows")
+            raise ConfigError(
+                f"data.aux_per_class={k}: class '{manifest.classes[poorest]}' has only {counts[poorest]} train "
+                f"row(s) of auxiliary '{name}' in {manifest.path}; use data.aux_per_class<={counts[poorest]} "
+                f"or more '{name}' rows"
+            )
 
 
 def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
@@ -131,15 +151,21 @@ def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
     target_kind = manifest.modalities[manifest.target].kind
     if cfg.model.regime == "supervised" and (target_kind == "image" or cfg.model.backbone):
         if not cfg.model.backbone:
-            raise ConfigError(f"{manifest.path}: the target '{manifest.target}' holds images (kind image); set model.backbone "
-                              "(e.g. efficientnet-lite0) to fine-tune on them")
+            raise ConfigError(
+                f"{manifest.path}: the target '{manifest.target}' holds images (kind image); set model.backbone "
+                "(e.g. efficientnet-lite0) to fine-tune on them"
+            )
         if target_kind != "image":
-            raise ConfigError(f"model.backbone='{cfg.model.backbone}' fine-tunes on images, but the target '{manifest.target}' "
-                              f"of {manifest.path} holds {target_kind} rows; write image shards (uml-ray data images) "
-                              "or set model.backbone='' for the head-only regime")
+            raise ConfigError(
+                f"model.backbone='{cfg.model.backbone}' fine-tunes on images, but the target '{manifest.target}' "
+                f"of {manifest.path} holds {target_kind} rows; write image shards (uml-ray data images) "
+                "or set model.backbone='' for the head-only regime"
+            )
         wrong = {m: manifest.modalities[m].kind for m in auxiliary if manifest.modalities[m].kind != "vector"}
         if wrong:
-            raise ConfigError(f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; {wrong} are not")
+            raise ConfigError(
+                f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; {wrong} are not"
+            )
         from uml_ray.models.backbone import check_backbone
 
         check_backbone(cfg.model.backbone, cfg.model.freeze_blocks, cfg.model.image_size)
@@ -147,7 +173,9 @@ def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
     kinds = {manifest.modalities[m].kind for m in [manifest.target] + auxiliary}
     wanted = "sequence" if cfg.model.regime == "sequence" else "vector"
     if kinds != {wanted}:
-        raise ConfigError(f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}")
+        raise ConfigError(
+            f"model.regime={cfg.model.regime} needs {wanted} shards; {manifest.path} has {sorted(kinds)}"
+        )
 
 
 def load_tables(plan: RunPlan) -> RunPlan:
@@ -155,6 +183,9 @@ def load_tables(plan: RunPlan) -> RunPlan:
     import ray
 
     # sorted by row id once here, so no trial or worker sorts it again (streams take id-sorted shares)
-    tables = {name: ray.put(read_table(plan.dataset.manifest.uris(*name.rsplit(".", 1))).sort_by(ID))
-              for name, spec in plan.streams.items() if spec.cached}
+    tables = {
+        name: ray.put(read_table(plan.dataset.manifest.uris(*name.rsplit(".", 1))).sort_by(ID))
+        for name, spec in plan.streams.items()
+        if spec.cached
+    }
     return dataclasses.replace(plan, tables=tables)

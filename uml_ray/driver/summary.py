@@ -40,9 +40,15 @@ class RunOutcome:
         """Exit non-zero when a trial failed: 2 when every failure is the user's, else 1 (a crash)."""
         if not self.failures:
             return
-        lines = [f"trial {f.trial_id}: {f.error}" + (f" (traceback: {f.traceback_path})" if f.traceback_path else "")
-                 for f in self.failures]
-        message = f"{len(self.failures)} of {len(self.results) + len(self.failures)} trial(s) of '{self.name}' failed: " + "; ".join(lines)
+        lines = [
+            f"trial {f.trial_id}: {f.error}"
+            + (f" (traceback: {f.traceback_path})" if f.traceback_path else "")
+            for f in self.failures
+        ]
+        message = (
+            f"{len(self.failures)} of {len(self.results) + len(self.failures)} trial(s) of '{self.name}' failed: "
+            + "; ".join(lines)
+        )
         if all(f.user_error for f in self.failures):
             raise UserError(message)
         raise TrialCrash(message)
@@ -62,8 +68,14 @@ def _failures(results, path: str) -> list[Failure]:
             failures.append(Failure(trial_id, metrics[FATAL_KEY], bool(metrics.get(USER_ERROR_KEY)), saved))
         elif result.error:
             error_file = os.path.join(str(result.path), "error.txt")
-            failures.append(Failure(trial_id, str(result.error).strip().splitlines()[-1][:500], False,
-                                    error_file if os.path.exists(error_file) else ""))
+            failures.append(
+                Failure(
+                    trial_id,
+                    str(result.error).strip().splitlines()[-1][:500],
+                    False,
+                    error_file if os.path.exists(error_file) else "",
+                )
+            )
     return failures
 
 
@@ -89,11 +101,23 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             continue
         if MEMBERS in result.config:  # a fused trial: one row per member, as if each had been its own trial
             for k, member in enumerate(result.metrics.get(MEMBERS) or []):
-                rows.append({"trial_id": member_id(result.metrics.get("trial_id"), k), "config": result.config[MEMBERS][k],
-                             "metrics": dict(member), "error": ""})
+                rows.append(
+                    {
+                        "trial_id": member_id(result.metrics.get("trial_id"), k),
+                        "config": result.config[MEMBERS][k],
+                        "metrics": dict(member),
+                        "error": "",
+                    }
+                )
             continue
-        rows.append({"trial_id": result.metrics.get("trial_id"), "config": result.config, "metrics": dict(result.metrics),
-                     "error": str(result.error) if result.error else ""})
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id"),
+                "config": result.config,
+                "metrics": dict(result.metrics),
+                "error": str(result.error) if result.error else "",
+            }
+        )
     metric = space.metric if space else "best_val_acc"
     scored = [r for r in rows if r["metrics"].get(metric) is not None]
     if not scored:
@@ -103,19 +127,41 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
         raise UserError(f"no trial of '{name}' reported {metric}")
     best = best_row(scored, metric)
     if space is not None:
-        tracker = SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name)
+        tracker = SweepTracker(
+            cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name
+        )
         tracker.start_sweep({})
         completed = sum(1 for r in rows if r["metrics"].get("completed"))
-        summary = {"best_" + metric: best["metrics"][metric], "best_test_acc": best["metrics"].get("test_acc", float("nan")),
-                   "trials": len(rows) + len(failures), "completed_trials": completed, "pruned_trials": len(rows) - completed,
-                   "failed_trials": len(failures)}
+        summary = {
+            "best_" + metric: best["metrics"][metric],
+            "best_test_acc": best["metrics"].get("test_acc", float("nan")),
+            "trials": len(rows) + len(failures),
+            "completed_trials": completed,
+            "pruned_trials": len(rows) - completed,
+            "failed_trials": len(failures),
+        }
         with tempfile.TemporaryDirectory() as folder:
             study = os.path.join(folder, "study_summary.json")
             importances = param_importances(scored, space, metric)
-            Path(study).write_text(json.dumps({"best_trial": best["trial_id"], "best_config": best["config"], "summary": summary,
-                                               "importances": importances, "trials": rows,
-                                               "failures": [vars(f) for f in failures]}, indent=2, default=str))
+            Path(study).write_text(
+                json.dumps(
+                    {
+                        "best_trial": best["trial_id"],
+                        "best_config": best["config"],
+                        "summary": summary,
+                        "importances": importances,
+                        "trials": rows,
+                        "failures": [vars(f) for f in failures],
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
             plots = sweep_plots(scored, space, metric, importances, folder)
-            tracker.end_sweep(summary, {**best["config"], "trial_id": best["trial_id"]}, [study, *plots],
-                              status="FAILED" if failures else "FINISHED")
+            tracker.end_sweep(
+                summary,
+                {**best["config"], "trial_id": best["trial_id"]},
+                [study, *plots],
+                status="FAILED" if failures else "FINISHED",
+            )
     return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)

@@ -28,8 +28,8 @@ from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.context import BEST_FILE
-from uml_ray.train.plan import RunPlan
 from uml_ray.train.fused_loop import fusion_key
+from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import ray_data_streams, run_fused_trial, run_trial, use_inline
 from uml_ray.uri import is_remote, join_uri
 
@@ -43,8 +43,13 @@ DEFAULT_FUSE = 16
 def can_fuse(plan: RunPlan, space: SearchSpace | None) -> bool:
     """Fused trials serve head-only supervised sweeps trained in the trial process, one seed per trial."""
     cfg = plan.cfg
-    return (space is not None and cfg.model.regime == "supervised" and not cfg.model.backbone and use_inline(cfg)
-            and space.seed_policy == "fixed")
+    return (
+        space is not None
+        and cfg.model.regime == "supervised"
+        and not cfg.model.backbone
+        and use_inline(cfg)
+        and space.seed_policy == "fixed"
+    )
 
 
 def fused_rungs(plan: RunPlan) -> list[int]:
@@ -101,7 +106,9 @@ def max_concurrency(plan: RunPlan, requested: int) -> int:
 
     cfg = plan.cfg
     cpus = ray.cluster_resources().get("CPU", 0)
-    per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers + trial_resources(plan)["CPU"] * (not use_inline(cfg))
+    per_trial = cfg.resources.cpus_per_worker * cfg.resources.num_workers + trial_resources(plan)["CPU"] * (
+        not use_inline(cfg)
+    )
     reserved = data_cpus(plan)
     fit = int((cpus - reserved) // per_trial) if per_trial else requested
     if fit < 1 and not cluster_address(cfg.resources.address):
@@ -128,7 +135,9 @@ def resolve_trial(plan: RunPlan, seed_policy: str, trial_id: str, params: dict) 
     return resolved
 
 
-def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), ended: dict | None = None) -> None:
+def _trial(
+    params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), ended: dict | None = None
+) -> None:
     """A Tune function trial. An error that would recur on retry (bad config or data, a bug, CUDA
     out of memory) is reported as the trial's final result instead of raised, so Tune does not
     retry it; a lost worker or node (Ray errors) still raises and is retried from the checkpoint.
@@ -143,7 +152,11 @@ def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), end
         return
     try:
         if MEMBERS in params:
-            seed = {"train.seed": trial_seed(plan.cfg.train.seed, trial_id)} if seed_policy == "per_trial" else {}
+            seed = (
+                {"train.seed": trial_seed(plan.cfg.train.seed, trial_id)}
+                if seed_policy == "per_trial"
+                else {}
+            )
             members = [{**member, **seed} for member in params[MEMBERS]]
             for member in members:  # the searcher checked them; a grid's points are checked here
                 resolve_trial(plan, "fixed", trial_id, member)
@@ -153,8 +166,15 @@ def _trial(params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), end
     except ray.exceptions.RayError:
         raise
     except Exception as exc:  # noqa: BLE001 - every Python-level error is deterministic here
-        ray.tune.report({FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000], USER_ERROR_KEY: int(isinstance(exc, UserError)),
-                         TRACEBACK_KEY: traceback.format_exc()[-20000:], "best_val_acc": float("nan"), "val_acc": float("nan")})
+        ray.tune.report(
+            {
+                FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000],
+                USER_ERROR_KEY: int(isinstance(exc, UserError)),
+                TRACEBACK_KEY: traceback.format_exc()[-20000:],
+                "best_val_acc": float("nan"),
+                "val_acc": float("nan"),
+            }
+        )
 
 
 def _tune_space(space: SearchSpace) -> dict:
@@ -180,7 +200,9 @@ def _config_key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1, group=None, max_concurrent: int = 0):
+def checked_searcher(
+    inner, check, metric: str, limit: int | None, fuse: int = 1, group=None, max_concurrent: int = 0
+):
     """A Tune ``Searcher`` around ``inner`` that never hands out an invalid or repeated config.
 
     ``check(config)`` raises ConfigError for a combination the config refuses: the inner searcher
@@ -205,7 +227,9 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
             super().__init__(metric=metric, mode="max")
             self.inner = inner
             self.handed: dict[str, str] = {}  # config key -> the inner searcher's id of its first suggestion
-            self.results: dict[str, dict | None] = {}  # inner id -> final result (None while running or failed)
+            self.results: dict[
+                str, dict | None
+            ] = {}  # inner id -> final result (None while running or failed)
             self.pending: list = []  # (inner id, config) suggested but not yet in a fused trial
             self.probes: dict[str, str] = {}  # trial id -> the inner searcher's id for it
             self.counter = 0
@@ -290,7 +314,9 @@ def checked_searcher(inner, check, metric: str, limit: int | None, fuse: int = 1
             self._complete(probe, result, error)
 
         def _complete(self, probe: str, result: dict | None, error: bool) -> None:
-            failed = error or result is None or result.get(FATAL_KEY) or result.get(metric) != result.get(metric)
+            failed = (
+                error or result is None or result.get(FATAL_KEY) or result.get(metric) != result.get(metric)
+            )
             self.results[probe] = None if failed else result
             self.inner.on_trial_complete(probe, result=None if failed else result, error=bool(failed))
 
@@ -355,11 +381,17 @@ def _searcher(space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = plan.cfg.train.seed
-    sampler = optuna.samplers.RandomSampler(seed=seed) if space.searcher == "random" else optuna.samplers.TPESampler(seed=seed)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if space.searcher == "random"
+        else optuna.samplers.TPESampler(seed=seed)
+    )
     inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max")
     check = functools.partial(_check_sample, plan, seed_policy)
     limit = min(trials, space.size() or trials)
-    return checked_searcher(inner, check, space.metric, limit, fuse, functools.partial(_fusion_group, plan), concurrency)
+    return checked_searcher(
+        inner, check, space.metric, limit, fuse, functools.partial(_fusion_group, plan), concurrency
+    )
 
 
 def _fusion_group(plan: RunPlan, params: dict) -> tuple:
@@ -377,7 +409,7 @@ def grid_members(space: SearchSpace, plan: RunPlan, fuse: int) -> list[list[dict
         point = dict(zip(keys, combination))
         _check_sample(plan, "fixed", point)
         groups.setdefault(_fusion_group(plan, point), []).append(point)
-    return [members[i:i + fuse] for members in groups.values() for i in range(0, len(members), fuse)]
+    return [members[i : i + fuse] for members in groups.values() for i in range(0, len(members), fuse)]
 
 
 def _check_sample(plan: RunPlan, seed_policy: str, config: dict) -> None:
@@ -396,11 +428,19 @@ def restorable(trial_function):
 
     class Trial(wrap_function(trial_function)):
         def restore(self, checkpoint_path):
-            checkpoint = getattr(checkpoint_path, "checkpoint", None)  # Tune hands a (checkpoint, metrics) result
-            if checkpoint is not None and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound:
+            checkpoint = getattr(
+                checkpoint_path, "checkpoint", None
+            )  # Tune hands a (checkpoint, metrics) result
+            if (
+                checkpoint is not None
+                and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound
+            ):
                 kept = kept_checkpoints(checkpoint)
                 if kept:
-                    print(f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}", flush=True)
+                    print(
+                        f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}",
+                        flush=True,
+                    )
                     checkpoint_path.checkpoint = kept[0]
             return super().restore(checkpoint_path)
 
@@ -422,7 +462,11 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
     if not ended:
         return {}
     filesystem, base = pafs.FileSystem.from_uri(path if is_remote(path) else os.path.abspath(path))
-    folders = [info.path for info in filesystem.get_file_info(pafs.FileSelector(base)) if info.type == pafs.FileType.Directory]
+    folders = [
+        info.path
+        for info in filesystem.get_file_info(pafs.FileSelector(base))
+        if info.type == pafs.FileType.Directory
+    ]
     tune_keys = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
     results = {}
     for trial_id in ended:
@@ -505,8 +549,16 @@ def experiment_path(plan: RunPlan, name: str) -> str:
     return join_uri(plan.cfg.tracking.storage_path, name)
 
 
-def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concurrency: int = 0,
-        resume: bool = False, name: str = "", verbose: bool = False, fuse: int = 0) -> RunOutcome:
+def run(
+    plan: RunPlan,
+    space: SearchSpace | None = None,
+    trials: int = 1,
+    concurrency: int = 0,
+    resume: bool = False,
+    name: str = "",
+    verbose: bool = False,
+    fuse: int = 0,
+) -> RunOutcome:
     """Run one training (``space`` None) or a sweep of ``trials`` configs, tracked in MLflow.
 
     ``fuse``: configs per fused trial (0 = ``DEFAULT_FUSE`` where the sweep can fuse, 1 = one config per trial).
@@ -518,16 +570,22 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
     from uml_ray.tracking.mlflow_store import check_run_name
 
     cfg = plan.cfg
-    name = name or cfg.tracking.run_name or f"{'sweep' if space else 'train'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        name or cfg.tracking.run_name or f"{'sweep' if space else 'train'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     check_run_name(name)
     path = experiment_path(plan, name)
     if resume and not tune.Tuner.can_restore(path):
         raise UserError(f"--resume: no run named '{name}' at {path}; check --name and tracking.storage_path")
     if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
-        raise UserError(f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name")
+        raise UserError(
+            f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name"
+        )
     if fuse > 1 and not can_fuse(plan, space):
-        raise ConfigError("--fuse needs a head-only supervised sweep trained in the trial process with seed_policy fixed "
-                          "(model.backbone empty, resources.num_workers=1); use --fuse 1")
+        raise ConfigError(
+            "--fuse needs a head-only supervised sweep trained in the trial process with seed_policy fixed "
+            "(model.backbone empty, resources.num_workers=1); use --fuse 1"
+        )
     fuse = (fuse or DEFAULT_FUSE) if can_fuse(plan, space) else 1
     grid = space is not None and space.searcher == "grid"
     fused_grid = grid_members(space, plan, fuse) if grid and fuse > 1 else None
@@ -543,20 +601,46 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
     concurrent = max_concurrency(plan, concurrency)
     searched = space is not None and not grid  # by the CheckedSearcher (else a grid, or one training)
     ended = ended_results(plan, name, path) if resume else {}
-    trainable = tune.with_resources(restorable(tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy, rungs=rungs, ended=ended)),
-                                    trial_resources(plan))
+    trainable = tune.with_resources(
+        restorable(
+            tune.with_parameters(_trial, plan=plan, seed_policy=seed_policy, rungs=rungs, ended=ended)
+        ),
+        trial_resources(plan),
+    )
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         metric = space.metric if space else "best_val_acc"
         sweep_params = {"base." + k: v for k, v in cfg.flat().items()}
         if space:
-            sweep_params.update({f"space.{p.key}": {k: v for k, v in vars(p).items() if k != "key" and v not in (None, [], False)} for p in space.params})
-            sweep_params.update({"searcher": space.searcher, "scheduler": "asha" if fuse == 1 else "halving-in-trial",
-                                 "trials": trials, "fuse": fuse, "seed": cfg.train.seed, "seed_policy": seed_policy, "metric": metric})
-        bridge = TrackingBridge(plan, name, single_run=space is None, sweep_params=sweep_params,
-                                resolve=functools.partial(resolve_trial, plan, seed_policy), fetch_best=fetch_best_weights,
-                                verbose=verbose)
+            sweep_params.update(
+                {
+                    f"space.{p.key}": {
+                        k: v for k, v in vars(p).items() if k != "key" and v not in (None, [], False)
+                    }
+                    for p in space.params
+                }
+            )
+            sweep_params.update(
+                {
+                    "searcher": space.searcher,
+                    "scheduler": "asha" if fuse == 1 else "halving-in-trial",
+                    "trials": trials,
+                    "fuse": fuse,
+                    "seed": cfg.train.seed,
+                    "seed_policy": seed_policy,
+                    "metric": metric,
+                }
+            )
+        bridge = TrackingBridge(
+            plan,
+            name,
+            single_run=space is None,
+            sweep_params=sweep_params,
+            resolve=functools.partial(resolve_trial, plan, seed_policy),
+            fetch_best=fetch_best_weights,
+            verbose=verbose,
+        )
         validations = -(-cfg.train.max_steps // cfg.train.val_every)
         # a grid is an exhaustive table: every point runs to the end; fused trials halve their
         # members at ASHA's rungs themselves
@@ -581,8 +665,14 @@ def run(plan: RunPlan, space: SearchSpace | None = None, trials: int = 1, concur
             # when the process it reuses is busy for more than TUNE_FUNCTION_THREAD_TIMEOUT_S
             reuse_actors=use_inline(cfg),
             search_alg=_searcher(space, plan, seed_policy, trials, fuse, concurrent) if searched else None,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=validations, grace_period=max(1, validations // 4),
-                                    reduction_factor=REDUCTION_FACTOR) if asha else None,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=validations,
+                grace_period=max(1, validations // 4),
+                reduction_factor=REDUCTION_FACTOR,
+            )
+            if asha
+            else None,
         )
         tuner = tune.Tuner(
             trainable,
@@ -614,18 +704,37 @@ def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict
     distributions = {}
     for p in space.params:
         if p.type == "choice":
-            distributions[p.key] = optuna.distributions.CategoricalDistribution([json.dumps(v) for v in p.values])
+            distributions[p.key] = optuna.distributions.CategoricalDistribution(
+                [json.dumps(v) for v in p.values]
+            )
         elif p.type == "int":
             distributions[p.key] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log)
         else:
             distributions[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
     study = optuna.create_study(direction="maximize")
     for row in rows:
-        params = {k: (json.dumps(row["config"][k]) if isinstance(distributions[k], optuna.distributions.CategoricalDistribution) else row["config"][k])
-                  for k in distributions if k in row["config"]}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
-                                                  value=float(row["metrics"][metric])))
+        params = {
+            k: (
+                json.dumps(row["config"][k])
+                if isinstance(distributions[k], optuna.distributions.CategoricalDistribution)
+                else row["config"][k]
+            )
+            for k in distributions
+            if k in row["config"]
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                value=float(row["metrics"][metric]),
+            )
+        )
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+        return {
+            k: float(v)
+            for k, v in optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            ).items()
+        }
     except (RuntimeError, ValueError):
         return {}

@@ -31,8 +31,16 @@ import pyarrow.parquet as pq
 
 from uml_ray.data.format import Manifest, ModalitySpec, table_to_numpy, write_manifest, write_shards
 from uml_ray.data.images import write_image_shards
-from uml_ray.data.sources import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_SENSES, TEMPLATES, WORDNET_DIR,
-                                  load_fashion_mnist, template_texts, wordnet_glosses)
+from uml_ray.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_SENSES,
+    TEMPLATES,
+    WORDNET_DIR,
+    load_fashion_mnist,
+    template_texts,
+    wordnet_glosses,
+)
 from uml_ray.data.splits import few_shot_split
 from uml_ray.errors import DataError
 
@@ -55,8 +63,10 @@ def _draw(labels: np.ndarray, per_class: int, rng: np.random.Generator, source: 
     for label in range(len(FASHION_MNIST_CLASSES)):
         candidates = np.flatnonzero(labels == label)
         if len(candidates) < per_class:
-            raise DataError(f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} images, "
-                            f"asked for {per_class}")
+            raise DataError(
+                f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} images, "
+                f"asked for {per_class}"
+            )
         rows.append(rng.choice(candidates, per_class, replace=False))
     return np.sort(np.concatenate(rows))
 
@@ -68,7 +78,9 @@ def case_texts(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_
         raise DataError(f"text sources {list(sources)}: choose from {list(TEXT_SOURCES)}")
     pairs = []
     if "wordnet" in sources:
-        pairs += wordnet_glosses(FASHION_MNIST_CLASSES, FASHION_MNIST_SENSES, hyponyms=True, folder=wordnet_dir)
+        pairs += wordnet_glosses(
+            FASHION_MNIST_CLASSES, FASHION_MNIST_SENSES, hyponyms=True, folder=wordnet_dir
+        )
     if "templates" in sources:
         names = {name: PROSE_NAMES.get(name, name.lower()) for name in FASHION_MNIST_CLASSES}
         pairs += template_texts(FASHION_MNIST_CLASSES, TEMPLATES, names)
@@ -77,7 +89,12 @@ def case_texts(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_
 
 def case_text_sources(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_DIR) -> list[str]:
     """The source ('wordnet' or 'templates') of each pair ``case_texts(sources)`` returns, in its order."""
-    return [source for source in ("wordnet", "templates") if source in sources for _ in case_texts((source,), wordnet_dir)]
+    return [
+        source
+        for source in ("wordnet", "templates")
+        if source in sources
+        for _ in case_texts((source,), wordnet_dir)
+    ]
 
 
 def _read_cached(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -86,8 +103,15 @@ def _read_cached(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[s
     return np.asarray(features), labels, table.column("id").to_pylist()
 
 
-def _encode_cached(cache: Path, key: str, jobs: list[tuple], encoder: str, modality: str, batch_size: int,
-                   num_actors: int | None) -> tuple[Path, bool]:
+def _encode_cached(
+    cache: Path,
+    key: str,
+    jobs: list[tuple],
+    encoder: str,
+    modality: str,
+    batch_size: int,
+    num_actors: int | None,
+) -> tuple[Path, bool]:
     """Run each ``(split, rows dataset)`` job into ``cache/key`` unless it is already complete; returns (folder, hit)."""
     from uml_ray.encoders.extract import ensure_ray, extract_features
 
@@ -98,7 +122,9 @@ def _encode_cached(cache: Path, key: str, jobs: list[tuple], encoder: str, modal
     partial = cache / f"{key}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     for split, rows in jobs:
-        extract_features(rows(), encoder, modality, split, str(partial), batch_size=batch_size, num_actors=num_actors)
+        extract_features(
+            rows(), encoder, modality, split, str(partial), batch_size=batch_size, num_actors=num_actors
+        )
     (partial / "done.json").write_text(json.dumps({"encoder": encoder, "modality": modality}))
     # the rename makes a cache entry appear whole or not at all, even if a run is killed midway
     shutil.rmtree(folder, ignore_errors=True)
@@ -116,10 +142,21 @@ def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
     return train_images, train_labels, pool_rows, test_images, test_labels, test_rows
 
 
-def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
-                             image_size: int = 128, text: tuple[str, ...] = TEXT_SOURCES, cache_dir: str | None = None,
-                             batch_size: int = 64, num_actors: int | None = None, fashion_dir: str = FASHION_MNIST_DIR,
-                             wordnet_dir: str = WORDNET_DIR, text_modalities: str = "joint") -> dict:
+def build_fashion_mnist_case(
+    out_dir: str,
+    shots: int,
+    split_seed: int,
+    train_pool: int = 100,
+    test_size: int = 1000,
+    image_size: int = 128,
+    text: tuple[str, ...] = TEXT_SOURCES,
+    cache_dir: str | None = None,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    fashion_dir: str = FASHION_MNIST_DIR,
+    wordnet_dir: str = WORDNET_DIR,
+    text_modalities: str = "joint",
+) -> dict:
     """Write the Fashion-MNIST + WordNet case under ``out_dir`` and return a summary with the manifest path.
 
     ``train_pool`` images per class feed the k-shot train / min(4, k) val splits; ``test_size``
@@ -135,39 +172,81 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
     started = time.perf_counter()
     val_shots = min(4, shots)
     if train_pool < shots + val_shots:
-        raise DataError(f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots")
+        raise DataError(
+            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
+        )
     if test_size < len(FASHION_MNIST_CLASSES):
         raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
     text = tuple(text)
     image_encoder = f"{IMAGE_ENCODER},image_size={image_size}"
-    image_key = _key({"v": CACHE_VERSION, "encoder": image_encoder, "pool": train_pool, "test": test_size,
-                      "seed": POOL_SEED, "invert": True, "source": os.path.abspath(fashion_dir)})
+    image_key = _key(
+        {
+            "v": CACHE_VERSION,
+            "encoder": image_encoder,
+            "pool": train_pool,
+            "test": test_size,
+            "seed": POOL_SEED,
+            "invert": True,
+            "source": os.path.abspath(fashion_dir),
+        }
+    )
     text_pairs = case_texts(text, wordnet_dir)
     text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
     if text_modalities not in ("joint", "separate"):
-        raise DataError(f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)")
+        raise DataError(
+            f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)"
+        )
     args = {"image": image_key, "text": text_key, "shots": shots, "split_seed": split_seed}
     if text_modalities == "separate":
         args["text_modalities"] = text_modalities
     out = Path(out_dir)
     manifest_path = out / "manifest.yaml"
-    if (out / "case.json").exists() and manifest_path.exists() and json.loads((out / "case.json").read_text()) == args:
-        return {"manifest": str(manifest_path), "cached": True, "seconds": round(time.perf_counter() - started, 2)}
+    if (
+        (out / "case.json").exists()
+        and manifest_path.exists()
+        and json.loads((out / "case.json").read_text()) == args
+    ):
+        return {
+            "manifest": str(manifest_path),
+            "cached": True,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
 
     cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
     cache.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(train_pool, test_size, fashion_dir)
+    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
+        train_pool, test_size, fashion_dir
+    )
 
     # pool and test images go through one actor pool (one encoder start-up); ids tell them apart
     image_labels = np.concatenate([train_labels[pool_rows], test_labels[test_rows]])
     image_ids = [f"train-{r:05d}" for r in pool_rows] + [f"test-{r:05d}" for r in test_rows]
     images = 255 - np.concatenate([train_images[pool_rows], test_images[test_rows]])
-    image_folder, image_hit = _encode_cached(cache, f"image-{image_key}", [
-        ("all", lambda: rows_from_arrays(images, image_labels, image_ids)),
-    ], image_encoder, "image", batch_size, num_actors)
-    text_folder, text_hit = _encode_cached(cache, f"text-{text_key}", [
-        ("train", lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs])),
-    ], TEXT_ENCODER, "text", batch_size, num_actors)
+    image_folder, image_hit = _encode_cached(
+        cache,
+        f"image-{image_key}",
+        [
+            ("all", lambda: rows_from_arrays(images, image_labels, image_ids)),
+        ],
+        image_encoder,
+        "image",
+        batch_size,
+        num_actors,
+    )
+    text_folder, text_hit = _encode_cached(
+        cache,
+        f"text-{text_key}",
+        [
+            (
+                "train",
+                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
+            ),
+        ],
+        TEXT_ENCODER,
+        "text",
+        batch_size,
+        num_actors,
+    )
 
     image_features, image_labels, image_ids = _read_cached(image_folder / "image" / "all", 1280)
     is_test = np.array([i.startswith("test-") for i in image_ids])
@@ -182,7 +261,10 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
     if text_modalities == "separate":
         source_of = case_text_sources(text, wordnet_dir)
         sources = [source_of[int(row_id.split("-")[1])] for row_id in text_ids]
-        text_sets = {name: np.array([k for k, s in enumerate(sources) if s == name]) for name in dict.fromkeys(source_of)}
+        text_sets = {
+            name: np.array([k for k, s in enumerate(sources) if s == name])
+            for name in dict.fromkeys(source_of)
+        }
     else:
         text_sets = {"text": np.arange(len(text_ids))}
 
@@ -192,23 +274,63 @@ def build_fashion_mnist_case(out_dir: str, shots: int, split_seed: int, train_po
     splits = {}
     for split, ids in chosen.items():
         rows = np.array([position[i] for i in ids], dtype=np.int64)
-        splits[split] = write_shards(str(out), "image", split, pool_features[rows], pool_labels[rows], ids, dim=1280)
-    splits["test"] = write_shards(str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280)
-    text_uris = {name: write_shards(str(out), name, "train", text_features[rows], text_labels[rows],
-                                    [text_ids[k] for k in rows], dim=384) for name, rows in text_sets.items()}
-    modalities = {"image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
-                  **{name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
-                     for name, uris in text_uris.items()}}
-    rows = {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
-            **{f"{name}/train": len(rows) for name, rows in text_sets.items()}}
-    return _write_case(out, manifest_path, f"fashion-mnist-{shots}shot-seed{split_seed}", modalities, args, rows,
-                       image_hit and text_hit, started, "fashion-mnist case")
+        splits[split] = write_shards(
+            str(out), "image", split, pool_features[rows], pool_labels[rows], ids, dim=1280
+        )
+    splits["test"] = write_shards(
+        str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280
+    )
+    text_uris = {
+        name: write_shards(
+            str(out),
+            name,
+            "train",
+            text_features[rows],
+            text_labels[rows],
+            [text_ids[k] for k in rows],
+            dim=384,
+        )
+        for name, rows in text_sets.items()
+    }
+    modalities = {
+        "image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
+        **{
+            name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
+            for name, uris in text_uris.items()
+        },
+    }
+    rows = {
+        "image/train": len(chosen["train"]),
+        "image/val": len(chosen["val"]),
+        "image/test": len(test_ids),
+        **{f"{name}/train": len(rows) for name, rows in text_sets.items()},
+    }
+    return _write_case(
+        out,
+        manifest_path,
+        f"fashion-mnist-{shots}shot-seed{split_seed}",
+        modalities,
+        args,
+        rows,
+        image_hit and text_hit,
+        started,
+        "fashion-mnist case",
+    )
 
 
-def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int, train_pool: int = 100, test_size: int = 1000,
-                                      text: tuple[str, ...] = TEXT_SOURCES, cache_dir: str | None = None, batch_size: int = 64,
-                                      num_actors: int | None = None, fashion_dir: str = FASHION_MNIST_DIR,
-                                      wordnet_dir: str = WORDNET_DIR) -> dict:
+def build_fashion_mnist_finetune_case(
+    out_dir: str,
+    shots: int,
+    split_seed: int,
+    train_pool: int = 100,
+    test_size: int = 1000,
+    text: tuple[str, ...] = TEXT_SOURCES,
+    cache_dir: str | None = None,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    fashion_dir: str = FASHION_MNIST_DIR,
+    wordnet_dir: str = WORDNET_DIR,
+) -> dict:
     """The same case for the fine-tuning regime: the images kept as PNG bytes (kind image), text as MiniLM features.
 
     The few-shot draws, ids and test set are those of ``build_fashion_mnist_case`` (same pool,
@@ -221,24 +343,54 @@ def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int,
     started = time.perf_counter()
     val_shots = min(4, shots)
     if train_pool < shots + val_shots:
-        raise DataError(f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots")
+        raise DataError(
+            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
+        )
     if test_size < len(FASHION_MNIST_CLASSES):
         raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
     text_pairs = case_texts(tuple(text), wordnet_dir)
     text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
-    args = {"regime": "finetune", "text": text_key, "shots": shots, "split_seed": split_seed, "pool": train_pool,
-            "test": test_size, "source": os.path.abspath(fashion_dir)}
+    args = {
+        "regime": "finetune",
+        "text": text_key,
+        "shots": shots,
+        "split_seed": split_seed,
+        "pool": train_pool,
+        "test": test_size,
+        "source": os.path.abspath(fashion_dir),
+    }
     out = Path(out_dir)
     manifest_path = out / "manifest.yaml"
-    if (out / "case.json").exists() and manifest_path.exists() and json.loads((out / "case.json").read_text()) == args:
-        return {"manifest": str(manifest_path), "cached": True, "seconds": round(time.perf_counter() - started, 2)}
+    if (
+        (out / "case.json").exists()
+        and manifest_path.exists()
+        and json.loads((out / "case.json").read_text()) == args
+    ):
+        return {
+            "manifest": str(manifest_path),
+            "cached": True,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
 
     cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
     cache.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(train_pool, test_size, fashion_dir)
-    text_folder, text_hit = _encode_cached(cache, f"text-{text_key}", [
-        ("train", lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs])),
-    ], TEXT_ENCODER, "text", batch_size, num_actors)
+    train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
+        train_pool, test_size, fashion_dir
+    )
+    text_folder, text_hit = _encode_cached(
+        cache,
+        f"text-{text_key}",
+        [
+            (
+                "train",
+                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
+            ),
+        ],
+        TEXT_ENCODER,
+        "text",
+        batch_size,
+        num_actors,
+    )
     text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
 
     pool_ids = [f"train-{r:05d}" for r in pool_rows]
@@ -250,25 +402,59 @@ def build_fashion_mnist_finetune_case(out_dir: str, shots: int, split_seed: int,
     splits = {}
     for split, ids in chosen.items():
         rows = np.array([row_of[i] for i in ids], dtype=np.int64)
-        splits[split], _ = write_image_shards(str(out), "image", split, 255 - train_images[rows], train_labels[rows], ids, channels=1)
+        splits[split], _ = write_image_shards(
+            str(out), "image", split, 255 - train_images[rows], train_labels[rows], ids, channels=1
+        )
     test_ids = [f"test-{r:05d}" for r in test_rows]
-    splits["test"], _ = write_image_shards(str(out), "image", "test", 255 - test_images[test_rows], test_labels[test_rows],
-                                           test_ids, channels=1)
+    splits["test"], _ = write_image_shards(
+        str(out), "image", "test", 255 - test_images[test_rows], test_labels[test_rows], test_ids, channels=1
+    )
     text_uris = write_shards(str(out), "text", "train", text_features, text_labels, text_ids, dim=384)
-    modalities = {"image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
-                  "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris})}
-    rows = {"image/train": len(chosen["train"]), "image/val": len(chosen["val"]), "image/test": len(test_ids),
-            "text/train": len(text_ids)}
-    return _write_case(out, manifest_path, f"fashion-mnist-finetune-{shots}shot-seed{split_seed}", modalities, args, rows,
-                       text_hit, started, "fashion-mnist finetune case")
+    modalities = {
+        "image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
+        "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}),
+    }
+    rows = {
+        "image/train": len(chosen["train"]),
+        "image/val": len(chosen["val"]),
+        "image/test": len(test_ids),
+        "text/train": len(text_ids),
+    }
+    return _write_case(
+        out,
+        manifest_path,
+        f"fashion-mnist-finetune-{shots}shot-seed{split_seed}",
+        modalities,
+        args,
+        rows,
+        text_hit,
+        started,
+        "fashion-mnist finetune case",
+    )
 
 
-def _write_case(out: Path, manifest_path, name: str, modalities: dict, args: dict, rows: dict, cached: bool,
-                started: float, label: str) -> dict:
+def _write_case(
+    out: Path,
+    manifest_path,
+    name: str,
+    modalities: dict,
+    args: dict,
+    rows: dict,
+    cached: bool,
+    started: float,
+    label: str,
+) -> dict:
     """A Fashion-MNIST case's manifest and build record, and its summary (printed and returned)."""
-    write_manifest(Manifest(name=name, classes=list(FASHION_MNIST_CLASSES), target="image", modalities=modalities),
-                   str(manifest_path))
+    write_manifest(
+        Manifest(name=name, classes=list(FASHION_MNIST_CLASSES), target="image", modalities=modalities),
+        str(manifest_path),
+    )
     (out / "case.json").write_text(json.dumps(args))
-    summary = {"manifest": str(manifest_path), "cached": cached, "rows": rows, "seconds": round(time.perf_counter() - started, 2)}
+    summary = {
+        "manifest": str(manifest_path),
+        "cached": cached,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     print(f"{label}: {summary}", file=sys.stderr, flush=True)
     return summary

@@ -10,50 +10,97 @@ from uml_ray.errors import DataError
 
 def register(subparsers) -> None:
     """Add the extract and case commands."""
-    extract = subparsers.add_parser("extract", help="encode images or text with a frozen encoder into feature shards")
-    extract.add_argument("--out", required=True, help="dataset folder: shards go to OUT/<modality>/<split>, manifest to OUT/manifest.yaml")
-    extract.add_argument("--encoder", required=True,
-                         help="e.g. open_clip:ViT-B-16@openai, timm:vit_small_patch14_dinov2.lvd142m, hf:PATH, efficientnet-lite0, minilm")
+    extract = subparsers.add_parser(
+        "extract", help="encode images or text with a frozen encoder into feature shards"
+    )
+    extract.add_argument(
+        "--out",
+        required=True,
+        help="dataset folder: shards go to OUT/<modality>/<split>, manifest to OUT/manifest.yaml",
+    )
+    extract.add_argument(
+        "--encoder",
+        required=True,
+        help="e.g. open_clip:ViT-B-16@openai, timm:vit_small_patch14_dinov2.lvd142m, hf:PATH, efficientnet-lite0, minilm",
+    )
     extract.add_argument("--split", default="train", choices=["train", "val", "test"])
     extract.add_argument("--modality", help="modality name in the manifest (default: image or text)")
     extract.add_argument("--target", default="image", help="target modality when a new manifest is created")
     source = extract.add_mutually_exclusive_group(required=True)
     source.add_argument("--image-folder", help="ImageFolder-style directory root/<class>/<image>")
-    source.add_argument("--image-parquet", help="Parquet file(s) of encoded image bytes (columns image, label, id)")
+    source.add_argument(
+        "--image-parquet", help="Parquet file(s) of encoded image bytes (columns image, label, id)"
+    )
     source.add_argument("--fashion-mnist", choices=["train", "test"], help="a Fashion-MNIST idx split")
     source.add_argument("--cupl", help="CuPL JSON {classname: [sentences]}")
-    source.add_argument("--templates", help="prompt templates separated by '|', e.g. 'a photo of a {}.|a sketch of a {}.'")
+    source.add_argument(
+        "--templates", help="prompt templates separated by '|', e.g. 'a photo of a {}.|a sketch of a {}.'"
+    )
     source.add_argument("--wordnet", action="store_true", help="WordNet glosses of the class names")
-    extract.add_argument("--classes", help="ordered class names, comma-separated or a file with one per line "
-                                           "(default: the image folder's, Fashion-MNIST's, or the existing manifest's)")
+    extract.add_argument(
+        "--classes",
+        help="ordered class names, comma-separated or a file with one per line "
+        "(default: the image folder's, Fashion-MNIST's, or the existing manifest's)",
+    )
     extract.add_argument("--limit", type=int, help="encode only the first N rows (smoke runs)")
     extract.add_argument("--batch-size", type=int, default=64)
-    extract.add_argument("--num-actors", type=int, help="encoder copies (default: one per GPU, else one per node)")
+    extract.add_argument(
+        "--num-actors", type=int, help="encoder copies (default: one per GPU, else one per node)"
+    )
     extract.set_defaults(func=run_extract)
 
     case = subparsers.add_parser("case", help="build a real offline dataset")
-    case.add_argument("name", choices=["fashion-mnist", "fashion-mnist-rows"],
-                      help="fashion-mnist: EfficientNet-Lite0 image features + MiniLM WordNet/template text (supervised); "
-                           "fashion-mnist-rows: images as 28-step row sequences + MiniLM token sequences (sequence regime)")
+    case.add_argument(
+        "name",
+        choices=["fashion-mnist", "fashion-mnist-rows"],
+        help="fashion-mnist: EfficientNet-Lite0 image features + MiniLM WordNet/template text (supervised); "
+        "fashion-mnist-rows: images as 28-step row sequences + MiniLM token sequences (sequence regime)",
+    )
     case.add_argument("--out", required=True, help="dataset folder (manifest.yaml is written there)")
-    case.add_argument("--shots", type=int, help="fashion-mnist: train images per class (required); val gets min(4, shots)")
+    case.add_argument(
+        "--shots", type=int, help="fashion-mnist: train images per class (required); val gets min(4, shots)"
+    )
     case.add_argument("--split-seed", type=int, default=0, help="seed of the few-shot draw")
-    case.add_argument("--train-pool", type=int, default=100, help="train-file images per class the few-shot splits draw from")
+    case.add_argument(
+        "--train-pool",
+        type=int,
+        default=100,
+        help="train-file images per class the few-shot splits draw from",
+    )
     case.add_argument("--test-size", type=int, default=1000, help="test images, balanced over the classes")
-    case.add_argument("--image-size", type=int, default=128, help="encoder input size in pixels (probe regime; fine-tuning sets model.image_size)")
-    case.add_argument("--regime", choices=["probe", "finetune"], default="probe",
-                      help="fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept as PNG "
-                           "bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way")
+    case.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="encoder input size in pixels (probe regime; fine-tuning sets model.image_size)",
+    )
+    case.add_argument(
+        "--regime",
+        choices=["probe", "finetune"],
+        default="probe",
+        help="fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept as PNG "
+        "bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way",
+    )
     case.add_argument("--text", default="templates,wordnet", help="text sources: templates, wordnet or both")
-    case.add_argument("--text-modalities", choices=["joint", "separate"], default="joint",
-                      help="fashion-mnist: the text sources as one auxiliary modality 'text' (joint) or one per source "
-                           "(separate: 'wordnet', 'templates', each with its own alpha)")
+    case.add_argument(
+        "--text-modalities",
+        choices=["joint", "separate"],
+        default="joint",
+        help="fashion-mnist: the text sources as one auxiliary modality 'text' (joint) or one per source "
+        "(separate: 'wordnet', 'templates', each with its own alpha)",
+    )
     case.add_argument("--cache-dir", help="feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)")
     case.add_argument("--batch-size", type=int, default=64)
     case.add_argument("--num-actors", type=int)
-    case.add_argument("--train-per-class", type=int, default=100, help="fashion-mnist-rows: train sequences per class")
-    case.add_argument("--val-per-class", type=int, default=50, help="fashion-mnist-rows: val sequences per class")
-    case.add_argument("--test-per-class", type=int, default=100, help="fashion-mnist-rows: test sequences per class")
+    case.add_argument(
+        "--train-per-class", type=int, default=100, help="fashion-mnist-rows: train sequences per class"
+    )
+    case.add_argument(
+        "--val-per-class", type=int, default=50, help="fashion-mnist-rows: val sequences per class"
+    )
+    case.add_argument(
+        "--test-per-class", type=int, default=100, help="fashion-mnist-rows: test sequences per class"
+    )
     case.set_defaults(func=run_case)
 
 
@@ -88,7 +135,9 @@ def run_extract(args) -> int:
     elif args.fashion_mnist:
         images, labels = sources.load_fashion_mnist(args.fashion_mnist)
         classes, count = sources.FASHION_MNIST_CLASSES, args.limit or len(images)
-        rows = extract.rows_from_arrays(images[:count], labels[:count], [f"{args.fashion_mnist}-{i:05d}" for i in range(count)])
+        rows = extract.rows_from_arrays(
+            images[:count], labels[:count], [f"{args.fashion_mnist}-{i:05d}" for i in range(count)]
+        )
     elif args.image_parquet:
         if not classes:
             raise DataError("--image-parquet needs --classes (or an existing manifest) to name the labels")
@@ -96,29 +145,55 @@ def run_extract(args) -> int:
         rows = rows.limit(args.limit) if args.limit else rows
     else:
         if not classes:
-            raise DataError("text sources need --classes (or an existing manifest) to match class names against")
+            raise DataError(
+                "text sources need --classes (or an existing manifest) to match class names against"
+            )
         if args.cupl:
             pairs = sources.load_cupl(args.cupl, classes)
         elif args.templates:
             pairs = sources.template_texts(classes, args.templates.split("|"))
         else:
             pairs = sources.wordnet_glosses(classes)
-        pairs = pairs[:args.limit] if args.limit else pairs
+        pairs = pairs[: args.limit] if args.limit else pairs
         rows = extract.rows_from_texts([t for t, _ in pairs], np.array([label for _, label in pairs]))
     modality = args.modality or kind
-    uris = extract.extract_features(rows, spec, kind, args.split, args.out, batch_size=args.batch_size,
-                                    num_actors=args.num_actors, name=modality)
+    uris = extract.extract_features(
+        rows,
+        spec,
+        kind,
+        args.split,
+        args.out,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        name=modality,
+    )
     dim = feature_dim(spec, kind)
-    manifest = existing or Manifest(name=Path(args.out).name, classes=list(classes), target=args.target, modalities={})
+    manifest = existing or Manifest(
+        name=Path(args.out).name, classes=list(classes), target=args.target, modalities={}
+    )
     if list(manifest.classes) != list(classes):
         raise DataError(f"{manifest_path}: classes {manifest.classes} differ from this source's {classes}")
-    spec_entry = manifest.modalities.setdefault(modality, ModalitySpec(kind="vector", dim=dim, encoder=spec.text))
+    spec_entry = manifest.modalities.setdefault(
+        modality, ModalitySpec(kind="vector", dim=dim, encoder=spec.text)
+    )
     if spec_entry.dim != dim or spec_entry.encoder != spec.text:
-        raise DataError(f"{manifest_path}: modality '{modality}' holds {spec_entry.encoder} ({spec_entry.dim}-d) features; "
-                        f"write {spec.text} ({dim}-d) under another --modality or --out")
+        raise DataError(
+            f"{manifest_path}: modality '{modality}' holds {spec_entry.encoder} ({spec_entry.dim}-d) features; "
+            f"write {spec.text} ({dim}-d) under another --modality or --out"
+        )
     spec_entry.splits[args.split] = uris
     write_manifest(manifest, manifest_path)
-    print(json.dumps({"manifest": str(manifest_path), "modality": modality, "split": args.split, "shards": len(uris), "dim": dim}))
+    print(
+        json.dumps(
+            {
+                "manifest": str(manifest_path),
+                "modality": modality,
+                "split": args.split,
+                "shards": len(uris),
+                "dim": dim,
+            }
+        )
+    )
     return 0
 
 
@@ -130,8 +205,13 @@ def run_case(args) -> int:
     if args.name == "fashion-mnist-rows":
         from uml_ray.encoders.sequence_case import build_fashion_sequence_case
 
-        manifest = build_fashion_sequence_case(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
-                                               test_per_class=args.test_per_class, seed=args.split_seed)
+        manifest = build_fashion_sequence_case(
+            args.out,
+            train_per_class=args.train_per_class,
+            val_per_class=args.val_per_class,
+            test_per_class=args.test_per_class,
+            seed=args.split_seed,
+        )
         print(json.dumps({"manifest": str(manifest)}))
         return 0
     if args.shots is None:
@@ -140,19 +220,37 @@ def run_case(args) -> int:
     text = tuple(s.strip() for s in args.text.split(",") if s.strip())
     if args.regime == "finetune":
         if args.text_modalities != "joint":
-            raise ConfigError("--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
-                              "writes one 'text' modality")
+            raise ConfigError(
+                "--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
+                "writes one 'text' modality"
+            )
         from uml_ray.encoders.cases import build_fashion_mnist_finetune_case
 
-        summary = build_fashion_mnist_finetune_case(args.out, shots=args.shots, split_seed=args.split_seed,
-                                                    train_pool=args.train_pool, test_size=args.test_size, text=text,
-                                                    cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                                    num_actors=args.num_actors)
+        summary = build_fashion_mnist_finetune_case(
+            args.out,
+            shots=args.shots,
+            split_seed=args.split_seed,
+            train_pool=args.train_pool,
+            test_size=args.test_size,
+            text=text,
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            num_actors=args.num_actors,
+        )
         print(json.dumps(summary))
         return 0
-    summary = build_fashion_mnist_case(args.out, shots=args.shots, split_seed=args.split_seed, train_pool=args.train_pool,
-                                       test_size=args.test_size, image_size=args.image_size, text=text,
-                                       cache_dir=args.cache_dir, batch_size=args.batch_size, num_actors=args.num_actors,
-                                       text_modalities=args.text_modalities)
+    summary = build_fashion_mnist_case(
+        args.out,
+        shots=args.shots,
+        split_seed=args.split_seed,
+        train_pool=args.train_pool,
+        test_size=args.test_size,
+        image_size=args.image_size,
+        text=text,
+        cache_dir=args.cache_dir,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        text_modalities=args.text_modalities,
+    )
     print(json.dumps(summary))
     return 0

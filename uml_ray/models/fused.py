@@ -57,14 +57,24 @@ class FusedSharedHead(nn.Module):
     and the member trains exactly as it would alone.
     """
 
-    def __init__(self, dims: dict[str, int], target: str, num_classes: int, shared_dim: int, projected: list[str],
-                 member_modalities: list[tuple[str, ...]], member_logit_scale: list[bool]):
+    def __init__(
+        self,
+        dims: dict[str, int],
+        target: str,
+        num_classes: int,
+        shared_dim: int,
+        projected: list[str],
+        member_modalities: list[tuple[str, ...]],
+        member_logit_scale: list[bool],
+    ):
         super().__init__()
         if target not in dims:
             raise ValueError(f"target modality '{target}' not in {sorted(dims)}")
         for name, dim in dims.items():
             if name not in projected and dim != shared_dim:
-                raise ValueError(f"modality '{name}' ({dim}-d) enters the {shared_dim}-d shared space unprojected")
+                raise ValueError(
+                    f"modality '{name}' ({dim}-d) enters the {shared_dim}-d shared space unprojected"
+                )
         members = len(member_modalities)
         self.target = target
         self.dims = dict(dims)
@@ -73,14 +83,20 @@ class FusedSharedHead(nn.Module):
         self.member_modalities = [tuple(m) for m in member_modalities]
         self.member_logit_scale = list(member_logit_scale)
         self.projections = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros(members, shared_dim, dims[name])) for name in self.modalities if name in projected}
+            {
+                name: nn.Parameter(torch.zeros(members, shared_dim, dims[name]))
+                for name in self.modalities
+                if name in projected
+            }
         )
         self.head = nn.Parameter(torch.zeros(members, num_classes, shared_dim))
         if any(member_logit_scale):
             self.log_scales = nn.Parameter(torch.zeros(members, len(self.modalities)))
             # 1 where the member has that scale; 0 keeps the others at exp(0) = 1 with zero gradient
-            mask = [[float(scaled and name in mods) for name in self.modalities]
-                    for scaled, mods in zip(member_logit_scale, self.member_modalities)]
+            mask = [
+                [float(scaled and name in mods) for name in self.modalities]
+                for scaled, mods in zip(member_logit_scale, self.member_modalities)
+            ]
             self.register_buffer("scale_mask", torch.tensor(mask))
         else:
             self.log_scales = None
@@ -92,7 +108,9 @@ class FusedSharedHead(nn.Module):
         return self.head.shape[0]
 
     @classmethod
-    def from_members(cls, models: list[SharedHeadUML], modalities: list[str] | None = None) -> "FusedSharedHead":
+    def from_members(
+        cls, models: list[SharedHeadUML], modalities: list[str] | None = None
+    ) -> FusedSharedHead:
         """Stack K alone-built models, so that each member starts from exactly its alone init.
 
         ``modalities`` orders the stacked modalities (default: first appearance, target first).
@@ -105,17 +123,31 @@ class FusedSharedHead(nn.Module):
             names += [m for m in model.projections if m not in names]
         dims, projected = {}, {}
         for k, model in enumerate(models):
-            if model.target != first.target or model.shared_dim != first.shared_dim or model.head.weight.shape != first.head.weight.shape:
-                raise ValueError(f"member {k} differs in target, shared width or classes from member 0; it cannot be fused")
+            if (
+                model.target != first.target
+                or model.shared_dim != first.shared_dim
+                or model.head.weight.shape != first.head.weight.shape
+            ):
+                raise ValueError(
+                    f"member {k} differs in target, shared width or classes from member 0; it cannot be fused"
+                )
             for name, module in model.projections.items():
                 is_projected = isinstance(module, nn.Linear)
                 if projected.setdefault(name, is_projected) != is_projected:
-                    raise ValueError(f"member {k} {'projects' if is_projected else 'does not project'} modality '{name}' "
-                                     "unlike another member; it cannot be fused")
+                    raise ValueError(
+                        f"member {k} {'projects' if is_projected else 'does not project'} modality '{name}' "
+                        "unlike another member; it cannot be fused"
+                    )
                 dims[name] = module.weight.shape[1] if is_projected else first.shared_dim
-        fused = cls({name: dims[name] for name in names}, first.target, first.head.weight.shape[0], first.shared_dim,
-                    [name for name in names if projected[name]], [tuple(m.projections) for m in models],
-                    [len(m.log_scales) > 0 for m in models])
+        fused = cls(
+            {name: dims[name] for name in names},
+            first.target,
+            first.head.weight.shape[0],
+            first.shared_dim,
+            [name for name in names if projected[name]],
+            [tuple(m.projections) for m in models],
+            [len(m.log_scales) > 0 for m in models],
+        )
         fused.to(first.head.weight.device)
         for k, model in enumerate(models):
             fused.load_member_state_dict(k, model.state_dict())
@@ -135,7 +167,11 @@ class FusedSharedHead(nn.Module):
             projected = projected.view(batch, members, shared).transpose(0, 1)
             logits = torch.bmm(projected, self.head.transpose(1, 2))
         else:
-            logits = F.linear(features, self.head.reshape(members * classes, shared)).view(batch, members, classes).transpose(0, 1)
+            logits = (
+                F.linear(features, self.head.reshape(members * classes, shared))
+                .view(batch, members, classes)
+                .transpose(0, 1)
+            )
         if self.log_scales is not None:
             index = self.modalities.index(modality)
             scale = (self.log_scales[:, index] * self.scale_mask[:, index]).exp()
@@ -182,11 +218,18 @@ class FusedSharedHead(nn.Module):
                 self.log_scales[k, self.modalities.index(name)] = state[f"log_scales.{name}"]
 
     @torch.no_grad()
-    def subset(self, indices: list[int]) -> "FusedSharedHead":
+    def subset(self, indices: list[int]) -> FusedSharedHead:
         """A new model of copies of the members at ``indices`` (no gradients), e.g. to evaluate a few of them."""
         members, classes, shared = self.head.shape
-        subset = FusedSharedHead(self.dims, self.target, classes, shared, list(self.projections),
-                                 [self.member_modalities[i] for i in indices], [self.member_logit_scale[i] for i in indices])
+        subset = FusedSharedHead(
+            self.dims,
+            self.target,
+            classes,
+            shared,
+            list(self.projections),
+            [self.member_modalities[i] for i in indices],
+            [self.member_logit_scale[i] for i in indices],
+        )
         subset.to(self.head.device)
         for position, k in enumerate(indices):
             subset.load_member_state_dict(position, self.member_state_dict(k))
@@ -210,8 +253,12 @@ class FusedSharedHead(nn.Module):
         self.member_logit_scale = [self.member_logit_scale[i] for i in indices]
 
 
-def fused_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], target: str,
-               alpha: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def fused_loss(
+    logits: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    target: str,
+    alpha: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Per member ``CE(target) + sum_m alpha[m][k] * CE(m)``; returns (sum over members, per-member totals, per-modality CEs).
 
     ``logits[m]`` is ``[K, B_m, C]``, ``labels[m]`` ``[B_m]`` (the same batch for every member),
@@ -222,7 +269,9 @@ def fused_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
 
     def cross_entropy(name: str) -> torch.Tensor:
         rows = logits[name].shape[1]
-        losses = F.cross_entropy(logits[name].reshape(members * rows, -1), labels[name].repeat(members), reduction="none")
+        losses = F.cross_entropy(
+            logits[name].reshape(members * rows, -1), labels[name].repeat(members), reduction="none"
+        )
         return losses.view(members, rows).mean(1)
 
     member_totals = cross_entropy(target)

@@ -53,10 +53,14 @@ class SharedSequenceModel(nn.Module):
         if bad_dims:
             raise ValueError(f"modality dims must be positive, got {bad_dims}")
         if zdim < 1 or layers < 1 or heads < 1:
-            raise ValueError(f"zdim, layers and heads must be positive, got zdim={zdim} layers={layers} heads={heads}")
+            raise ValueError(
+                f"zdim, layers and heads must be positive, got zdim={zdim} layers={layers} heads={heads}"
+            )
         if zdim % heads:
             divisors = [h for h in range(1, zdim + 1) if zdim % h == 0]
-            raise ValueError(f"zdim={zdim} is not divisible by heads={heads}; heads must be one of {divisors}")
+            raise ValueError(
+                f"zdim={zdim} is not divisible by heads={heads}; heads must be one of {divisors}"
+            )
         if pos_emb not in POS_EMB_CHOICES:
             raise ValueError(f"pos_emb={pos_emb!r} is not one of {list(POS_EMB_CHOICES)}")
         if max_len < 1:
@@ -67,7 +71,9 @@ class SharedSequenceModel(nn.Module):
         self.max_len = max_len
         self.inputs = nn.ModuleDict({name: nn.Linear(dim, zdim) for name, dim in dims.items()})
         self.outputs = nn.ModuleDict({name: nn.Linear(zdim, dim) for name, dim in dims.items()})
-        layer = nn.TransformerEncoderLayer(zdim, heads, dim_feedforward=4 * zdim, dropout=dropout, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            zdim, heads, dim_feedforward=4 * zdim, dropout=dropout, batch_first=True
+        )
         # the nested-tensor fast path drops padded positions in eval mode only, which would make
         # train- and eval-mode outputs differ in shape handling; masks already keep padding out
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -82,11 +88,17 @@ class SharedSequenceModel(nn.Module):
         if modality not in self.inputs:
             raise ValueError(f"unknown modality '{modality}'; the model has {sorted(self.inputs)}")
         if x.dim() != 3 or x.shape[-1] != self.dims[modality]:
-            raise ValueError(f"{modality}: x must have shape (B, T, {self.dims[modality]}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{modality}: x must have shape (B, T, {self.dims[modality]}), got {tuple(x.shape)}"
+            )
         if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"{modality}: mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"{modality}: mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+            )
         if self.position is not None and x.shape[1] > self.max_len:
-            raise ValueError(f"{modality}: sequences of {x.shape[1]} steps exceed model.max_len={self.max_len}")
+            raise ValueError(
+                f"{modality}: sequences of {x.shape[1]} steps exceed model.max_len={self.max_len}"
+            )
 
     def encode(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The shared encoder's output ``(B, T, zdim)``; position t sees steps 0..t only."""
@@ -102,7 +114,9 @@ class SharedSequenceModel(nn.Module):
         padding = ~mask & mask.any(dim=1, keepdim=True)
         return self.encoder(hidden, mask=causal, src_key_padding_mask=padding)
 
-    def forward(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, modality: str, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prediction, hidden)``: the next-step prediction ``(B, T, d_m)`` and the encoder output ``(B, T, zdim)``."""
         hidden = self.encode(modality, x, mask)
         return self.outputs[modality](hidden), hidden
@@ -115,7 +129,9 @@ class SharedSequenceModel(nn.Module):
     def pool(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mask-aware mean of the shared encoder output over real steps: ``(B, zdim)``; empty rows give zeros."""
         hidden = self.encode(modality, x, mask)
-        hidden = torch.where(mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        hidden = torch.where(
+            mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
         counts = mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
         return hidden.sum(dim=1) / counts
 
@@ -196,6 +212,8 @@ class SequenceObjective(nn.Module):
         self.target = target
         self.alpha = dict(alpha)
 
-    def forward(self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]], target_on: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, batches: dict[str, tuple[torch.Tensor, torch.Tensor]], target_on: bool
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The step's total loss and each modality's unweighted loss (see ``uml_sequence_loss``)."""
         return uml_sequence_loss(self.model, batches, self.target, self.alpha, target_on)

@@ -45,7 +45,11 @@ class SharedHeadUML(nn.Module):
         self.shared_dim = shared_dim or (dims[auxiliary[0]] if auxiliary else dims[target])
         self.projections = nn.ModuleDict()
         for name, dim in dims.items():
-            if (name == target and project_target) or (name != target and project_auxiliary) or dim != self.shared_dim:
+            if (
+                (name == target and project_target)
+                or (name != target and project_auxiliary)
+                or dim != self.shared_dim
+            ):
                 self.projections[name] = nn.Linear(dim, self.shared_dim, bias=False)
             else:
                 self.projections[name] = nn.Identity()

@@ -13,43 +13,76 @@ import time
 
 from uml_ray.errors import ConfigError
 
-SEEDS_HELP = ("seeds (train.seed values): a count N for 0..N-1, or a comma-separated list like 3,4,5; "
-              "each seed also draws its own target rows when data.target_per_class is set")
-MANIFEST_HELP = ("manifest path with {seed}, one dataset per seed (e.g. a few-shot split drawn with that seed: "
-                 "uml-ray case fashion-mnist --split-seed S, uml-ray data synth --seed S); default: data.manifest for every seed")
+SEEDS_HELP = (
+    "seeds (train.seed values): a count N for 0..N-1, or a comma-separated list like 3,4,5; "
+    "each seed also draws its own target rows when data.target_per_class is set"
+)
+MANIFEST_HELP = (
+    "manifest path with {seed}, one dataset per seed (e.g. a few-shot split drawn with that seed: "
+    "uml-ray case fashion-mnist --split-seed S, uml-ray data synth --seed S); default: data.manifest for every seed"
+)
 
 
 def register(subparsers) -> None:
     """Add the compare and study commands."""
-    compare = subparsers.add_parser("compare", help="UML (alpha searched) against the unimodal baseline (alpha 0), "
-                                                    "each val-selected per seed; paired differences with intervals")
+    compare = subparsers.add_parser(
+        "compare",
+        help="UML (alpha searched) against the unimodal baseline (alpha 0), "
+        "each val-selected per seed; paired differences with intervals",
+    )
     _common(compare)
-    compare.add_argument("--drop-modality", action="append", default=[], metavar="M",
-                         help="also search with every auxiliary modality but M (repeat for an ablation table)")
+    compare.add_argument(
+        "--drop-modality",
+        action="append",
+        default=[],
+        metavar="M",
+        help="also search with every auxiliary modality but M (repeat for an ablation table)",
+    )
     compare.set_defaults(func=run_compare)
 
     study = subparsers.add_parser("study", help="measurements over grids of sample counts")
     studies = study.add_subparsers(dest="study", metavar="STUDY")
-    conversion = studies.add_parser("conversion", help="what an auxiliary sample is worth in target samples: the unimodal "
-                                                       "curve over --nx, UML at a target budget over --ny")
+    conversion = studies.add_parser(
+        "conversion",
+        help="what an auxiliary sample is worth in target samples: the unimodal "
+        "curve over --nx, UML at a target budget over --ny",
+    )
     _common(conversion)
-    conversion.add_argument("--nx", required=True, help="target samples per class of the unimodal curve, e.g. 1,2,4,8")
-    conversion.add_argument("--ny", required=True, help="auxiliary samples per class for UML at the budget, e.g. 2,8,32")
-    conversion.add_argument("--target-budget", type=int, help="target samples per class of the UML arm (one of --nx; default the smallest)")
+    conversion.add_argument(
+        "--nx", required=True, help="target samples per class of the unimodal curve, e.g. 1,2,4,8"
+    )
+    conversion.add_argument(
+        "--ny", required=True, help="auxiliary samples per class for UML at the budget, e.g. 2,8,32"
+    )
+    conversion.add_argument(
+        "--target-budget",
+        type=int,
+        help="target samples per class of the UML arm (one of --nx; default the smallest)",
+    )
     conversion.set_defaults(func=run_conversion)
 
 
 def _common(parser) -> None:
     parser.add_argument("config", help="base run config YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
-    parser.add_argument("--space", required=True, help="search space YAML, searched in every arm and cell with the same budget")
+    parser.add_argument(
+        "--space",
+        required=True,
+        help="search space YAML, searched in every arm and cell with the same budget",
+    )
     parser.add_argument("--seeds", required=True, help=SEEDS_HELP)
-    parser.add_argument("--trials", type=int, default=16, help="configs per search (a grid runs every point once instead)")
+    parser.add_argument(
+        "--trials", type=int, default=16, help="configs per search (a grid runs every point once instead)"
+    )
     parser.add_argument("--manifest-per-seed", default="", metavar="PATTERN", help=MANIFEST_HELP)
     parser.add_argument("--confidence", type=float, default=0.95, help="level of the intervals")
     parser.add_argument("--name", default="", help="study name; its sweeps are named <name>-<arm>[-<cell>]")
-    parser.add_argument("--fuse", type=int, default=0, help="configs per fused trial (0 = 16 for head-only supervised sweeps)")
-    parser.add_argument("--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console")
+    parser.add_argument(
+        "--fuse", type=int, default=0, help="configs per fused trial (0 = 16 for head-only supervised sweeps)"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console"
+    )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -94,7 +127,9 @@ def _check_common(args) -> tuple[list[int], dict[int, str] | None]:
         return seeds, None
     pattern = args.manifest_per_seed
     if "{seed}" not in pattern:
-        raise ConfigError(f"--manifest-per-seed {pattern!r} has no {{seed}}; e.g. work/split-{{seed}}/manifest.yaml")
+        raise ConfigError(
+            f"--manifest-per-seed {pattern!r} has no {{seed}}; e.g. work/split-{{seed}}/manifest.yaml"
+        )
     try:
         return seeds, {seed: absolute(pattern.format(seed=seed)) for seed in seeds}
     except (KeyError, IndexError, ValueError):
@@ -132,11 +167,15 @@ def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, 
             selected += run_jobs([job], args.trials, args.fuse, args.verbose)
             tracker.adopt(job.name)
         report = report_of(selected)
-        report.update({"name": name, "wall_seconds": round(time.monotonic() - started, 1), "trials": args.trials})
+        report.update(
+            {"name": name, "wall_seconds": round(time.monotonic() - started, 1), "trials": args.trials}
+        )
         with tempfile.TemporaryDirectory() as folder:
             artifacts = module.write_artifacts(report, folder)
             status = "FINISHED"
-            tracker.end_study(_metrics(kind, report), {"uml_ray.sweeps": json.dumps(report["sweeps"])}, artifacts, status)
+            tracker.end_study(
+                _metrics(kind, report), {"uml_ray.sweeps": json.dumps(report["sweeps"])}, artifacts, status
+            )
         report["study_run_id"] = tracker.parent_id
         return report
     finally:
@@ -150,12 +189,28 @@ def _metrics(kind: str, report: dict) -> dict:
     if kind == "compare":
         for label, c in report["comparisons"].items():
             key = label.replace(" - ", "_minus_").replace("-", "_")
-            metrics.update({f"{key}.mean": c["mean"], f"{key}.t_low": c["t_low"], f"{key}.t_high": c["t_high"],
-                            f"{key}.boot_low": c["boot_low"], f"{key}.boot_high": c["boot_high"],
-                            f"{key}.sign_p": c["sign_p"], f"{key}.wilcoxon_p": c["wilcoxon_p"]})
-        metrics.update({f"{arm.replace('-', '_')}.mean_test_acc": v for arm, v in report["mean_test_acc"].items()})
+            metrics.update(
+                {
+                    f"{key}.mean": c["mean"],
+                    f"{key}.t_low": c["t_low"],
+                    f"{key}.t_high": c["t_high"],
+                    f"{key}.boot_low": c["boot_low"],
+                    f"{key}.boot_high": c["boot_high"],
+                    f"{key}.sign_p": c["sign_p"],
+                    f"{key}.wilcoxon_p": c["wilcoxon_p"],
+                }
+            )
+        metrics.update(
+            {f"{arm.replace('-', '_')}.mean_test_acc": v for arm, v in report["mean_test_acc"].items()}
+        )
         return metrics
-    metrics.update({"ratio": report["ratio"], "ratio_low": report["ratio_interval"][0], "ratio_high": report["ratio_interval"][1]})
+    metrics.update(
+        {
+            "ratio": report["ratio"],
+            "ratio_low": report["ratio_interval"][0],
+            "ratio_high": report["ratio_interval"][1],
+        }
+    )
     for n, worth, gain in zip(report["aux_counts"], report["worth"], report["gains"]):
         metrics.update({f"worth.ny{n}": worth, f"gain.ny{n}": gain})
     return metrics
@@ -163,9 +218,18 @@ def _metrics(kind: str, report: dict) -> dict:
 
 def _params(plan, space, args, seeds, manifests, arms) -> dict:
     params = {"base." + k: v for k, v in plan.cfg.flat().items()}
-    params.update({"space": args.space, "space.searcher": space.searcher, "space.params": space.keys(), "seeds": seeds,
-                   "trials": args.trials, "confidence": args.confidence, "manifest_per_seed": args.manifest_per_seed or "",
-                   "arms": [arm.name for arm in arms]})
+    params.update(
+        {
+            "space": args.space,
+            "space.searcher": space.searcher,
+            "space.params": space.keys(),
+            "seeds": seeds,
+            "trials": args.trials,
+            "confidence": args.confidence,
+            "manifest_per_seed": args.manifest_per_seed or "",
+            "arms": [arm.name for arm in arms],
+        }
+    )
     params.update({f"arm.{arm.name}.overrides": arm.overrides for arm in arms})
     params.update({f"arm.{arm.name}.space": arm.space.keys() if arm.space else [] for arm in arms})
     return params
@@ -182,15 +246,35 @@ def run_compare(args) -> int:
     arms = compare.compare_arms(plan, space, args.drop_modality)
     name = args.name or plan.cfg.tracking.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     jobs = [job for arm in arms for job in plan_jobs(plan.cfg, arm, {"train.seed": seeds}, name, manifests)]
-    report = _run_study("compare", name, plan, jobs, args, _params(plan, space, args, seeds, manifests, arms),
-                        lambda selected: compare.compare_report(selected, arms, seeds, args.confidence), compare)
+    report = _run_study(
+        "compare",
+        name,
+        plan,
+        jobs,
+        args,
+        _params(plan, space, args, seeds, manifests, arms),
+        lambda selected: compare.compare_report(selected, arms, seeds, args.confidence),
+        compare,
+    )
     for line in compare.format_report(report):
         print(line)
     main = report["comparisons"]["uml - unimodal"]
-    print(json.dumps({"study": name, "run_id": report["study_run_id"], "wall_seconds": report["wall_seconds"],
-                      "mean_test_acc": report["mean_test_acc"], "delta": main["mean"], "t_ci": [main["t_low"], main["t_high"]],
-                      "bootstrap_ci": [main["boot_low"], main["boot_high"]], "sign_p": main["sign_p"],
-                      "wilcoxon_p": main["wilcoxon_p"], "comparisons": report["comparisons"]}))
+    print(
+        json.dumps(
+            {
+                "study": name,
+                "run_id": report["study_run_id"],
+                "wall_seconds": report["wall_seconds"],
+                "mean_test_acc": report["mean_test_acc"],
+                "delta": main["mean"],
+                "t_ci": [main["t_low"], main["t_high"]],
+                "bootstrap_ci": [main["boot_low"], main["boot_high"]],
+                "sign_p": main["sign_p"],
+                "wilcoxon_p": main["wilcoxon_p"],
+                "comparisons": report["comparisons"],
+            }
+        )
+    )
     return 0
 
 
@@ -208,16 +292,44 @@ def run_conversion(args) -> int:
     uml, unimodal = conversion.conversion_arms(plan, space, budget)
     name = args.name or plan.cfg.tracking.run_name or f"conversion-{time.strftime('%Y%m%d-%H%M%S')}"
     conversion.check_aux_counts(plan, aux_counts, manifests)
-    uml_jobs = plan_jobs(plan.cfg, uml, {"train.seed": seeds, conversion.AUX_AXIS: aux_counts}, name, manifests)
-    jobs = plan_jobs(plan.cfg, unimodal, {"train.seed": seeds, conversion.TARGET_AXIS: target_counts}, name, manifests) + uml_jobs
+    uml_jobs = plan_jobs(
+        plan.cfg, uml, {"train.seed": seeds, conversion.AUX_AXIS: aux_counts}, name, manifests
+    )
+    jobs = (
+        plan_jobs(
+            plan.cfg, unimodal, {"train.seed": seeds, conversion.TARGET_AXIS: target_counts}, name, manifests
+        )
+        + uml_jobs
+    )
     params = _params(plan, space, args, seeds, manifests, [uml, unimodal])
     params.update({"nx": target_counts, "ny": aux_counts, "target_budget": budget})
-    report = _run_study("conversion", name, plan, jobs, args, params,
-                        lambda selected: conversion.conversion_report(selected, seeds, target_counts, aux_counts, budget,
-                                                                      args.confidence), conversion)
+    report = _run_study(
+        "conversion",
+        name,
+        plan,
+        jobs,
+        args,
+        params,
+        lambda selected: conversion.conversion_report(
+            selected, seeds, target_counts, aux_counts, budget, args.confidence
+        ),
+        conversion,
+    )
     for line in conversion.format_report(report):
         print(line)
-    print(json.dumps({"study": name, "run_id": report["study_run_id"], "wall_seconds": report["wall_seconds"],
-                      "ratio": report["ratio"], "ratio_interval": report["ratio_interval"], "worth": report["worth"],
-                      "gains": report["gains"], "curve": report["curve"], "uml_mean": report["uml_mean"]}))
+    print(
+        json.dumps(
+            {
+                "study": name,
+                "run_id": report["study_run_id"],
+                "wall_seconds": report["wall_seconds"],
+                "ratio": report["ratio"],
+                "ratio_interval": report["ratio_interval"],
+                "worth": report["worth"],
+                "gains": report["gains"],
+                "curve": report["curve"],
+                "uml_mean": report["uml_mean"],
+            }
+        )
+    )
     return 0

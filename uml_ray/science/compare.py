@@ -22,13 +22,23 @@ from uml_ray.train.plan import RunPlan
 UML, UNIMODAL = "uml", "unimodal"
 # settings that only act through an auxiliary modality: at alpha 0 they change nothing, so the
 # baseline does not spend its budget on them
-AUXILIARY_ONLY = ("train.alpha_default", "data.aux_per_class", "data.aux_class_mean", "data.aux_batch_ratio",
-                  "model.head_init", "model.project_auxiliary")
+AUXILIARY_ONLY = (
+    "train.alpha_default",
+    "data.aux_per_class",
+    "data.aux_class_mean",
+    "data.aux_batch_ratio",
+    "model.head_init",
+    "model.project_auxiliary",
+)
 
 
 def auxiliary_only(key: str, regime: str) -> bool:
     """Whether a searched key has no effect when every alpha is 0 (``train.step_k`` must then be -1)."""
-    return key.startswith("train.alpha.") or key in AUXILIARY_ONLY or (regime == "sequence" and key == "train.step_k")
+    return (
+        key.startswith("train.alpha.")
+        or key in AUXILIARY_ONLY
+        or (regime == "sequence" and key == "train.step_k")
+    )
 
 
 def pinned_width(plan: RunPlan) -> dict:
@@ -57,8 +67,10 @@ def check_uses_auxiliary(plan: RunPlan, space: SearchSpace) -> None:
     """The UML arm must be able to weigh an auxiliary modality above 0, or both arms are the baseline."""
     searched = any(key.startswith("train.alpha.") or key == "train.alpha_default" for key in space.keys())
     if not searched and not any(a > 0 for a in plan.alpha().values()):
-        raise ConfigError(f"every alpha is 0 in the config and {space.source} searches none: the UML arm would be the "
-                          "unimodal baseline; search train.alpha.<modality> or set train.alpha_default > 0")
+        raise ConfigError(
+            f"every alpha is 0 in the config and {space.source} searches none: the UML arm would be the "
+            "unimodal baseline; search train.alpha.<modality> or set train.alpha_default > 0"
+        )
 
 
 def compare_arms(plan: RunPlan, space: SearchSpace, drop: list[str]) -> list[Arm]:
@@ -71,14 +83,23 @@ def compare_arms(plan: RunPlan, space: SearchSpace, drop: list[str]) -> list[Arm
         raise ConfigError(f"--drop-modality names a modality twice: {drop}")
     for modality in drop:
         if modality not in auxiliary:
-            raise ConfigError(f"--drop-modality {modality}: not an auxiliary modality of this run; choose from {auxiliary}")
+            raise ConfigError(
+                f"--drop-modality {modality}: not an auxiliary modality of this run; choose from {auxiliary}"
+            )
         rest = [m for m in auxiliary if m != modality]
         if not rest:
-            raise ConfigError(f"--drop-modality {modality}: it is the only auxiliary modality of this run, and leaving it out "
-                              "is the unimodal arm, which compare always runs; drop the flag")
+            raise ConfigError(
+                f"--drop-modality {modality}: it is the only auxiliary modality of this run, and leaving it out "
+                "is the unimodal arm, which compare always runs; drop the flag"
+            )
         alpha = {m: a for m, a in plan.cfg.train.alpha.items() if m != modality}
-        arms.append(Arm(f"without-{modality}", {**pinned, "data.auxiliary": rest, "train.alpha": alpha},
-                        reduce_space(space, lambda key, m=modality: key == f"train.alpha.{m}")))
+        arms.append(
+            Arm(
+                f"without-{modality}",
+                {**pinned, "data.auxiliary": rest, "train.alpha": alpha},
+                reduce_space(space, lambda key, m=modality: key == f"train.alpha.{m}"),
+            )
+        )
     arms.append(unimodal_arm(plan, space, pinned))
     return arms
 
@@ -93,8 +114,13 @@ def compare_report(selected: list[Selected], arms: list[Arm], seeds: list[int], 
         row = {"seed": seed}
         for name in names:
             chosen = score[(name, seed)]
-            row.update({f"{name}_test_acc": chosen.test_acc, f"{name}_val_acc": chosen.best_val_acc,
-                        f"{name}_config": json.dumps(chosen.config, sort_keys=True, default=str)})
+            row.update(
+                {
+                    f"{name}_test_acc": chosen.test_acc,
+                    f"{name}_val_acc": chosen.best_val_acc,
+                    f"{name}_config": json.dumps(chosen.config, sort_keys=True, default=str),
+                }
+            )
         row["delta_test_acc"] = row[f"{UML}_test_acc"] - row[f"{UNIMODAL}_test_acc"]
         rows.append(row)
 
@@ -106,10 +132,17 @@ def compare_report(selected: list[Selected], arms: list[Arm], seeds: list[int], 
         pairs += [(UML, name), (name, UNIMODAL)]
     comparisons = {f"{a} - {b}": paired_summary(column(a), column(b), confidence).to_dict() for a, b in pairs}
     sweeps = sorted({s.sweep for s in selected})
-    return {"seeds": seeds, "arms": names, "rows": rows, "comparisons": comparisons,
-            "mean_test_acc": {name: sum(column(name)) / len(seeds) for name in names},
-            "configs_per_search": {name: sorted({s.configs_tried for s in selected if s.arm == name}) for name in names},
-            "sweeps": sweeps}
+    return {
+        "seeds": seeds,
+        "arms": names,
+        "rows": rows,
+        "comparisons": comparisons,
+        "mean_test_acc": {name: sum(column(name)) / len(seeds) for name in names},
+        "configs_per_search": {
+            name: sorted({s.configs_tried for s in selected if s.arm == name}) for name in names
+        },
+        "sweeps": sweeps,
+    }
 
 
 def format_report(report: dict) -> list[str]:
@@ -117,13 +150,18 @@ def format_report(report: dict) -> list[str]:
     names = report["arms"]
     lines = ["seed  " + "  ".join(f"{n:>14s}" for n in names) + f"  {'uml-unimodal':>13s}"]
     for row in report["rows"]:
-        lines.append(f"{row['seed']:<4d}  " + "  ".join(f"{row[n + '_test_acc']:14.4f}" for n in names)
-                     + f"  {row['delta_test_acc']:+13.4f}")
+        lines.append(
+            f"{row['seed']:<4d}  "
+            + "  ".join(f"{row[n + '_test_acc']:14.4f}" for n in names)
+            + f"  {row['delta_test_acc']:+13.4f}"
+        )
     for label, c in report["comparisons"].items():
         percent = round(c["confidence"] * 100)
-        lines.append(f"{label}: mean {c['mean']:+.4f} (test acc), {percent}% t CI [{c['t_low']:+.4f}, {c['t_high']:+.4f}], "
-                     f"bootstrap [{c['boot_low']:+.4f}, {c['boot_high']:+.4f}], sign {c['wins']}/{c['losses']} p={c['sign_p']:.3g}, "
-                     f"Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}")
+        lines.append(
+            f"{label}: mean {c['mean']:+.4f} (test acc), {percent}% t CI [{c['t_low']:+.4f}, {c['t_high']:+.4f}], "
+            f"bootstrap [{c['boot_low']:+.4f}, {c['boot_high']:+.4f}], sign {c['wins']}/{c['losses']} p={c['sign_p']:.3g}, "
+            f"Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}"
+        )
     return lines
 
 

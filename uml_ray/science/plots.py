@@ -20,9 +20,17 @@ def paired_plot(report: dict, path: str) -> str:
     plt = _pyplot()
     names = report["arms"]
     order = [names[-1]] + names[1:-1] + [names[0]]  # unimodal, ablations, UML: left to right
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [max(2, len(order)), 2]})
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [max(2, len(order)), 2]}
+    )
     for row in report["rows"]:
-        left.plot(range(len(order)), [row[f"{n}_test_acc"] for n in order], "o-", alpha=0.7, label=f"seed {row['seed']}")
+        left.plot(
+            range(len(order)),
+            [row[f"{n}_test_acc"] for n in order],
+            "o-",
+            alpha=0.7,
+            label=f"seed {row['seed']}",
+        )
     left.set_xticks(range(len(order)), order)
     left.set_ylabel("test accuracy at the best-val config")
     left.set_title("Per seed, each arm val-selected")
@@ -31,10 +39,22 @@ def paired_plot(report: dict, path: str) -> str:
     deltas = [row["delta_test_acc"] for row in report["rows"]]
     right.axhline(0, color="grey", lw=1)
     right.plot(np.zeros(len(deltas)), deltas, "o", alpha=0.6, label="seeds")
-    right.errorbar([0.3], [main["mean"]], yerr=[[main["mean"] - main["t_low"]], [main["t_high"] - main["mean"]]], fmt="s",
-                   capsize=5, label=f"mean, {round(main['confidence'] * 100)}% t CI")
-    right.errorbar([0.6], [main["mean"]], yerr=[[max(0.0, main["mean"] - main["boot_low"])], [max(0.0, main["boot_high"] - main["mean"])]], fmt="D",
-                   capsize=5, label="bootstrap CI")
+    right.errorbar(
+        [0.3],
+        [main["mean"]],
+        yerr=[[main["mean"] - main["t_low"]], [main["t_high"] - main["mean"]]],
+        fmt="s",
+        capsize=5,
+        label=f"mean, {round(main['confidence'] * 100)}% t CI",
+    )
+    right.errorbar(
+        [0.6],
+        [main["mean"]],
+        yerr=[[max(0.0, main["mean"] - main["boot_low"])], [max(0.0, main["boot_high"] - main["mean"])]],
+        fmt="D",
+        capsize=5,
+        label="bootstrap CI",
+    )
     right.set_xlim(-0.4, 1.0)
     right.set_xticks([])
     right.set_ylabel("UML − unimodal test accuracy")
@@ -53,14 +73,20 @@ def conversion_plot(report: dict, path: str) -> str:
     counts = np.array(report["target_counts"], dtype=float)
     aux = np.array(report["aux_counts"], dtype=float)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for seed, accuracies in zip(report["seeds"], report["unimodal_test_acc"]):
+    for accuracies in report["unimodal_test_acc"]:
         left.plot(counts, accuracies, "-", color="grey", alpha=0.4, lw=1)
     left.plot(counts, report["curve"], "o-", color="C0", label="unimodal (monotone mean)")
     budget = report["budget"]
     for j, accuracy in enumerate(report["uml_mean"]):
         equivalent = budget + report["gains"][j]
         left.plot([budget, equivalent], [accuracy, accuracy], ":", color=f"C{1 + j % 8}")
-        left.plot([budget], [accuracy], "s", color=f"C{1 + j % 8}", label=f"UML, N_y={int(aux[j])} ≈ {equivalent:.3g} target")
+        left.plot(
+            [budget],
+            [accuracy],
+            "s",
+            color=f"C{1 + j % 8}",
+            label=f"UML, N_y={int(aux[j])} ≈ {equivalent:.3g} target",
+        )
     left.set_xscale("log", base=2)
     left.set_xlabel("target samples per class (N_x)")
     left.set_ylabel("test accuracy (val-selected)")
@@ -68,8 +94,14 @@ def conversion_plot(report: dict, path: str) -> str:
     left.legend(fontsize=8)
     gains = np.array(report["gains"])
     intervals = np.array(report["gain_intervals"])
-    right.errorbar(aux, gains, yerr=[np.maximum(0, gains - intervals[:, 0]), np.maximum(0, intervals[:, 1] - gains)], fmt="o", capsize=4,
-                   label="gain (seed-bootstrap CI)")
+    right.errorbar(
+        aux,
+        gains,
+        yerr=[np.maximum(0, gains - intervals[:, 0]), np.maximum(0, intervals[:, 1] - gains)],
+        fmt="o",
+        capsize=4,
+        label="gain (seed-bootstrap CI)",
+    )
     line = np.linspace(0, aux.max(), 50)
     right.plot(line, report["ratio"] * line, "--", label=f"slope {report['ratio']:.3g} target / auxiliary")
     right.set_xlabel("auxiliary samples per class (N_y)")

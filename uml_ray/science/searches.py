@@ -82,18 +82,26 @@ def check_axes_free(space: SearchSpace | None, axes: list[str]) -> None:
         return
     taken = [key for key in space.keys() if key in axes]
     if taken:
-        raise ConfigError(f"{space.source}: params {taken} are set by the study itself for each cell "
-                          f"({', '.join(AXIS_LABELS.get(a, a) for a in axes)}); remove them from the space")
+        raise ConfigError(
+            f"{space.source}: params {taken} are set by the study itself for each cell "
+            f"({', '.join(AXIS_LABELS.get(a, a) for a in axes)}); remove them from the space"
+        )
     if space.seeds:
-        raise ConfigError(f"{space.source}: 'seeds' repeats the grid per seed, but the study sets train.seed per cell "
-                          "(--seeds); remove 'seeds' from the space")
+        raise ConfigError(
+            f"{space.source}: 'seeds' repeats the grid per seed, but the study sets train.seed per cell "
+            "(--seeds); remove 'seeds' from the space"
+        )
 
 
 def _label(cell: dict) -> str:
-    return "-".join(f"{AXIS_LABELS.get(k, k.split('.')[-1])}{v}" for k, v in cell.items() if k != "data.manifest")
+    return "-".join(
+        f"{AXIS_LABELS.get(k, k.split('.')[-1])}{v}" for k, v in cell.items() if k != "data.manifest"
+    )
 
 
-def plan_jobs(base: Config, arm: Arm, axes: dict[str, list], name: str, manifests: dict[int, str] | None = None) -> list[Job]:
+def plan_jobs(
+    base: Config, arm: Arm, axes: dict[str, list], name: str, manifests: dict[int, str] | None = None
+) -> list[Job]:
     """The sweeps of one arm over every cell of ``axes`` (the product of its values), each checked by ``build_plan``.
 
     ``manifests`` maps a seed to the manifest of that seed's split (``data.manifest`` per cell).
@@ -125,7 +133,9 @@ def check_names_free(jobs: list[Job]) -> None:
         check_run_name(job.name)
         path = experiment_path(job.plan, job.name)
         if not is_remote(path) and Path(path, "tuner.pkl").exists():
-            raise UserError(f"a sweep named '{job.name}' already exists at {path}; give the study another --name")
+            raise UserError(
+                f"a sweep named '{job.name}' already exists at {path}; give the study another --name"
+            )
 
 
 def check_fuse(jobs: list[Job], fuse: int) -> None:
@@ -133,8 +143,10 @@ def check_fuse(jobs: list[Job], fuse: int) -> None:
     from uml_ray.driver.tune import can_fuse
 
     if fuse > 1 and not all(can_fuse(job.plan, job.space) for job in jobs if job.space is not None):
-        raise ConfigError("--fuse needs head-only supervised sweeps trained in the trial process with seed_policy fixed "
-                          "(model.backbone empty, resources.num_workers=1); use --fuse 0 or 1")
+        raise ConfigError(
+            "--fuse needs head-only supervised sweeps trained in the trial process with seed_policy fixed "
+            "(model.backbone empty, resources.num_workers=1); use --fuse 0 or 1"
+        )
 
 
 def run_jobs(jobs: list[Job], trials: int, fuse: int = 0, verbose: bool = False) -> list[Selected]:
@@ -143,8 +155,14 @@ def run_jobs(jobs: list[Job], trials: int, fuse: int = 0, verbose: bool = False)
 
     selected = []
     for job in jobs:
-        outcome = tune.run(job.plan, job.space, trials=trials, name=job.name, verbose=verbose,
-                           fuse=fuse if job.space is not None else 0)
+        outcome = tune.run(
+            job.plan,
+            job.space,
+            trials=trials,
+            name=job.name,
+            verbose=verbose,
+            fuse=fuse if job.space is not None else 0,
+        )
         outcome.raise_for_failures()
         metric = job.space.metric if job.space is not None else "best_val_acc"
         scored = [r for r in outcome.results if r["metrics"].get(metric) is not None]
@@ -154,6 +172,15 @@ def run_jobs(jobs: list[Job], trials: int, fuse: int = 0, verbose: bool = False)
                 raise UserError(f"sweep '{job.name}': no config of cell {_label(cell)} reported {metric}")
             best = best_row(rows, metric)
             config = {k: v for k, v in best["config"].items() if k not in job.axes}
-            selected.append(Selected(job.arm, cell, job.name, config, float(best["metrics"].get("best_val_acc", float("nan"))),
-                                     float(best["metrics"].get("test_acc", float("nan"))), len(rows)))
+            selected.append(
+                Selected(
+                    job.arm,
+                    cell,
+                    job.name,
+                    config,
+                    float(best["metrics"].get("best_val_acc", float("nan"))),
+                    float(best["metrics"].get("test_acc", float("nan"))),
+                    len(rows),
+                )
+            )
     return selected

@@ -57,8 +57,9 @@ def t_interval(differences, confidence: float = 0.95) -> tuple[float, float]:
     return float(mean - half), float(mean + half)
 
 
-def bootstrap_interval(differences, confidence: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    differences, confidence: float = 0.95, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``differences``, resampling them with replacement.
 
     With few values it can only reach the means of the multisets they form (10 at n = 3), so it
@@ -98,8 +99,20 @@ def paired_summary(a, b, confidence: float = 0.95, seed: int = 0) -> PairedSumma
     t_low, t_high = t_interval(d, confidence)
     boot_low, boot_high = bootstrap_interval(d, confidence, seed=seed)
     wins, losses, sign_p = sign_test(d)
-    return PairedSummary(int(d.size), float(d.mean()), float(d.std(ddof=1)), t_low, t_high, boot_low, boot_high,
-                         wins, losses, sign_p, wilcoxon_p(d), confidence)
+    return PairedSummary(
+        int(d.size),
+        float(d.mean()),
+        float(d.std(ddof=1)),
+        t_low,
+        t_high,
+        boot_low,
+        boot_high,
+        wins,
+        losses,
+        sign_p,
+        wilcoxon_p(d),
+        confidence,
+    )
 
 
 def isotonic_increasing(values) -> np.ndarray:
@@ -178,8 +191,16 @@ def conversion(target_counts, unimodal, budget: int, aux_counts, uml) -> Convers
     return Conversion(curve.tolist(), uml_mean.tolist(), gains.tolist(), ratios.tolist(), slope, capped)
 
 
-def bootstrap_conversion(target_counts, unimodal, budget: int, aux_counts, uml, confidence: float = 0.95,
-                         samples: int = 2000, seed: int = 0) -> dict:
+def bootstrap_conversion(
+    target_counts,
+    unimodal,
+    budget: int,
+    aux_counts,
+    uml,
+    confidence: float = 0.95,
+    samples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Seed-bootstrap intervals of the conversion: whole seeds resampled with replacement, the same
     draw for the unimodal curve and UML (they share seeds), everything recomputed per draw.
 
@@ -188,13 +209,17 @@ def bootstrap_conversion(target_counts, unimodal, budget: int, aux_counts, uml, 
     unimodal, uml = np.asarray(unimodal, dtype=float), np.asarray(uml, dtype=float)
     seeds = unimodal.shape[0]
     rng = np.random.default_rng(seed)
-    draws = [conversion(target_counts, unimodal[pick], budget, aux_counts, uml[pick])
-             for pick in rng.integers(0, seeds, size=(samples, seeds))]
+    draws = [
+        conversion(target_counts, unimodal[pick], budget, aux_counts, uml[pick])
+        for pick in rng.integers(0, seeds, size=(samples, seeds))
+    ]
     alpha = (1 - confidence) / 2
 
     def interval(values) -> tuple[float, float]:
         return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
-    return {"ratio": interval([d.ratio for d in draws]),
-            "ratios": [interval([d.ratios[j] for d in draws]) for j in range(len(aux_counts))],
-            "gains": [interval([d.gains[j] for d in draws]) for j in range(len(aux_counts))]}
+    return {
+        "ratio": interval([d.ratio for d in draws]),
+        "ratios": [interval([d.ratios[j] for d in draws]) for j in range(len(aux_counts))],
+        "gains": [interval([d.gains[j] for d in draws]) for j in range(len(aux_counts))],
+    }

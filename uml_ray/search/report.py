@@ -7,7 +7,9 @@ import os
 from uml_ray.search.space import SearchSpace
 
 
-def sweep_plots(rows: list[dict], space: SearchSpace, metric: str, importances: dict[str, float], folder: str) -> list[str]:
+def sweep_plots(
+    rows: list[dict], space: SearchSpace, metric: str, importances: dict[str, float], folder: str
+) -> list[str]:
     """Write the sweep's PNG plots into ``folder``; returns their paths."""
     import matplotlib
 
@@ -39,7 +41,11 @@ def sweep_plots(rows: list[dict], space: SearchSpace, metric: str, importances: 
     alpha_keys = [p.key for p in space.params if p.key.startswith("train.alpha")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in alpha_keys:
-        points = [(r["config"][key], r["metrics"].get("val_acc", r["metrics"][metric])) for r in rows if key in r["config"]]
+        points = [
+            (r["config"][key], r["metrics"].get("val_acc", r["metrics"][metric]))
+            for r in rows
+            if key in r["config"]
+        ]
         ax.scatter([p[0] for p in points], [p[1] for p in points], label=key)
     if not alpha_keys:
         ax.text(0.5, 0.5, "alpha not searched", ha="center", va="center")

@@ -89,7 +89,9 @@ def parse_param(key: str, spec: Any, source: str) -> Param:
         raise ConfigError(f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}")
     unknown = set(spec) - {"type", "low", "high", "log", "values"}
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: type, low, high, log, values")
+        raise ConfigError(
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed: type, low, high, log, values"
+        )
     dist = spec.get("type")
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: type {dist!r} is not one of {list(DISTRIBUTIONS)}")
@@ -103,14 +105,18 @@ def parse_param(key: str, spec: Any, source: str) -> Param:
     if kind not in (int, float):
         raise ConfigError(f"{where}: '{key}' is a {kind.__name__} field; use type: choice with its values")
     if dist == "int" and kind is not int:
-        raise ConfigError(f"{where}: type int needs an integer field; '{key}' is a float (use uniform/loguniform)")
+        raise ConfigError(
+            f"{where}: type int needs an integer field; '{key}' is a float (use uniform/loguniform)"
+        )
     number = int if dist == "int" else float
     low, high = _number(f"{where}.low", spec["low"], number), _number(f"{where}.high", spec["high"], number)
     if low > high:
         raise ConfigError(f"{where}: low={low} is greater than high={high}; swap them")
     log = dist == "loguniform" or bool(spec.get("log", False))
     if log and low <= 0:
-        raise ConfigError(f"{where}: a log range must be strictly positive, got low={low}; use a low > 0 (e.g. {high / 1000:g}) or type uniform")
+        raise ConfigError(
+            f"{where}: a log range must be strictly positive, got low={low}; use a low > 0 (e.g. {high / 1000:g}) or type uniform"
+        )
     if dist != "int" and low == high:
         raise ConfigError(f"{where}: low == high == {low} is not a range; use a fixed config value instead")
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -122,10 +128,14 @@ def load_space(path: str) -> SearchSpace:
     """Read and validate a search-space YAML (structure and types; ``check_space`` adds config bounds)."""
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a search space is a mapping with 'params' (and optional recipe, metric, seed_policy)")
+        raise ConfigError(
+            f"{path}: a search space is a mapping with 'params' (and optional recipe, metric, seed_policy)"
+        )
     unknown = set(raw) - {"recipe", "metric", "seed_policy", "params", "searcher", "seeds"}
     if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: recipe, metric, seed_policy, searcher, seeds, params")
+        raise ConfigError(
+            f"{path}: unknown field(s) {sorted(unknown)}; allowed: recipe, metric, seed_policy, searcher, seeds, params"
+        )
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{path}: 'params' must be a non-empty mapping of config keys to distributions")
@@ -142,16 +152,22 @@ def load_space(path: str) -> SearchSpace:
     if searcher not in SEARCHERS:
         raise ConfigError(f"{path}: searcher {searcher!r} is not one of {list(SEARCHERS)}")
     seeds = raw.get("seeds", [])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    ):
         raise ConfigError(f"{path}: seeds must be a list of integers >= 0, e.g. [0, 1, 2]")
     if seeds and searcher != "grid":
-        raise ConfigError(f"{path}: seeds repeats a grid per seed; set searcher: grid, or search train.seed as a choice")
+        raise ConfigError(
+            f"{path}: seeds repeats a grid per seed; set searcher: grid, or search train.seed as a choice"
+        )
     parsed = [parse_param(str(k), v, path) for k, v in params.items()]
     if searcher == "grid":
         ranged = [p.key for p in parsed if p.type != "choice"]
         if ranged:
-            raise ConfigError(f"{path}: searcher grid needs every param as a choice; {ranged} are ranges "
-                              "(give them as {type: choice, values: [...]}, or use searcher: tpe / random)")
+            raise ConfigError(
+                f"{path}: searcher grid needs every param as a choice; {ranged} are ranges "
+                "(give them as {type: choice, values: [...]}, or use searcher: tpe / random)"
+            )
         if seeds and "train.seed" in [p.key for p in parsed]:
             raise ConfigError(f"{path}: train.seed is both a param and the grid's seeds; keep one")
     return SearchSpace(parsed, recipe, metric, seed_policy, path, searcher, list(seeds))
@@ -164,14 +180,20 @@ def check_space(space: SearchSpace, cfg: Config, auxiliary: list[str]) -> None:
     reject (a negative lr, zdim not divisible by heads, an unknown choice) fails here, before launch.
     """
     if space.recipe != cfg.model.regime:
-        raise ConfigError(f"{space.source}: recipe '{space.recipe}' does not match model.regime='{cfg.model.regime}'")
+        raise ConfigError(
+            f"{space.source}: recipe '{space.recipe}' does not match model.regime='{cfg.model.regime}'"
+        )
     for param in space.params:
         parts = param.key.split(".")
         if parts[:2] == ["train", "alpha"] and parts[2] not in auxiliary:
-            raise ConfigError(f"{space.source}: params.{param.key}: '{parts[2]}' is not an auxiliary modality; choose from {auxiliary}")
+            raise ConfigError(
+                f"{space.source}: params.{param.key}: '{parts[2]}' is not an auxiliary modality; choose from {auxiliary}"
+            )
         corners = param.values if param.type == "choice" else [param.low, param.high]
         for value in corners:
             try:
                 apply_overrides(cfg, {param.key: value})
             except ConfigError as exc:
-                raise ConfigError(f"{space.source}: params.{param.key}: value {value!r} is invalid for the config: {exc}") from None
+                raise ConfigError(
+                    f"{space.source}: params.{param.key}: value {value!r} is invalid for the config: {exc}"
+                ) from None

@@ -13,12 +13,17 @@ def register(subparsers) -> None:
     """Add the best command."""
     best = subparsers.add_parser("best", help="table of the best runs in MLflow; write the best config YAML")
     best.add_argument("--experiment", default="uml-ray", help="MLflow experiment name")
-    best.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
-                      help="MLflow tracking URI (local SQLite store or http(s)://server)")
+    best.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow tracking URI (local SQLite store or http(s)://server)",
+    )
     best.add_argument("--sweep", default="", help="only this sweep's trials")
     best.add_argument("--metric", default="best_val_acc", help="metric to rank by (higher is better)")
     best.add_argument("--top", type=int, default=5, help="rows to show")
-    best.add_argument("--output", default="best_config.yaml", help="where to write the best run's config YAML")
+    best.add_argument(
+        "--output", default="best_config.yaml", help="where to write the best run's config YAML"
+    )
     best.set_defaults(func=run_best)
 
 
@@ -35,8 +40,15 @@ def run_best(args) -> int:
     table = [header]
     for rank, row in enumerate(rows, 1):
         sampled = _sampled(row)
-        table.append([str(rank), row["run_name"], f"{row['metrics'][args.metric]:.4f}",
-                      f"{row['metrics'].get('test_acc', float('nan')):.4f}", *[_short(sampled.get(k, "")) for k in searched]])
+        table.append(
+            [
+                str(rank),
+                row["run_name"],
+                f"{row['metrics'][args.metric]:.4f}",
+                f"{row['metrics'].get('test_acc', float('nan')):.4f}",
+                *[_short(sampled.get(k, "")) for k in searched],
+            ]
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
@@ -51,7 +63,9 @@ def check_output(path: str) -> None:
     """Refuse an output file whose folder is missing or read-only before MLflow is queried."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise UserError(f"--output {path}: is a folder; give a file name such as {os.path.join(path, 'best_config.yaml')}")
+        raise UserError(
+            f"--output {path}: is a folder; give a file name such as {os.path.join(path, 'best_config.yaml')}"
+        )
     if not os.path.isdir(folder):
         raise UserError(f"--output {path}: folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK):

@@ -37,7 +37,7 @@ def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///file.db`` absolute (trials and later commands run elsewhere)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + os.path.abspath(uri[len(prefix):])
+        return prefix + os.path.abspath(uri[len(prefix) :])
     if "://" not in uri:
         return os.path.abspath(uri)
     return uri
@@ -48,7 +48,7 @@ def default_artifact_location(uri: str, artifact_location: str) -> str | None:
     if artifact_location:
         return artifact_location
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+        return Path(uri[len("sqlite:///") :]).resolve().parent.joinpath("mlartifacts").as_uri()
     return None
 
 
@@ -71,22 +71,40 @@ def check_tracking(uri: str, experiment: str) -> None:
         with bounded_http(), _quiet_store_creation():
             _client(uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
-        raise UserError(f"tracking.uri={uri}: cannot reach the MLflow store ({_one_line(exc)}); "
-                        "start the server or fix tracking.uri") from None
+        raise UserError(
+            f"tracking.uri={uri}: cannot reach the MLflow store ({_one_line(exc)}); "
+            "start the server or fix tracking.uri"
+        ) from None
 
 
 # What MLflow's tracking-store registry accepts; its file store (a plain folder, file:) is refused
 # by MLflow 3 unless MLFLOW_ALLOW_FILE_STORE is set.
-TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+TRACKING_SCHEMES = (
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
 # the pre-launch checks and `uml-ray best` give up on an unreachable server in seconds; MLflow's
 # defaults (7 retries with backoff, 120 s timeout) took over 4 minutes to say so
-CHECK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+CHECK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # a sweep's writes give up on an unreachable server within seconds too, and are held and sent
 # later (SweepTracker): waiting out MLflow's minutes of backoff would stall the driver and with
 # it every trial waiting for its report to be taken
-WRITE_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+WRITE_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 # how often held writes try an unreachable server again, and how long the last ones wait for it
 RETRY_WRITES_S = 5.0
 FINAL_WAIT_S = 300.0
@@ -133,19 +151,25 @@ def check_tracking_uri(uri: str) -> None:
     if scheme in ("", "file"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
             return
-        raise UserError(f"tracking URI {uri!r} is a folder (MLflow's file store), which MLflow 3 no longer accepts; {hint}")
-    raise UserError(f"tracking URI {uri!r}: unsupported scheme '{scheme}'; {hint} "
-                    f"(MLflow also takes postgresql://, mysql://, mssql:// and databricks)")
+        raise UserError(
+            f"tracking URI {uri!r} is a folder (MLflow's file store), which MLflow 3 no longer accepts; {hint}"
+        )
+    raise UserError(
+        f"tracking URI {uri!r}: unsupported scheme '{scheme}'; {hint} "
+        f"(MLflow also takes postgresql://, mysql://, mssql:// and databricks)"
+    )
 
 
 def _check_sqlite_uri(uri: str, hint: str) -> None:
     """A SQLite store needs a file path whose folder exists (SQLAlchemy's own error is a page of text)."""
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
     if not path or path == ":memory:":
         raise UserError(f"tracking URI {uri!r} names no file: an in-memory store loses every run; {hint}")
-    folder = Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).parent
+    folder = Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).parent
     if not folder.is_dir():
-        raise UserError(f"tracking URI {uri!r}: folder {folder} does not exist; create it or point the URI elsewhere")
+        raise UserError(
+            f"tracking URI {uri!r}: folder {folder} does not exist; create it or point the URI elsewhere"
+        )
 
 
 def _one_line(exc: Exception) -> str:
@@ -165,7 +189,14 @@ def is_unreachable(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)):
+        if isinstance(
+            exc,
+            (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                requests.exceptions.RetryError,
+            ),
+        ):
             return True
         if "Max retries exceeded" in str(exc):
             return True
@@ -181,11 +212,15 @@ def check_run_name(name: str) -> None:
     one kind of quote, not both.
     """
     if "'" in name and '"' in name:
-        raise UserError(f"run name ({name}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
+        raise UserError(
+            f"run name ({name}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote"
+        )
     bad = sorted({c for c in name if c in "/\\" or not c.isprintable()})
     if bad or name in (".", ".."):
-        raise UserError(f"run name {name!r} cannot be a folder name{f' (it holds {bad})' if bad else ''}; "
-                        "use letters, digits, '-', '_' or '.'")
+        raise UserError(
+            f"run name {name!r} cannot be a folder name{f' (it holds {bad})' if bad else ''}; "
+            "use letters, digits, '-', '_' or '.'"
+        )
 
 
 def quote_value(value: str) -> str:
@@ -194,7 +229,9 @@ def quote_value(value: str) -> str:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise UserError(f"name ({value}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote")
+    raise UserError(
+        f"name ({value}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote"
+    )
 
 
 class SweepTracker:
@@ -206,7 +243,9 @@ class SweepTracker:
     never duplicates a run.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str, sweep: str, single_run: bool = False):
+    def __init__(
+        self, uri: str, experiment: str, artifact_location: str, sweep: str, single_run: bool = False
+    ):
         self.uri = resolve_tracking_uri(uri)
         self.client = _client(self.uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -252,8 +291,10 @@ class SweepTracker:
                     self._held.pop(0)
                     raise
                 if not self._retry_at:
-                    _note(f"MLflow at {self.uri} is unreachable ({_one_line(exc)}); holding its writes "
-                          f"and trying again every {RETRY_WRITES_S:g} s")
+                    _note(
+                        f"MLflow at {self.uri} is unreachable ({_one_line(exc)}); holding its writes "
+                        f"and trying again every {RETRY_WRITES_S:g} s"
+                    )
                 self._retry_at = time.monotonic() + RETRY_WRITES_S
                 continue
             self._held.pop(0)
@@ -268,8 +309,10 @@ class SweepTracker:
     def close(self, wait_s: float = FINAL_WAIT_S) -> None:
         """Send what is held, waiting up to ``wait_s`` for the server; say what could not be sent."""
         if not self.flush(wait_s):
-            _note(f"MLflow at {self.uri} stayed unreachable for {wait_s:g} s: {len(self._held)} write(s) not recorded "
-                  f"({', '.join(sorted({what for what, _ in self._held}))})")
+            _note(
+                f"MLflow at {self.uri} stayed unreachable for {wait_s:g} s: {len(self._held)} write(s) not recorded "
+                f"({', '.join(sorted({what for what, _ in self._held}))})"
+            )
 
     def _spooled(self, paths: dict[str, str]) -> dict[str, str]:
         """Copies of local files that a held write will send after their owner deleted them."""
@@ -291,7 +334,7 @@ class SweepTracker:
 
         items = [Param(key, _clean(value)) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's limit of params per batch
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def start_sweep(self, params: dict, tags: dict | None = None) -> str | None:
         """Open (or, on resume, reopen) the sweep's parent run; None for a single training run (or while held)."""
@@ -299,13 +342,17 @@ class SweepTracker:
             return None
 
         def open_parent():
-            existing = self._find(f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'sweep'")
+            existing = self._find(
+                f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` = 'sweep'"
+            )
             if existing is not None:
                 self.parent_id = existing.info.run_id
                 self.client.update_run(self.parent_id, status="RUNNING")
                 return
             run = self.client.create_run(
-                self.experiment_id, run_name=self.sweep, tags={SWEEP_TAG: self.sweep, KIND_TAG: "sweep", **(tags or {})}
+                self.experiment_id,
+                run_name=self.sweep,
+                tags={SWEEP_TAG: self.sweep, KIND_TAG: "sweep", **(tags or {})},
             )
             self.parent_id = run.info.run_id
             self._log_params(self.parent_id, params)
@@ -320,21 +367,35 @@ class SweepTracker:
         self.trial_runs[trial_id] = None
 
         def open_run():
-            existing = self._find(f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}")
+            existing = self._find(
+                f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}"
+            )
             adopted = existing is None and (existing := self._adopt(trial_id, params, tags or {})) is not None
             if adopted:
-                self._log_params(existing.info.run_id, params)  # the same values again: its driver may have died first
+                self._log_params(
+                    existing.info.run_id, params
+                )  # the same values again: its driver may have died first
             if existing is not None:
                 run_id = existing.info.run_id
-                if existing.info.status != "RUNNING" and existing.data.tags.get(OUTCOME_TAG) not in (None, "failed"):
+                if existing.info.status != "RUNNING" and existing.data.tags.get(OUTCOME_TAG) not in (
+                    None,
+                    "failed",
+                ):
                     self.ended.add(trial_id)  # a resumed sweep's trial that had ended: it only reports again
                 else:
                     self.client.update_run(run_id, status="RUNNING")
                 history = existing.data.metrics.get("step")
                 self.last_step[trial_id] = int(history) if history is not None else -1
             else:
-                run_tags = {TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep, KIND_TAG: "train" if self.single_run else "trial", **(tags or {})}
-                if "train.seed" in params:  # with the run, not its params: a driver may die before those are logged
+                run_tags = {
+                    TRIAL_TAG: trial_id,
+                    SWEEP_TAG: self.sweep,
+                    KIND_TAG: "train" if self.single_run else "trial",
+                    **(tags or {}),
+                }
+                if (
+                    "train.seed" in params
+                ):  # with the run, not its params: a driver may die before those are logged
                     run_tags[SEED_TAG] = _clean(params["train.seed"])
                 if self.parent_id:
                     run_tags[PARENT_TAG] = self.parent_id
@@ -362,13 +423,17 @@ class SweepTracker:
         except UserError:  # a config holding both quote kinds cannot be matched
             return None
         runs = self.client.search_runs(
-            [self.experiment_id], max_results=50,
+            [self.experiment_id],
+            max_results=50,
             filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{SAMPLED_TAG}` = {sampled} "
-                          f"and tags.`{SEED_TAG}` = '{_clean(params['train.seed'])}' and attributes.status = 'RUNNING'")
+            f"and tags.`{SEED_TAG}` = '{_clean(params['train.seed'])}' and attributes.status = 'RUNNING'",
+        )
         mine = set(self.trial_runs.values())
         orphan = next((run for run in runs if run.info.run_id not in mine), None)
         if orphan is not None:
-            self.client.set_tag(orphan.info.run_id, "uml_ray.continues_trial", orphan.data.tags.get(TRIAL_TAG, ""))
+            self.client.set_tag(
+                orphan.info.run_id, "uml_ray.continues_trial", orphan.data.tags.get(TRIAL_TAG, "")
+            )
             self.client.set_tag(orphan.info.run_id, TRIAL_TAG, trial_id)
             self.client.update_run(orphan.info.run_id, name=f"{self.sweep}-{trial_id}")
         return orphan
@@ -376,8 +441,11 @@ class SweepTracker:
     def ended_trials(self) -> set[str]:
         """Tune trial ids whose MLflow runs all ended (finished, stopped early or pruned; not failed):
         a fused trial's when every member's run did."""
-        runs = self.client.search_runs([self.experiment_id], max_results=10000,
-                                       filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` != 'sweep'")
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            max_results=10000,
+            filter_string=f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)} and tags.`{KIND_TAG}` != 'sweep'",
+        )
         ended: dict[str, bool] = {}
         for run in runs:
             trial_id = run.data.tags.get("uml_ray.fused_trial") or run.data.tags.get(TRIAL_TAG, "")
@@ -422,7 +490,9 @@ class SweepTracker:
 
         self._write(f"trial {trial_id}'s metrics", send)
 
-    def end_trial(self, trial_id: str, status: str, outcome: str, artifacts: dict[str, str] | None = None) -> None:
+    def end_trial(
+        self, trial_id: str, status: str, outcome: str, artifacts: dict[str, str] | None = None
+    ) -> None:
         """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its artifacts."""
         if trial_id not in self.trial_runs:
             return
@@ -445,7 +515,9 @@ class SweepTracker:
         """Close the parent run with the sweep's best result, study summary and plots; waits for held writes."""
         if self.single_run:
             return
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        clean = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))
+        }
         files = [path for path in artifacts if os.path.exists(path)]
 
         def close_parent():
@@ -455,7 +527,9 @@ class SweepTracker:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
+                self.client.log_batch(
+                    self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()]
+                )
             for key, value in params.items():
                 self.client.set_tag(self.parent_id, f"uml_ray.best.{key}", _clean(value))
             for path in files:
@@ -477,7 +551,9 @@ class StudyTracker(SweepTracker):
 
     def start_study(self, kind: str, params: dict) -> str:
         """Open the study's run (tag ``uml_ray.kind=<kind>``) with its settings as params."""
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep, tags={STUDY_TAG: self.sweep, KIND_TAG: kind})
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.sweep, tags={STUDY_TAG: self.sweep, KIND_TAG: kind}
+        )
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
         return self.parent_id
@@ -492,19 +568,27 @@ class StudyTracker(SweepTracker):
 
     def end_study(self, metrics: dict, tags: dict, artifacts: list[str], status: str = "FINISHED") -> None:
         """Close the study's run with its summary metrics, tags and artifacts (tables, plots)."""
-        from mlflow.entities import Metric, RunTag
         import time
 
+        from mlflow.entities import Metric, RunTag
+
         now = int(time.time() * 1000)
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()],
-                              tags=[RunTag(k, _clean(v)) for k, v in tags.items()])
+        clean = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))
+        }
+        self.client.log_batch(
+            self.parent_id,
+            metrics=[Metric(k, v, now, 0) for k, v in clean.items()],
+            tags=[RunTag(k, _clean(v)) for k, v in tags.items()],
+        )
         for path in artifacts:
             self.client.log_artifact(self.parent_id, path)
         self.client.set_terminated(self.parent_id, status=status)
 
 
-def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int = 5, sweep: str | None = None) -> list[dict]:
+def best_runs(
+    uri: str, experiment: str, metric: str = "best_val_acc", top: int = 5, sweep: str | None = None
+) -> list[dict]:
     """The top trial/training runs of an experiment (optionally one sweep) by a metric, best first.
 
     Read-only and quick to fail: a missing SQLite file is not created, an unreachable server is
@@ -516,24 +600,32 @@ def best_runs(uri: str, experiment: str, metric: str = "best_val_acc", top: int 
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
     check_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).is_file():
-        raise UserError(f"tracking URI {uri!r}: no such SQLite file; point --tracking-uri at the store the runs were recorded in")
+    if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"tracking URI {uri!r}: no such SQLite file; point --tracking-uri at the store the runs were recorded in"
+        )
     client = _client(uri)
     try:
         with bounded_http():
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 names = [e.name for e in client.search_experiments()]
-                raise UserError(f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}")
+                raise UserError(
+                    f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}"
+                )
             runs = client.search_runs(
-                [found.experiment_id], filter_string=" and ".join(filters),
-                order_by=[f"metrics.`{metric}` DESC", "metrics.`best_val_loss` ASC"], max_results=max(top, 1) * 4
+                [found.experiment_id],
+                filter_string=" and ".join(filters),
+                order_by=[f"metrics.`{metric}` DESC", "metrics.`best_val_loss` ASC"],
+                max_results=max(top, 1) * 4,
             )
     except UserError:
         raise
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
-        raise UserError(f"tracking URI {uri}: cannot query the MLflow store ({_one_line(exc)}); "
-                        "start the server or fix --tracking-uri") from None
+        raise UserError(
+            f"tracking URI {uri}: cannot query the MLflow store ({_one_line(exc)}); "
+            "start the server or fix --tracking-uri"
+        ) from None
     runs = [r for r in runs if metric in r.data.metrics][:top]
     if not runs:
         where = f" in sweep '{sweep}'" if sweep else ""
@@ -557,4 +649,6 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
     """Fetch one artifact of a run to a local folder; returns the local path."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=resolve_tracking_uri(uri))
+    return mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=resolve_tracking_uri(uri)
+    )

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import pyarrow as pa
 import torch
@@ -75,7 +76,9 @@ def read_state(folder: str, shown_as: str = "") -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - a damaged file raises RuntimeError, EOFError, UnpicklingError, OSError...
         reason = " ".join(str(exc).split()).split(". ")[0][:200]
-        raise CheckpointError(f"checkpoint file {shown_as or path} is unreadable ({type(exc).__name__}: {reason})") from None
+        raise CheckpointError(
+            f"checkpoint file {shown_as or path} is unreadable ({type(exc).__name__}: {reason})"
+        ) from None
 
 
 def kept_checkpoints(checkpoint) -> list:
@@ -85,8 +88,16 @@ def kept_checkpoints(checkpoint) -> list:
 
     parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
     found = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    names = sorted((info.base_name for info in found if info.type == pafs.FileType.Directory
-                    and info.base_name.startswith("checkpoint_") and info.base_name != name), reverse=True)
+    names = sorted(
+        (
+            info.base_name
+            for info in found
+            if info.type == pafs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and info.base_name != name
+        ),
+        reverse=True,
+    )
     return [type(checkpoint)(f"{parent}/{other}", filesystem=checkpoint.filesystem) for other in names]
 
 
@@ -107,7 +118,9 @@ def restore_state(checkpoint) -> dict:
             print(f"[uml-ray] {problems[0]}; resuming from checkpoint {candidate.path} instead", flush=True)
         return state
     others = f"; so are the {len(problems) - 1} other(s) kept beside it" if len(problems) > 1 else ""
-    raise CheckpointError(f"{problems[0]}{others}; the run cannot resume from it: start it again under a new --name")
+    raise CheckpointError(
+        f"{problems[0]}{others}; the run cannot resume from it: start it again under a new --name"
+    )
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -177,7 +190,9 @@ class LocalContext(_SingleWorker):
 
     def source(self, name: str) -> BatchSource:
         modality, split = name.rsplit(".", 1)
-        return TableSource(self.plan.shape_table(name, read_table(self.plan.dataset.manifest.uris(modality, split))))
+        return TableSource(
+            self.plan.shape_table(name, read_table(self.plan.dataset.manifest.uris(modality, split)))
+        )
 
     def restore(self) -> dict | None:
         return copy.deepcopy(self.saved)
@@ -223,7 +238,9 @@ class TrainWorkerContext:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
 
     def all_gather(self, value) -> list:
         import torch.distributed as dist

@@ -22,15 +22,30 @@ import torch.nn.functional as F
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.fused import FusedSharedHead, fused_loss
 from uml_ray.models.supervised import SharedHeadUML
-from uml_ray.train.common import (new_progress, record_validation, rng_state, set_rng_state, setup_worker, validation_metrics,
-                                  warmup_cosine)
+from uml_ray.train.common import (
+    new_progress,
+    record_validation,
+    rng_state,
+    set_rng_state,
+    setup_worker,
+    validation_metrics,
+    warmup_cosine,
+)
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
 from uml_ray.train.loop import _aux_class_means, to_tensors
 from uml_ray.train.plan import DatasetFacts, RunPlan
 
 # per-member settings a fused trial can hold; ``train.alpha`` stands for every ``train.alpha.<modality>``
-FUSABLE_KEYS = ("train.lr", "train.weight_decay", "train.alpha", "train.alpha_default", "train.grad_clip", "train.patience",
-                "model.head_init", "model.logit_scale")
+FUSABLE_KEYS = (
+    "train.lr",
+    "train.weight_decay",
+    "train.alpha",
+    "train.alpha_default",
+    "train.grad_clip",
+    "train.patience",
+    "model.head_init",
+    "model.logit_scale",
+)
 
 
 def is_fusable(key: str) -> bool:
@@ -63,7 +78,9 @@ def fusion_key(flat_config: dict, dataset: DatasetFacts) -> tuple:
     ``model.shared_dim=0`` it follows alpha (an alpha-0 config projects into the target's own
     width), so a unimodal baseline fuses with other alpha-0 configs, not with alpha > 0 ones.
     """
-    structural = tuple(sorted((key, _hashable(value)) for key, value in flat_config.items() if not is_fusable(key)))
+    structural = tuple(
+        sorted((key, _hashable(value)) for key, value in flat_config.items() if not is_fusable(key))
+    )
     return structural + (("shared_dim.resolved", resolved_shared_dim(flat_config, dataset)),)
 
 
@@ -72,12 +89,16 @@ def _check_fusable(cfgs: list, dataset: DatasetFacts) -> None:
     for k, key in enumerate(keys):
         if key != keys[0]:
             differing = sorted(name for (name, value), (_, other) in zip(key, keys[0]) if value != other)
-            raise ValueError(f"fused member {k} differs from member 0 in structural settings {differing}; "
-                             f"only {', '.join(FUSABLE_KEYS)} may differ within a fused trial")
+            raise ValueError(
+                f"fused member {k} differs from member 0 in structural settings {differing}; "
+                f"only {', '.join(FUSABLE_KEYS)} may differ within a fused trial"
+            )
 
 
 @torch.no_grad()
-def evaluate_members(model: FusedSharedHead, stream: BatchStream, ctx, batch_size: int = 1024) -> tuple[list[float], list[float]]:
+def evaluate_members(
+    model: FusedSharedHead, stream: BatchStream, ctx, batch_size: int = 1024
+) -> tuple[list[float], list[float]]:
     """Every member's target accuracy and mean CE over every row of a split, summed over workers."""
     model.eval()
     totals = torch.zeros(model.members, 3, dtype=torch.float64)
@@ -85,7 +106,9 @@ def evaluate_members(model: FusedSharedHead, stream: BatchStream, ctx, batch_siz
         features, labels = to_tensors(batch, ctx.device)
         logits = model.logits(model.target, features)
         members, rows, classes = logits.shape
-        losses = F.cross_entropy(logits.reshape(members * rows, classes), labels.repeat(members), reduction="none")
+        losses = F.cross_entropy(
+            logits.reshape(members * rows, classes), labels.repeat(members), reduction="none"
+        )
         totals[:, 0] += (logits.argmax(2) == labels).sum(1).double().cpu()
         totals[:, 1] += losses.view(members, rows).sum(1).double().cpu()
         totals[:, 2] += rows
@@ -95,8 +118,14 @@ def evaluate_members(model: FusedSharedHead, stream: BatchStream, ctx, batch_siz
     return (totals[:, 0] / count).tolist(), (totals[:, 1] / count).tolist()
 
 
-def _build_members(cfgs: list, actives: list[list[str]], dataset: DatasetFacts, train_streams: dict, ctx,
-                   modalities: list[str]) -> FusedSharedHead:
+def _build_members(
+    cfgs: list,
+    actives: list[list[str]],
+    dataset: DatasetFacts,
+    train_streams: dict,
+    ctx,
+    modalities: list[str],
+) -> FusedSharedHead:
     """Each member built exactly as ``train_supervised`` builds it alone, then stacked."""
     target, classes = dataset.target, dataset.classes
     means = {}  # members with the same active modalities start from the same (seeded) projection
@@ -104,16 +133,27 @@ def _build_members(cfgs: list, actives: list[list[str]], dataset: DatasetFacts, 
     for cfg, active in zip(cfgs, actives):
         torch.manual_seed(cfg.train.seed)
         dims = {m: dataset.dims[m] for m in [target] + active}
-        model = SharedHeadUML(dims, target, len(classes), cfg.model.shared_dim, cfg.model.project_auxiliary,
-                              cfg.model.logit_scale, cfg.model.project_target)
+        model = SharedHeadUML(
+            dims,
+            target,
+            len(classes),
+            cfg.model.shared_dim,
+            cfg.model.project_auxiliary,
+            cfg.model.logit_scale,
+            cfg.model.project_target,
+        )
         model.to(ctx.device)
         if cfg.model.head_init == "text" and active:
             key = tuple(active)
             if key not in means:
-                means[key] = _aux_class_means(train_streams[active[0]], model.projections[active[0]], len(classes), ctx)
+                means[key] = _aux_class_means(
+                    train_streams[active[0]], model.projections[active[0]], len(classes), ctx
+                )
             sums, counts = means[key]
             present = counts > 0
-            model.init_head_from_class_means((sums[present] / counts[present, None]).float(), torch.arange(len(classes))[present])
+            model.init_head_from_class_means(
+                (sums[present] / counts[present, None]).float(), torch.arange(len(classes))[present]
+            )
         models.append(model)
     return FusedSharedHead.from_members(models, modalities)
 
@@ -147,7 +187,9 @@ def halve(live: list[int], progress: list[dict], reduction_factor: int) -> list[
     return [k for k in live if k in survivors]
 
 
-def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None = None, reduction_factor: int = 2) -> dict:
+def train_fused(
+    plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None = None, reduction_factor: int = 2
+) -> dict:
     """Train K configs (``plan.cfg`` with each member's dotted overrides) as one fused model; returns the final metrics.
 
     Reports at each validation ``{"step", "best_val_acc" (over members), "live", "members": [one
@@ -168,7 +210,9 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
     actives = [[m for m in auxiliary if a[m] > 0.0] for a in alphas]
     used = [m for m in auxiliary if any(m in active for active in actives)]
     # the batches are drawn once for all members: an auxiliary stream when any member trains on it
-    stream_plan = member_plans[0].with_params({f"train.alpha.{m}": 1.0 if m in used else 0.0 for m in auxiliary})
+    stream_plan = member_plans[0].with_params(
+        {f"train.alpha.{m}": 1.0 if m in used else 0.0 for m in auxiliary}
+    )
     _, train_streams, stream = setup_worker(stream_plan, ctx)
     val_stream = stream(target, "val", cfg.train.batch_size)
     test_stream = stream(target, "test", cfg.train.batch_size)
@@ -176,7 +220,9 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
     model = _build_members(cfgs, actives, dataset, train_streams, ctx, [target] + used)
     # torch's fused AdamW kernel: one pass over memory per member instead of ~10 (2.5x faster on CPU),
     # equal to torch.optim.AdamW to float rounding
-    optimizer = MemberAdamW(model.parameters(), [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs], fused=True)
+    optimizer = MemberAdamW(
+        model.parameters(), [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs], fused=True
+    )
     schedule = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
     all_alpha = {m: torch.tensor([a[m] for a in alphas], device=ctx.device) for m in used}
     all_clip = torch.tensor([c.train.grad_clip for c in cfgs], device=ctx.device)
@@ -188,8 +234,15 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
     state = ctx.restore()
     if state is not None:
         if state["members"] != members:
-            raise ValueError("the checkpoint was written by a fused trial with other members; it cannot resume this one")
-        live, pruned, step, validations = state["live"], set(state["pruned"]), state["step"], state["validations"]
+            raise ValueError(
+                "the checkpoint was written by a fused trial with other members; it cannot resume this one"
+            )
+        live, pruned, step, validations = (
+            state["live"],
+            set(state["pruned"]),
+            state["step"],
+            state["validations"],
+        )
         progress, best_weights, results = state["progress"], state["best_weights"], state["results"]
         model.select(live)
         optimizer.select(live, model.parameters())
@@ -201,13 +254,20 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
 
     def compacted():
         index = torch.tensor(live, dtype=torch.long, device=ctx.device)
-        return ({m: values[index] for m, values in all_alpha.items()}, all_clip[index],
-                any(cfgs[k].train.grad_clip > 0 for k in live), ctx.wrap(model))
+        return (
+            {m: values[index] for m, values in all_alpha.items()},
+            all_clip[index],
+            any(cfgs[k].train.grad_clip > 0 for k in live),
+            ctx.wrap(model),
+        )
 
     alpha, clip, clipping, trained = compacted()
     model.train()
     # per-member loss sums stay on the device: no host sync per step
-    losses = {name: torch.zeros(len(live), dtype=torch.float64, device=ctx.device) for name in ["total"] + list(train_streams)}
+    losses = {
+        name: torch.zeros(len(live), dtype=torch.float64, device=ctx.device)
+        for name in ["total"] + list(train_streams)
+    }
     since = 0
     metrics: dict = {}
     while step < cfg.train.max_steps and live:
@@ -236,13 +296,30 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
         finished, stopped = [], set()
         for position, k in enumerate(live):
             progress[k]["step"] = step
-            best_weights[k], stop = record_validation(progress[k], val_acc[position], val_loss[position],
-                                                      _MemberView(model, position), best_weights[k], cfgs[k].train.patience)
-            means = {"train_loss": sums["total"][position] / since,
-                     **{f"train_loss_{m}": sums[m][position] / since for m in [target] + actives[k]}}
-            results[k] = {"member": k, "pruned": 0, **validation_metrics(progress[k], lrs[position], val_acc[position],
-                                                                         val_loss[position], _Means(means),
-                                                                         epoch=train_streams[target].epoch)}
+            best_weights[k], stop = record_validation(
+                progress[k],
+                val_acc[position],
+                val_loss[position],
+                _MemberView(model, position),
+                best_weights[k],
+                cfgs[k].train.patience,
+            )
+            means = {
+                "train_loss": sums["total"][position] / since,
+                **{f"train_loss_{m}": sums[m][position] / since for m in [target] + actives[k]},
+            }
+            results[k] = {
+                "member": k,
+                "pruned": 0,
+                **validation_metrics(
+                    progress[k],
+                    lrs[position],
+                    val_acc[position],
+                    val_loss[position],
+                    _Means(means),
+                    epoch=train_streams[target].epoch,
+                ),
+            }
             if stop or last:
                 finished.append(k)
                 if stop:
@@ -254,8 +331,12 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
                 tester.load_member_state_dict(position, best_weights[k])
             test_acc, test_loss = evaluate_members(tester, test_stream, ctx)
             for position, k in enumerate(finished):
-                results[k].update(test_acc=test_acc[position], test_loss=test_loss[position], stopped_early=int(k in stopped),
-                                  completed=1)
+                results[k].update(
+                    test_acc=test_acc[position],
+                    test_loss=test_loss[position],
+                    stopped_early=int(k in stopped),
+                    completed=1,
+                )
         remaining = [k for k in live if k not in finished]
         if rungs and validations in rungs and remaining:
             survivors = halve(remaining, progress, reduction_factor)
@@ -273,8 +354,12 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
         losses = {name: torch.zeros(len(live), dtype=torch.float64, device=ctx.device) for name in losses}
         since = 0
 
-        metrics = {"step": step, "best_val_acc": max(p["best_val_acc"] for p in progress), "live": len(live),
-                   "members": [dict(r) for r in results]}
+        metrics = {
+            "step": step,
+            "best_val_acc": max(p["best_val_acc"] for p in progress),
+            "live": len(live),
+            "members": [dict(r) for r in results],
+        }
         if not live or last or validations % cfg.train.checkpoint_every == 0:
             state = {
                 "model": model.state_dict(),
@@ -292,9 +377,18 @@ def train_fused(plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None
                 "config": plan.cfg.to_dict(),
             }
             summary = dataset.summary()
-            best = {"members": {k: {"model": best_weights[k], "config": cfgs[k].to_dict(), "dataset": summary,
-                                    "val_acc": progress[k]["best_val_acc"], "step": progress[k]["best_step"]}
-                                for k in range(count)}}
+            best = {
+                "members": {
+                    k: {
+                        "model": best_weights[k],
+                        "config": cfgs[k].to_dict(),
+                        "dataset": summary,
+                        "val_acc": progress[k]["best_val_acc"],
+                        "step": progress[k]["best_step"],
+                    }
+                    for k in range(count)
+                }
+            }
             ctx.report(metrics, state, best)
         else:
             ctx.report(metrics)

@@ -32,8 +32,16 @@ class MemberAdamW:
     kept and takes its new parameters.
     """
 
-    def __init__(self, params, lr: Sequence[float], weight_decay: Sequence[float], betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, fused: bool = False, per_member: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: Sequence[float],
+        weight_decay: Sequence[float],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        fused: bool = False,
+        per_member: bool | None = None,
+    ):
         self.params = list(params)
         self.fused = fused
         self.per_member = per_member
@@ -61,7 +69,11 @@ class MemberAdamW:
         """One AdamW step of every member, at lr ``lr[k] * factor`` (``factor`` a float or ``[K]``)."""
         self.steps += 1
         lr = self.current_lr(factor)
-        tensors = [(p, p.grad, m, v) for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq) if p.grad is not None]
+        tensors = [
+            (p, p.grad, m, v)
+            for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)
+            if p.grad is not None
+        ]
         if not tensors:
             return
         if self.per_member if self.per_member is not None else tensors[0][0].device.type == "cpu":
@@ -77,12 +89,25 @@ class MemberAdamW:
             step = torch.tensor(float(self.steps), device=tensors[0][0].device)
             for k, (lr, weight_decay) in enumerate(zip(lrs, weight_decays)):
                 params, grads, exp_avgs, exp_avg_sqs = ([t[k] for t in column] for column in zip(*tensors))
-                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), amsgrad=False, lr=lr,
-                                    beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=self.eps, maximize=False)
+                torch._fused_adamw_(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    [step] * len(params),
+                    amsgrad=False,
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=weight_decay,
+                    eps=self.eps,
+                    maximize=False,
+                )
             return
         # torch.optim.AdamW's single-tensor path, operation for operation
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
         for k, (lr, weight_decay) in enumerate(zip(lrs, weight_decays)):
             for param, grad, exp_avg, exp_avg_sq in tensors:
                 param, grad, exp_avg, exp_avg_sq = param[k], grad[k], exp_avg[k], exp_avg_sq[k]
@@ -97,8 +122,8 @@ class MemberAdamW:
         # the same arithmetic over whole stacks with [K] scalars: few large ops (accelerators)
         beta1, beta2 = self.betas
         decay = 1 - lr * self.weight_decay
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
         neg_step_size = -(lr / bias_correction1)
         for param, grad, exp_avg, exp_avg_sq in tensors:
             param.mul_(_per_member(decay, param))
@@ -110,8 +135,13 @@ class MemberAdamW:
 
     def state_dict(self) -> dict:
         """Step count, per-member lr and weight decay, and the moments (cloned), for checkpoints."""
-        return {"steps": self.steps, "lr": self.lr.tolist(), "weight_decay": self.weight_decay.tolist(),
-                "exp_avg": [t.clone() for t in self.exp_avg], "exp_avg_sq": [t.clone() for t in self.exp_avg_sq]}
+        return {
+            "steps": self.steps,
+            "lr": self.lr.tolist(),
+            "weight_decay": self.weight_decay.tolist(),
+            "exp_avg": [t.clone() for t in self.exp_avg],
+            "exp_avg_sq": [t.clone() for t in self.exp_avg_sq],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()`` (the parameters must already have its member count)."""
@@ -120,7 +150,9 @@ class MemberAdamW:
         self.weight_decay = torch.tensor(state["weight_decay"], dtype=torch.float64)
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             if mine.shape != saved.shape:
-                raise ValueError(f"optimizer state of shape {tuple(saved.shape)} does not fit a parameter of shape {tuple(mine.shape)}")
+                raise ValueError(
+                    f"optimizer state of shape {tuple(saved.shape)} does not fit a parameter of shape {tuple(mine.shape)}"
+                )
             mine.copy_(saved)
 
     def select(self, indices: list[int], params) -> None:
@@ -145,7 +177,9 @@ def clip_member_grad_norms(params, max_norms: torch.Tensor) -> torch.Tensor:
     norms = torch.stack([torch.linalg.vector_norm(g.reshape(members, -1), 2, dim=1) for g in grads])
     total = torch.linalg.vector_norm(norms, 2, dim=0)
     max_norms = max_norms.to(device=total.device, dtype=total.dtype)
-    coef = torch.where(max_norms > 0, torch.clamp(max_norms / (total + 1e-6), max=1.0), torch.ones_like(total))
+    coef = torch.where(
+        max_norms > 0, torch.clamp(max_norms / (total + 1e-6), max=1.0), torch.ones_like(total)
+    )
     for grad in grads:
         grad.mul_(_per_member(coef, grad))
     return total

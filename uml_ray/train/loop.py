@@ -25,8 +25,17 @@ from uml_ray.data.image_pipeline import transform_from_data_config
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.backbone import Backbone, build_backbone, param_groups
 from uml_ray.models.supervised import SharedHeadUML, uml_loss
-from uml_ray.train.common import (Tally, build_optimizer, new_progress, record_validation, report_validation, restore,
-                                  setup_worker, swapped_weights, validation_metrics)
+from uml_ray.train.common import (
+    Tally,
+    build_optimizer,
+    new_progress,
+    record_validation,
+    report_validation,
+    restore,
+    setup_worker,
+    swapped_weights,
+    validation_metrics,
+)
 from uml_ray.train.plan import RunPlan
 
 
@@ -58,7 +67,9 @@ def build_image_backbone(plan: RunPlan) -> Backbone | None:
 
 
 @torch.no_grad()
-def evaluate(model: SharedHeadUML, stream: BatchStream, ctx, batch_size: int = 1024, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: SharedHeadUML, stream: BatchStream, ctx, batch_size: int = 1024, precision: str = "fp32"
+) -> dict[str, float]:
     """Accuracy and mean CE of the target modality over every row of a split, summed over workers."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
@@ -68,7 +79,11 @@ def evaluate(model: SharedHeadUML, stream: BatchStream, ctx, batch_size: int = 1
         with autocast(ctx.device, precision):
             logits = model.logits(model.target, features).float()
         totals += torch.tensor(
-            [float((logits.argmax(1) == labels).sum()), float(F.cross_entropy(logits, labels, reduction="sum")), len(labels)],
+            [
+                float((logits.argmax(1) == labels).sum()),
+                float(F.cross_entropy(logits, labels, reduction="sum")),
+                len(labels),
+            ],
             dtype=torch.float64,
         )
     totals = ctx.all_reduce(totals)
@@ -77,7 +92,9 @@ def evaluate(model: SharedHeadUML, stream: BatchStream, ctx, batch_size: int = 1
     return {"acc": correct / max(count, 1), "loss": loss / max(count, 1), "rows": count}
 
 
-def _aux_class_means(stream: BatchStream, projection, num_classes: int, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+def _aux_class_means(
+    stream: BatchStream, projection, num_classes: int, ctx
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class feature sums and counts of an auxiliary modality, summed over workers."""
     sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
     with torch.no_grad():
@@ -91,7 +108,9 @@ def _aux_class_means(stream: BatchStream, projection, num_classes: int, ctx) -> 
     return ctx.all_reduce(sums), ctx.all_reduce(counts)
 
 
-def probe_head(model: SharedHeadUML, streams: dict[str, BatchStream], alpha: dict, cfg, ctx, channels_last: bool) -> None:
+def probe_head(
+    model: SharedHeadUML, streams: dict[str, BatchStream], alpha: dict, cfg, ctx, channels_last: bool
+) -> None:
     """Linear probing before fine-tuning (LP-FT): the projections and the shared head are trained for
     ``train.probe_steps`` steps on the frozen backbone's features with the run's UML loss and
     batches, so fine-tuning starts from a fitted head instead of a random one that would send
@@ -118,7 +137,9 @@ def probe_head(model: SharedHeadUML, streams: dict[str, BatchStream], alpha: dic
         loss.backward()
         if ctx.world_size > 1:  # one all-reduce of every head gradient
             grads = [p.grad for p in head if p.grad is not None]
-            flat = ctx.all_reduce(torch.cat([g.reshape(-1) for g in grads])).to(grads[0].device) / ctx.world_size
+            flat = (
+                ctx.all_reduce(torch.cat([g.reshape(-1) for g in grads])).to(grads[0].device) / ctx.world_size
+            )
             for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(part.view_as(grad))
         optimizer.step()
@@ -135,8 +156,17 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
     target, classes = plan.dataset.target, plan.dataset.classes
     torch.manual_seed(cfg.train.seed)  # same init on every worker
     backbone = build_image_backbone(plan)
-    transform = None if backbone is None else transform_from_data_config(
-        backbone.data_config, cfg.model.image_size, cfg.data.augment_min_scale, cfg.data.augment_flip, cfg.train.seed)
+    transform = (
+        None
+        if backbone is None
+        else transform_from_data_config(
+            backbone.data_config,
+            cfg.model.image_size,
+            cfg.data.augment_min_scale,
+            cfg.data.augment_flip,
+            cfg.train.seed,
+        )
+    )
     alpha, train_streams, stream = setup_worker(plan, ctx, transform)
     active = [m for m in train_streams if m != target]
     val_stream = stream(target, "val", cfg.train.batch_size)
@@ -145,8 +175,16 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
     dims = {m: plan.dataset.dims[m] for m in [target] + active}
     if backbone is not None:
         dims[target] = backbone.num_features
-    model = SharedHeadUML(dims, target, len(classes), cfg.model.shared_dim, cfg.model.project_auxiliary,
-                          cfg.model.logit_scale, cfg.model.project_target, backbone)
+    model = SharedHeadUML(
+        dims,
+        target,
+        len(classes),
+        cfg.model.shared_dim,
+        cfg.model.project_auxiliary,
+        cfg.model.logit_scale,
+        cfg.model.project_target,
+        backbone,
+    )
     channels_last = backbone is not None and ctx.device.type == "cuda"
     model.to(ctx.device)
     if channels_last:
@@ -155,14 +193,18 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
     eval_batch = cfg.train.batch_size if backbone is not None else 1024
     state = ctx.restore()  # a resumed run has its head already: no initialisation to redo
     if state is None and cfg.model.head_init == "text" and active:
-        sums, counts = _aux_class_means(train_streams[active[0]], model.projections[active[0]], len(classes), ctx)
+        sums, counts = _aux_class_means(
+            train_streams[active[0]], model.projections[active[0]], len(classes), ctx
+        )
         present = counts > 0
         labels = torch.arange(len(classes))[present]
         model.init_head_from_class_means((sums[present] / counts[present, None]).float(), labels)
     if state is None and cfg.model.head_init == "probe":
         probe_head(model, train_streams, alpha, cfg, ctx, channels_last)
 
-    optimizer, scheduler = build_optimizer(param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale), cfg)
+    optimizer, scheduler = build_optimizer(
+        param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale), cfg
+    )
     progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
     if state is not None:
         progress, best_weights = restore(state, model, optimizer, scheduler, train_streams)
@@ -181,7 +223,11 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
                 features[name], labels[name] = to_tensors(batches.next(), ctx.device, channels_last)
             # DDP all-reduces gradients once per optimizer step: at the last micro-batch
             last_micro = micro == micro_batches - 1
-            with trained.no_sync() if not last_micro and hasattr(trained, "no_sync") else contextlib.nullcontext():
+            with (
+                trained.no_sync()
+                if not last_micro and hasattr(trained, "no_sync")
+                else contextlib.nullcontext()
+            ):
                 with autocast(ctx.device, cfg.train.precision):
                     loss, parts = uml_loss(trained(features), labels, target, alpha)
                 (loss / micro_batches if micro_batches > 1 else loss).backward()
@@ -199,16 +245,35 @@ def train_supervised(plan: RunPlan, ctx) -> dict:
         if progress["step"] % cfg.train.val_every and not last:
             continue
         val = evaluate(model, val_stream, ctx, eval_batch, cfg.train.precision)
-        best_weights, stop = record_validation(progress, val["acc"], val["loss"], model, best_weights, cfg.train.patience)
-        metrics = validation_metrics(progress, scheduler.get_last_lr()[0], val["acc"], val["loss"], tally,
-                                     epoch=train_streams[target].epoch)
+        best_weights, stop = record_validation(
+            progress, val["acc"], val["loss"], model, best_weights, cfg.train.patience
+        )
+        metrics = validation_metrics(
+            progress,
+            scheduler.get_last_lr()[0],
+            val["acc"],
+            val["loss"],
+            tally,
+            epoch=train_streams[target].epoch,
+        )
         tally = Tally()
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
             with swapped_weights(model, best_weights):
                 test = evaluate(model, test_stream, ctx, eval_batch, cfg.train.precision)
             metrics.update(test_acc=test["acc"], test_loss=test["loss"], stopped_early=int(stop), completed=1)
-        report_validation(ctx, plan, metrics, stop or last, model, optimizer, scheduler, train_streams, progress, best_weights)
+        report_validation(
+            ctx,
+            plan,
+            metrics,
+            stop or last,
+            model,
+            optimizer,
+            scheduler,
+            train_streams,
+            progress,
+            best_weights,
+        )
         if stop:
             break
     for batches in [*train_streams.values(), val_stream, test_stream]:

@@ -41,8 +41,14 @@ class DatasetFacts:
 
     def summary(self) -> dict:
         """Plain-data description stored beside best-val weights (what a checkpoint was trained on)."""
-        return {"name": self.manifest.name, "path": self.manifest.path, "target": self.target, "classes": list(self.classes),
-                "auxiliary": list(self.auxiliary), "dims": self.dims}
+        return {
+            "name": self.manifest.name,
+            "path": self.manifest.path,
+            "target": self.target,
+            "classes": list(self.classes),
+            "auxiliary": list(self.auxiliary),
+            "dims": self.dims,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class RunPlan:
     streams: dict[str, StreamSpec]
     tables: dict = field(default_factory=dict)
 
-    def with_params(self, params: dict) -> "RunPlan":
+    def with_params(self, params: dict) -> RunPlan:
         """This plan with a trial's sampled (dotted) parameters applied and checked."""
         if not params:
             return self
@@ -72,7 +78,9 @@ class RunPlan:
         if self.streams[name].kind != "vector":
             return table
         if modality == self.dataset.target:
-            return shape_target(table, data.target_per_class, self.cfg.train.seed) if split == "train" else table
+            return (
+                shape_target(table, data.target_per_class, self.cfg.train.seed) if split == "train" else table
+            )
         return shape_auxiliary(table, data.aux_per_class, data.aux_class_mean, self.cfg.train.seed)
 
     def alpha(self) -> dict[str, float]:

@@ -8,7 +8,7 @@ strength C should mean the same thing in all of them); lbfgs makes the fit deter
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -23,7 +23,9 @@ def fit_probe(train_feats: np.ndarray, train_labels: np.ndarray, C: float = 1.0)
     train_feats = np.asarray(train_feats, dtype=np.float64)
     train_labels = np.asarray(train_labels)
     if train_feats.ndim != 2 or len(train_feats) != len(train_labels):
-        raise ValueError(f"need (N, d) features and N labels, got {train_feats.shape} and {train_labels.shape}")
+        raise ValueError(
+            f"need (N, d) features and N labels, got {train_feats.shape} and {train_labels.shape}"
+        )
     if len(np.unique(train_labels)) < 2:
         raise ValueError("the probe needs at least two classes in the train split")
     if not np.isfinite(train_feats).all():

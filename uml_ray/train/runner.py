@@ -29,7 +29,9 @@ def loop_for(regime: str):
 
 def use_inline(cfg) -> bool:
     """Whether a run trains in the trial process rather than through a TorchTrainer."""
-    return cfg.resources.trainer == "inline" or (cfg.resources.trainer == "auto" and cfg.resources.num_workers == 1)
+    return cfg.resources.trainer == "inline" or (
+        cfg.resources.trainer == "auto" and cfg.resources.num_workers == 1
+    )
 
 
 def _worker_entry(loop_config: dict) -> None:
@@ -42,8 +44,9 @@ def _streamed(plan: RunPlan, names=None) -> dict:
     """Ray Data datasets of the streamed shares (of ``names`` only, when given)."""
     cfg = plan.cfg
     streams = {name: spec for name, spec in plan.streams.items() if names is None or name in names}
-    return build_streamed_datasets(plan.dataset.manifest, streams, cfg.data.aux_per_class, cfg.data.aux_class_mean,
-                                   cfg.train.seed)
+    return build_streamed_datasets(
+        plan.dataset.manifest, streams, cfg.data.aux_per_class, cfg.data.aux_class_mean, cfg.train.seed
+    )
 
 
 def ray_data_streams(plan: RunPlan) -> list[str]:
@@ -56,8 +59,11 @@ def ray_data_streams(plan: RunPlan) -> list[str]:
     if not use_inline(cfg):
         return streamed
     shaped = cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean
-    return [name for name in streamed if shaped and plan.streams[name].kind == "vector"
-            and name.rsplit(".", 1)[0] != plan.dataset.target]
+    return [
+        name
+        for name in streamed
+        if shaped and plan.streams[name].kind == "vector" and name.rsplit(".", 1)[0] != plan.dataset.target
+    ]
 
 
 def _inline_context(plan: RunPlan) -> InlineContext:
@@ -67,8 +73,13 @@ def _inline_context(plan: RunPlan) -> InlineContext:
     manifest = plan.dataset.manifest
     sources = {name: TableSource(plan.shape_table(name, ray.get(ref))) for name, ref in plan.tables.items()}
     through_ray_data = ray_data_streams(plan)
-    sources.update({name: ParquetSource(manifest.uris(*name.rsplit(".", 1)))
-                    for name, spec in plan.streams.items() if not spec.cached and name not in through_ray_data})
+    sources.update(
+        {
+            name: ParquetSource(manifest.uris(*name.rsplit(".", 1)))
+            for name, spec in plan.streams.items()
+            if not spec.cached and name not in through_ray_data
+        }
+    )
     if through_ray_data:
         sources.update({name: ds.iterator() for name, ds in _streamed(plan, through_ray_data).items()})
     return InlineContext(sources, plan.cfg.resources.gpus_per_worker > 0)
@@ -109,7 +120,10 @@ def run_trial(plan: RunPlan) -> None:
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_worker, **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.resources.cpus_per_worker,
+                **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {}),
+            },
         ),
         datasets=streamed or None,
         dataset_config=DataConfig(datasets_to_split=list(streamed)),

@@ -19,10 +19,19 @@ import numpy as np
 import torch
 
 from uml_ray.data.collate import sequence_batch_to_tensors
-from uml_ray.data.streams import BatchStream, StreamSpec
+from uml_ray.data.streams import BatchStream
 from uml_ray.models.sequence import SequenceObjective, SharedSequenceModel, target_active
-from uml_ray.train.common import (Tally, build_optimizer, new_progress, record_validation, report_validation, restore,
-                                  setup_worker, swapped_weights, validation_metrics)
+from uml_ray.train.common import (
+    Tally,
+    build_optimizer,
+    new_progress,
+    record_validation,
+    report_validation,
+    restore,
+    setup_worker,
+    swapped_weights,
+    validation_metrics,
+)
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.probe import fit_probe, probe_accuracy, probe_log_loss
 
@@ -30,7 +39,9 @@ SPLITS = ("train", "val", "test")
 
 
 @torch.no_grad()
-def pool_split(model: SharedSequenceModel, modality: str, stream: BatchStream, device, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def pool_split(
+    model: SharedSequenceModel, modality: str, stream: BatchStream, device, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Mask-aware mean-pooled embeddings and labels of every row of this worker's share of a split (eval mode)."""
     was_training = model.training
     model.eval()
@@ -43,8 +54,9 @@ def pool_split(model: SharedSequenceModel, modality: str, stream: BatchStream, d
     return np.concatenate(features), np.concatenate(labels)
 
 
-def evaluate_probe_on_splits(model: SharedSequenceModel, modality: str, streams: dict[str, BatchStream], ctx,
-                             probe_c: float) -> dict[str, float]:
+def evaluate_probe_on_splits(
+    model: SharedSequenceModel, modality: str, streams: dict[str, BatchStream], ctx, probe_c: float
+) -> dict[str, float]:
     """Probe val accuracy, val log-loss and test accuracy of the target's pooled embeddings, on every worker.
 
     Every worker pools its share; rank 0 gathers all shares, fits the probe on train and scores
@@ -54,11 +66,22 @@ def evaluate_probe_on_splits(model: SharedSequenceModel, modality: str, streams:
     shares = ctx.all_gather(pooled)
     scores = torch.zeros(3, dtype=torch.float64)
     if ctx.rank == 0:
-        merged = {split: (np.concatenate([s[split][0] for s in shares]), np.concatenate([s[split][1] for s in shares]))
-                  for split in SPLITS}
+        merged = {
+            split: (
+                np.concatenate([s[split][0] for s in shares]),
+                np.concatenate([s[split][1] for s in shares]),
+            )
+            for split in SPLITS
+        }
         probe = fit_probe(*merged["train"], C=probe_c)
-        scores = torch.tensor([probe_accuracy(probe, *merged["val"]), probe_log_loss(probe, *merged["val"]),
-                               probe_accuracy(probe, *merged["test"])], dtype=torch.float64)
+        scores = torch.tensor(
+            [
+                probe_accuracy(probe, *merged["val"]),
+                probe_log_loss(probe, *merged["val"]),
+                probe_accuracy(probe, *merged["test"]),
+            ],
+            dtype=torch.float64,
+        )
     val_acc, val_loss, test_acc = ctx.all_reduce(scores).tolist()
     return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
 
@@ -76,16 +99,26 @@ def train_sequence(plan: RunPlan, ctx) -> dict:
     target = plan.dataset.target
     active = [m for m in train_streams if m != target]
     step_k = cfg.train.step_k
-    probe_streams = {"train": train_streams[target], "val": stream(target, "val", cfg.train.batch_size),
-                     "test": stream(target, "test", cfg.train.batch_size)}
+    probe_streams = {
+        "train": train_streams[target],
+        "val": stream(target, "val", cfg.train.batch_size),
+        "test": stream(target, "test", cfg.train.batch_size),
+    }
     # every worker must switch the target on at the same step (DDP), so the epoch length is the
     # shortest share's
     steps_per_epoch = min(ctx.all_gather(train_streams[target].batches_per_epoch()))
 
     torch.manual_seed(cfg.train.seed)  # same init on every worker
     dims = {m: plan.dataset.dims[m] for m in [target] + active}
-    model = SharedSequenceModel(dims, cfg.model.zdim, cfg.model.layers, cfg.model.heads, cfg.model.dropout,
-                                cfg.model.pos_emb, cfg.model.max_len)
+    model = SharedSequenceModel(
+        dims,
+        cfg.model.zdim,
+        cfg.model.layers,
+        cfg.model.heads,
+        cfg.model.dropout,
+        cfg.model.pos_emb,
+        cfg.model.max_len,
+    )
     model.to(ctx.device)
     optimizer, scheduler = build_optimizer(model.parameters(), cfg)
     progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
@@ -123,16 +156,36 @@ def train_sequence(plan: RunPlan, ctx) -> dict:
         if step % cfg.train.val_every and not last:
             continue
         val = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
-        best_weights, stop = record_validation(progress, val["val_acc"], val["val_loss"], model, best_weights, cfg.train.patience)
-        metrics = validation_metrics(progress, scheduler.get_last_lr()[0], val["val_acc"], val["val_loss"], tally,
-                                     epoch=(step - 1) // steps_per_epoch, target_on=target_steps / tally.steps)
+        best_weights, stop = record_validation(
+            progress, val["val_acc"], val["val_loss"], model, best_weights, cfg.train.patience
+        )
+        metrics = validation_metrics(
+            progress,
+            scheduler.get_last_lr()[0],
+            val["val_acc"],
+            val["val_loss"],
+            tally,
+            epoch=(step - 1) // steps_per_epoch,
+            target_on=target_steps / tally.steps,
+        )
         tally, target_steps = Tally(), 0
         if stop or last:
             # the score is the best-val point, not the last step (a reference defect)
             with swapped_weights(model, best_weights):
                 test = evaluate_probe_on_splits(model, target, probe_streams, ctx, cfg.train.probe_c)
             metrics.update(test_acc=test["test_acc"], stopped_early=int(stop), completed=1)
-        report_validation(ctx, plan, metrics, stop or last, model, optimizer, scheduler, train_streams, progress, best_weights)
+        report_validation(
+            ctx,
+            plan,
+            metrics,
+            stop or last,
+            model,
+            optimizer,
+            scheduler,
+            train_streams,
+            progress,
+            best_weights,
+        )
         if stop:
             break
     return metrics
