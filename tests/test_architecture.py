@@ -1,55 +1,112 @@
-"""The import rules of docs/architecture.md, read off every module's imports (top-level and lazy)."""
+"""The import rules of uml_ray/architecture.py, read off every module's imports (top-level and lazy),
+and docs/architecture.md's tables kept as the map renders them."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "uml_ray"
+import pytest
+
+from uml_ray import architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "uml_ray"
+SYSTEM_PREFIXES = [prefix for prefix, *_ in architecture.SYSTEMS]
 
 
-def imports_of(path: Path) -> set[str]:
+def parsed():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        yield module, path, ast.parse(path.read_text())
+
+
+def imports_of(tree: ast.AST, module: str) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            # `from uml_ray.data import streams` imports the module uml_ray.data.streams
+            names.update(f"{node.module}.{alias.name}" for alias in node.names if node.module == "uml_ray")
     return names
 
 
-def modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        yield path.relative_to(PACKAGE.parent).with_suffix("").as_posix().replace("/", "."), imports_of(path)
+MODULES = {module: imports_of(tree, module) for module, _, tree in parsed()}
 
 
-def importers(prefix: str) -> set[str]:
-    return {
-        module for module, names in modules() if any(n == prefix or n.startswith(prefix + ".") for n in names)
-    }
+def test_every_module_has_a_place_in_the_map():
+    placed = {name for name, *_ in architecture.PACKAGES}
+    assert {m for m in MODULES if architecture.package_of(m) not in placed} == set()
 
 
-def test_train_never_imports_the_driver_or_search():
-    upward = {
-        module: sorted(n for n in names if n.startswith(("uml_ray.driver", "uml_ray.search", "uml_ray.cli")))
-        for module, names in modules()
-        if module.startswith("uml_ray.train")
-    }
-    assert {m: n for m, n in upward.items() if n} == {}
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_of_ours_follow_the_map(module):
+    own = architecture.package_of(module)
+    allowed = architecture.allowed_packages(own)
+    if allowed == ("*",):
+        return
+    ours = {architecture.package_of(n) for n in MODULES[module] if n.startswith("uml_ray.")}
+    assert ours - {own} - set(allowed) == set(), f"{module} imports packages the map does not allow"
+
+
+def test_each_outside_system_is_imported_exactly_where_the_map_says():
+    for prefix in SYSTEM_PREFIXES:
+        importers = {
+            m for m, names in MODULES.items() if any(n == prefix or n.startswith(prefix + ".") for n in names)
+        }
+        outside = {m for m in importers if not architecture.may_import_system(m, prefix)}
+        assert outside == set(), f"{prefix} imported outside the map"
+        _, _, patterns, _ = next(s for s in architecture.SYSTEMS if s[0] == prefix)
+        stale = [p for p in patterns if not any(fnmatch.fnmatchcase(m, p) for m in importers)]
+        assert stale == [], f"the map names modules that no longer import {prefix}"
 
 
 def test_models_are_plain_pytorch():
     offending = {
-        module: sorted(n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna"))
-        for module, names in modules()
-        if module.startswith("uml_ray.models")
+        m: sorted(n for n in names if n.split(".")[0] in ("ray", "mlflow", "optuna"))
+        for m, names in MODULES.items()
+        if m.startswith("uml_ray.models")
     }
     assert {m: n for m, n in offending.items() if n} == {}
 
 
-def test_each_system_sits_behind_one_module():
-    assert importers("mlflow") == {"uml_ray.tracking.mlflow_store"}
-    assert importers("optuna") == {"uml_ray.driver.tune"}
-    assert importers("ray.tune") - {"uml_ray.train.context", "uml_ray.train.runner"} == {
-        "uml_ray.driver.tune"
-    }
+def test_the_module_import_graph_has_no_cycle():
+    graph = {m: {n for n in names if n in MODULES and n != m} for m, names in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(module, path):
+        state[module] = 1
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " → ".join([*path, module, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_no_class_is_defined_inside_a_function_without_a_reason():
+    """Tune pickles a class defined in a function by value, with what it closes over: a resumed sweep
+    would run the old code. A nested class must say why on the line above (``# nested: ...``)."""
+    found = []
+    for module, path, tree in parsed():
+        lines = path.read_text().splitlines()
+        for func in ast.walk(tree):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.ClassDef) and "# nested:" not in lines[node.lineno - 2]:
+                    found.append(f"{module}:{node.lineno} {node.name}")
+    assert found == []
+
+
+def test_docs_tables_are_rendered_from_the_map():
+    doc = ROOT / "docs" / "architecture.md"
+    text = doc.read_text()
+    assert architecture.rewrite(text) == text, "run: python -m uml_ray.architecture --write docs/architecture.md"
