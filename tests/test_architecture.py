@@ -109,4 +109,6 @@ def test_no_class_is_defined_inside_a_function_without_a_reason():
 def test_docs_tables_are_rendered_from_the_map():
     doc = ROOT / "docs" / "architecture.md"
     text = doc.read_text()
-    assert architecture.rewrite(text) == text, "run: python -m uml_ray.architecture --write docs/architecture.md"
+    assert architecture.rewrite(text) == text, (
+        "run: python -m uml_ray.architecture --write docs/architecture.md"
+    )

@@ -12,7 +12,7 @@ import yaml
 from conftest import moto_s3
 
 from uml_ray.cli import main
-from uml_ray.data.format import build_table, load_manifest, table_to_numpy
+from uml_ray.data.format import build_table, load_manifest, table_to_numpy, write_shard
 from uml_ray.data.synth import write_synthetic
 
 
@@ -280,3 +280,47 @@ def test_manifest_field_errors_name_the_field(dataset, capsys, check, edit, mess
         yaml.safe_dump(raw, handle)
     code, _, err = check(capsys, dataset.path)
     assert code == 2 and message in err
+
+
+def test_finite_but_implausible_features_fail_naming_file_column_and_row(dataset, capsys, check):
+    uri, features, labels = read_shard(dataset, "image", "train")
+    features[4:] *= 1e37  # finite, and a loss of 3e36 once trained on (the issue's case)
+    rewrite(uri, features, labels)
+    code, _, err = check(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: column 'features': 16 row(s) hold values beyond ±1e+06 (first at row 4: " in err
+    assert "raise the bound (data validate --max-abs, data.max_abs_feature)" in err
+
+
+def test_magnitude_bound_is_raised_by_a_flag_and_the_statistics_are_printed(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    rewrite(uri, features * 1e7, labels)
+    largest = float(np.abs(features * np.float32(1e7)).max())
+    code, out, _ = validate(capsys, dataset.path)
+    assert code == 2
+    assert main(["data", "validate", str(dataset.path), "--max-abs", "1e9"]) == 0
+    out = capsys.readouterr().out
+    assert "feature magnitudes (|value|; the bound is 1e+09):" in out
+    text_row = next(line for line in out.splitlines() if line.strip().startswith("text.train"))
+    assert float(text_row.split()[2]) == pytest.approx(largest, rel=1e-3)
+    assert main(["data", "validate", str(dataset.path), "--max-abs", "-1"]) == 2
+    assert "--max-abs -1.0: give a positive, finite bound" in capsys.readouterr().err
+
+
+def test_corrupted_data_page_is_named_by_its_checksum(dataset, capsys, check):
+    """Shards carry page checksums (format.write_shard): flipped bytes in a data page are reported as
+    corruption, where without checksums most of them decode into finite garbage that passes."""
+    uri, features, labels = read_shard(dataset, "image", "train")
+    write_shard(build_table(features, labels, None, "vector", 32), uri)
+    column = pq.ParquetFile(uri).metadata.row_group(0).column(0)
+    first_page = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    start = first_page + column.total_compressed_size // 2
+    data = bytearray(open(uri, "rb").read())
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    open(uri, "wb").write(bytes(data))
+    code, _, err = check(capsys, dataset.path)
+    assert code == 2
+    assert (
+        f"{uri}: column 'features' has a corrupted data page after row 0 (its CRC checksum does not match)"
+        in err
+    )

@@ -17,10 +17,14 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("uml_ray", "the package root (its version)", ()),
     (
         "uml_ray.errors",
-        '`UserError` (exit 2), `TrialCrash` (exit 1), the error classes',
+        "`UserError` (exit 2), `TrialCrash` (exit 1), the error classes",
         (),
     ),
-    ("uml_ray.uri", 'the one answer to "is this URI remote?" and the filesystem of a URI', ("uml_ray.errors",)),
+    (
+        "uml_ray.uri",
+        'the one answer to "is this URI remote?" and the filesystem of a URI',
+        ("uml_ray.errors",),
+    ),
     ("uml_ray.architecture", "this map of import rules", ()),
     (
         "uml_ray.config",
@@ -114,7 +118,12 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (
         "ray.data",
         "Ray Data",
-        ("uml_ray.data.streams", "uml_ray.data.image_pipeline", "uml_ray.encoders.extract", "uml_ray.driver.tune"),
+        (
+            "uml_ray.data.streams",
+            "uml_ray.data.image_pipeline",
+            "uml_ray.encoders.extract",
+            "uml_ray.driver.tune",
+        ),
         "streams split across workers, image decode tasks, extraction",
     ),
     (

@@ -17,6 +17,12 @@ def register(subparsers) -> None:
 
     validate = commands.add_parser("validate", help="check a manifest and every shard; list every problem")
     validate.add_argument("manifest", help="manifest file (YAML or JSON), local or s3:// / gs://")
+    validate.add_argument(
+        "--max-abs",
+        type=float,
+        default=None,
+        help="the largest |feature value| accepted (default 1e6); raise it for features that are right so",
+    )
     validate.set_defaults(func=run_validate)
 
     synth = commands.add_parser(
@@ -143,11 +149,25 @@ def format_summary(summary: dict) -> str:
 
 
 def run_validate(args) -> int:
-    """Print the dataset summary and OK, or raise DataError listing every problem (exit 2)."""
-    from uml_ray.data.validate import require_valid_manifest, summarize_manifest
+    """Print the dataset summary with each feature split's |value| statistics and OK, or raise
+    DataError listing every problem (exit 2)."""
+    import math
 
-    manifest = require_valid_manifest(args.manifest)
+    from uml_ray.data.validate import DEFAULT_MAX_ABS, summarize_manifest, validate_manifest
+    from uml_ray.errors import ConfigError, DataError
+
+    max_abs = DEFAULT_MAX_ABS if args.max_abs is None else args.max_abs
+    if not (math.isfinite(max_abs) and max_abs > 0):
+        raise ConfigError(
+            f"--max-abs {args.max_abs}: give a positive, finite bound (default {DEFAULT_MAX_ABS:g})"
+        )
+    manifest, problems, magnitudes = validate_manifest(args.manifest, max_abs)
+    if problems:
+        raise DataError(problems)
     print(format_summary(summarize_manifest(manifest)))
+    print(f"feature magnitudes (|value|; the bound is {max_abs:g}):")
+    for name, found in magnitudes.items():
+        print(f"  {name:<24} max {found['abs_max']:<12.4g} mean {found['abs_mean']:.4g}")
     print("OK")
     return 0
 

@@ -25,7 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import Manifest, ModalitySpec, load_manifest, shard_schema, write_manifest
+from uml_ray.data.format import (
+    Manifest,
+    ModalitySpec,
+    load_manifest,
+    shard_schema,
+    write_manifest,
+    write_shard,
+)
 from uml_ray.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -107,9 +114,7 @@ def write_image_shards(
             schema=schema,
         )
         uri = join_uri(folder, f"part-{len(uris):05d}.parquet")
-        pq.write_table(
-            table, uri.split("://", 1)[1] if filesystem is not None else uri, filesystem=filesystem
-        )
+        write_shard(table, uri, filesystem)
         uris.append(uri)
         column.clear(), label_column.clear(), id_column.clear()
 
@@ -145,7 +150,7 @@ def parquet_image_rows(
     """``(encoded bytes, label, id)`` from Parquet files of image bytes, a record batch at a time."""
     for path in paths:
         try:
-            shard = pq.ParquetFile(path)
+            shard = pq.ParquetFile(path, page_checksum_verification=True)
             missing = [
                 c for c in (image_column, label_column, id_column) if c not in shard.schema_arrow.names
             ]

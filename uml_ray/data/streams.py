@@ -134,7 +134,7 @@ def _class_means(table: pa.Table) -> pa.Table:
 def read_table(uris: list[str]) -> pa.Table:
     """Every row of a (modality, split) as one Arrow table, read with pyarrow (local or object store)."""
     paths, filesystem = _located(uris)
-    return pq.read_table(paths, filesystem=filesystem).combine_chunks()
+    return pq.read_table(paths, filesystem=filesystem, page_checksum_verification=True).combine_chunks()
 
 
 def _located(uris: list[str]) -> tuple[list[str], object]:
@@ -146,7 +146,11 @@ def _located(uris: list[str]) -> tuple[list[str], object]:
 def read_column(uris: list[str], column: str) -> np.ndarray:
     """One column of a (modality, split) as a numpy array (the other columns are not read)."""
     paths, filesystem = _located(uris)
-    return pq.read_table(paths, filesystem=filesystem, columns=[column]).column(column).to_numpy()
+    return (
+        pq.read_table(paths, filesystem=filesystem, columns=[column], page_checksum_verification=True)
+        .column(column)
+        .to_numpy()
+    )
 
 
 def shape_target(table: pa.Table, target_per_class: int, seed: int) -> pa.Table:
@@ -193,9 +197,9 @@ class ParquetSource:
     def _blocks(self):
         for uri in self.uris:
             paths, filesystem = _located([uri])
-            yield from pq.ParquetFile(paths[0], filesystem=filesystem).iter_batches(
-                batch_size=self.block_rows
-            )
+            yield from pq.ParquetFile(
+                paths[0], filesystem=filesystem, page_checksum_verification=True
+            ).iter_batches(batch_size=self.block_rows)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
         """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows (the last may be short)."""

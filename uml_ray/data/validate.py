@@ -35,6 +35,10 @@ from uml_ray.errors import DataError
 from uml_ray.uri import is_remote
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
+# the largest |feature value| a shard may hold unless raised (`data validate --max-abs`,
+# data.max_abs_feature): frozen encoders give values of order 1-100 (an LLM's outlier channels a few
+# thousand); values beyond this are a scaling bug or pages decoded into finite garbage
+DEFAULT_MAX_ABS = 1.0e6
 FORMAT_HINT = "write shards with uml_ray.data.format.write_shards"
 
 
@@ -46,6 +50,32 @@ class ShardStats:
     class_counts: np.ndarray
     unlabeled: int
     ids: list[pa.Array] = dataclasses.field(default_factory=list)  # the id column, per record batch
+    magnitude: Magnitude = dataclasses.field(default_factory=lambda: Magnitude())
+
+
+@dataclass
+class Magnitude:
+    """Running |value| statistics of a features column: how many finite values, their sum and max."""
+
+    values: int = 0
+    abs_sum: float = 0.0
+    abs_max: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        finite = np.abs(values[np.isfinite(values)], dtype=np.float64)
+        if finite.size:
+            self.values += finite.size
+            self.abs_sum += float(finite.sum())
+            self.abs_max = max(self.abs_max, float(finite.max()))
+
+    def merge(self, other: Magnitude) -> None:
+        self.values += other.values
+        self.abs_sum += other.abs_sum
+        self.abs_max = max(self.abs_max, other.abs_max)
+
+    def summary(self) -> dict:
+        mean = self.abs_sum / self.values if self.values else 0.0
+        return {"abs_max": self.abs_max, "abs_mean": mean}
 
 
 def open_shard(uri: str) -> pq.ParquetFile:
@@ -54,8 +84,8 @@ def open_shard(uri: str) -> pq.ParquetFile:
         from pyarrow import fs as pafs
 
         filesystem, path = pafs.FileSystem.from_uri(uri)
-        return pq.ParquetFile(filesystem.open_input_file(path))
-    return pq.ParquetFile(uri)
+        return pq.ParquetFile(filesystem.open_input_file(path), page_checksum_verification=True)
+    return pq.ParquetFile(uri, page_checksum_verification=True)
 
 
 def _reason(exc: Exception) -> str:
@@ -115,11 +145,19 @@ def _report_rows(problems: list[str], uri: str, rows: np.ndarray, what: str, fix
 
 
 def check_shard(
-    uri: str, modality: str, spec: ModalitySpec, n_classes: int, labels_required: bool, problems: list[str]
+    uri: str,
+    modality: str,
+    spec: ModalitySpec,
+    n_classes: int,
+    labels_required: bool,
+    problems: list[str],
+    max_abs: float = DEFAULT_MAX_ABS,
 ) -> ShardStats | None:
     """Check one shard's readability, schema and every row; append problems. None when unreadable or mis-typed.
 
-    Rows are read in record batches, so a shard of any size is checked in bounded memory.
+    Rows are read in record batches, so a shard of any size is checked in bounded memory. Page
+    checksums (written by ``format.write_shard``) are verified, and a row whose features exceed
+    ``max_abs`` in magnitude is a problem: finite garbage trains to nonsense without a warning.
     """
     try:
         shard = open_shard(uri)
@@ -134,6 +172,8 @@ def check_shard(
         problems.extend(schema_problems)
         return None
     bad = defaultdict(list)  # problem name -> arrays of shard row indices
+    magnitude = Magnitude()
+    large_values = []  # the first too-large value of each such row
     label_values = []
     ids = []
     counts = np.zeros(n_classes, dtype=np.int64)
@@ -156,6 +196,7 @@ def check_shard(
             values, labels = table_to_numpy(batch, spec.kind, spec.dim)
             if spec.kind == "vector":
                 bad["non-finite"].append(rows[~np.isfinite(values).all(axis=1)])
+                _check_magnitude(values, rows, np.arange(len(rows)), max_abs, magnitude, bad, large_values)
             elif spec.kind == "image":
                 check_image_column(values, rows, spec.dim, stride, images)
             else:
@@ -163,6 +204,7 @@ def check_shard(
                 bad["empty sequence"].append(rows[lengths == 0])
                 step_rows = np.repeat(np.arange(len(lengths)), lengths)
                 bad["non-finite"].append(rows[np.unique(step_rows[~np.isfinite(steps).all(axis=1)])])
+                _check_magnitude(steps, rows, step_rows, max_abs, magnitude, bad, large_values)
             missing = batch.column(LABEL).is_null().to_numpy(zero_copy_only=False)
             unlabeled += int(missing.sum())
             bad["null label"].append(rows[missing])
@@ -178,15 +220,34 @@ def check_shard(
                 f"{uri}: row {null_row} has null features (the first; Parquet cannot read past it); "
                 "every row needs features: drop or fill those rows"
             )
+        elif "checksum" in str(exc).lower():
+            problems.append(
+                f"{uri}: column '{content}' has a corrupted data page after row {total} (its CRC checksum "
+                "does not match); rewrite the shard from its source"
+            )
         else:
             problems.append(f"{uri}: cannot read rows past row {total} ({_reason(exc)}); rewrite the shard")
         return None
     found = {
         name: np.concatenate(bad[name]) if bad[name] else np.zeros(0, np.int64)
-        for name in ("null features", "non-finite", "empty sequence", "label range", "null label")
+        for name in (
+            "null features",
+            "non-finite",
+            "too large",
+            "empty sequence",
+            "label range",
+            "null label",
+        )
     }
     _report_rows(problems, uri, found["null features"], "have null features", "every row needs features")
     _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
+    if len(found["too large"]):
+        first = float(np.concatenate(large_values)[0])
+        problems.append(
+            f"{uri}: column '{content}': {len(found['too large'])} row(s) hold values beyond ±{max_abs:g} "
+            f"(first at row {int(found['too large'][0])}: {first:.3g}); rescale or repair the features, or "
+            "raise the bound (data validate --max-abs, data.max_abs_feature) if they are right"
+        )
     if spec.kind == "sequence":
         _report_rows(problems, uri, found["empty sequence"], "are empty sequences (T=0)", "drop those rows")
     if spec.kind == "image":
@@ -205,7 +266,20 @@ def check_shard(
             "have no label",
             "the target's splits and every auxiliary train split need a class label on each row",
         )
-    return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled, ids=ids)
+    return ShardStats(rows=total, class_counts=counts, unlabeled=unlabeled, ids=ids, magnitude=magnitude)
+
+
+def _check_magnitude(values, rows, value_rows, max_abs, magnitude: Magnitude, bad, large_values) -> None:
+    """Add a batch's |values| to ``magnitude`` and note the rows holding a finite value beyond
+    ``max_abs`` (``value_rows`` maps each row of ``values`` to its batch row: one per step for sequences)."""
+    magnitude.add(values)
+    with np.errstate(invalid="ignore"):
+        large = np.isfinite(values) & (np.abs(values) > max_abs)
+    hit = large.any(axis=1)
+    if hit.any():
+        batch_rows, first = np.unique(value_rows[hit], return_index=True)
+        bad["too large"].append(rows[batch_rows])
+        large_values.append(values[hit][first][large[hit][first]].reshape(-1)[:1])
 
 
 def _null_fixed_size_row(exc: Exception, batch_start: int) -> int | None:
@@ -254,15 +328,18 @@ def _duplicate_problems(manifest: Manifest) -> list[str]:
     ]
 
 
-def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
-    """Load a manifest and check it and every shard; returns (manifest or None, every problem found).
+def validate_manifest(
+    path: str, max_abs: float = DEFAULT_MAX_ABS
+) -> tuple[Manifest | None, list[str], dict[str, dict]]:
+    """Load a manifest and check it and every shard; returns (manifest or None, every problem found,
+    the |value| statistics of each feature split by ``modality.split``).
 
     Nothing stops at the first problem: a user fixes a dataset in one pass.
     """
     try:
         manifest = load_manifest(path)
     except DataError as exc:
-        return None, list(exc.problems)
+        return None, list(exc.problems), {}
     problems = _duplicate_problems(manifest)
     n_classes = len(manifest.classes)
     stats = {}  # (modality, split) -> ShardStats summed over shards, or None if any shard failed
@@ -275,13 +352,14 @@ def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
             complete = True
             read_uris, read_ids = [], []
             for uri in spec.splits[split]:
-                shard = check_shard(uri, modality, spec, n_classes, labels_required, problems)
+                shard = check_shard(uri, modality, spec, n_classes, labels_required, problems, max_abs)
                 if shard is None:
                     complete = False
                     continue
                 total.rows += shard.rows
                 total.class_counts += shard.class_counts
                 total.unlabeled += shard.unlabeled
+                total.magnitude.merge(shard.magnitude)
                 read_uris.append(uri)
                 read_ids.append(shard.ids)
             stats[modality, split] = total if complete else None
@@ -315,12 +393,17 @@ def validate_manifest(path: str) -> tuple[Manifest | None, list[str]]:
                     f"{where}: class '{name}' (label {c}) has {target_train.class_counts[c]} target train rows but no "
                     f"sample in any auxiliary modality ({', '.join(auxiliary)}); add auxiliary rows labelled {c} or drop the class"
                 )
-    return manifest, list(dict.fromkeys(problems))
+    magnitudes = {
+        f"{modality}.{split}": found.magnitude.summary()
+        for (modality, split), found in stats.items()
+        if found is not None and manifest.modalities[modality].kind != "image"
+    }
+    return manifest, list(dict.fromkeys(problems)), magnitudes
 
 
-def require_valid_manifest(path: str) -> Manifest:
+def require_valid_manifest(path: str, max_abs: float = DEFAULT_MAX_ABS) -> Manifest:
     """The loaded manifest, or DataError listing every problem ``validate_manifest`` found."""
-    manifest, problems = validate_manifest(path)
+    manifest, problems, _ = validate_manifest(path, max_abs)
     if problems:
         raise DataError(problems)
     return manifest

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from uml_ray.data.format import build_table
+from uml_ray.data.format import build_table, write_shard
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
@@ -166,10 +165,7 @@ class ShardWriter:
         ids = [i for _, _, batch_ids in self.pending for i in batch_ids]
         table = build_table(features[:count], labels[:count], ids[:count], "vector", self.dim)
         uri = join_uri(self.folder, f"part-{len(self.uris):05d}.parquet")
-        if self.filesystem is not None:
-            pq.write_table(table, uri.split("://", 1)[1], filesystem=self.filesystem)
-        else:
-            pq.write_table(table, uri)
+        write_shard(table, uri, self.filesystem)
         self.uris.append(uri)
         rest = len(features) - count
         self.pending = [(features[count:], labels[count:], ids[count:])] if rest else []
