@@ -8,6 +8,7 @@ Ray as it is and never touched by ``os.path``. Everything else is a local path.
 from __future__ import annotations
 
 import os
+import pathlib
 from pathlib import Path
 
 LOCAL_SCHEMES = ("", "file", "local")
@@ -29,3 +30,13 @@ def join_uri(base: str, *parts: str) -> str:
 def absolute(uri: str) -> str:
     """Remote URIs as they are; local paths made absolute (recorded configs must run from any folder)."""
     return uri if is_remote(uri) else os.path.abspath(uri)
+
+
+def output_folder(value: str) -> str:
+    """An argparse ``type`` for a command's output folder: a local path that exists as a file is
+    refused up front (exit 2, one line) instead of failing deep inside the writer."""
+    import argparse
+
+    if not is_remote(value) and Path(value).exists() and not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a new or existing folder")
+    return value
