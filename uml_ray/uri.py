@@ -8,7 +8,6 @@ Ray as it is and never touched by ``os.path``. Everything else is a local path.
 from __future__ import annotations
 
 import os
-import pathlib
 from pathlib import Path
 
 LOCAL_SCHEMES = ("", "file", "local")
