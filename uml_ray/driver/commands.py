@@ -94,6 +94,10 @@ def run_tune(args) -> int:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
     if args.fuse < 0:
         raise ConfigError(f"--fuse must be >= 0 (0 = automatic, 1 = no fusion), got {args.fuse}")
+    if args.concurrency < 0:
+        raise ConfigError(
+            f"--concurrency must be >= 0 (0 = as many trials as the cluster fits), got {args.concurrency}"
+        )
     _check_resume(args)
     space = load_space(args.space)
     plan = build_plan(load_config(args.config, args.overrides), space)
