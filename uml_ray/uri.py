@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
 
 LOCAL_SCHEMES = ("", "file", "local")
 
@@ -29,3 +33,14 @@ def join_uri(base: str, *parts: str) -> str:
 def absolute(uri: str) -> str:
     """Remote URIs as they are; local paths made absolute (recorded configs must run from any folder)."""
     return uri if is_remote(uri) else os.path.abspath(uri)
+
+
+def filesystem_for(uri: str) -> tuple[FileSystem, str]:
+    """The pyarrow filesystem holding ``uri`` and the path inside it; a plain local path is made absolute.
+
+    pyarrow is imported on the first call, so importing this module stays cheap.
+    """
+    from pyarrow import fs
+
+    uri = str(uri)
+    return fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))

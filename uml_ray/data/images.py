@@ -35,7 +35,7 @@ from uml_ray.data.sources import (
 )
 from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 DECODE_SAMPLE = 256  # rows per shard decoded in full by validation; every row's header is read
@@ -87,9 +87,7 @@ def write_image_shards(
     folder = join_uri(out_dir, modality, split)
     filesystem = None
     if is_remote(folder):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(folder)
+        filesystem, _ = filesystem_for(folder)
     else:
         Path(folder).mkdir(parents=True, exist_ok=True)
         for stale in Path(folder).glob("part-*.parquet"):

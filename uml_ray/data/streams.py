@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
-from uml_ray.uri import is_remote
+from uml_ray.uri import filesystem_for, is_remote
 
 log = logging.getLogger("uml_ray")
 
@@ -50,9 +50,7 @@ def dataset_name(modality: str, split: str) -> str:
 
 def _filesystem(uri: str):
     if is_remote(uri):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(uri)
+        filesystem, _ = filesystem_for(uri)
         return filesystem
     return None
 

@@ -32,7 +32,7 @@ from uml_ray.data.format import (
 )
 from uml_ray.data.images import DECODE_SAMPLE, ImageRowProblems, check_image_column, report_image_problems
 from uml_ray.errors import DataError
-from uml_ray.uri import is_remote
+from uml_ray.uri import filesystem_for, is_remote
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
 FORMAT_HINT = "write shards with uml_ray.data.format.write_shards"
@@ -51,9 +51,7 @@ class ShardStats:
 def open_shard(uri: str) -> pq.ParquetFile:
     """Open a Parquet shard from a local path or an ``s3://`` / ``gs://`` URI (footer only)."""
     if is_remote(uri):
-        from pyarrow import fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(uri)
+        filesystem, path = filesystem_for(uri)
         return pq.ParquetFile(filesystem.open_input_file(path))
     return pq.ParquetFile(uri)
 

@@ -20,7 +20,7 @@ from uml_ray.data.format import build_table
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 
 class EncodeBatch:
@@ -121,9 +121,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.filesystem = None
         if is_remote(self.folder):
-            from pyarrow import fs as pafs
-
-            self.filesystem, _ = pafs.FileSystem.from_uri(self.folder)
+            self.filesystem, _ = filesystem_for(self.folder)
         else:
             Path(self.folder).mkdir(parents=True, exist_ok=True)
             for stale in Path(self.folder).glob("part-*.parquet"):
