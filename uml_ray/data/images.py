@@ -1,4 +1,6 @@
-"""Image shards (``kind: image``): encoded images in Parquet, the input of the fine-tuning regime (docs/data-format.md).
+"""Image shards (``kind: image``): encoded images in Parquet, the input of the fine-tuning regime.
+
+See docs/data-format.md.
 
 One Parquet dataset per (modality, split), like feature shards, with the columns
 - ``image``: binary, one encoded image (PNG when written here; any format Pillow reads is accepted);
@@ -199,7 +201,10 @@ def write_image_dataset(
     channels: int | None = None,
     limit: int = 0,
 ) -> dict:
-    """Write one split of images from exactly one source into ``out_dir`` and its manifest; returns a summary."""
+    """Write one split of images from exactly one source into ``out_dir`` and its manifest.
+
+    Returns a summary.
+    """
     chosen = [s for s in (fashion_mnist, image_folder, image_parquet) if s]
     if len(chosen) != 1:
         raise DataError("give exactly one image source: --fashion-mnist, --image-folder or --image-parquet")
