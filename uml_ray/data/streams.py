@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
-from uml_ray.uri import is_remote
+from uml_ray.uri import filesystem_for, is_remote
 
 log = logging.getLogger("uml_ray")
 
@@ -50,9 +50,7 @@ def dataset_name(modality: str, split: str) -> str:
 
 def _filesystem(uri: str):
     if is_remote(uri):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(uri)
+        filesystem, _ = filesystem_for(uri)
         return filesystem
     return None
 
@@ -202,7 +200,7 @@ class ParquetSource:
             ).iter_batches(batch_size=self.block_rows)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
-        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows (the last may be short)."""
+        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""
         pending: list[pa.Table] = []
         held = 0
         for block in read_ahead(self._blocks(), self.readahead):
@@ -349,8 +347,9 @@ class BatchStream:
     """An endless stream of shuffled batches from one worker's share of a dataset.
 
     ``iterator`` is a Ray Data ``DataIterator`` (``ray.train.get_dataset_shard`` in a Train worker,
-    ``Dataset.iterator()`` in a single-process trial) or a ``TableSource`` over an in-memory share. Batches are (features, labels) numpy arrays;
-    for sequences, features are (steps, lengths). State is (epoch, batches drawn this epoch).
+    ``Dataset.iterator()`` in a single-process trial) or a ``TableSource`` over an in-memory share.
+    Batches are (features, labels) numpy arrays; for sequences, features are (steps, lengths).
+    State is (epoch, batches drawn this epoch).
     """
 
     def __init__(
@@ -488,7 +487,10 @@ class BatchStream:
                 self._batches = None
 
     def close(self) -> None:
-        """End the epoch in progress, and with it any Ray Data read-ahead it holds (the loop calls this when done)."""
+        """End the epoch in progress, and with it any Ray Data read-ahead it holds.
+
+        The loop calls this when done.
+        """
         if self._batches is not None:
             self._batches.close()
             self._batches = None
