@@ -54,6 +54,13 @@ class DataConfig:
         high=1.0,
     )
     augment_flip: bool = option(True, "Image targets: random horizontal flips in training.")
+    max_abs_feature: float = option(
+        1.0e6,
+        "The largest |feature value| the data checks accept (data validate --max-abs): beyond it a row "
+        "is a scaling bug or a corrupted page, refused before training.",
+        low=0.0,
+        low_open=True,
+    )
     cache_max_mb: int = option(
         512,
         "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by "

@@ -30,7 +30,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
         raise ConfigError(
             "data.manifest is empty; set it to a manifest file (e.g. data.manifest=data/manifest.yaml)"
         )
-    manifest = require_valid_manifest(cfg.data.manifest)
+    manifest = require_valid_manifest(cfg.data.manifest, cfg.data.max_abs_feature)
     auxiliary = cfg.data.auxiliary or manifest.auxiliary
     for name in auxiliary:
         if name not in manifest.auxiliary:
