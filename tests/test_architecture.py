@@ -48,7 +48,7 @@ def test_models_are_plain_pytorch():
 
 
 def test_each_system_sits_behind_one_module():
-    assert importers("mlflow") == {"uml_ray.tracking.mlflow_store"}
+    assert importers("mlflow") == {"uml_ray.tracking.store"}
     assert importers("optuna") == {"uml_ray.driver.tune"}
     assert importers("ray.tune") - {"uml_ray.train.context", "uml_ray.train.runner"} == {
         "uml_ray.driver.tune"
