@@ -24,7 +24,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     """Validate data, alpha modalities, search space and tracking; plan the streams. No Ray yet."""
     from uml_ray.cluster import check_storage_path
     from uml_ray.data.validate import require_valid_manifest
-    from uml_ray.tracking.mlflow_store import check_tracking, resolve_tracking_uri
+    from uml_ray.tracking.store import check_tracking, resolve_tracking_uri
 
     if not cfg.data.manifest:
         raise ConfigError(
