@@ -200,8 +200,10 @@ finetune() { # LABEL NAME BACKBONE
   fi
 }
 if [ -f "$WORK/finetune-case/manifest.yaml" ]; then
-  finetune "fine-tune EfficientNet-Lite0 $IMAGE_SIZE px" finetune-effnet efficientnet-lite0
-  finetune "fine-tune open_clip ViT-B/16 $IMAGE_SIZE px" finetune-vit \
+  # bf16 autocast is CUDA's; CPU steps compute in fp32 whatever train.precision says
+  PRECISION=$([ "$GPU" = 1 ] && echo bf16 || echo fp32)
+  finetune "fine-tune EfficientNet-Lite0 $IMAGE_SIZE px $PRECISION" finetune-effnet efficientnet-lite0
+  finetune "fine-tune open_clip ViT-B/16 $IMAGE_SIZE px $PRECISION" finetune-vit \
     "open_clip:ViT-B-16,pretrained=false,img_size=$IMAGE_SIZE"
 fi
 
