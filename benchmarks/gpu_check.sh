@@ -66,11 +66,11 @@ say() { echo "[gpu-check] $*"; }
 if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
   PY="$GPU_CHECK_PYTHON"
   say "python: $PY (GPU_CHECK_PYTHON)"
-elif [ -x .venv/bin/python ]; then
+elif [ -f .venv/.installed-stamp ]; then # the Makefile's mark of a finished install
   PY="$ROOT/.venv/bin/python"
   say "python: .venv (reused)"
 else
-  say "no .venv here: running 'make venv' (installs pyproject.toml's dependencies with pip)"
+  say "no finished .venv here: running 'make venv' (installs pyproject.toml's dependencies with pip)"
   if make venv; then
     PY="$ROOT/.venv/bin/python"
   else
