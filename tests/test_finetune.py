@@ -24,7 +24,7 @@ from uml_ray.data.images import encode_png, to_picture, write_image_shards
 from uml_ray.data.streams import StreamSpec, TableSource
 from uml_ray.driver.plan import build_plan
 from uml_ray.models.backbone import build_backbone, param_groups
-from uml_ray.train.context import LocalContext
+from uml_ray.train.context import Interrupted, LocalContext
 from uml_ray.train.loop import train_supervised
 
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -119,7 +119,7 @@ def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_pat
     assert whole.saved["streams"]["image"] == {"epoch": 11, "drawn": 2}
 
     first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
+    with pytest.raises(Interrupted):
         train_supervised(plan, first)
     assert first.saved["progress"]["step"] == 4
     second = LocalContext(plan, saved=first.saved)
@@ -170,7 +170,7 @@ def test_linear_probe_then_fine_tune_starts_from_a_fitted_head_and_resumes_exact
     whole = LocalContext(plan)
     train_supervised(plan, whole)
     first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
+    with pytest.raises(Interrupted):
         train_supervised(plan, first)
     second = LocalContext(plan, saved=first.saved)
     train_supervised(plan, second)

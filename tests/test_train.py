@@ -12,7 +12,7 @@ from conftest import ALIGNED, write_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
-from uml_ray.train.context import LocalContext
+from uml_ray.train.context import Interrupted, LocalContext
 from uml_ray.train.loop import train_supervised
 
 
@@ -38,7 +38,7 @@ def test_resumed_loop_continues_exactly_from_the_last_checkpoint(synthetic_manif
     train_supervised(plan, whole)
 
     first = LocalContext(plan, fail_after=3)
-    with pytest.raises(LocalContext.Interrupted):
+    with pytest.raises(Interrupted):
         train_supervised(plan, first)
     assert first.saved["progress"]["step"] == 40
     second = LocalContext(plan, saved=first.saved)
