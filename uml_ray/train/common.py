@@ -97,7 +97,8 @@ class OneModelRegime:
         """Nothing to do for a fresh run by default."""
 
     def update(self, max_norm: float) -> None:
-        """The end of a step: clip gradients to ``max_norm`` (0: no clipping), step the optimizer and the LR."""
+        """The end of a step: clip gradients to ``max_norm`` (0: no clipping), step the optimizer
+        and the LR schedule."""
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()

@@ -66,7 +66,8 @@ def write_checkpoint(folder: str, state: dict, best: dict) -> None:
 
 
 class CheckpointError(UserError):
-    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names the file."""
+    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names
+    the file."""
 
 
 def read_state(folder: str, shown_as: str = "") -> dict:
@@ -208,7 +209,8 @@ class LocalContext(_SingleWorker):
 
 
 class TrainWorkerContext:
-    """One Ray Train worker (DDP over gloo on CPU, NCCL on GPU); in-memory shares come from the object store."""
+    """One Ray Train worker (DDP over gloo on CPU, NCCL on GPU); in-memory shares come from the
+    object store."""
 
     def __init__(self, plan: RunPlan):
         import ray.train

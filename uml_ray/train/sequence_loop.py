@@ -127,8 +127,9 @@ class Sequence(OneModelRegime):
         target_on = target_active(step // self.steps_per_epoch, self.cfg.train.step_k)
         batches = {}
         for name, batches_of in self.streams.items():
+            # warm-up: the target's batches are not drawn, so its first epoch starts at joint training
             if name == self.target and not target_on:
-                continue  # warm-up: the target's batches are not drawn, so its first epoch starts at joint training
+                continue
             x, mask, _ = sequence_batch_to_tensors(batches_of.next(), self.ctx.device)
             batches[name] = (x, mask)
         loss, parts = self.trained(batches, target_on)

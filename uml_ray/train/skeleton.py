@@ -46,7 +46,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def new_progress() -> dict:
-    """One member's bookkeeping in checkpoints: step, validations, best-val point, validations without gain."""
+    """One member's bookkeeping in checkpoints: step, validations, best-val point, validations
+    without gain."""
     return {
         "step": 0,
         "validations": 0,
