@@ -51,6 +51,31 @@ def test_resumed_loop_continues_exactly_from_the_last_checkpoint(synthetic_manif
         assert torch.equal(weight, second.saved["model"][name]), name
 
 
+@pytest.mark.parametrize("regime", ["supervised", "fused"])
+def test_every_stream_is_closed_when_the_loop_is_left_early(
+    synthetic_manifest, tmp_path, monkeypatch, regime
+):
+    """The loop closes its streams (a Ray Data read-ahead otherwise outlives the run) when a report
+    raises too: here the simulated kill after the first validation."""
+    from uml_ray.data.streams import BatchStream
+    from uml_ray.train.fused_loop import train_fused
+
+    closed, close = [], BatchStream.close
+
+    def recording_close(stream):
+        closed.append(stream.spec.name)
+        close(stream)
+
+    monkeypatch.setattr(BatchStream, "close", recording_close)
+    plan = build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)))
+    with pytest.raises(Interrupted):
+        if regime == "fused":
+            train_fused(plan, [{"train.lr": 0.01}, {"train.lr": 0.03}], LocalContext(plan, fail_after=1))
+        else:
+            train_supervised(plan, LocalContext(plan, fail_after=1))
+    assert sorted(closed) == ["image.test", "image.train", "image.val", "text.train"]
+
+
 @pytest.mark.slow
 def test_uml_beats_unimodal_baseline_over_seeds(ray_session, synthetic_manifest, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"project_target": False})
