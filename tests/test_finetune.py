@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_config
+from helpers import fashion_mnist_case
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -55,7 +56,8 @@ FINETUNE = {
 
 
 def color_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -> np.ndarray:
-    """RGB noise images with a square of the class's colour at a random place (the class survives crops and flips)."""
+    """RGB noise images with a square of the class's colour at a random place (the class survives crops
+    and flips)."""
     images = rng.integers(0, 110, size=(len(labels), size, size, 3)).astype(np.uint8)
     side = size // 2
     for image, label in zip(images, labels):
@@ -65,7 +67,8 @@ def color_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -
 
 
 def write_image_case(out: Path, per_class: dict[str, int], seed: int = 0) -> str:
-    """A colour-square image target (PNG shards) + 8-d 'text' feature vectors carrying the class, with its manifest."""
+    """A colour-square image target (PNG shards) + 8-d 'text' feature vectors carrying the class, with its
+    manifest."""
     rng = np.random.default_rng(seed)
     splits = {}
     for split, count in per_class.items():
@@ -447,28 +450,12 @@ def test_fashion_mnist_finetune_case_scores_the_probe_cases_images(ray_session, 
 
     from uml_ray.data.sources import load_fashion_mnist
 
-    common = [
-        "--train-pool",
-        "6",
-        "--test-size",
-        "20",
-        "--image-size",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--shots",
-        "2",
-        "--split-seed",
-        "1",
-    ]
     cases = {}
     for regime in ("probe", "finetune"):
-        assert (
-            main(["case", "fashion-mnist", "--regime", regime, "--out", str(tmp_path / regime), *common]) == 0
+        made = fashion_mnist_case(
+            capsys, tmp_path / regime, tmp_path / "cache", shots=2, split_seed=1, regime=regime
         )
-        cases[regime] = load_manifest(
-            json.loads(capsys.readouterr().out.strip().splitlines()[-1])["manifest"]
-        )
+        cases[regime] = load_manifest(made["manifest"])
     finetune, probe = cases["finetune"], cases["probe"]
     assert (finetune.modalities["image"].kind, finetune.modalities["image"].dim) == ("image", 1)
     assert finetune.modalities["text"].dim == 384

@@ -80,7 +80,8 @@ def run_fused(plan, members, **options) -> LocalContext:
 
 
 class CheckpointShapes(LocalContext):
-    """Records, at each checkpoint, the member count of the stacked head, projection and moments, and the live members."""
+    """Records, at each checkpoint, the member count of the stacked head, projection and moments, and the
+    live members."""
 
     def __init__(self, plan):
         super().__init__(plan)

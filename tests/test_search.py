@@ -81,7 +81,8 @@ def test_duplicate_space_key_rejected(synthetic_manifest, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)
     space = tmp_path / "dup.yaml"
     space.write_text(
-        "params:\n  train.lr: {type: uniform, low: 0.1, high: 0.2}\n  train.lr: {type: uniform, low: 0.3, high: 0.4}\n"
+        "params:\n  train.lr: {type: uniform, low: 0.1, high: 0.2}\n"
+        "  train.lr: {type: uniform, low: 0.3, high: 0.4}\n"
     )
     assert main(["tune", str(config), "--space", str(space)]) == 2
     assert "duplicate key 'train.lr'" in capsys.readouterr().err

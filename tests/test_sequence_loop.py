@@ -1,4 +1,5 @@
-"""The self-supervised training loop: the CLI run in MLflow, the exact step_k schedule, exact resume, a sweep."""
+"""The self-supervised training loop: the CLI run in MLflow, the exact step_k schedule, exact resume, a
+sweep."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ SEQUENCE = {
 
 @pytest.fixture(scope="module")
 def sequence_manifest(tmp_path_factory):
-    """Tiny synthetic sequences whose class lives in the latent drive (a next-step model's pooled state carries it)."""
+    """Tiny synthetic sequences whose class lives in the latent drive (a next-step model's pooled state
+    carries it)."""
     from uml_ray.data.synth import write_synthetic
 
     out = tmp_path_factory.mktemp("sequence")
