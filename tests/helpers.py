@@ -7,6 +7,29 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+from conftest import write_config
+
+
+def checkpointed_config(workdir: Path, manifest: str, max_steps: int = 600, **sections) -> Path:
+    """A run config (``workdir``/c.yaml) validating every 20 steps with a checkpoint at every 2nd
+    validation (step 40, 80, ...), ``max_steps`` steps in all."""
+    schedule = {"max_steps": max_steps, "val_every": 20, "checkpoint_every": 2}
+    return write_config(workdir / "c.yaml", manifest, workdir, train=schedule, **sections)
+
+
+def interrupted_and_resumed(plan, train, fail_after: int) -> tuple:
+    """``train(plan, context)`` on a ``LocalContext`` that raises after ``fail_after`` reports (a killed
+    worker), then again on one that resumes from the last checkpoint the first saved: returns both."""
+    from uml_ray.train.context import LocalContext
+
+    first = LocalContext(plan, fail_after=fail_after)
+    with pytest.raises(LocalContext.Interrupted):
+        train(plan, first)
+    second = LocalContext(plan, saved=first.saved)
+    train(plan, second)
+    return first, second
+
 
 def kill_pids(pids: list[int]) -> None:
     """SIGKILL each of ``pids``; one that already exited is passed over."""

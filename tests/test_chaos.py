@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
-from helpers import kill_pids
+from helpers import checkpointed_config, kill_pids
 
 from uml_ray.cli import main
 
@@ -48,12 +47,6 @@ def fusable_space(path: Path) -> Path:
         )
     )
     return path
-
-
-def checkpointed_config(workdir: Path, manifest: str, max_steps: int = 600, **sections) -> Path:
-    """A run config validating every 20 steps with a checkpoint at every 2nd validation (step 40, 80, ...)."""
-    schedule = {"max_steps": max_steps, "val_every": 20, "checkpoint_every": 2}
-    return write_config(workdir / "c.yaml", manifest, workdir, train=schedule, **sections)
 
 
 def tune_argv(config: Path, space: Path, trials: int, sweep: str, fuse: int = 1) -> list[str]:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_config
-from helpers import fashion_mnist_case
+from helpers import fashion_mnist_case, interrupted_and_resumed
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -121,12 +121,8 @@ def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_pat
     # 16 train images in batches of 8: 2 per epoch; 12 steps x 2 micro-batches = 24 batches = 12 epochs
     assert whole.saved["streams"]["image"] == {"epoch": 11, "drawn": 2}
 
-    first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
-        train_supervised(plan, first)
+    first, second = interrupted_and_resumed(plan, train_supervised, fail_after=1)
     assert first.saved["progress"]["step"] == 4
-    second = LocalContext(plan, saved=first.saved)
-    train_supervised(plan, second)
 
     assert [r["step"] for r in second.reports] == [8, 12]
     for resumed, uninterrupted in zip(second.reports, whole.reports[1:]):
@@ -172,11 +168,7 @@ def test_linear_probe_then_fine_tune_starts_from_a_fitted_head_and_resumes_exact
     )
     whole = LocalContext(plan)
     train_supervised(plan, whole)
-    first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
-        train_supervised(plan, first)
-    second = LocalContext(plan, saved=first.saved)
-    train_supervised(plan, second)
+    _, second = interrupted_and_resumed(plan, train_supervised, fail_after=1)
     assert second.reports == whole.reports[1:]
     for name, weight in whole.saved["model"].items():
         assert torch.equal(weight, second.saved["model"][name]), name

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_config
+from helpers import interrupted_and_resumed
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -117,15 +118,9 @@ def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir
     whole = LocalContext(plan)
     train_sequence(plan, whole)
 
-    first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
-        train_sequence(plan, first)
-    assert first.saved["progress"]["step"] == 5 and first.saved["streams"]["image"] == {
-        "epoch": 0,
-        "drawn": 0,
-    }
-    second = LocalContext(plan, saved=first.saved)
-    train_sequence(plan, second)
+    first, second = interrupted_and_resumed(plan, train_sequence, fail_after=1)
+    assert first.saved["progress"]["step"] == 5
+    assert first.saved["streams"]["image"] == {"epoch": 0, "drawn": 0}
 
     assert [r["step"] for r in second.reports] == [10, 15, 20]
     for resumed, uninterrupted in zip(second.reports, whole.reports[1:]):
