@@ -175,8 +175,9 @@ def results(folder: Path) -> list[dict]:
 def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     ray_session, synthetic_manifest, tmp_path, capsys
 ):
-    """2 workers (0.5 CPU each): one SIGKILLed after the first checkpoint; Ray Train restarts the group
-    from that checkpoint and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
+    """2 workers (0.5 CPU each): one SIGKILLed once the driver recorded a validation past a checkpoint;
+    Ray Train restarts the group from that checkpoint, the validations after it are reported again,
+    and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
     config = checkpointed_config(
         tmp_path, synthetic_manifest, max_steps=200, resources={"num_workers": 2, "cpus_per_worker": 0.5}
     )
