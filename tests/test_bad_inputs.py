@@ -141,6 +141,7 @@ class Case:
 
 
 def write(name: str, content: str | bytes) -> Setup:
+    """The case folder's file ``name`` (the manifest, run config or another) holding ``content``."""
     return lambda w: w.write(name, content)
 
 
@@ -156,18 +157,22 @@ def set_manifest(path: str, **values) -> Setup:
 
 
 def set_config(**sections) -> Setup:
+    """The run config with some sections' values replaced."""
     return lambda w: w.with_config(**sections)
 
 
 def space(tree_or_text) -> Setup:
+    """The case's search-space file (``{space}``) from a tree or raw text/bytes."""
     return lambda w: w.space(tree_or_text)
 
 
 def space_with(key: str, spec: dict) -> Setup:
+    """A supervised search space over ``key`` alone."""
     return space({"recipe": "supervised", "params": {key: spec}})
 
 
 def rewrite(modality: str, split: str, change: Callable[[pa.Table], pa.Table]) -> Setup:
+    """The first shard of (modality, split) rewritten through ``change``."""
     return lambda w: w.rewrite_shard(modality, split, change)
 
 
