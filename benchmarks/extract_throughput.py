@@ -70,12 +70,12 @@ def main() -> None:
     images, labels = 255 - images[: args.images], labels[: args.images]
     start_local_ray()
     print(
-        f"EfficientNet-Lite0 feature extraction, {args.images} Fashion-MNIST images, batch {args.batch_size}, "
-        f"{os.cpu_count()} CPU cores"
+        f"EfficientNet-Lite0 feature extraction, {args.images} Fashion-MNIST images, batch "
+        f"{args.batch_size}, {os.cpu_count()} CPU cores"
     )
     print(
-        f"{'size':>5} {'in-process':>11} {'Ray Data':>9} {'ratio':>6} {'start-up s':>11} {'Ray steady':>11} {'ratio':>6}"
-        "   (img/s)"
+        f"{'size':>5} {'in-process':>11} {'Ray Data':>9} {'ratio':>6} {'start-up s':>11} {'Ray steady':>11} "
+        f"{'ratio':>6}   (img/s)"
     )
     try:
         for size in [int(s) for s in args.sizes.split(",")]:

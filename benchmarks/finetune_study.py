@@ -8,7 +8,8 @@ at the same input size (``configs/fashion_mnist.yaml``, image-only). Every run g
 ``uml-ray train`` into MLflow; prints test accuracy (at the best-val point) per seed and the means.
 No search: the configs' own hyperparameters, the same for every arm.
 
-    python benchmarks/finetune_study.py [--workdir demo_work/finetune-study --shots 4 16 --seeds 0 1 2 --size 64]
+    python benchmarks/finetune_study.py [--workdir demo_work/finetune-study --shots 4 16 \
+        --seeds 0 1 2 --size 64]
 """
 
 from __future__ import annotations

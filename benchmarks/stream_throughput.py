@@ -4,7 +4,8 @@ All in one run, as ratios to the in-memory loop (the ceiling):
 - in-memory: numpy arrays already in RAM, random batches;
 - naive Ray Data: ``read_parquet → iter_torch_batches`` each epoch;
 - BatchStream cached: the table read once by the driver and put in the object store (timed
-  apart), every epoch of the trial from memory (uml-ray's default for datasets that fit ``data.cache_max_mb``);
+  apart), every epoch of the trial from memory (uml-ray's default for datasets that fit
+  ``data.cache_max_mb``);
 - BatchStream streamed: every epoch read again with a shuffle buffer (large shares): by pyarrow
   with read-ahead in a one-process trial, through Ray Data (split across workers) in a multi-worker run.
 
@@ -133,15 +134,18 @@ def main() -> None:
         ray.shutdown()
     overall_ceiling, steady_ceiling = results["in-memory loop"]
     print(
-        f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear head, 1 torch thread"
+        f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear "
+        "head, 1 torch thread"
     )
     print(
-        f"  the driver's one read of the cached table per sweep (not in the trial's figures): {driver_read:.2f} s"
+        "  the driver's one read of the cached table per sweep (not in the trial's figures): "
+        f"{driver_read:.2f} s"
     )
     print(f"  {'source':44s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
     for name, (overall, steady) in results.items():
         print(
-            f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s {steady / steady_ceiling:7.1%}"
+            f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s "
+            f"{steady / steady_ceiling:7.1%}"
         )
 
 

@@ -103,12 +103,14 @@ def main() -> None:
     optuna_rate = args.configs / figures["plain Optuna, one process"][0]
     print(f"{args.configs} head-only configs, {os.cpu_count()} CPUs, {manifest}")
     print(
-        f"  {'how':32s} {'wall':>8s} {'configs/min':>12s} {'vs per-trial':>13s} {'vs Optuna':>10s} {'best val':>9s}"
+        f"  {'how':32s} {'wall':>8s} {'configs/min':>12s} {'vs per-trial':>13s} {'vs Optuna':>10s} "
+        f"{'best val':>9s}"
     )
     for label, (seconds, best) in figures.items():
         rate = args.configs / seconds
         print(
-            f"  {label:32s} {seconds:7.1f}s {rate * 60:12.1f} {rate / per_trial:12.2f}x {rate / optuna_rate:9.2f}x {best:9.4f}"
+            f"  {label:32s} {seconds:7.1f}s {rate * 60:12.1f} {rate / per_trial:12.2f}x "
+            f"{rate / optuna_rate:9.2f}x {best:9.4f}"
         )
 
 

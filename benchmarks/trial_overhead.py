@@ -92,7 +92,8 @@ def main() -> None:
     if train is not None:
         print(f"  uml-ray trial, TorchTrainer(1)  {train:7.2f} s   {train / bare:5.2f}x")
         print(
-            f"  inline saves {train - inline:.1f} s per trial ({train / inline:.1f}x faster start-up than TorchTrainer)"
+            f"  inline saves {train - inline:.1f} s per trial ({train / inline:.1f}x faster start-up than "
+            "TorchTrainer)"
         )
 
 

@@ -38,7 +38,8 @@ def _unit_tier_has_no_ray(request, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise RuntimeError(
-            f"{request.node.nodeid} started Ray: mark it @pytest.mark.integration or use the ray_session fixture"
+            f"{request.node.nodeid} started Ray: "
+            "mark it @pytest.mark.integration or use the ray_session fixture"
         )
 
     monkeypatch.setattr(ray, "init", refuse)

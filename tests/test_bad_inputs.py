@@ -9,11 +9,12 @@ configs, overrides, search spaces, CLI flags, tracking and storage.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,12 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
 )
 HUGE = "# padding\n" * (1_100_000)  # 11 MB: over the 10 MB input cap
 DEEP = "[" * 20000 + "]" * 20000
+# the same bomb as one override: 8 levels of 10 aliases
+ALPHA_BOMB = (
+    "train.alpha={a: &a [1,1,1,1,1,1,1,1,1,1], "
+    + ", ".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefg", "bcdefgh"))
+    + "}"
+)
 GOOD_SPACE = {
     "recipe": "supervised",
     "params": {"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}},
@@ -62,6 +69,20 @@ class Work:
             seed=0,
         )
         self.config = str(write_config(root / "run.yaml", self.manifest, root))
+
+    def fill(self, text: str) -> str:
+        """``text`` with this case's paths in place of ``{root}``, ``{manifest}``, ``{config}``, ``{db}``,
+        ``{space}`` (the case's search-space file) and ``{shard:modality.split}`` (its first shard)."""
+        text = re.sub(r"\{shard:(\w+)\.(\w+)\}", lambda found: self.shard(found[1], found[2]), text)
+        for token, value in (
+            ("{root}", self.root),
+            ("{manifest}", self.manifest),
+            ("{config}", self.config),
+            ("{db}", self.db),
+            ("{space}", self.root / "space.yaml"),
+        ):
+            text = text.replace(token, str(value))
+        return text
 
     def write(self, name: str, content: str | bytes) -> str:
         """A file in the case folder holding ``content``; returns its path."""
@@ -103,17 +124,56 @@ class Work:
         return uri
 
 
+Setup = Callable[[Work], object]
+
+
 @dataclass
 class Case:
-    """One bad input: the argv it builds, what the error line must name, and the fix it must give."""
+    """One bad input: the argv that runs it, what the error line must name and the fix it must give
+    (argv and names hold ``Work.fill`` placeholders), and what breaks the case's folder first."""
 
     id: str
-    argv: Callable[[Work], list[str]]
-    names: Callable[[Work], list[str]]
+    argv: list[str]
+    names: list[str]
     hint: str
-    xfail: str = ""
+    setup: Setup | None = None
     store: bool = False  # start from an existing MLflow store (experiment 'tests', no runs)
-    marks: list = field(default_factory=list)
+
+
+def write(name: str, content: str | bytes) -> Setup:
+    """The case folder's file ``name`` (the manifest, run config or another) holding ``content``."""
+    return lambda w: w.write(name, content)
+
+
+def set_manifest(path: str, **values) -> Setup:
+    """Set ``values`` in the manifest's mapping at dotted ``path`` ("" for the top level)."""
+
+    def edit(tree: dict) -> None:
+        for key in filter(None, path.split(".")):
+            tree = tree[key]
+        tree.update(values)
+
+    return lambda w: w.edit_manifest(edit)
+
+
+def set_config(**sections) -> Setup:
+    """The run config with some sections' values replaced."""
+    return lambda w: w.with_config(**sections)
+
+
+def space(tree_or_text) -> Setup:
+    """The case's search-space file (``{space}``) from a tree or raw text/bytes."""
+    return lambda w: w.space(tree_or_text)
+
+
+def space_with(key: str, spec: dict) -> Setup:
+    """A supervised search space over ``key`` alone."""
+    return space({"recipe": "supervised", "params": {key: spec}})
+
+
+def rewrite(modality: str, split: str, change: Callable[[pa.Table], pa.Table]) -> Setup:
+    """The first shard of (modality, split) rewritten through ``change``."""
+    return lambda w: w.rewrite_shard(modality, split, change)
 
 
 def _set_column(table: pa.Table, name: str, values, kind) -> pa.Table:
@@ -144,613 +204,553 @@ def _label_99(table: pa.Table) -> pa.Table:
     return _set_column(table, "label", labels, pa.int32())
 
 
-def _empty_val(w: Work) -> str:
-    from uml_ray.data.format import write_shards
+def _val_rows(rows: int) -> Setup:
+    """The target's val split replaced by ``rows`` rows."""
 
-    write_shards(
-        str(Path(w.manifest).parent),
-        "image",
-        "val",
-        np.zeros((0, 8), np.float32),
-        np.zeros(0, np.int32),
-        dim=8,
-    )
-    return w.manifest
+    def setup(w: Work) -> None:
+        from uml_ray.data.format import write_shards
+
+        features, labels = np.ones((rows, 8), np.float32), np.zeros(rows, np.int32)
+        write_shards(str(Path(w.manifest).parent), "image", "val", features, labels, dim=8)
+
+    return setup
 
 
-def _one_val_row(w: Work) -> str:
-    from uml_ray.data.format import write_shards
-
-    write_shards(
-        str(Path(w.manifest).parent),
-        "image",
-        "val",
-        np.ones((1, 8), np.float32),
-        np.zeros(1, np.int32),
-        dim=8,
-    )
-    return w.with_config(resources={"num_workers": 2, "trainer": "ray_train"})
+def _one_val_row_two_workers(w: Work) -> None:
+    _val_rows(1)(w)
+    w.with_config(resources={"num_workers": 2, "trainer": "ray_train"})
 
 
-def _validate(config: Callable[[Work], str], *overrides: str) -> Callable[[Work], list[str]]:
-    return lambda w: ["validate", config(w), *overrides]
-
-
-def _data_validate(manifest: Callable[[Work], str]) -> Callable[[Work], list[str]]:
-    return lambda w: ["data", "validate", manifest(w)]
-
-
-def _best(*flags: str) -> Callable[[Work], list[str]]:
-    return lambda w: [
-        "best",
-        "--tracking-uri",
-        f"sqlite:///{w.db}",
-        "--output",
-        str(w.root / "best.yaml"),
-        *flags,
-    ]
-
-
-def _tune(space: Callable[[Work], str], *flags: str) -> Callable[[Work], list[str]]:
-    return lambda w: ["tune", w.config, "--space", space(w), "--trials", "2", *flags]
-
-
-def _synth(*flags: str) -> Callable[[Work], list[str]]:
-    return lambda w: [
-        "data",
-        "synth",
-        str(w.root / "synth"),
-        "--n-train",
-        "6",
-        "--n-val",
-        "6",
-        "--n-test",
-        "6",
-        "--n-aux",
-        "6",
-        *flags,
-    ]
-
-
-def _space_with(key: str, spec) -> Callable[[Work], str]:
-    return lambda w: w.space({"recipe": "supervised", "params": {key: spec}})
+DATA_VALIDATE = ["data", "validate", "{manifest}"]
+VALIDATE = ["validate", "{config}"]
+TUNE = ["tune", "{config}", "--space", "{space}", "--trials", "2"]
+SYNTH = ["data", "synth", "{root}/synth", "--n-train", "6", "--n-val", "6", "--n-test", "6", "--n-aux", "6"]
+BEST = ["best", "--tracking-uri", "sqlite:///{db}", "--output", "{root}/best.yaml"]
 
 
 CASES = [
     # manifests
     Case(
         "manifest-binary",
-        _data_validate(lambda w: w.write("data/manifest.yaml", GARBAGE)),
-        lambda w: [w.manifest, "UTF-8", "0x80"],
+        DATA_VALIDATE,
+        ["{manifest}", "UTF-8", "0x80"],
         "check the path",
+        write("data/manifest.yaml", GARBAGE),
     ),
     Case(
         "manifest-binary-via-config",
-        _validate(lambda w: w.with_manifest(w.write("m.yaml", GARBAGE))),
-        lambda w: [str(w.root / "m.yaml"), "UTF-8"],
+        VALIDATE,
+        ["{root}/m.yaml", "UTF-8"],
         "check the path",
+        lambda w: w.with_manifest(w.write("m.yaml", GARBAGE)),
     ),
     Case(
         "manifest-anchor-bomb",
-        _data_validate(lambda w: w.write("data/manifest.yaml", BOMB)),
-        lambda w: [w.manifest, "aliases expand"],
+        DATA_VALIDATE,
+        ["{manifest}", "aliases expand"],
         "write the values out",
+        write("data/manifest.yaml", BOMB),
     ),
     Case(
         "manifest-recursive-alias",
-        _data_validate(lambda w: w.write("data/manifest.yaml", "classes: &c [a, *c]\n")),
-        lambda w: [w.manifest, "*c", "refers to itself"],
+        DATA_VALIDATE,
+        ["{manifest}", "*c", "refers to itself"],
         "cannot be a config, space or manifest",
+        write("data/manifest.yaml", "classes: &c [a, *c]\n"),
     ),
     Case(
         "manifest-over-10MB",
-        _data_validate(lambda w: w.write("data/manifest.yaml", HUGE)),
-        lambda w: [w.manifest, "larger than 10 MB"],
+        DATA_VALIDATE,
+        ["{manifest}", "larger than 10 MB"],
         "check the path",
+        write("data/manifest.yaml", HUGE),
     ),
     Case(
         "manifest-missing",
-        _data_validate(lambda w: str(w.root / "nope.yaml")),
-        lambda w: [str(w.root / "nope.yaml"), "No such file"],
+        ["data", "validate", "{root}/nope.yaml"],
+        ["{root}/nope.yaml", "No such file"],
         "check the path",
     ),
     Case(
         "manifest-dim-bool",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t["modalities"]["image"].update(dim=True))),
-        lambda w: ["modalities.image", "'dim'", "bool True"],
+        DATA_VALIDATE,
+        ["modalities.image", "'dim'", "bool True"],
         "must be int",
+        set_manifest("modalities.image", dim=True),
     ),
     Case(
         "manifest-dim-zero",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t["modalities"]["text"].update(dim=0))),
-        lambda w: ["modalities.text.dim", "got 0"],
+        DATA_VALIDATE,
+        ["modalities.text.dim", "got 0"],
         "must be a positive integer",
+        set_manifest("modalities.text", dim=0),
     ),
     Case(
         "manifest-kind",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t["modalities"]["text"].update(kind="picture"))),
-        lambda w: ["modalities.text.kind", "'picture'"],
+        DATA_VALIDATE,
+        ["modalities.text.kind", "'picture'"],
         "is not one of ['vector', 'sequence'",
+        set_manifest("modalities.text", kind="picture"),
     ),
     Case(
         "manifest-target",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t.update(target="audio"))),
-        lambda w: [w.manifest, "target 'audio'"],
+        DATA_VALIDATE,
+        ["{manifest}", "target 'audio'"],
         "is not one of the modalities",
+        set_manifest("", target="audio"),
     ),
     Case(
         "manifest-duplicate-class",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t.update(classes=["a", "a", "b"]))),
-        lambda w: [w.manifest, "'classes'"],
+        DATA_VALIDATE,
+        ["{manifest}", "'classes'"],
         "distinct names",
+        set_manifest("", classes=["a", "a", "b"]),
     ),
     Case(
         "manifest-unknown-field",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t.update(labels=["x"]))),
-        lambda w: [w.manifest, "['labels']"],
+        DATA_VALIDATE,
+        ["{manifest}", "['labels']"],
         "allowed: name, classes, target, modalities",
+        set_manifest("", labels=["x"]),
     ),
     Case(
         "manifest-unknown-split",
-        _data_validate(
-            lambda w: w.edit_manifest(lambda t: t["modalities"]["text"]["splits"].update(dev=["x.parquet"]))
-        ),
-        lambda w: ["modalities.text.splits", "'dev'"],
+        DATA_VALIDATE,
+        ["modalities.text.splits", "'dev'"],
         "allowed: ['train', 'val', 'test']",
+        set_manifest("modalities.text.splits", dev=["x.parquet"]),
     ),
     Case(
         "manifest-duplicate-key",
-        _data_validate(lambda w: w.write("data/manifest.yaml", "classes: [a]\nclasses: [b]\n")),
-        lambda w: [w.manifest, "duplicate key 'classes'", "line 2"],
+        DATA_VALIDATE,
+        ["{manifest}", "duplicate key 'classes'", "line 2"],
         "each key may appear once",
+        write("data/manifest.yaml", "classes: [a]\nclasses: [b]\n"),
     ),
     Case(
         "manifest-not-mapping",
-        _data_validate(lambda w: w.write("data/manifest.yaml", "- a\n- b\n")),
-        lambda w: [w.manifest],
+        DATA_VALIDATE,
+        ["{manifest}"],
         "a manifest is a mapping with name, classes, target, modalities",
+        write("data/manifest.yaml", "- a\n- b\n"),
     ),
     Case(
         "manifest-bad-json",
-        _data_validate(lambda w: w.write("m.json", '{"classes": [1, 2,')),
-        lambda w: [str(w.root / "m.json"), "not valid JSON"],
+        ["data", "validate", "{root}/m.json"],
+        ["{root}/m.json", "not valid JSON"],
         "line 1",
+        write("m.json", '{"classes": [1, 2,'),
     ),
     # shards
     Case(
         "shard-null-features",
-        _data_validate(lambda w: (w.rewrite_shard("image", "train", _null_rows), w.manifest)[1]),
-        lambda w: [w.shard("image", "train"), "row 2 has null features"],
+        DATA_VALIDATE,
+        ["{shard:image.train}", "row 2 has null features"],
         "drop or fill those rows",
+        rewrite("image", "train", _null_rows),
     ),
     Case(
         "shard-duplicate-id",
-        _data_validate(lambda w: (w.rewrite_shard("image", "val", _duplicate_id), w.manifest)[1]),
-        lambda w: [w.shard("image", "val"), "'image-val-0'", "row 0", "row 3", "modalities.image.splits.val"],
+        DATA_VALIDATE,
+        ["{shard:image.val}", "'image-val-0'", "row 0", "row 3", "modalities.image.splits.val"],
         "ids must be unique within a split",
+        rewrite("image", "val", _duplicate_id),
     ),
     Case(
         "shard-nan",
-        _data_validate(lambda w: (w.rewrite_shard("text", "train", _nan_row), w.manifest)[1]),
-        lambda w: [w.shard("text", "train"), "NaN/inf", "first at row 1"],
+        DATA_VALIDATE,
+        ["{shard:text.train}", "NaN/inf", "first at row 1"],
         "drop or repair those rows",
+        rewrite("text", "train", _nan_row),
     ),
     Case(
         "shard-label-range",
-        _data_validate(lambda w: (w.rewrite_shard("image", "test", _label_99), w.manifest)[1]),
-        lambda w: [w.shard("image", "test"), "label 99", "row 2"],
+        DATA_VALIDATE,
+        ["{shard:image.test}", "label 99", "row 2"],
         "labels index the manifest's classes",
+        rewrite("image", "test", _label_99),
     ),
     Case(
         "shard-missing",
-        _data_validate(lambda w: (Path(w.shard("image", "test")).unlink(), w.manifest)[1]),
-        lambda w: [w.shard("image", "test"), "file not found"],
+        DATA_VALIDATE,
+        ["{shard:image.test}", "file not found"],
         "fix the path in the manifest",
+        lambda w: Path(w.shard("image", "test")).unlink(),
     ),
     Case(
         "shard-not-parquet",
-        _data_validate(lambda w: (Path(w.shard("text", "train")).write_bytes(GARBAGE), w.manifest)[1]),
-        lambda w: [w.shard("text", "train"), "cannot read the Parquet shard"],
+        DATA_VALIDATE,
+        ["{shard:text.train}", "cannot read the Parquet shard"],
         "rewrite the shard",
+        lambda w: Path(w.shard("text", "train")).write_bytes(GARBAGE),
     ),
     Case(
         "shard-dim-mismatch",
-        _data_validate(lambda w: w.edit_manifest(lambda t: t["modalities"]["text"].update(dim=5))),
-        lambda w: [w.shard("text", "train"), "dim 4", "modalities.text.dim is 5"],
+        DATA_VALIDATE,
+        ["{shard:text.train}", "dim 4", "modalities.text.dim is 5"],
         "fix the manifest dim",
+        set_manifest("modalities.text", dim=5),
     ),
     Case(
         "shard-empty-val",
-        _data_validate(_empty_val),
-        lambda w: ["modalities.image.splits.val has 0 rows"],
+        DATA_VALIDATE,
+        ["modalities.image.splits.val has 0 rows"],
         "the target needs val rows",
+        _val_rows(0),
     ),
     Case(
         "val-rows-below-workers",
-        _validate(_one_val_row),
-        lambda w: ["image.val", "resources.num_workers"],
+        VALIDATE,
+        ["image.val", "resources.num_workers"],
         "num_workers",
+        _one_val_row_two_workers,
         store=True,
     ),
     # run configs
-    Case(
-        "config-binary",
-        _validate(lambda w: w.write("run.yaml", GARBAGE)),
-        lambda w: [w.config, "UTF-8"],
-        "check the path",
-    ),
+    Case("config-binary", VALIDATE, ["{config}", "UTF-8"], "check the path", write("run.yaml", GARBAGE)),
     Case(
         "config-anchor-bomb",
-        _validate(lambda w: w.write("run.yaml", BOMB)),
-        lambda w: [w.config, "aliases expand"],
+        VALIDATE,
+        ["{config}", "aliases expand"],
         "write the values out",
+        write("run.yaml", BOMB),
     ),
     Case(
         "config-over-10MB",
-        _validate(lambda w: w.write("run.yaml", HUGE)),
-        lambda w: [w.config, "larger than 10 MB"],
+        VALIDATE,
+        ["{config}", "larger than 10 MB"],
         "check the path",
+        write("run.yaml", HUGE),
     ),
     Case(
         "config-deep-nesting",
-        _validate(lambda w: w.write("run.yaml", DEEP)),
-        lambda w: [w.config, "nested too deeply"],
+        VALIDATE,
+        ["{config}", "nested too deeply"],
         "a few levels deep",
+        write("run.yaml", DEEP),
     ),
     Case(
         "config-missing",
-        _validate(lambda w: str(w.root / "nope.yaml")),
-        lambda w: [str(w.root / "nope.yaml"), "cannot read"],
+        ["validate", "{root}/nope.yaml"],
+        ["{root}/nope.yaml", "cannot read"],
         "check the path",
     ),
     Case(
         "config-unknown-section",
-        _validate(lambda w: w.with_config(optimizer={"lr": 1})),
-        lambda w: [w.config, "'optimizer'"],
+        VALIDATE,
+        ["{config}", "'optimizer'"],
         "allowed sections: data, model, train, tracking, resources",
+        set_config(optimizer={"lr": 1}),
     ),
     Case(
         "config-unknown-key",
-        _validate(lambda w: w.with_config(train={"learning_rate": 0.1})),
-        lambda w: [w.config, "'train.learning_rate'"],
+        VALIDATE,
+        ["{config}", "'train.learning_rate'"],
         "allowed keys in 'train': lr,",
+        set_config(train={"learning_rate": 0.1}),
     ),
     Case(
         "config-duplicate-key",
-        _validate(lambda w: w.write("run.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n")),
-        lambda w: [w.config, "duplicate key 'lr'"],
+        VALIDATE,
+        ["{config}", "duplicate key 'lr'"],
         "each key may appear once",
+        write("run.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n"),
     ),
     Case(
         "config-wrong-type",
-        _validate(lambda w: w.with_config(train={"lr": "fast"})),
-        lambda w: [w.config, "train.lr", "'fast'"],
+        VALIDATE,
+        ["{config}", "train.lr", "'fast'"],
         "expected a number",
+        set_config(train={"lr": "fast"}),
     ),
     Case(
         "config-empty-experiment",
-        _validate(lambda w: w.with_config(tracking={"experiment": ""})),
-        lambda w: [w.config, "tracking.experiment is empty"],
+        VALIDATE,
+        ["{config}", "tracking.experiment is empty"],
         "tracking.experiment=uml-ray",
+        set_config(tracking={"experiment": ""}),
     ),
     Case(
         "config-warmup-too-long",
-        _validate(lambda w: w.with_config(train={"warmup_steps": 500, "max_steps": 100})),
-        lambda w: ["train.warmup_steps=500", "train.max_steps=100"],
+        VALIDATE,
+        ["train.warmup_steps=500", "train.max_steps=100"],
         "must be smaller than",
+        set_config(train={"warmup_steps": 500, "max_steps": 100}),
     ),
     Case(
         "config-aux-per-class-over-rows",
-        _validate(lambda w: w.config, "data.aux_per_class=50"),
-        lambda w: ["data.aux_per_class=50", "train row(s) of auxiliary", w.manifest],
+        [*VALIDATE, "data.aux_per_class=50"],
+        ["data.aux_per_class=50", "train row(s) of auxiliary", "{manifest}"],
         "use data.aux_per_class<=",
     ),
     Case(
         "space-aux-per-class-over-rows",
-        _tune(_space_with("data.aux_per_class", {"type": "choice", "values": [1, 50]})),
-        lambda w: ["data.aux_per_class=50", "train row(s) of auxiliary"],
+        TUNE,
+        ["data.aux_per_class=50", "train row(s) of auxiliary"],
         "use data.aux_per_class<=",
+        space_with("data.aux_per_class", {"type": "choice", "values": [1, 50]}),
     ),
     Case(
         "config-probe-without-backbone",
-        _validate(lambda w: w.config, "model.head_init=probe"),
-        lambda w: ["model.head_init=probe", "model.backbone"],
+        [*VALIDATE, "model.head_init=probe"],
+        ["model.head_init=probe", "model.backbone"],
         "use model.head_init=random or text",
     ),
     Case(
         "config-no-manifest",
-        _validate(lambda w: w.with_manifest("")),
-        lambda w: ["data.manifest is empty"],
+        VALIDATE,
+        ["data.manifest is empty"],
         "data.manifest=data/manifest.yaml",
+        lambda w: w.with_manifest(""),
     ),
     Case(
         "config-not-mapping",
-        _validate(lambda w: w.write("run.yaml", "- train\n")),
-        lambda w: [w.config],
+        VALIDATE,
+        ["{config}"],
         "a config is a mapping of sections",
+        write("run.yaml", "- train\n"),
     ),
     # overrides
     Case(
         "override-broken-flow",
-        _validate(lambda w: w.config, "train.alpha={text: "),
-        lambda w: ["override 'train.alpha={text: '", "not valid YAML"],
+        [*VALIDATE, "train.alpha={text: "],
+        ["override 'train.alpha={text: '", "not valid YAML"],
         "train.alpha.text=0.5",
     ),
-    Case(
-        "override-no-equals",
-        _validate(lambda w: w.config, "train.lr"),
-        lambda w: ["override 'train.lr'"],
-        "section.key=value",
-    ),
+    Case("override-no-equals", [*VALIDATE, "train.lr"], ["override 'train.lr'"], "section.key=value"),
     Case(
         "override-unknown-key",
-        _validate(lambda w: w.config, "train.lrate=0.1"),
-        lambda w: ["'train.lrate'"],
+        [*VALIDATE, "train.lrate=0.1"],
+        ["'train.lrate'"],
         "allowed keys in 'train': lr,",
     ),
-    Case(
-        "override-out-of-range",
-        _validate(lambda w: w.config, "train.lr=-1"),
-        lambda w: ["train.lr", "-1.0"],
-        "it must be > 0.0",
-    ),
+    Case("override-out-of-range", [*VALIDATE, "train.lr=-1"], ["train.lr", "-1.0"], "it must be > 0.0"),
     Case(
         "override-bad-choice",
-        _validate(lambda w: w.config, "model.regime=vision"),
-        lambda w: ["model.regime", "'vision'"],
+        [*VALIDATE, "model.regime=vision"],
+        ["model.regime", "'vision'"],
         "choose one of ['supervised', 'sequence']",
     ),
     Case(
         "override-alpha-unknown-modality",
-        _validate(lambda w: w.config, "train.alpha.audio=0.5"),
-        lambda w: ["train.alpha.audio", "'audio'"],
+        [*VALIDATE, "train.alpha.audio=0.5"],
+        ["train.alpha.audio", "'audio'"],
         "choose from ['text']",
     ),
     Case(
         "override-inline-two-workers",
-        _validate(lambda w: w.config, "resources.trainer=inline", "resources.num_workers=2"),
-        lambda w: ["resources.trainer=inline"],
+        [*VALIDATE, "resources.trainer=inline", "resources.num_workers=2"],
+        ["resources.trainer=inline"],
         "set resources.num_workers=1",
     ),
     Case(
         "override-anchor-bomb",
-        _validate(
-            lambda w: w.config,
-            "train.alpha="
-            + "{a: &a [1,1,1,1,1,1,1,1,1,1], "
-            + ", ".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefg", "bcdefgh"))
-            + "}",
-        ),
-        lambda w: ["override 'train.alpha=", "aliases expand"],
+        [*VALIDATE, ALPHA_BOMB],
+        ["override 'train.alpha=", "aliases expand"],
         "write the values out",
     ),
     # search spaces
     Case(
         "space-binary",
-        _validate(lambda w: w.config, "--space", "SPACE"),
-        lambda w: [str(w.root / "space.yaml"), "UTF-8"],
+        [*VALIDATE, "--space", "{space}"],
+        ["{space}", "UTF-8"],
         "check the path",
+        space(GARBAGE),
     ),
-    Case(
-        "space-anchor-bomb",
-        _tune(lambda w: w.space(BOMB)),
-        lambda w: [str(w.root / "space.yaml"), "aliases expand"],
-        "write the values out",
-    ),
+    Case("space-anchor-bomb", TUNE, ["{space}", "aliases expand"], "write the values out", space(BOMB)),
     Case(
         "space-missing",
-        _tune(lambda w: str(w.root / "nope.yaml")),
-        lambda w: [str(w.root / "nope.yaml"), "cannot read"],
+        ["tune", "{config}", "--space", "{root}/nope.yaml", "--trials", "2"],
+        ["{root}/nope.yaml", "cannot read"],
         "check the path",
     ),
     Case(
         "space-unknown-key",
-        _tune(_space_with("train.lrate", {"type": "uniform", "low": 0.1, "high": 0.2})),
-        lambda w: ["params.train.lrate", "'train.lrate'"],
+        TUNE,
+        ["params.train.lrate", "'train.lrate'"],
         "allowed keys in 'train': lr,",
+        space_with("train.lrate", {"type": "uniform", "low": 0.1, "high": 0.2}),
     ),
     Case(
         "space-low-above-high",
-        _tune(_space_with("train.lr", {"type": "uniform", "low": 0.2, "high": 0.1})),
-        lambda w: ["params.train.lr", "low=0.2"],
+        TUNE,
+        ["params.train.lr", "low=0.2"],
         "swap them",
+        space_with("train.lr", {"type": "uniform", "low": 0.2, "high": 0.1}),
     ),
     Case(
         "space-log-from-zero",
-        _tune(_space_with("train.lr", {"type": "loguniform", "low": 0, "high": 0.1})),
-        lambda w: ["params.train.lr", "low=0"],
+        TUNE,
+        ["params.train.lr", "low=0"],
         "use a low > 0",
+        space_with("train.lr", {"type": "loguniform", "low": 0, "high": 0.1}),
     ),
     Case(
         "space-unknown-distribution",
-        _tune(_space_with("train.lr", {"type": "gaussian", "low": 0, "high": 1})),
-        lambda w: ["params.train.lr", "'gaussian'"],
+        TUNE,
+        ["params.train.lr", "'gaussian'"],
         "['loguniform', 'uniform', 'int', 'choice']",
+        space_with("train.lr", {"type": "gaussian", "low": 0, "high": 1}),
     ),
     Case(
         "space-recipe-mismatch",
-        _tune(lambda w: w.space({**GOOD_SPACE, "recipe": "sequence"})),
-        lambda w: [str(w.root / "space.yaml"), "recipe 'sequence'"],
+        TUNE,
+        ["{space}", "recipe 'sequence'"],
         "model.regime='supervised'",
+        space({**GOOD_SPACE, "recipe": "sequence"}),
     ),
     Case(
         "space-alpha-unknown-modality",
-        _tune(_space_with("train.alpha.audio", {"type": "uniform", "low": 0, "high": 1})),
-        lambda w: ["params.train.alpha.audio", "'audio'"],
+        TUNE,
+        ["params.train.alpha.audio", "'audio'"],
         "choose from ['text']",
+        space_with("train.alpha.audio", {"type": "uniform", "low": 0, "high": 1}),
     ),
     Case(
         "space-corner-invalid",
-        _tune(_space_with("train.warmup_steps", {"type": "int", "low": 0, "high": 500})),
-        lambda w: ["params.train.warmup_steps", "value 500"],
+        TUNE,
+        ["params.train.warmup_steps", "value 500"],
         "must be smaller than train.max_steps",
+        space_with("train.warmup_steps", {"type": "int", "low": 0, "high": 500}),
     ),
     Case(
         "space-no-params",
-        _tune(lambda w: w.space({"recipe": "supervised", "params": {}})),
-        lambda w: [str(w.root / "space.yaml"), "'params'"],
+        TUNE,
+        ["{space}", "'params'"],
         "non-empty mapping of config keys to distributions",
+        space({"recipe": "supervised", "params": {}}),
     ),
     # CLI flags
     Case(
         "tune-zero-trials",
-        lambda w: ["tune", w.config, "--space", w.space(GOOD_SPACE), "--trials", "0"],
-        lambda w: ["--trials", "got 0"],
+        ["tune", "{config}", "--space", "{space}", "--trials", "0"],
+        ["--trials", "got 0"],
         "must be >= 1",
+        space(GOOD_SPACE),
     ),
-    Case(
-        "tune-resume-without-name",
-        _tune(lambda w: w.space(GOOD_SPACE), "--resume"),
-        lambda w: ["--resume"],
-        "--name",
-    ),
-    Case(
-        "train-resume-without-name",
-        lambda w: ["train", w.config, "--resume"],
-        lambda w: ["--resume"],
-        "--name",
-    ),
+    Case("tune-resume-without-name", [*TUNE, "--resume"], ["--resume"], "--name", space(GOOD_SPACE)),
+    Case("train-resume-without-name", ["train", "{config}", "--resume"], ["--resume"], "--name"),
     Case(
         "synth-rows-per-shard-zero",
-        _synth("--rows-per-shard", "0"),
-        lambda w: ["rows_per_shard (--rows-per-shard)", "got 0"],
+        [*SYNTH, "--rows-per-shard", "0"],
+        ["rows_per_shard (--rows-per-shard)", "got 0"],
         "must be >= 1",
     ),
     Case(
-        "synth-zero-classes",
-        _synth("--classes", "0"),
-        lambda w: ["n_classes (--classes)", "got 0"],
-        "must be >= 1",
+        "synth-zero-classes", [*SYNTH, "--classes", "0"], ["n_classes (--classes)", "got 0"], "must be >= 1"
     ),
-    Case("synth-zero-val", _synth("--n-val", "0"), lambda w: ["n_val (--n-val)", "got 0"], "must be >= 1"),
+    Case("synth-zero-val", [*SYNTH, "--n-val", "0"], ["n_val (--n-val)", "got 0"], "must be >= 1"),
     Case(
         "synth-aux-below-classes",
-        _synth("--classes", "8"),
-        lambda w: ["n_aux (--n-aux)", "got 6"],
+        [*SYNTH, "--classes", "8"],
+        ["n_aux (--n-aux)", "got 6"],
         "must be >= n_classes=8",
     ),
-    Case(
-        "synth-zero-aux-dim",
-        _synth("--dims-aux", "16", "0"),
-        lambda w: ["--dims-aux", "[16, 0]"],
-        "must be >= 1",
-    ),
+    Case("synth-zero-aux-dim", [*SYNTH, "--dims-aux", "16", "0"], ["--dims-aux", "[16, 0]"], "must be >= 1"),
     Case(
         "synth-bad-seq-len",
-        _synth("--kind", "sequence", "--seq-len", "5", "2"),
-        lambda w: ["seq_len", "(5, 2)"],
+        [*SYNTH, "--kind", "sequence", "--seq-len", "5", "2"],
+        ["seq_len", "(5, 2)"],
         "1 <= min <= max",
     ),
-    Case(
-        "synth-negative-seed", _synth("--seed", "-1"), lambda w: ["seed (--seed)", "got -1"], "must be >= 0"
-    ),
+    Case("synth-negative-seed", [*SYNTH, "--seed", "-1"], ["seed (--seed)", "got -1"], "must be >= 0"),
     Case(
         "best-output-folder-missing",
-        lambda w: ["best", "--tracking-uri", f"sqlite:///{w.db}", "--output", "/nonexistent/dir/best.yaml"],
-        lambda w: ["/nonexistent/dir/best.yaml", "/nonexistent/dir does not exist"],
+        ["best", "--tracking-uri", "sqlite:///{db}", "--output", "/nonexistent/dir/best.yaml"],
+        ["/nonexistent/dir/best.yaml", "/nonexistent/dir does not exist"],
         "create it or choose another path",
     ),
     Case(
         "best-output-is-folder",
-        lambda w: ["best", "--tracking-uri", f"sqlite:///{w.db}", "--output", str(w.root)],
-        lambda w: [f"--output {w.root}", "is a folder"],
+        ["best", "--tracking-uri", "sqlite:///{db}", "--output", "{root}"],
+        ["--output {root}", "is a folder"],
         "best_config.yaml",
     ),
-    Case("best-top-zero", _best("--top", "0"), lambda w: ["--top", "got 0"], "must be >= 1"),
+    Case("best-top-zero", [*BEST, "--top", "0"], ["--top", "got 0"], "must be >= 1"),
     Case(
-        "best-metric-backtick",
-        _best("--metric", "acc`; drop"),
-        lambda w: ["'acc`; drop'"],
-        "use e.g. best_val_acc",
+        "best-metric-backtick", [*BEST, "--metric", "acc`; drop"], ["'acc`; drop'"], "use e.g. best_val_acc"
     ),
     # tracking
     Case(
         "tracking-unknown-scheme",
-        _validate(lambda w: w.config, "tracking.uri=bogus://x"),
-        lambda w: ["'bogus://x'", "unsupported scheme 'bogus'"],
+        [*VALIDATE, "tracking.uri=bogus://x"],
+        ["'bogus://x'", "unsupported scheme 'bogus'"],
         "sqlite:///path/to/mlflow.db",
     ),
     Case(
         "tracking-plain-folder",
-        _validate(lambda w: w.config, "tracking.uri=mlruns"),
-        lambda w: ["mlruns'", "file store"],
+        [*VALIDATE, "tracking.uri=mlruns"],
+        ["mlruns'", "file store"],
         "sqlite:///path/to/mlflow.db",
     ),
     Case(
         "tracking-unreachable-server",
-        _validate(lambda w: w.config, "tracking.uri=http://127.0.0.1:1"),
-        lambda w: ["tracking.uri=http://127.0.0.1:1", "Connection refused"],
+        [*VALIDATE, "tracking.uri=http://127.0.0.1:1"],
+        ["tracking.uri=http://127.0.0.1:1", "Connection refused"],
         "start the server or fix tracking.uri",
     ),
     Case(
         "tracking-sqlite-folder-missing",
-        _validate(lambda w: w.config, "tracking.uri=sqlite:////nonexistent/dir/m.db"),
-        lambda w: ["sqlite:////nonexistent/dir/m.db", "/nonexistent/dir does not exist"],
+        [*VALIDATE, "tracking.uri=sqlite:////nonexistent/dir/m.db"],
+        ["sqlite:////nonexistent/dir/m.db", "/nonexistent/dir does not exist"],
         "create it",
     ),
     Case(
         "tracking-sqlite-in-memory",
-        _validate(lambda w: w.config, "tracking.uri=sqlite://"),
-        lambda w: ["'sqlite://'", "in-memory"],
+        [*VALIDATE, "tracking.uri=sqlite://"],
+        ["'sqlite://'", "in-memory"],
         "sqlite:///path/to/mlflow.db",
     ),
     Case(
         "best-unreachable-server",
-        lambda w: ["best", "--tracking-uri", "http://127.0.0.1:1", "--output", str(w.root / "b.yaml")],
-        lambda w: ["http://127.0.0.1:1", "Connection refused"],
+        ["best", "--tracking-uri", "http://127.0.0.1:1", "--output", "{root}/b.yaml"],
+        ["http://127.0.0.1:1", "Connection refused"],
         "start the server or fix --tracking-uri",
     ),
     Case(
         "best-unknown-scheme",
-        lambda w: ["best", "--tracking-uri", "bogus://x", "--output", str(w.root / "b.yaml")],
-        lambda w: ["'bogus://x'"],
+        ["best", "--tracking-uri", "bogus://x", "--output", "{root}/b.yaml"],
+        ["'bogus://x'"],
         "sqlite:///path/to/mlflow.db",
     ),
-    Case(
-        "best-store-missing",
-        _best(),
-        lambda w: [f"sqlite:///{w.db}", "no such SQLite file"],
-        "point --tracking-uri at",
-    ),
+    Case("best-store-missing", BEST, ["sqlite:///{db}", "no such SQLite file"], "point --tracking-uri at"),
     Case(
         "best-unknown-experiment",
-        _best("--experiment", "nope"),
-        lambda w: ["'nope'", "'tests'"],
+        [*BEST, "--experiment", "nope"],
+        ["'nope'", "'tests'"],
         "experiments there:",
         store=True,
     ),
-    Case(
-        "best-sweep-both-quotes",
-        _best("--sweep", 'it\'s "x"'),
-        lambda w: ['it\'s "x"'],
-        "drop one kind of quote",
-    ),
+    Case("best-sweep-both-quotes", [*BEST, "--sweep", 'it\'s "x"'], ['it\'s "x"'], "drop one kind of quote"),
     Case(
         "train-name-both-quotes",
-        lambda w: ["train", w.config, "--name", 'it\'s "x"'],
-        lambda w: ['it\'s "x"'],
+        ["train", "{config}", "--name", 'it\'s "x"'],
+        ['it\'s "x"'],
         "drop one kind of quote",
         store=True,
     ),
     Case(
         "tune-name-slash",
-        _tune(lambda w: w.space(GOOD_SPACE), "--name", "a/b"),
-        lambda w: ["'a/b'"],
+        [*TUNE, "--name", "a/b"],
+        ["'a/b'"],
         "use letters, digits",
+        space(GOOD_SPACE),
         store=True,
     ),
     # storage
     Case(
         "storage-is-a-file",
-        _validate(lambda w: w.with_config(tracking={"storage_path": w.write("runs", "x")})),
-        lambda w: [f"tracking.storage_path={str(w.root / 'runs')!r}", "is a file"],
+        VALIDATE,
+        ["tracking.storage_path='{root}/runs'", "is a file"],
         "point it at a folder",
+        lambda w: w.with_config(tracking={"storage_path": w.write("runs", "x")}),
     ),
     Case(
         "storage-under-a-file",
-        _validate(lambda w: w.with_config(tracking={"storage_path": w.write("runs", "x") + "/sub"})),
-        lambda w: [str(w.root / "runs"), "is a file"],
+        VALIDATE,
+        ["{root}/runs", "is a file"],
         "point it at a folder",
+        lambda w: w.with_config(tracking={"storage_path": w.write("runs", "x") + "/sub"}),
     ),
 ]
 
@@ -798,14 +798,6 @@ def ray_tripwire(monkeypatch):
     assert ray.is_initialized() == was_up
 
 
-def _params():
-    for case in CASES:
-        marks = list(case.marks)
-        if case.xfail:
-            marks.append(pytest.mark.xfail(reason=case.xfail, strict=True))
-        yield pytest.param(case, id=case.id, marks=marks)
-
-
 def test_catalogue_is_large_and_covers_every_area():
     """At least 40 cases, spread over every kind of input."""
     areas = {case.id.split("-")[0] for case in CASES}
@@ -824,13 +816,14 @@ def test_catalogue_is_large_and_covers_every_area():
     } <= areas
 
 
-@pytest.mark.parametrize("case", list(_params()))
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_one_clear_line(case, tmp_path, capsys, ray_tripwire, request):
     work = Work(tmp_path)
     if case.store:
         shutil.copyfile(request.getfixturevalue("store_template"), work.db)
-    argv = case.argv(work)
-    argv = [str(work.space(GARBAGE)) if a == "SPACE" else a for a in argv]
+    if case.setup is not None:
+        case.setup(work)
+    argv = [work.fill(arg) for arg in case.argv]
     capsys.readouterr()
     started = time.perf_counter()
     code = main(argv)
@@ -841,7 +834,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys, ray_tripwire, reque
     assert code == 2, f"exit {code}; stdout {out!r}; stderr {err!r}"
     assert len(lines) == 1, f"expected one line, got {lines}"
     assert lines[0].startswith(f"uml-ray {argv[0]}: error: ")
-    for name in case.names(work):
+    for name in map(work.fill, case.names):
         assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
     assert case.hint in lines[0], f"no fix hint {case.hint!r} in {lines[0]!r}"
     assert not ray_tripwire

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from helpers import checkpointed_config, kill_pids
 
 from uml_ray.cli import main
 
@@ -29,7 +29,8 @@ SPACE = REPO / "search_spaces" / "supervised_linear_probe.yaml"
 
 
 def fusable_space(path: Path) -> Path:
-    """A space whose every config fuses with every other (alpha > 0, lr, weight decay): fused trials of --fuse members."""
+    """A space whose every config fuses with every other (alpha > 0, lr, weight decay): fused trials of
+    --fuse members."""
     import yaml
 
     path.write_text(
@@ -46,6 +47,24 @@ def fusable_space(path: Path) -> Path:
         )
     )
     return path
+
+
+def tune_argv(config: Path, space: Path, trials: int, sweep: str, fuse: int = 1) -> list[str]:
+    """``uml-ray tune`` of ``trials`` configs of ``space``, one trial at a time, as sweep ``sweep``."""
+    return [
+        "tune",
+        str(config),
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--fuse",
+        str(fuse),
+        "--concurrency",
+        "1",
+        "--name",
+        sweep,
+    ]
 
 
 class Background:
@@ -128,15 +147,6 @@ def tracked_runs(workdir: Path, experiment: str = "tests") -> list:
     return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
 
 
-def tracked_steps(workdir: Path, run_name: str, key: str = "val_acc") -> list[int]:
-    """Steps of ``key`` MLflow holds for the run named ``run_name`` so far (empty before it exists)."""
-    try:
-        runs = [r for r in tracked_runs(workdir) if r.info.run_name == run_name]
-        return metric_steps(mlflow_client(workdir), runs[0], key) if runs else []
-    except Exception:  # noqa: BLE001 - the store may be mid-creation by the driver
-        return []
-
-
 def metric_steps(client, run, key: str = "val_acc") -> list[int]:
     return [m.step for m in client.get_metric_history(run.info.run_id, key)]
 
@@ -165,40 +175,47 @@ def results(folder: Path) -> list[dict]:
 def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     ray_session, synthetic_manifest, tmp_path, capsys
 ):
-    """2 workers (0.5 CPU each): one SIGKILLed after the first checkpoint; Ray Train restarts the group
-    from that checkpoint and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 200, "val_every": 20, "checkpoint_every": 2},
-        resources={"num_workers": 2, "cpus_per_worker": 0.5},
+    """2 workers (0.5 CPU each): one SIGKILLed once the driver recorded a validation past a checkpoint;
+    Ray Train restarts the group from that checkpoint, the validations after it are reported again,
+    and the run ends bit-identical to an uninterrupted one (same batches on CPU)."""
+    config = checkpointed_config(
+        tmp_path, synthetic_manifest, max_steps=200, resources={"num_workers": 2, "cpus_per_worker": 0.5}
     )
     started = time.monotonic()
     assert main(["train", str(config), "--name", "whole"]) == 0
     whole = last_json(capsys.readouterr().out)
     whole_s = time.monotonic() - started
 
+    def past_a_checkpoint() -> tuple[Path, int] | None:
+        """(trial folder, last step) once the driver recorded a validation from step 60 on that is
+        not a checkpoint's (60, 100, ...): the newest checkpoint is behind it."""
+        for path in (tmp_path / "runs" / "killed").glob("*/result.json"):
+            reported = results(path.parent)
+            if reported and reported[-1]["step"] >= 60 and reported[-1]["step"] % 40 == 20:
+                return path.parent, reported[-1]["step"]
+        return None
+
     workers_before = len(actor_pids("RayTrainWorker", alive=False))
     started = time.monotonic()
     run = Background(["train", str(config), "--name", "killed"])
-    # killed once step 60 reached the driver: the last checkpoint (40) is behind the workers
-    wait_for("step 60 in MLflow", lambda: max(tracked_steps(tmp_path, "killed"), default=0) >= 60, run)
+    trial_folder, killed_step = wait_for("a validation past a checkpoint", past_a_checkpoint, run, every=0.05)
     pid = actor_pids("RayTrainWorker")[-1][0]
     killed_at = kill(pid)
     assert run.join(600) == 0
     killed = last_json(capsys.readouterr().out)
     killed_s = time.monotonic() - started
 
-    # one new worker group (2 fresh workers), resumed from a checkpoint (a multiple of 40), not from step 0:
-    # what the group reported between that checkpoint and the kill is reported again, once
+    # one new worker group (2 fresh workers), resumed from a checkpoint (a multiple of 40) behind the
+    # step the driver had recorded, not from step 0: what the group reported after that checkpoint
+    # is reported again, once
     assert len(actor_pids("RayTrainWorker", alive=False)) - workers_before == 4
-    (trial_folder,) = [p.parent for p in (tmp_path / "runs" / "killed").glob("*/result.json")]
     steps = [r["step"] for r in results(trial_folder)]
     replays = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(replays) <= 1 and steps[-1] == 200 and sorted(set(steps)) == list(range(20, 201, 20)), steps
-    resumed_at = steps[replays[0]] - 20 if replays else None
-    assert resumed_at is None or (resumed_at >= 40 and resumed_at % 40 == 0), steps
+    assert len(replays) == 1 and steps[-1] == 200 and sorted(set(steps)) == list(range(20, 201, 20)), steps
+    (replay,) = replays
+    resumed_at = steps[replay] - 20
+    assert 40 <= resumed_at < killed_step <= steps[replay - 1] and resumed_at % 40 == 0, (killed_step, steps)
+    assert steps[replay:] == list(range(resumed_at + 20, 201, 20)), steps
 
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert killed[key] == whole[key], (key, killed, whole)
@@ -211,12 +228,12 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     for key in ("val_loss", "test_loss", "train_loss", "test_acc", "best_val_loss"):
         assert runs["killed"].data.metrics[key] == runs["whole"].data.metrics[key], key
     recovered = first_new_step_after(client, runs["killed"], killed_at)
-    replayed = steps[replays[0] : replays[0] + 3] if replays else []
+    replayed = list(range(resumed_at + 20, steps[replay - 1] + 1, 20))
     report(
         capsys,
-        f"CHAOS worker: killed pid {pid}; resumed from step {resumed_at} (replayed steps {replayed}); "
-        f"first new validation {recovered:.1f} s after the kill; uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; "
-        f"final metrics identical: {killed}",
+        f"CHAOS worker: killed pid {pid} after step {killed_step}; resumed from step {resumed_at} "
+        f"(replayed steps {replayed}); first new validation {recovered:.1f} s after the kill; "
+        f"uninterrupted {whole_s:.1f} s, with the kill {killed_s:.1f} s; final metrics identical: {killed}",
     )
 
 
@@ -277,31 +294,11 @@ def test_killed_trial_process_is_retried_from_checkpoint(
 ):
     """A sweep's trial process SIGKILLed after step 60 (checkpoints every 40 steps): Tune retries the
     trial from its checkpoint; the sweep ends with every requested config tracked once, none failed."""
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest)
     sweep = f"kill-trial-{fuse}"
     started = time.monotonic()
     space = SPACE if fuse == 1 else fusable_space(tmp_path / "space.yaml")
-    run = Background(
-        [
-            "tune",
-            str(config),
-            "--space",
-            str(space),
-            "--trials",
-            str(trials),
-            "--fuse",
-            str(fuse),
-            "--concurrency",
-            "1",
-            "--name",
-            sweep,
-        ]
-    )
+    run = Background(tune_argv(config, space, trials, sweep, fuse))
     folder, pid = wait_for(
         "a trial past step 60", lambda: running_trial(tmp_path, sweep, 60, 600), run, every=0.05
     )
@@ -342,9 +339,9 @@ def test_killed_trial_process_is_retried_from_checkpoint(
     recovered = min(first_new_step_after(client, victim, killed_at) for victim in victims)
     report(
         capsys,
-        f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after step {killed_step}, "
-        f"resumed from step {resumed_at}; "
-        f"first new validation {recovered:.1f} s after the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s",
+        f"CHAOS trial (fuse {fuse}): killed pid {pid} of trial {trial_id} ({len(victims)} config(s)) after "
+        f"step {killed_step}, resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
+        f"the kill; {len(set(keys))} of {trials} configs tracked once; sweep {took:.1f} s",
     )
 
 
@@ -400,27 +397,9 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     import subprocess
     import sys
 
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest)
     trials, sweep = 5, "kill-driver"
-    args = [
-        "tune",
-        str(config),
-        "--space",
-        str(SPACE),
-        "--trials",
-        str(trials),
-        "--fuse",
-        "1",
-        "--concurrency",
-        "1",
-        "--name",
-        sweep,
-    ]
+    args = tune_argv(config, SPACE, trials, sweep)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts a Ray of its own
     started = time.monotonic()
     with open(tmp_path / "driver.log", "w") as log:
@@ -500,9 +479,10 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     )  # the dropped trial's run was continued by the trial that took its config
     report(
         capsys,
-        f"CHAOS driver ({snapshot}): killed pid {driver.pid} after {len(before)} of {trials} trials finished "
-        f"({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other {trials - len(before)} in {resume_s:.1f} s; "
-        f"{len(set(keys))} trials tracked once, {len(history)} results in Optuna's history",
+        f"CHAOS driver ({snapshot}): killed pid {driver.pid} after {len(before)} of {trials} trials "
+        f"finished ({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other "
+        f"{trials - len(before)} in {resume_s:.1f} s; {len(set(keys))} trials tracked once, {len(history)} "
+        "results in Optuna's history",
     )
 
 
@@ -554,12 +534,7 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest)
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
 
@@ -610,9 +585,10 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     assert failed.info.status == "FAILED"
     report(
         capsys,
-        f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the retry resumed from "
-        f"step {fallback_step}; first new validation {recovered:.1f} s after the kill; final metrics identical to an "
-        f"uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept truncated: exit 2, '{err[0][:160]}...'",
+        f"CHAOS truncated checkpoint: newest ({newest.name}, step {registered['step']}) truncated, the "
+        f"retry resumed from step {fallback_step}; first new validation {recovered:.1f} s after the kill; "
+        f"final metrics identical to an uninterrupted run ({resumed['test_acc']}); {took:.1f} s. All kept "
+        f"truncated: exit 2, '{err[0][:160]}...'",
     )
 
 
@@ -630,12 +606,7 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest)
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
 
@@ -660,8 +631,8 @@ def test_checkpoint_tune_recorded_but_gone_is_replaced_by_the_newest_kept(
     report(
         capsys,
         f"CHAOS checkpoint gone: {recorded.name} removed after Tune recorded it; the retry resumed from "
-        f"{kept[0].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s after the kill; "
-        f"final metrics identical to an uninterrupted run",
+        f"{kept[0].name} (step {reported[switch]['step'] - 20}); first new validation {recovered:.1f} s "
+        "after the kill; final metrics identical to an uninterrupted run",
     )
 
 
@@ -704,11 +675,7 @@ def kill_session(server) -> list[int]:
     from test_cluster_runtime import session_members
 
     pids = session_members(server.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(pids)
     server.wait(timeout=30)
     return pids
 
@@ -729,32 +696,11 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(root, port)
     trials, sweep = 3, "outage"
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        tracking={"uri": uri, "experiment": "outage"},
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest, tracking={"uri": uri, "experiment": "outage"})
     client = MlflowClient(uri)
     try:
         started = time.monotonic()
-        run = Background(
-            [
-                "tune",
-                str(config),
-                "--space",
-                str(SPACE),
-                "--trials",
-                str(trials),
-                "--fuse",
-                "1",
-                "--concurrency",
-                "1",
-                "--name",
-                sweep,
-            ]
-        )
+        run = Background(tune_argv(config, SPACE, trials, sweep))
 
         def first_validation():
             found = client.get_experiment_by_name("outage")
@@ -813,9 +759,10 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(
     )
     report(
         capsys,
-        f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after {back_at - killed_at:.1f} s; "
-        f"{held} validations logged during the outage arrived afterwards; sweep ended {done_at - back_at:.1f} s after the "
-        f"restart; {trials} trials, one run each, none failed; {took:.1f} s",
+        f"CHAOS mlflow: killed {len(killed)} server processes after the first validation; back after "
+        f"{back_at - killed_at:.1f} s; {held} validations logged during the outage arrived afterwards; "
+        f"sweep ended {done_at - back_at:.1f} s after the restart; {trials} trials, one run each, none "
+        f"failed; {took:.1f} s",
     )
 
 
@@ -824,47 +771,27 @@ def test_sweep_survives_mlflow_server_outage_and_delivers_held_metrics(
 
 @pytest.fixture
 def head_and_two_nodes():
-    """``ray.cluster_utils.Cluster``: a head with no CPUs (dashboard on a free loopback port, for the state
-    API) and two 2-CPU nodes, this process attached as the driver; node failures detected within seconds.
+    """``test_cluster_runtime.two_node_cluster`` (a head with no CPUs and two 2-CPU nodes, this process
+    attached as the driver) with node failures detected within seconds.
 
     The nodes inherit this process's Ray auth mode (token, once the shared local Ray started in it),
     so driver and cluster agree (see test_cluster_runtime.driver_auth_mode for what a mismatch does).
     """
-    import ray
-    from ray.cluster_utils import Cluster
-    from test_cluster_runtime import detach_driver, free_ports
+    from test_cluster_runtime import two_node_cluster
 
-    detach_driver()
-    (dashboard_port,) = free_ports(1)
     # a dead raylet is declared dead after ~3 missed 1 s health checks instead of Ray's ~30 s
     health = {
         "health_check_period_ms": 1000,
         "health_check_timeout_ms": 1000,
         "health_check_failure_threshold": 3,
     }
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port,
-            "_system_config": health,
-        },
-    )
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with two_node_cluster(health) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()  # the next integration test starts the shared local Ray again
-        cluster.shutdown()
 
 
 def node_processes(node) -> list[int]:
-    """Pids of every process of a Ray node: its raylet and agents, and the workers the state API lists on it."""
+    """Pids of every process of a Ray node: its raylet and agents, and the workers the state API lists
+    on it."""
     import ray
     from ray.util.state import list_workers
 
@@ -893,13 +820,7 @@ def test_lost_node_reschedules_trial_on_the_other_node(
     from uml_ray.train.context import LocalContext
     from uml_ray.train.loop import train_supervised
 
-    config = write_config(
-        tmp_path / "c.yaml",
-        synthetic_manifest,
-        tmp_path,
-        train={"max_steps": 600, "val_every": 20, "checkpoint_every": 2},
-        resources={"cpus_per_worker": 2},
-    )
+    config = checkpointed_config(tmp_path, synthetic_manifest, resources={"cpus_per_worker": 2})
     plan = build_plan(load_config(config))
     uninterrupted = train_supervised(plan, LocalContext(plan))
     gcs = ray.get_runtime_context().gcs_address
@@ -918,11 +839,7 @@ def test_lost_node_reschedules_trial_on_the_other_node(
     pids = node_processes(lost)
     assert pid in pids
     killed_at = time.time()
-    for victim in pids:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(pids)
     assert run.join(600) == 0
     result = last_json(capsys.readouterr().out)
     took = time.monotonic() - started
@@ -946,7 +863,8 @@ def test_lost_node_reschedules_trial_on_the_other_node(
     recovered = first_new_step_after(client, tracked, killed_at)
     report(
         capsys,
-        f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step {killed_step}; "
-        f"the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new validation {recovered:.1f} s after "
-        f"the kill; final metrics identical to an uninterrupted run; {took:.1f} s",
+        f"CHAOS node: killed {len(pids)} processes of node {lost.node_id[:8]} (trial pid {pid}) after step "
+        f"{killed_step}; the retry on node {again.node_id[:8]} resumed from step {resumed_at}; first new "
+        f"validation {recovered:.1f} s after the kill; final metrics identical to an uninterrupted run; "
+        f"{took:.1f} s",
     )

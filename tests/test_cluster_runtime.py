@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import kill_pids
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -94,11 +95,7 @@ def stop_session(proc: subprocess.Popen, grace: float = 30.0) -> list[int]:
             return []
         time.sleep(0.5)
     leftovers = session_members(session_id)
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(leftovers)
     proc.wait(timeout=10)
     return leftovers
 
@@ -366,7 +363,8 @@ def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     no_token = subprocess_env(RAY_AUTH_MODE="token", HOME=str(tmp_path))  # no ~/.ray/auth_token either
     no_token.pop("RAY_AUTH_TOKEN", None)
     refused = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head.address, "--working-dir", str(workdir), "--", "python job.py"],
+        [RAY, "job", "submit", "--address", ray_head.address, "--working-dir", str(workdir),
+         "--", "python job.py"],
         env=no_token, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
@@ -395,7 +393,8 @@ TINY_TRAIN = {"max_steps": 40, "warmup_steps": 5, "val_every": 20}
 
 
 def tiny_config(path: Path, workdir: Path, **sections) -> Path:
-    """A run config on a small synthetic dataset (5 classes, 20 target shots each): 40 steps, validation at 20 and 40."""
+    """A run config on a small synthetic dataset (5 classes, 20 target shots each): 40 steps, validation
+    at 20 and 40."""
     from conftest import write_config
 
     from uml_ray.data.synth import write_synthetic
@@ -579,9 +578,10 @@ def driver_auth_mode(mode: str):
         reload()
 
 
-@pytest.fixture(scope="class")
-def ray_two_node_cluster():
-    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (2 CPUs each), driver attached.
+@contextlib.contextmanager
+def two_node_cluster(system_config: dict | None = None):
+    """`ray.cluster_utils.Cluster`: head (0 CPU) + two worker nodes (2 CPUs each), driver attached,
+    with the head's ``system_config`` if given; shut down, and the driver detached, on leaving.
 
     The head runs the dashboard (on a free loopback port) for the Ray state API.
     """
@@ -596,6 +596,8 @@ def ray_two_node_cluster():
         "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard_port,
     }
+    if system_config:
+        head_args["_system_config"] = system_config
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         for _ in range(2):
@@ -604,8 +606,15 @@ def ray_two_node_cluster():
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
-        ray.shutdown()
+        ray.shutdown()  # the next integration test starts the shared local Ray again
         cluster.shutdown()
+
+
+@pytest.fixture(scope="class")
+def ray_two_node_cluster():
+    """`two_node_cluster` for a test class."""
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.mark.cluster

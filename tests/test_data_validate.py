@@ -93,30 +93,52 @@ def test_wrong_schema_names_column_and_expected_type(dataset, capsys, check):
     assert f"{uri}: unexpected column(s) ['feats']" in err
 
 
-def test_dim_mismatch_names_manifest_dim(dataset, capsys, check):
-    uri, features, labels = read_shard(dataset, "text", "train")
-    rewrite(uri, features[:, :12], labels)
-    code, _, err = check(capsys, dataset.path)
-    assert code == 2
-    assert f"{uri}: features have dim 12 but modalities.text.dim is 16" in err
+def _narrowed(features, labels):
+    return features[:, :12], labels
 
 
-def test_nan_and_inf_rows_report_first_row_and_count(dataset, capsys, check):
-    uri, features, labels = read_shard(dataset, "image", "train")
+def _nan_and_inf(features, labels):
     features[3, 5], features[7, 0], features[7, 1] = np.nan, np.inf, -np.inf
-    rewrite(uri, features, labels)
-    code, _, err = check(capsys, dataset.path)
-    assert code == 2
-    assert f"{uri}: 2 row(s) have NaN/inf features (first at row 3); drop or repair those rows" in err
+    return features, labels
 
 
-def test_label_out_of_range_reports_row_and_value(dataset, capsys, check):
-    uri, features, labels = read_shard(dataset, "image", "val")
+def _labels_out_of_range(features, labels):
     labels[4], labels[6] = 7, -1
-    rewrite(uri, features, labels)
+    return features, labels
+
+
+@pytest.mark.parametrize(
+    "modality, split, corrupt, message",
+    [
+        pytest.param(
+            "text",
+            "train",
+            _narrowed,
+            "features have dim 12 but modalities.text.dim is 16",
+            id="dim-mismatch-names-manifest-dim",
+        ),
+        pytest.param(
+            "image",
+            "train",
+            _nan_and_inf,
+            "2 row(s) have NaN/inf features (first at row 3); drop or repair those rows",
+            id="nan-and-inf-rows-report-first-row-and-count",
+        ),
+        pytest.param(
+            "image",
+            "val",
+            _labels_out_of_range,
+            "2 label(s) outside [0, 5) (first at row 4: label 7)",
+            id="label-out-of-range-reports-row-and-value",
+        ),
+    ],
+)
+def test_bad_shard_values_are_named_with_the_file(dataset, capsys, check, modality, split, corrupt, message):
+    uri, features, labels = read_shard(dataset, modality, split)
+    rewrite(uri, *corrupt(features, labels))
     code, _, err = check(capsys, dataset.path)
     assert code == 2
-    assert f"{uri}: 2 label(s) outside [0, 5) (first at row 4: label 7)" in err
+    assert f"{uri}: {message}" in err
 
 
 def test_empty_modality_and_missing_target_split(dataset, capsys, check):

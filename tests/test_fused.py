@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import write_config
+from helpers import checkpointed_config, interrupted_and_resumed
 
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
 from uml_ray.models.fused import FusedSharedHead, fused_loss
 from uml_ray.models.supervised import SharedHeadUML, uml_loss
 from uml_ray.train.common import warmup_cosine
-from uml_ray.train.context import Interrupted, LocalContext
+from uml_ray.train.context import LocalContext
 from uml_ray.train.fused_loop import fusion_key, train_fused
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
 from uml_ray.train.loop import train_supervised
@@ -55,15 +55,7 @@ COMPARED = (
 def plan(synthetic_manifest, tmp_path_factory):
     """A 120-step run validating every 20 steps, a checkpoint at every 2nd validation."""
     workdir = tmp_path_factory.mktemp("fused")
-    cfg = load_config(
-        write_config(
-            workdir / "c.yaml",
-            synthetic_manifest,
-            workdir,
-            train={"max_steps": 120, "val_every": 20, "checkpoint_every": 2},
-        )
-    )
-    return build_plan(cfg)
+    return build_plan(load_config(checkpointed_config(workdir, synthetic_manifest, max_steps=120)))
 
 
 def run_alone(plan, overrides: dict) -> LocalContext:
@@ -80,8 +72,8 @@ def run_fused(plan, members, **options) -> LocalContext:
 
 
 class CheckpointShapes(LocalContext):
-    """Records, at each checkpoint, the member count of the stacked head, projection and moments,
-    and the live members."""
+    """Records, at each checkpoint, the member count of the stacked head, projection and moments, and the
+    live members."""
 
     def __init__(self, plan):
         super().__init__(plan)
@@ -193,12 +185,10 @@ def test_resumed_fused_trial_continues_exactly(plan):
     # step 40 with 2 of 4 members live (halved at validation 1) and replays the rest bit for bit
     members = MEMBERS[:4]
     whole = run_fused(plan, members, rungs=[1])
-    first = LocalContext(plan, fail_after=3)
-    with pytest.raises(Interrupted):
-        train_fused(plan, members, first, rungs=[1])
+    first, second = interrupted_and_resumed(
+        plan, lambda plan, ctx: train_fused(plan, members, ctx, rungs=[1]), fail_after=3
+    )
     assert first.saved["step"] == 40 and len(first.saved["live"]) == 2
-    second = LocalContext(plan, saved=first.saved)
-    train_fused(plan, members, second, rungs=[1])
     assert [r["step"] for r in second.reports] == [60, 80, 100, 120]
     assert second.reports == whole.reports[2:]
     for name, weight in whole.saved["model"].items():

@@ -46,26 +46,18 @@ def uml_ray(env, cwd, *args, timeout=300) -> subprocess.CompletedProcess:
     )
 
 
+def synth_on_s3(env, cwd, prefix: str, n_val: int) -> str:
+    """``uml-ray data synth`` of a small dataset (20 train rows, ``n_val`` val and test rows, 40 auxiliary
+    rows, seed 0) into ``s3://BUCKET/prefix``; returns its manifest's URI."""
+    sizes = ["--n-train", 20, "--n-val", n_val, "--n-test", n_val, "--n-aux", 40, "--seed", 0]
+    synth = uml_ray(env, cwd, "data", "synth", f"s3://{BUCKET}/{prefix}", *sizes)
+    assert synth.returncode == 0, synth.stderr
+    return f"s3://{BUCKET}/{prefix}/manifest.yaml"
+
+
 def test_synth_and_validate_on_s3(s3, tmp_path):
     client, env = s3
-    synth = uml_ray(
-        env,
-        tmp_path,
-        "data",
-        "synth",
-        f"s3://{BUCKET}/synth",
-        "--n-train",
-        20,
-        "--n-val",
-        10,
-        "--n-test",
-        10,
-        "--n-aux",
-        40,
-        "--seed",
-        0,
-    )
-    assert synth.returncode == 0, synth.stderr
+    manifest = synth_on_s3(env, tmp_path, "synth", n_val=10)
     written = keys(client, "synth/")
     assert "synth/manifest.yaml" in written
     shards = sorted(k for k in written if k.endswith(".parquet"))
@@ -73,7 +65,6 @@ def test_synth_and_validate_on_s3(s3, tmp_path):
     assert {k.split("/")[2] for k in shards if k.startswith("synth/image/")} == {"train", "val", "test"}
     assert not [k for k in os.listdir(tmp_path)], "synth wrote locally instead of to the bucket"
 
-    manifest = f"s3://{BUCKET}/synth/manifest.yaml"
     ok = uml_ray(env, tmp_path, "data", "validate", manifest)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.rstrip().endswith("OK") and "Traceback" not in ok.stderr
@@ -98,25 +89,7 @@ def test_train_reads_s3_manifest_and_checkpoints_to_s3(s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client, env = s3
-    synth = uml_ray(
-        env,
-        tmp_path,
-        "data",
-        "synth",
-        f"s3://{BUCKET}/train-data",
-        "--n-train",
-        20,
-        "--n-val",
-        20,
-        "--n-test",
-        20,
-        "--n-aux",
-        40,
-        "--seed",
-        0,
-    )
-    assert synth.returncode == 0, synth.stderr
-    manifest = f"s3://{BUCKET}/train-data/manifest.yaml"
+    manifest = synth_on_s3(env, tmp_path, "train-data", n_val=20)
     config = write_config(
         tmp_path / "c.yaml",
         manifest,

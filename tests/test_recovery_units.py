@@ -138,14 +138,20 @@ def test_runs_of_lost_trials_are_closed_at_the_sweeps_end(tmp_path):
 
 
 def test_unreachable_server_errors_are_told_apart_from_refused_requests(tmp_path):
+    """MLflow raises both as a bare MlflowException: a closed port's (the requests error only in its
+    context) is unreachable, a refused filter's is not."""
+    import requests
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    with bounded_http(), pytest.raises(Exception) as unreachable:
+    with bounded_http(), pytest.raises(MlflowException, match="Max retries exceeded") as unreachable:
         MlflowClient("http://127.0.0.1:1").get_experiment_by_name("x")
+    assert isinstance(unreachable.value.__context__, requests.exceptions.ConnectionError)
     assert is_unreachable(unreachable.value)
     store = tracker(tmp_path)
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(MlflowException, match=r"Invalid clause\(s\) in filter string") as refused:
         store.client.search_runs([store.experiment_id], "no such filter")
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
     assert not is_unreachable(refused.value)
 
 

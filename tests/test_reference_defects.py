@@ -39,12 +39,24 @@ def stream_of(features, labels, kind: str, dim: int, batch_size: int) -> BatchSt
 
 def test_supervised_validation_returns_the_model_to_train_mode():
     rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    features, labels = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20)
     model = SharedHeadUML({"image": 6, "text": 4}, "image", num_classes=3)
-    val = stream_of(rng.normal(size=(20, 6)), rng.integers(0, 3, 20), "vector", 6, batch_size=8)
+    # the figures of the whole split, computed here in one batch, in eval mode
+    model.eval()
+    with torch.no_grad():
+        logits = model.logits("image", torch.from_numpy(features))
+    target = torch.from_numpy(labels)
+    val = stream_of(features, labels, "vector", 6, batch_size=8)
+    modes = []
+    model.head.register_forward_hook(lambda module, args, output: modes.append(module.training))
     model.train()
-    result = evaluate(model, val, CPU)
-    assert result["rows"] == 20 and 0.0 <= result["acc"] <= 1.0
+    result = evaluate(model, val, CPU, batch_size=8)
+    assert modes == [False] * 3  # every validation batch (8 + 8 + 4 rows) in eval mode
     assert model.training  # the reference stayed in eval mode from its first validation on
+    assert result["rows"] == 20
+    assert result["acc"] == pytest.approx(float((logits.argmax(1) == target).double().mean()))
+    assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)), rel=1e-5)
 
 
 def test_sequence_validation_pools_in_eval_mode_then_trains_with_dropout_again():

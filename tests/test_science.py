@@ -149,7 +149,8 @@ def test_arms_share_the_space_less_what_alpha_zero_ignores(tmp_path):
     space_text = (
         "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
         "  train.weight_decay: {type: loguniform, low: 1.0e-4, high: 100}\n"
-        "  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n  train.alpha.aux2: {type: uniform, low: 0, high: 1.5}\n"
+        "  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n"
+        "  train.alpha.aux2: {type: uniform, low: 0, high: 1.5}\n"
         "  model.head_init: {type: choice, values: [random, text]}\n"
     )
     config, space_path = _setup(tmp_path, manifest, space_text, model={}, train={"alpha": {"aux2": 0.5}})
@@ -186,7 +187,8 @@ def test_sequence_baseline_trains_jointly_from_the_start(tmp_path, datasets):
     manifest = datasets["sequence"]
     space_text = (
         "recipe: sequence\nparams:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
-        "  train.step_k: {type: choice, values: [-1, 1, 2]}\n  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n"
+        "  train.step_k: {type: choice, values: [-1, 1, 2]}\n"
+        "  train.alpha.text: {type: uniform, low: 0, high: 1.5}\n"
     )
     config, space_path = _setup(
         tmp_path, manifest, space_text, model={"regime": "sequence", "zdim": 8, "heads": 2, "layers": 1}
@@ -236,141 +238,67 @@ def test_weight_decay_range_is_wide_enough_for_fair_baselines():
 SEQUENCE_SPACE = "recipe: sequence\nparams:\n  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
 NO_ALPHA_SPACE = "searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.03, 0.1]}\n"
 SEEDED_SPACE = SPACE.replace("searcher: grid\n", "searcher: grid\nseeds: [0, 1]\n")
-# (command, flags, config sections, space, what the one line must say)
+SEED_IN_SPACE = NO_ALPHA_SPACE.replace("params:\n", "params:\n  train.seed: {type: choice, values: [0, 1]}\n")
+NX_IN_SPACE = SPACE + "  data.aux_per_class: {type: choice, values: [1, 2]}\n"
+
+
+def bad(command: str, flags: str, message: str, space: str = SPACE, **sections) -> tuple:
+    """A refused study: (command, flags, config sections, space, what the one line must say)."""
+    return command, flags.split(), sections, space, message
+
+
 BAD = {
-    "one seed": ("compare", ["--seeds", "1"], {}, SPACE, "at least 2 seeds"),
-    "seeds not numbers": ("compare", ["--seeds", "a,b"], {}, SPACE, "expected a count like 3"),
-    "seed twice": ("compare", ["--seeds", "1,1"], {}, SPACE, "distinct integers"),
-    "no trials": ("compare", ["--seeds", "3", "--trials", "0"], {}, SPACE, "--trials must be >= 1"),
-    "confidence": ("compare", ["--seeds", "3", "--confidence", "95"], {}, SPACE, "--confidence must be in"),
-    "negative fuse": ("compare", ["--seeds", "3", "--fuse", "-1"], {}, SPACE, "--fuse must be >= 0"),
-    "unknown dropped modality": (
-        "compare",
-        ["--seeds", "3", "--drop-modality", "audio"],
-        {},
-        SPACE,
-        "not an auxiliary modality",
+    "one seed": bad("compare", "--seeds 1", "at least 2 seeds"),
+    "seeds not numbers": bad("compare", "--seeds a,b", "expected a count like 3"),
+    "seed twice": bad("compare", "--seeds 1,1", "distinct integers"),
+    "no trials": bad("compare", "--seeds 3 --trials 0", "--trials must be >= 1"),
+    "confidence": bad("compare", "--seeds 3 --confidence 95", "--confidence must be in"),
+    "negative fuse": bad("compare", "--seeds 3 --fuse -1", "--fuse must be >= 0"),
+    "unknown dropped modality": bad(
+        "compare", "--seeds 3 --drop-modality audio", "not an auxiliary modality"
     ),
-    "dropping the only modality": (
-        "compare",
-        ["--seeds", "3", "--drop-modality", "text"],
-        {},
-        SPACE,
-        "only auxiliary modality",
+    "dropping the only modality": bad("compare", "--seeds 3 --drop-modality text", "only auxiliary modality"),
+    "pattern without seed": bad(
+        "compare", "--seeds 3 --manifest-per-seed work/split/manifest.yaml", "has no {seed}"
     ),
-    "pattern without seed": (
-        "compare",
-        ["--seeds", "3", "--manifest-per-seed", "work/split/manifest.yaml"],
-        {},
-        SPACE,
-        "has no {seed}",
+    "pattern with other braces": bad(
+        "compare", "--seeds 3 --manifest-per-seed w/{seed}/{shots}.yaml", "only {seed}"
     ),
-    "pattern with other braces": (
+    "missing per-seed manifest": bad(
         "compare",
-        ["--seeds", "3", "--manifest-per-seed", "w/{seed}/{shots}.yaml"],
-        {},
-        SPACE,
-        "only {seed}",
-    ),
-    "missing per-seed manifest": (
-        "compare",
-        ["--seeds", "3", "--manifest-per-seed", "/nonexistent/{seed}/manifest.yaml"],
-        {},
-        SPACE,
+        "--seeds 3 --manifest-per-seed /nonexistent/{seed}/manifest.yaml",
         "/nonexistent/0/manifest.yaml",
     ),
-    "space searches the seed": (
-        "compare",
-        ["--seeds", "3"],
-        {},
-        NO_ALPHA_SPACE.replace("params:\n", "params:\n  train.seed: {type: choice, values: [0, 1]}\n"),
-        "set by the study itself",
+    "space searches the seed": bad("compare", "--seeds 3", "set by the study itself", SEED_IN_SPACE),
+    "space repeats seeds": bad("compare", "--seeds 3", "remove 'seeds'", SEEDED_SPACE),
+    "both arms unimodal": bad(
+        "compare", "--seeds 3", "UML arm would be the unimodal", NO_ALPHA_SPACE, train={"alpha_default": 0.0}
     ),
-    "space repeats seeds": ("compare", ["--seeds", "3"], {}, SEEDED_SPACE, "remove 'seeds'"),
-    "both arms unimodal": (
-        "compare",
-        ["--seeds", "3"],
-        {"train": {"alpha_default": 0.0}},
-        NO_ALPHA_SPACE,
-        "UML arm would be the unimodal",
+    "bad study name": bad("compare", "--seeds 3 --name a/b", "cannot be a folder name"),
+    "project_target off, widths differ": bad(
+        "compare", "--seeds 3", "model.project_target=false", model={"project_target": False, "shared_dim": 8}
     ),
-    "bad study name": ("compare", ["--seeds", "3", "--name", "a/b"], {}, SPACE, "cannot be a folder name"),
-    "project_target off, widths differ": (
-        "compare",
-        ["--seeds", "3"],
-        {"model": {"project_target": False, "shared_dim": 8}},
-        SPACE,
-        "model.project_target=false",
+    "nx one point": bad("conversion", "--seeds 3 --nx 2 --ny 1", "at least 2 target counts"),
+    "nx twice": bad("conversion", "--seeds 3 --nx 1,1 --ny 1", "distinct integers >= 1"),
+    "nx not numbers": bad("conversion", "--seeds 3 --nx 1,two --ny 1", "expected comma-separated integers"),
+    "ny zero": bad("conversion", "--seeds 3 --nx 1,2 --ny 0", "distinct integers >= 1"),
+    "budget off the grid": bad(
+        "conversion", "--seeds 3 --nx 1,2,4 --ny 1 --target-budget 3", "must be one of --nx"
     ),
-    "nx one point": (
+    "budget at the top": bad(
+        "conversion", "--seeds 3 --nx 1,2,4 --ny 1 --target-budget 4", "is the largest --nx"
+    ),
+    "nx above the pool": bad("conversion", "--seeds 3 --nx 1,20 --ny 1", "data.target_per_class=20"),
+    "ny above the pool": bad("conversion", "--seeds 3 --nx 1,2 --ny 500", "--ny 500: class"),
+    "space searches nx": bad(
+        "conversion", "--seeds 3 --nx 1,2 --ny 1", "set by the study itself", NX_IN_SPACE
+    ),
+    "sequence regime": bad(
         "conversion",
-        ["--seeds", "3", "--nx", "2", "--ny", "1"],
-        {},
-        SPACE,
-        "at least 2 target counts",
-    ),
-    "nx twice": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,1", "--ny", "1"],
-        {},
-        SPACE,
-        "distinct integers >= 1",
-    ),
-    "nx not numbers": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,two", "--ny", "1"],
-        {},
-        SPACE,
-        "expected comma-separated integers",
-    ),
-    "ny zero": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2", "--ny", "0"],
-        {},
-        SPACE,
-        "distinct integers >= 1",
-    ),
-    "budget off the grid": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "3"],
-        {},
-        SPACE,
-        "must be one of --nx",
-    ),
-    "budget at the top": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2,4", "--ny", "1", "--target-budget", "4"],
-        {},
-        SPACE,
-        "is the largest --nx",
-    ),
-    "nx above the pool": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,20", "--ny", "1"],
-        {},
-        SPACE,
-        "data.target_per_class=20",
-    ),
-    "ny above the pool": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2", "--ny", "500"],
-        {},
-        SPACE,
-        "--ny 500: class",
-    ),
-    "space searches nx": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2", "--ny", "1"],
-        {},
-        SPACE + "  data.aux_per_class: {type: choice, values: [1, 2]}\n",
-        "set by the study itself",
-    ),
-    "sequence regime": (
-        "conversion",
-        ["--seeds", "3", "--nx", "1,2", "--ny", "1"],
-        {"model": {"regime": "sequence", "zdim": 8, "heads": 2}},
-        SEQUENCE_SPACE,
+        "--seeds 3 --nx 1,2 --ny 1",
         "needs model.regime=supervised",
+        SEQUENCE_SPACE,
+        model={"regime": "sequence", "zdim": 8, "heads": 2},
     ),
 }
 
@@ -516,7 +444,8 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
 
     cells = (
         "searcher: grid\nparams:\n  train.lr: {type: choice, values: [0.1]}\n"
-        "  data.target_per_class: {type: choice, values: [1, 2]}\n  train.seed: {type: choice, values: [1, 2]}\n"
+        "  data.target_per_class: {type: choice, values: [1, 2]}\n"
+        "  train.seed: {type: choice, values: [1, 2]}\n"
     )
     config, space_path = _setup(tmp_path, datasets["informative"], cells, train={"max_steps": 40})
     space = load_space(space_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_config
+from helpers import best_config
 
 from uml_ray.cli import main
 
@@ -81,7 +82,8 @@ def test_duplicate_space_key_rejected(synthetic_manifest, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)
     space = tmp_path / "dup.yaml"
     space.write_text(
-        "params:\n  train.lr: {type: uniform, low: 0.1, high: 0.2}\n  train.lr: {type: uniform, low: 0.3, high: 0.4}\n"
+        "params:\n  train.lr: {type: uniform, low: 0.1, high: 0.2}\n"
+        "  train.lr: {type: uniform, low: 0.3, high: 0.4}\n"
     )
     assert main(["tune", str(config), "--space", str(space)]) == 2
     assert "duplicate key 'train.lr'" in capsys.readouterr().err
@@ -152,22 +154,7 @@ def test_sweep_tracks_trials_and_best_config_reproduces(
     assert parent.data.metrics["trials"] == trials and parent.data.metrics["pruned_trials"] >= 1
 
     best_yaml = tmp_path / "best.yaml"
-    assert (
-        main(
-            [
-                "best",
-                "--experiment",
-                "tests",
-                "--tracking-uri",
-                f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "--sweep",
-                "sweep-a",
-                "--output",
-                str(best_yaml),
-            ]
-        )
-        == 0
-    )
+    assert best_config(tmp_path, "sweep-a", best_yaml) == 0
     table = capsys.readouterr().out
     assert "train.alpha.text" in table and "best_val_acc" in table
     best = yaml.safe_load(best_yaml.read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
+from helpers import best_config
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -19,6 +20,11 @@ from uml_ray.search.space import load_space
 def space_file(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def written_space(folder: Path, text: str):
+    """The search space of YAML ``text``, written to ``folder``/s.yaml and loaded."""
+    return load_space(space_file(folder / "s.yaml", text))
 
 
 def drain(searcher, trials: int, metric_of) -> list:
@@ -66,18 +72,22 @@ def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):
     return searcher, inner
 
 
+def configs_handed(plan, space, trials: int) -> list:
+    """The configs a one-config-per-trial searcher over ``space`` hands out for up to ``trials`` trials."""
+    searcher, _ = optuna_searcher(plan, space, trials=trials, fuse=1)
+    return drain(searcher, trials, lambda c: c["train.lr"])
+
+
 @pytest.fixture
 def plan(synthetic_manifest, tmp_path):
     return build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)))
 
 
 def test_fused_searcher_tells_optuna_every_member(plan, tmp_path):
-    space = load_space(
-        space_file(
-            tmp_path / "s.yaml",
-            "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
-            "  train.alpha.text: {type: uniform, low: 0.1, high: 1.5}\n",
-        )
+    space = written_space(
+        tmp_path,
+        "params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+        "  train.alpha.text: {type: uniform, low: 0.1, high: 1.5}\n",
     )
     searcher, inner = optuna_searcher(plan, space, trials=12, fuse=4)
     handed = drain(searcher, 10, lambda m: round(m["train.lr"], 6))
@@ -132,28 +142,23 @@ def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan,
 
 def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resampled(plan, tmp_path):
     # 2 x 3 points, of which warmup 500 >= max_steps 120 is invalid: 4 valid points in all
-    space = load_space(
-        space_file(
-            tmp_path / "s.yaml",
-            "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
-            "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
-        )
+    space = written_space(
+        tmp_path,
+        "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
+        "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
     )
-    searcher, _ = optuna_searcher(plan, space, trials=10, fuse=1)
-    handed = drain(searcher, 10, lambda c: c["train.lr"])
+    handed = configs_handed(plan, space, 10)
     keys = [json.dumps(c, sort_keys=True) for c in handed]
     assert len(keys) == len(set(keys)) == 3
     assert all(c["train.warmup_steps"] == 5 for c in handed)
 
 
 def test_grid_points_grouped_into_fusable_trials(plan, tmp_path):
-    space = load_space(
-        space_file(
-            tmp_path / "s.yaml",
-            "searcher: grid\nseeds: [0, 1]\nparams:\n"
-            "  train.lr: {type: choice, values: [0.001, 0.01]}\n"
-            "  train.batch_size: {type: choice, values: [16, 32]}\n",
-        )
+    space = written_space(
+        tmp_path,
+        "searcher: grid\nseeds: [0, 1]\nparams:\n"
+        "  train.lr: {type: choice, values: [0.001, 0.01]}\n"
+        "  train.batch_size: {type: choice, values: [16, 32]}\n",
     )
     groups = grid_members(space, plan, fuse=16)
     points = [json.dumps(m, sort_keys=True) for g in groups for m in g]
@@ -202,22 +207,7 @@ def test_fused_sweep_lands_one_child_run_per_member(ray_session, synthetic_manif
         assert {"config.yaml", "checkpoint/best.pt"} <= artifacts
     finished = [r for r in children if r.data.tags["uml_ray.outcome"] == "finished"]
     assert max(r.data.metrics["best_val_acc"] for r in finished) == pytest.approx(summary["best_val_acc"])
-    assert (
-        main(
-            [
-                "best",
-                "--experiment",
-                "tests",
-                "--tracking-uri",
-                f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "--sweep",
-                "fused",
-                "--output",
-                str(tmp_path / "best.yaml"),
-            ]
-        )
-        == 0
-    )
+    assert best_config(tmp_path, "fused", tmp_path / "best.yaml") == 0
 
 
 def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
@@ -266,13 +256,10 @@ def test_sampled_project_target_off_is_checked_like_the_base_config(synthetic_ma
     _check_sample(
         plan, "fixed", {"model.project_target": False, "model.shared_dim": 32}
     )  # the target's own width
-    space = load_space(
-        space_file(
-            tmp_path / "s.yaml",
-            "params:\n  model.project_target: {type: choice, values: [true, false]}\n"
-            "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
-        )
+    space = written_space(
+        tmp_path,
+        "params:\n  model.project_target: {type: choice, values: [true, false]}\n"
+        "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
     )
-    searcher, _ = optuna_searcher(plan, space, trials=6, fuse=1)
-    handed = drain(searcher, 6, lambda c: c["train.lr"])
+    handed = configs_handed(plan, space, 6)
     assert len(handed) == 3 and all(c["model.project_target"] is True for c in handed)

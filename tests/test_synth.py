@@ -1,4 +1,5 @@
-"""The synthetic linear generative model (docs/method.md §4): layout, determinism, and the information each modality carries."""
+"""The synthetic linear generative model (docs/method.md §4): layout, determinism, and the information
+each modality carries."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ALIGNED, write_config
+from helpers import interrupted_and_resumed
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -37,12 +38,8 @@ def test_resumed_loop_continues_exactly_from_the_last_checkpoint(synthetic_manif
     whole = LocalContext(plan)
     train_supervised(plan, whole)
 
-    first = LocalContext(plan, fail_after=3)
-    with pytest.raises(Interrupted):
-        train_supervised(plan, first)
+    first, second = interrupted_and_resumed(plan, train_supervised, fail_after=3)
     assert first.saved["progress"]["step"] == 40
-    second = LocalContext(plan, saved=first.saved)
-    train_supervised(plan, second)
 
     assert [r["step"] for r in second.reports] == [60, 80, 100]
     for resumed, uninterrupted in zip(second.reports, whole.reports[2:]):
