@@ -526,6 +526,12 @@ CASES = [
     ),
     Case("override-out-of-range", [*VALIDATE, "train.lr=-1"], ["train.lr", "-1.0"], "it must be > 0.0"),
     Case(
+        "override-integer-past-any-size",
+        [*VALIDATE, "train.batch_size=100000000000000000000"],
+        ["train.batch_size", "100000000000000000000"],
+        "it must be <= 2147483647",
+    ),
+    Case(
         "override-bad-choice",
         [*VALIDATE, "model.regime=vision"],
         ["model.regime", "'vision'"],
@@ -629,6 +635,13 @@ CASES = [
         space(GOOD_SPACE),
     ),
     Case("tune-resume-without-name", [*TUNE, "--resume"], ["--resume"], "--name", space(GOOD_SPACE)),
+    Case(
+        "tune-negative-concurrency",
+        [*TUNE, "--concurrency", "-1"],
+        ["--concurrency", "got -1"],
+        "0 = as many trials as the cluster fits",
+        space(GOOD_SPACE),
+    ),
     Case("train-resume-without-name", ["train", "{config}", "--resume"], ["--resume"], "--name"),
     Case(
         "synth-rows-per-shard-zero",
@@ -954,3 +967,29 @@ def test_synth_refusals_write_nothing(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path / "out"), "--n-val", "0"]) == 2
     assert not (tmp_path / "out").exists()
     capsys.readouterr()
+
+
+def test_batch_size_above_the_rows_trains_full_batch_recorded_as_used_and_said_once(
+    synthetic_manifest, tmp_path, capsys
+):
+    """A batch larger than the target's train rows is clamped in the plan (so MLflow records what
+    trains) with one console line; a space's over-large batch sizes are said once too."""
+    from uml_ray.config import load_config
+    from uml_ray.driver.plan import build_plan
+    from uml_ray.search.space import load_space
+
+    config = write_config(tmp_path / "run.yaml", synthetic_manifest, tmp_path, train={"batch_size": 10**9})
+    plan = build_plan(load_config(config))
+    rows = plan.streams["image.train"].rows
+    assert plan.cfg.train.batch_size == rows == 20
+    out = capsys.readouterr().out
+    assert out.count(f"train.batch_size=1000000000 is larger than the {rows} target train rows") == 1
+    assert "(recorded as used)" in out
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({"params": {"train.batch_size": {"type": "choice", "values": [8, 16, 64]}}})
+    )
+    plan = build_plan(load_config(config, ["train.batch_size=8"]), load_space(str(space)))
+    assert plan.cfg.train.batch_size == 8
+    assert capsys.readouterr().out.count("search space: train.batch_size [64] exceed the 20 target") == 1

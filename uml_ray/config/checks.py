@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from uml_ray.errors import ConfigError
 
+MAX_INT = 2**31 - 1  # the largest integer any config field takes
+
 if TYPE_CHECKING:
     from uml_ray.config.schema import Config
 
@@ -158,6 +160,10 @@ def _check_field(section: str, f: dataclasses.Field, value):
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         low, high = meta.get("low"), meta.get("high")
+        if isinstance(v, int) and high is None:
+            # counts, sizes and seeds become int64 tensors, NumPy indices and MLflow params: a value
+            # past a 32-bit int is a typo, never a size any run can honour
+            high = MAX_INT
         if low is not None and (v < low or (meta.get("low_open") and v == low)):
             bound = f"> {low}" if meta.get("low_open") else f">= {low}"
             raise ConfigError(

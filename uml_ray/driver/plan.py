@@ -65,7 +65,34 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
             )
     check_target_per_class(cfg, manifest, streams, space)
     check_aux_per_class(cfg, manifest, list(auxiliary), space)
+    cfg = clamp_batch_size(cfg, manifest, streams, space)
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
+
+
+def clamp_batch_size(cfg: Config, manifest, streams: dict, space: SearchSpace | None) -> Config:
+    """A ``train.batch_size`` above the target train rows one worker holds trains full-batch: the
+    config says so (the value MLflow records is the one used) and the console says it once. A space
+    whose batch sizes exceed the rows is said once too (those configs train full-batch)."""
+    rows = streams[f"{manifest.target}.train"].rows // cfg.resources.num_workers
+    if cfg.data.target_per_class > 0:
+        rows = min(rows, cfg.data.target_per_class * len(manifest.classes) // cfg.resources.num_workers)
+    rows = max(rows, 1)
+    sampled = [p.values for p in (space.params if space else []) if p.key == "train.batch_size"]
+    over = sorted({v for values in sampled for v in values if isinstance(v, int) and v > rows})
+    if over:
+        print(
+            f"[uml-ray] search space: train.batch_size {over} exceed the {rows} target train rows a worker "
+            f"holds; those configs train full-batch ({rows} rows a step)",
+            flush=True,
+        )
+    if cfg.train.batch_size <= rows:
+        return cfg
+    print(
+        f"[uml-ray] train.batch_size={cfg.train.batch_size} is larger than the {rows} target train rows a "
+        f"worker holds: using {rows} (recorded as used)",
+        flush=True,
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=rows))
 
 
 def check_target_projection(cfg: Config, manifest, auxiliary: list[str]) -> None:
