@@ -136,6 +136,12 @@ def _require(mapping: dict, key: str, where: str, kind: type | tuple):
     return value
 
 
+def _reject_unknown(mapping: dict, allowed: tuple[str, ...], where: str, fields: str = "field(s)") -> None:
+    unknown = set(mapping) - set(allowed)
+    if unknown:
+        raise DataError(f"{where}: unknown {fields} {sorted(unknown)}; allowed: {', '.join(allowed)}")
+
+
 def _parse_json(text: str, path: str):
     try:
         return json.loads(text)
@@ -177,11 +183,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(str(exc)) from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: a manifest is a mapping with name, classes, target, modalities")
-    unknown = set(raw) - {"name", "classes", "target", "modalities"}
-    if unknown:
-        raise DataError(
-            f"{path}: unknown manifest field(s) {sorted(unknown)}; allowed: name, classes, target, modalities"
-        )
+    _reject_unknown(raw, ("name", "classes", "target", "modalities"), path, "manifest field(s)")
     name = str(raw.get("name", Path(path).stem))
     classes = _require(raw, "classes", path, list)
     if not classes or len(set(map(str, classes))) != len(classes):
@@ -195,11 +197,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         where = f"{path}: modalities.{mod_name}"
         if not isinstance(spec, dict):
             raise DataError(f"{where}: must be a mapping with kind, dim, splits")
-        unknown = set(spec) - {"kind", "dim", "encoder", "splits"}
-        if unknown:
-            raise DataError(
-                f"{where}: unknown field(s) {sorted(unknown)}; allowed: kind, dim, encoder, splits"
-            )
+        _reject_unknown(spec, ("kind", "dim", "encoder", "splits"), where)
         kind = _require(spec, "kind", where, str)
         if kind not in KINDS:
             raise DataError(f"{where}.kind: '{kind}' is not one of {list(KINDS)}")

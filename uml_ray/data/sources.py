@@ -173,6 +173,18 @@ def _check_coverage(
         raise DataError(f"{source}: no text for class(es) {missing}; available keys: {available}")
 
 
+def read_json_mapping(path: str, what: str, shape: str) -> dict:
+    """A local JSON file that must hold one object; DataError names the file and ``what`` it is, or
+    says the ``shape`` it must have."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: {shape}")
+    return raw
+
+
 def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
     """``(sentence, class index)`` pairs from a CuPL JSON ``{classname: [sentence, ...]}``.
 
@@ -180,12 +192,7 @@ def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
     key, or with no sentences, is a DataError naming it and the keys the file has; keys for
     classes not in ``classes`` are ignored (CuPL files often cover a superset).
     """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read CuPL JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: CuPL JSON must map class names to lists of sentences")
+    raw = read_json_mapping(path, "CuPL JSON", "CuPL JSON must map class names to lists of sentences")
     by_key = {}
     for key, sentences in raw.items():
         if isinstance(sentences, str):

@@ -6,13 +6,12 @@ draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, n
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from uml_ray.data.sources import read_json_mapping
 from uml_ray.errors import DataError
 
 MAX_VAL_SHOTS = 4
@@ -91,13 +90,7 @@ def _image_list(
 
 
 def _read_json(path: str) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read split JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: a split file maps split names to entries")
-    return raw
+    return read_json_mapping(path, "split JSON", "a split file maps split names to entries")
 
 
 def load_coop_split(path: str, image_dir: str | None = None) -> dict[str, ImageList]:

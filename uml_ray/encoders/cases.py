@@ -142,6 +142,66 @@ def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
     return train_images, train_labels, pool_rows, test_images, test_labels, test_rows
 
 
+def _check_case_sizes(shots: int, train_pool: int, test_size: int) -> None:
+    """The pool must hold every class's train and val shots, the test set an image of every class."""
+    val_shots = min(4, shots)
+    if train_pool < shots + val_shots:
+        raise DataError(
+            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
+        )
+    if test_size < len(FASHION_MNIST_CLASSES):
+        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+
+
+def _text_key(text_pairs: list[tuple[str, int]]) -> str:
+    return _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
+
+
+def _built_case(out: Path, args: dict, started: float) -> dict | None:
+    """The summary of the case ``out`` holds when it was built with the same ``args``, else None."""
+    manifest_path = out / "manifest.yaml"
+    if (
+        (out / "case.json").exists()
+        and manifest_path.exists()
+        and json.loads((out / "case.json").read_text()) == args
+    ):
+        return {
+            "manifest": str(manifest_path),
+            "cached": True,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    return None
+
+
+def _feature_cache(cache_dir: str | None, out: Path) -> Path:
+    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _encoded_texts(
+    cache: Path, text_pairs: list[tuple[str, int]], batch_size: int, num_actors: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """The case texts' MiniLM features, encoded once per text set: (features, labels, ids, cache hit)."""
+    from uml_ray.encoders.extract import rows_from_texts
+
+    folder, hit = _encode_cached(
+        cache,
+        f"text-{_text_key(text_pairs)}",
+        [
+            (
+                "train",
+                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
+            ),
+        ],
+        TEXT_ENCODER,
+        "text",
+        batch_size,
+        num_actors,
+    )
+    return (*_read_cached(folder / "text" / "train", 384), hit)
+
+
 def build_fashion_mnist_case(
     out_dir: str,
     shots: int,
@@ -167,16 +227,10 @@ def build_fashion_mnist_case(
     modality per source (``wordnet``, ``templates``), each with its own alpha. A cache miss attaches to
     ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
     """
-    from uml_ray.encoders.extract import rows_from_arrays, rows_from_texts
+    from uml_ray.encoders.extract import rows_from_arrays
 
     started = time.perf_counter()
-    val_shots = min(4, shots)
-    if train_pool < shots + val_shots:
-        raise DataError(
-            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
-        )
-    if test_size < len(FASHION_MNIST_CLASSES):
-        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+    _check_case_sizes(shots, train_pool, test_size)
     text = tuple(text)
     image_encoder = f"{IMAGE_ENCODER},image_size={image_size}"
     image_key = _key(
@@ -191,29 +245,19 @@ def build_fashion_mnist_case(
         }
     )
     text_pairs = case_texts(text, wordnet_dir)
-    text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
     if text_modalities not in ("joint", "separate"):
         raise DataError(
             f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)"
         )
-    args = {"image": image_key, "text": text_key, "shots": shots, "split_seed": split_seed}
+    args = {"image": image_key, "text": _text_key(text_pairs), "shots": shots, "split_seed": split_seed}
     if text_modalities == "separate":
         args["text_modalities"] = text_modalities
     out = Path(out_dir)
-    manifest_path = out / "manifest.yaml"
-    if (
-        (out / "case.json").exists()
-        and manifest_path.exists()
-        and json.loads((out / "case.json").read_text()) == args
-    ):
-        return {
-            "manifest": str(manifest_path),
-            "cached": True,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+    built = _built_case(out, args, started)
+    if built is not None:
+        return built
 
-    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _feature_cache(cache_dir, out)
     train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
         train_pool, test_size, fashion_dir
     )
@@ -233,20 +277,7 @@ def build_fashion_mnist_case(
         batch_size,
         num_actors,
     )
-    text_folder, text_hit = _encode_cached(
-        cache,
-        f"text-{text_key}",
-        [
-            (
-                "train",
-                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
-            ),
-        ],
-        TEXT_ENCODER,
-        "text",
-        batch_size,
-        num_actors,
-    )
+    text_features, text_labels, text_ids, text_hit = _encoded_texts(cache, text_pairs, batch_size, num_actors)
 
     image_features, image_labels, image_ids = _read_cached(image_folder / "image" / "all", 1280)
     is_test = np.array([i.startswith("test-") for i in image_ids])
@@ -254,7 +285,6 @@ def build_fashion_mnist_case(
     pool_ids = [i for i, test in zip(image_ids, is_test) if not test]
     test_features, test_labels_cached = image_features[is_test], image_labels[is_test]
     test_ids = [i for i, test in zip(image_ids, is_test) if test]
-    text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
     chosen = few_shot_split(pool_ids, pool_labels, shots, split_seed)
     position = {row_id: i for i, row_id in enumerate(pool_ids)}
     # the cached text rows are numbered in case_texts order (text-000000, ...): that gives each its source
@@ -307,7 +337,6 @@ def build_fashion_mnist_case(
     }
     return _write_case(
         out,
-        manifest_path,
         f"fashion-mnist-{shots}shot-seed{split_seed}",
         modalities,
         args,
@@ -338,21 +367,12 @@ def build_fashion_mnist_finetune_case(
     their native 28 px, inverted; the pipeline resizes them to ``model.image_size`` at training
     time. Text features share the probe case's cache.
     """
-    from uml_ray.encoders.extract import rows_from_texts
-
     started = time.perf_counter()
-    val_shots = min(4, shots)
-    if train_pool < shots + val_shots:
-        raise DataError(
-            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
-        )
-    if test_size < len(FASHION_MNIST_CLASSES):
-        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+    _check_case_sizes(shots, train_pool, test_size)
     text_pairs = case_texts(tuple(text), wordnet_dir)
-    text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
     args = {
         "regime": "finetune",
-        "text": text_key,
+        "text": _text_key(text_pairs),
         "shots": shots,
         "split_seed": split_seed,
         "pool": train_pool,
@@ -360,38 +380,15 @@ def build_fashion_mnist_finetune_case(
         "source": os.path.abspath(fashion_dir),
     }
     out = Path(out_dir)
-    manifest_path = out / "manifest.yaml"
-    if (
-        (out / "case.json").exists()
-        and manifest_path.exists()
-        and json.loads((out / "case.json").read_text()) == args
-    ):
-        return {
-            "manifest": str(manifest_path),
-            "cached": True,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+    built = _built_case(out, args, started)
+    if built is not None:
+        return built
 
-    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _feature_cache(cache_dir, out)
     train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
         train_pool, test_size, fashion_dir
     )
-    text_folder, text_hit = _encode_cached(
-        cache,
-        f"text-{text_key}",
-        [
-            (
-                "train",
-                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
-            ),
-        ],
-        TEXT_ENCODER,
-        "text",
-        batch_size,
-        num_actors,
-    )
-    text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
+    text_features, text_labels, text_ids, text_hit = _encoded_texts(cache, text_pairs, batch_size, num_actors)
 
     pool_ids = [f"train-{r:05d}" for r in pool_rows]
     chosen = few_shot_split(pool_ids, train_labels[pool_rows], shots, split_seed)
@@ -422,7 +419,6 @@ def build_fashion_mnist_finetune_case(
     }
     return _write_case(
         out,
-        manifest_path,
         f"fashion-mnist-finetune-{shots}shot-seed{split_seed}",
         modalities,
         args,
@@ -435,7 +431,6 @@ def build_fashion_mnist_finetune_case(
 
 def _write_case(
     out: Path,
-    manifest_path,
     name: str,
     modalities: dict,
     args: dict,
@@ -445,6 +440,7 @@ def _write_case(
     label: str,
 ) -> dict:
     """A Fashion-MNIST case's manifest and build record, and its summary (printed and returned)."""
+    manifest_path = out / "manifest.yaml"
     write_manifest(
         Manifest(name=name, classes=list(FASHION_MNIST_CLASSES), target="image", modalities=modalities),
         str(manifest_path),
