@@ -206,7 +206,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise DataError(f"{where}.dim: must be a positive integer, got {dim}")
         if kind == "image" and dim not in (1, 3):
             raise DataError(
-                f"{where}.dim: an image modality's dim is its channel count, 1 (grayscale) or 3 (RGB); got {dim}"
+                f"{where}.dim: an image modality's dim is its channel count, 1 (grayscale) or 3 (RGB); "
+                f"got {dim}"
             )
         splits = _require(spec, "splits", where, dict)
         resolved = {}

@@ -78,7 +78,7 @@ def transform_from_data_config(
 
 
 def row_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
-    """The random source of one row in one epoch: the same (seed, epoch, id) always gives the same crop and flip."""
+    """The random source of one row in one epoch: the same (seed, epoch, id) gives the same crop and flip."""
     key = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, epoch, key])
 
@@ -262,7 +262,7 @@ class ImageStream(BatchStream):
                 yield batch[IMAGE], batch[LABEL]
 
     def _window(self, epoch: int, drawn: int) -> Iterator[tuple[int, int, tuple]]:
-        """The next ``window_batches`` batches from position (epoch, drawn), each with the position after it."""
+        """The next ``window_batches`` batches from position (epoch, drawn), each with the position after."""
         positions, rows = [], []
         while len(positions) < self.window_batches:
             batches = self._epoch_batches(epoch)

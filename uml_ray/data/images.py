@@ -1,4 +1,4 @@
-"""Image shards (``kind: image``): encoded images in Parquet, the input of the fine-tuning regime (docs/data-format.md).
+"""Image shards (``kind: image``, docs/data-format.md): encoded images in Parquet for the fine-tuning regime.
 
 One Parquet dataset per (modality, split), like feature shards, with the columns
 - ``image``: binary, one encoded image (PNG when written here; any format Pillow reads is accepted);
@@ -206,7 +206,10 @@ def write_image_dataset(
     channels: int | None = None,
     limit: int = 0,
 ) -> dict:
-    """Write one split of images from exactly one source into ``out_dir`` and its manifest; returns a summary."""
+    """Write one split of images from exactly one source into ``out_dir`` and its manifest.
+
+    Returns a summary of what was written.
+    """
     chosen = [s for s in (fashion_mnist, image_folder, image_parquet) if s]
     if len(chosen) != 1:
         raise DataError("give exactly one image source: --fashion-mnist, --image-folder or --image-parquet")

@@ -1,7 +1,8 @@
-"""Few-shot splits (docs/data-format.md §5): seeded k-shot train, min(4, k)-shot val, and the CoOp index formats.
+"""Few-shot splits (docs/data-format.md §5): seeded k-shot train, min(4, k)-shot val, CoOp index formats.
 
 Splits are stable across runs, machines and Python versions: rows are sorted by id before any
-draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, no dict or file-system order.
+draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, no dict or
+file-system order.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def few_shot_split(
 
 @dataclass
 class ImageList:
-    """Labelled image files: paths (resolved), ids (as the index file writes them), labels, ordered class names."""
+    """Labelled image files: paths (resolved), ids (as the index file writes them), labels, class names."""
 
     paths: list[str]
     ids: list[str]

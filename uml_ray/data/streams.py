@@ -202,7 +202,7 @@ class ParquetSource:
             ).iter_batches(batch_size=self.block_rows)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
-        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows (the last may be short)."""
+        """Blocks as read (``batch_size=None``), else ``batch_size``-row tables (the last may be short)."""
         pending: list[pa.Table] = []
         held = 0
         for block in read_ahead(self._blocks(), self.readahead):
@@ -480,7 +480,10 @@ class BatchStream:
                 self._batches = None
 
     def close(self) -> None:
-        """End the epoch in progress, and with it any Ray Data read-ahead it holds (the loop calls this when done)."""
+        """End the epoch in progress, and with it any Ray Data read-ahead it holds.
+
+        The loop calls this when it is done.
+        """
         if self._batches is not None:
             self._batches.close()
             self._batches = None

@@ -1,4 +1,4 @@
-"""Up-front data validation (docs/data-format.md §4): every problem of a manifest and its shards, before any cluster work.
+"""Data validation before any cluster work (docs/data-format.md §4): every problem of a manifest, its shards.
 
 ``validate_manifest`` reads every shard in record batches and collects EVERY problem it finds —
 unreadable files, wrong schema or dim, NaN/inf features, empty sequences, labels out of range or
@@ -125,8 +125,8 @@ def _schema_problems(uri: str, found: pa.Schema, modality: str, spec: ModalitySp
                 continue
             if kind is not None and kind != spec.kind:
                 problems.append(
-                    f"{uri}: features are {kind} rows ({found_type}) but modalities.{modality}.kind is {spec.kind}; "
-                    f"fix the manifest kind or rewrite the shard"
+                    f"{uri}: features are {kind} rows ({found_type}) but modalities.{modality}.kind is "
+                    f"{spec.kind}; fix the manifest kind or rewrite the shard"
                 )
                 continue
         problems.append(
@@ -153,7 +153,7 @@ def check_shard(
     problems: list[str],
     max_abs: float = DEFAULT_MAX_ABS,
 ) -> ShardStats | None:
-    """Check one shard's readability, schema and every row; append problems. None when unreadable or mis-typed.
+    """Check one shard's readability, schema and every row; append problems. None: unreadable or mis-typed.
 
     Rows are read in record batches, so a shard of any size is checked in bounded memory. Page
     checksums (written by ``format.write_shard``) are verified, and a row whose features exceed
@@ -164,7 +164,8 @@ def check_shard(
         schema = shard.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         problems.append(
-            f"{uri}: cannot read the Parquet shard ({_reason(exc)}); fix the path in the manifest or rewrite the shard"
+            f"{uri}: cannot read the Parquet shard ({_reason(exc)}); fix the path in the manifest or "
+            "rewrite the shard"
         )
         return None
     schema_problems = _schema_problems(uri, schema, modality, spec)
@@ -322,7 +323,8 @@ def _duplicate_problems(manifest: Manifest) -> list[str]:
             for uri in uris:
                 places[uri].append(f"modalities.{modality}.splits.{split}")
     return [
-        f"{uri}: listed {len(where)} times ({', '.join(where)}); a shard belongs to exactly one (modality, split)"
+        f"{uri}: listed {len(where)} times ({', '.join(where)}); "
+        "a shard belongs to exactly one (modality, split)"
         for uri, where in places.items()
         if len(where) > 1
     ]
@@ -378,7 +380,8 @@ def validate_manifest(
                 )
             elif stats.get((modality, split)) is not None and stats[modality, split].rows == 0:
                 problems.append(
-                    f"{where}: modalities.{modality}.splits.{split} has 0 rows in its shards; {role} needs {split} rows"
+                    f"{where}: modalities.{modality}.splits.{split} has 0 rows in its shards; "
+                    f"{role} needs {split} rows"
                 )
 
     auxiliary = manifest.auxiliary
@@ -390,8 +393,9 @@ def validate_manifest(
         for c, name in enumerate(manifest.classes):
             if target_train.class_counts[c] and not covered[c]:
                 problems.append(
-                    f"{where}: class '{name}' (label {c}) has {target_train.class_counts[c]} target train rows but no "
-                    f"sample in any auxiliary modality ({', '.join(auxiliary)}); add auxiliary rows labelled {c} or drop the class"
+                    f"{where}: class '{name}' (label {c}) has {target_train.class_counts[c]} target train "
+                    f"rows but no sample in any auxiliary modality ({', '.join(auxiliary)}); "
+                    f"add auxiliary rows labelled {c} or drop the class"
                 )
     magnitudes = {
         f"{modality}.{split}": found.magnitude.summary()
