@@ -894,7 +894,8 @@ def test_alias_count_limit(tmp_path):
 
 def test_quoted_names_round_trip_through_mlflow_filters(tmp_path):
     """A sweep name holding one kind of quote is matched exactly (MLflow filters have no escapes)."""
-    from uml_ray.tracking.mlflow_store import SweepTracker, best_runs
+    from uml_ray.tracking.loggers import SweepTracker
+    from uml_ray.tracking.runs import best_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for name in ("it's", 'say "hi"', "plain"):
@@ -915,7 +916,7 @@ def test_quoted_names_round_trip_through_mlflow_filters(tmp_path):
 def test_check_run_name():
     """Names that cannot be a folder or an MLflow filter value are refused; ordinary ones pass."""
     from uml_ray.errors import UserError
-    from uml_ray.tracking.mlflow_store import check_run_name
+    from uml_ray.tracking.runs import check_run_name
 
     for good in ("sweep-1", "it's", 'a "b"', "lr_3e-4.v2"):
         check_run_name(good)
@@ -943,7 +944,7 @@ def test_unreachable_server_is_given_up_on_quickly():
     import os
 
     from uml_ray.errors import UserError
-    from uml_ray.tracking.mlflow_store import check_tracking
+    from uml_ray.tracking.store import check_tracking
 
     before = {
         k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")

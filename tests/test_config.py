@@ -17,11 +17,17 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.flat()["train.alpha.text"] == 0.5
 
 
-def test_round_trip_through_yaml(tmp_path):
-    cfg = load_config(None, ["train.lr=0.02", "train.alpha.text=0.7", "data.manifest=/x/m.yaml"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.lr=0.02", "train.alpha.text=0.7", "data.manifest=/x/m.yaml"],
+        ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "data.auxiliary=text"],
+    ],
+)
+def test_a_dumped_config_loads_back_equal(tmp_path, overrides):
+    cfg = load_config(None, overrides)
     dump_config(cfg, tmp_path / "c.yaml")
-    again = load_config(tmp_path / "c.yaml")
-    assert again == cfg
+    assert load_config(tmp_path / "c.yaml") == cfg
 
 
 def test_relative_manifest_resolves_against_config_folder(tmp_path):
@@ -78,13 +84,3 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(path) in str(info.value) and "model.zdimm" in str(info.value) and "zdim" in str(info.value)
-
-
-def test_a_dumped_config_loads_back_equal(tmp_path):
-    from uml_ray.config import dump_config, load_config
-
-    cfg = load_config(
-        None, ["train.lr=3e-4", "train.alpha.text=0.5", "model.head_init=text", "data.auxiliary=text"]
-    )
-    dump_config(cfg, tmp_path / "c.yaml")
-    assert load_config(tmp_path / "c.yaml") == cfg

@@ -324,3 +324,11 @@ def test_corrupted_data_page_is_named_by_its_checksum(dataset, capsys, check):
         f"{uri}: column 'features' has a corrupted data page after row 0 (its CRC checksum does not match)"
         in err
     )
+
+
+def test_a_run_config_raises_the_magnitude_bound_with_data_max_abs_feature(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    rewrite(uri, features * 1e7, labels)
+    assert validate_run_config(capsys, dataset.path)[0] == 2
+    config = os.path.join(os.path.dirname(str(dataset.path)), "run.yaml")
+    assert main(["validate", config, "data.max_abs_feature=1e9"]) == 0

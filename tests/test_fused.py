@@ -14,7 +14,7 @@ from uml_ray.driver.plan import build_plan
 from uml_ray.models.fused import FusedSharedHead, fused_loss
 from uml_ray.models.supervised import SharedHeadUML, uml_loss
 from uml_ray.train.common import warmup_cosine
-from uml_ray.train.context import LocalContext
+from uml_ray.train.context import Interrupted, LocalContext
 from uml_ray.train.fused_loop import fusion_key, train_fused
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
 from uml_ray.train.loop import train_supervised
@@ -80,7 +80,8 @@ def run_fused(plan, members, **options) -> LocalContext:
 
 
 class CheckpointShapes(LocalContext):
-    """Records, at each checkpoint, the member count of the stacked head, projection and moments, and the live members."""
+    """Records, at each checkpoint, the member count of the stacked head, projection and moments,
+    and the live members."""
 
     def __init__(self, plan):
         super().__init__(plan)
@@ -193,7 +194,7 @@ def test_resumed_fused_trial_continues_exactly(plan):
     members = MEMBERS[:4]
     whole = run_fused(plan, members, rungs=[1])
     first = LocalContext(plan, fail_after=3)
-    with pytest.raises(LocalContext.Interrupted):
+    with pytest.raises(Interrupted):
         train_fused(plan, members, first, rungs=[1])
     assert first.saved["step"] == 40 and len(first.saved["live"]) == 2
     second = LocalContext(plan, saved=first.saved)

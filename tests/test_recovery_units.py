@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from uml_ray.tracking.mlflow_store import (
-    OUTCOME_TAG,
-    SAMPLED_TAG,
-    SEED_TAG,
-    TRIAL_TAG,
-    SweepTracker,
-    bounded_http,
-    is_unreachable,
-)
+from uml_ray.tracking.loggers import SweepTracker
+from uml_ray.tracking.outbox import is_unreachable
+from uml_ray.tracking.store import WRITE_HTTP, bounded_http
+from uml_ray.tracking.tags import OUTCOME_TAG, SAMPLED_TAG, SEED_TAG, TRIAL_TAG
 
 PARAMS = {"train.lr": 0.01, "train.seed": 0}
 SAMPLED = {SAMPLED_TAG: json.dumps({"train.lr": 0.01})}
@@ -152,6 +147,30 @@ def test_unreachable_server_errors_are_told_apart_from_refused_requests(tmp_path
     with pytest.raises(Exception) as refused:
         store.client.search_runs([store.experiment_id], "no such filter")
     assert not is_unreachable(refused.value)
+
+
+def test_bounded_http_settings_hold_for_the_calling_context_only():
+    """Inside ``bounded_http`` MLflow reads our retry and timeout settings; the environment, other threads
+    and the code after the block read MLflow's own."""
+    import os
+    import threading
+
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as retries
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT as timeout
+
+    environment = dict(os.environ)
+    outside = (retries.get(), timeout.get())
+    seen = {}
+    with bounded_http():
+        assert (retries.get(), timeout.get()) == (1, 10)
+        other = threading.Thread(target=lambda: seen.update(other=(retries.get(), timeout.get())))
+        other.start()
+        other.join()
+        with bounded_http(WRITE_HTTP):
+            assert (retries.get(), timeout.get()) == (2, 30)
+        assert (retries.get(), timeout.get()) == (1, 10)
+        assert dict(os.environ) == environment
+    assert seen["other"] == outside and (retries.get(), timeout.get()) == outside
 
 
 def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_path):

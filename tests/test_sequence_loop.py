@@ -1,4 +1,5 @@
-"""The self-supervised training loop: the CLI run in MLflow, the exact step_k schedule, exact resume, a sweep."""
+"""The self-supervised training loop: the CLI run in MLflow, the exact step_k schedule, exact
+resume, a sweep."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import write_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
-from uml_ray.train.context import LocalContext
+from uml_ray.train.context import Interrupted, LocalContext
 from uml_ray.train.sequence_loop import train_sequence
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "sequence.yaml"
@@ -27,7 +28,8 @@ SEQUENCE = {
 
 @pytest.fixture(scope="module")
 def sequence_manifest(tmp_path_factory):
-    """Tiny synthetic sequences whose class lives in the latent drive (a next-step model's pooled state carries it)."""
+    """Tiny synthetic sequences whose class lives in the latent drive (a next-step model's pooled
+    state carries it)."""
     from uml_ray.data.synth import write_synthetic
 
     out = tmp_path_factory.mktemp("sequence")
@@ -116,7 +118,7 @@ def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir
     train_sequence(plan, whole)
 
     first = LocalContext(plan, fail_after=1)
-    with pytest.raises(LocalContext.Interrupted):
+    with pytest.raises(Interrupted):
         train_sequence(plan, first)
     assert first.saved["progress"]["step"] == 5 and first.saved["streams"]["image"] == {
         "epoch": 0,

@@ -59,7 +59,8 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("uml_ray.search", "search-space files, sweep plots", ("uml_ray.config", "uml_ray.errors")),
     (
         "uml_ray.tracking",
-        "MLflow: the outbox, tag names, run queries (`uml-ray best`), the loggers",
+        "MLflow: the connection (`store`), tag names (`tags`), writes held through an outage (`outbox`), "
+        "run queries and `uml-ray best` (`runs`), the sweep and study loggers (`loggers`)",
         ("uml_ray.config", "uml_ray.errors", "uml_ray.uri"),
     ),
     (
@@ -129,8 +130,8 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (
         "mlflow",
         "MLflow",
-        ("uml_ray.tracking.mlflow_store",),
-        "every MLflow call",
+        ("uml_ray.tracking.store",),
+        "every MLflow call (the connection, its bounded HTTP settings, the record builders)",
     ),
 )
 

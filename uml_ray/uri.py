@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
 
 LOCAL_SCHEMES = ("", "file", "local")
 
@@ -39,3 +43,14 @@ def output_folder(value: str) -> str:
     if not is_remote(value) and Path(value).exists() and not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a new or existing folder")
     return value
+
+
+def filesystem_for(uri: str) -> tuple[FileSystem, str]:
+    """The pyarrow filesystem holding ``uri`` and the path inside it; a plain local path is made absolute.
+
+    pyarrow is imported on the first call, so importing this module stays cheap.
+    """
+    from pyarrow import fs
+
+    uri = str(uri)
+    return fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))

@@ -30,7 +30,7 @@ import yaml
 
 from uml_ray.config import MAX_INPUT_BYTES, decode_text, load_yaml_text
 from uml_ray.errors import ConfigError, DataError
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 FEATURES = "features"
 IMAGE = "image"
@@ -160,9 +160,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     path = str(path)
     # at most MAX_INPUT_BYTES + 1 bytes are read: a huge file is refused without reading it whole
     if is_remote(path):
-        from pyarrow import fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(path)
+        filesystem, inner = filesystem_for(path)
         try:
             with filesystem.open_input_stream(inner) as handle:
                 data = handle.read(MAX_INPUT_BYTES + 1)
@@ -236,9 +234,7 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike) -> str:
         json.dumps(payload, indent=2) if path.endswith(".json") else yaml.safe_dump(payload, sort_keys=False)
     )
     if is_remote(path):
-        from pyarrow import fs as pafs
-
-        filesystem, inner = pafs.FileSystem.from_uri(path)
+        filesystem, inner = filesystem_for(path)
         with filesystem.open_output_stream(inner) as handle:
             handle.write(text.encode())
     else:
@@ -306,9 +302,7 @@ def write_shards(
     folder = join_uri(out_dir, modality, split)
     filesystem = None
     if is_remote(folder):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(folder)
+        filesystem, _ = filesystem_for(folder)
     else:
         Path(folder).mkdir(parents=True, exist_ok=True)
     uris = []

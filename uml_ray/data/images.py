@@ -1,4 +1,6 @@
-"""Image shards (``kind: image``, docs/data-format.md): encoded images in Parquet for the fine-tuning regime.
+"""Image shards (``kind: image``): encoded images in Parquet, the input of the fine-tuning regime.
+
+See docs/data-format.md.
 
 One Parquet dataset per (modality, split), like feature shards, with the columns
 - ``image``: binary, one encoded image (PNG when written here; any format Pillow reads is accepted);
@@ -42,7 +44,7 @@ from uml_ray.data.sources import (
 )
 from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 DECODE_SAMPLE = 256  # rows per shard decoded in full by validation; every row's header is read
@@ -94,9 +96,7 @@ def write_image_shards(
     folder = join_uri(out_dir, modality, split)
     filesystem = None
     if is_remote(folder):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(folder)
+        filesystem, _ = filesystem_for(folder)
     else:
         Path(folder).mkdir(parents=True, exist_ok=True)
         for stale in Path(folder).glob("part-*.parquet"):
@@ -208,7 +208,7 @@ def write_image_dataset(
 ) -> dict:
     """Write one split of images from exactly one source into ``out_dir`` and its manifest.
 
-    Returns a summary of what was written.
+    Returns a summary.
     """
     chosen = [s for s in (fashion_mnist, image_folder, image_parquet) if s]
     if len(chosen) != 1:

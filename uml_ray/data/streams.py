@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
-from uml_ray.uri import is_remote
+from uml_ray.uri import filesystem_for, is_remote
 
 log = logging.getLogger("uml_ray")
 
@@ -50,9 +50,7 @@ def dataset_name(modality: str, split: str) -> str:
 
 def _filesystem(uri: str):
     if is_remote(uri):
-        from pyarrow import fs as pafs
-
-        filesystem, _ = pafs.FileSystem.from_uri(uri)
+        filesystem, _ = filesystem_for(uri)
         return filesystem
     return None
 
@@ -202,7 +200,7 @@ class ParquetSource:
             ).iter_batches(batch_size=self.block_rows)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
-        """Blocks as read (``batch_size=None``), else ``batch_size``-row tables (the last may be short)."""
+        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""
         pending: list[pa.Table] = []
         held = 0
         for block in read_ahead(self._blocks(), self.readahead):
@@ -482,7 +480,7 @@ class BatchStream:
     def close(self) -> None:
         """End the epoch in progress, and with it any Ray Data read-ahead it holds.
 
-        The loop calls this when it is done.
+        The loop calls this when done.
         """
         if self._batches is not None:
             self._batches.close()

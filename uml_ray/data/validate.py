@@ -1,4 +1,6 @@
-"""Data validation before any cluster work (docs/data-format.md §4): every problem of a manifest, its shards.
+"""Up-front data validation: every problem of a manifest and its shards, before any cluster work.
+
+The checks are those of docs/data-format.md §4.
 
 ``validate_manifest`` reads every shard in record batches and collects EVERY problem it finds —
 unreadable files, wrong schema or dim, NaN/inf features, empty sequences, labels out of range or
@@ -32,7 +34,7 @@ from uml_ray.data.format import (
 )
 from uml_ray.data.images import DECODE_SAMPLE, ImageRowProblems, check_image_column, report_image_problems
 from uml_ray.errors import DataError
-from uml_ray.uri import is_remote
+from uml_ray.uri import filesystem_for, is_remote
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
 # the largest |feature value| a shard may hold unless raised (`data validate --max-abs`,
@@ -81,9 +83,7 @@ class Magnitude:
 def open_shard(uri: str) -> pq.ParquetFile:
     """Open a Parquet shard from a local path or an ``s3://`` / ``gs://`` URI (footer only)."""
     if is_remote(uri):
-        from pyarrow import fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(uri)
+        filesystem, path = filesystem_for(uri)
         return pq.ParquetFile(filesystem.open_input_file(path), page_checksum_verification=True)
     return pq.ParquetFile(uri, page_checksum_verification=True)
 
@@ -153,11 +153,12 @@ def check_shard(
     problems: list[str],
     max_abs: float = DEFAULT_MAX_ABS,
 ) -> ShardStats | None:
-    """Check one shard's readability, schema and every row; append problems. None: unreadable or mis-typed.
+    """Check one shard's readability, schema and every row; append problems.
 
-    Rows are read in record batches, so a shard of any size is checked in bounded memory. Page
-    checksums (written by ``format.write_shard``) are verified, and a row whose features exceed
-    ``max_abs`` in magnitude is a problem: finite garbage trains to nonsense without a warning.
+    None when the shard is unreadable or mis-typed. Rows are read in record batches, so a shard of any
+    size is checked in bounded memory. Page checksums (written by ``format.write_shard``) are verified,
+    and a row whose features exceed ``max_abs`` in magnitude is a problem: finite garbage trains to
+    nonsense without a warning.
     """
     try:
         shard = open_shard(uri)
@@ -323,8 +324,8 @@ def _duplicate_problems(manifest: Manifest) -> list[str]:
             for uri in uris:
                 places[uri].append(f"modalities.{modality}.splits.{split}")
     return [
-        f"{uri}: listed {len(where)} times ({', '.join(where)}); "
-        "a shard belongs to exactly one (modality, split)"
+        f"{uri}: listed {len(where)} times ({', '.join(where)}); a shard belongs to exactly one "
+        "(modality, split)"
         for uri, where in places.items()
         if len(where) > 1
     ]
@@ -394,8 +395,8 @@ def validate_manifest(
             if target_train.class_counts[c] and not covered[c]:
                 problems.append(
                     f"{where}: class '{name}' (label {c}) has {target_train.class_counts[c]} target train "
-                    f"rows but no sample in any auxiliary modality ({', '.join(auxiliary)}); "
-                    f"add auxiliary rows labelled {c} or drop the class"
+                    f"rows but no sample in any auxiliary modality ({', '.join(auxiliary)}); add auxiliary "
+                    f"rows labelled {c} or drop the class"
                 )
     magnitudes = {
         f"{modality}.{split}": found.magnitude.summary()

@@ -71,7 +71,7 @@ class TrackingBridge:
 
     @property
     def tracker(self):
-        from uml_ray.tracking.mlflow_store import SweepTracker
+        from uml_ray.tracking.loggers import SweepTracker
 
         if self._tracker is None:
             tracking = self.plan.cfg.tracking
@@ -96,13 +96,15 @@ class TrackingBridge:
     @_never_fails_the_sweep
     def trial_started(self, trial) -> None:
         """Open (or find again) the trial's MLflow run(s)."""
+        from uml_ray.tracking.tags import FUSED_TRIAL_TAG, SAMPLED_TAG
+
         for key, params in self.runs(trial):
             if key in self.tracker.trial_runs:
                 continue
             cfg = self.resolved_config(trial, key, params)
-            tags = {"uml_ray.sampled": json.dumps(params, default=str)}
+            tags = {SAMPLED_TAG: json.dumps(params, default=str)}
             if key != trial.trial_id:
-                tags["uml_ray.fused_trial"] = trial.trial_id
+                tags[FUSED_TRIAL_TAG] = trial.trial_id
             self.tracker.start_trial(key, cfg.flat(), tags)
             if not self.single_run:
                 _say(f"trial {key} started: {_short(params)}")

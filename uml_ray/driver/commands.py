@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
 def _check_resume(args) -> None:
     from uml_ray.errors import ConfigError
-    from uml_ray.tracking.mlflow_store import check_run_name
+    from uml_ray.tracking.runs import check_run_name
 
     if args.name:  # before anything touches the tracking store
         check_run_name(args.name)

@@ -24,13 +24,13 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     """Validate data, alpha modalities, search space and tracking; plan the streams. No Ray yet."""
     from uml_ray.cluster import check_storage_path
     from uml_ray.data.validate import require_valid_manifest
-    from uml_ray.tracking.mlflow_store import check_tracking, resolve_tracking_uri
+    from uml_ray.tracking.store import check_tracking, resolve_tracking_uri
 
     if not cfg.data.manifest:
         raise ConfigError(
             "data.manifest is empty; set it to a manifest file (e.g. data.manifest=data/manifest.yaml)"
         )
-    manifest = require_valid_manifest(cfg.data.manifest)
+    manifest = require_valid_manifest(cfg.data.manifest, cfg.data.max_abs_feature)
     auxiliary = cfg.data.auxiliary or manifest.auxiliary
     for name in auxiliary:
         if name not in manifest.auxiliary:

@@ -91,7 +91,7 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
     """Best result, study summary and plots onto the parent run; the outcome for the CLI."""
     from uml_ray.driver.tune import param_importances
     from uml_ray.search.report import sweep_plots
-    from uml_ray.tracking.mlflow_store import SweepTracker
+    from uml_ray.tracking.loggers import SweepTracker
 
     cfg = plan.cfg
     failures = _failures(results, path)

@@ -455,7 +455,7 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
     from pyarrow import fs as pafs
     from ray.tune.result import AUTO_RESULT_KEYS
 
-    from uml_ray.tracking.mlflow_store import SweepTracker
+    from uml_ray.tracking.loggers import SweepTracker
 
     tracking = plan.cfg.tracking
     ended = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, name).ended_trials()
@@ -567,7 +567,7 @@ def run(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from uml_ray.tracking.mlflow_store import check_run_name
+    from uml_ray.tracking.runs import check_run_name
 
     cfg = plan.cfg
     name = (

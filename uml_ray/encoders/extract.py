@@ -19,7 +19,7 @@ from uml_ray.data.format import build_table, write_shard
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 
 class EncodeBatch:
@@ -112,7 +112,7 @@ def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:
 
 
 class ShardWriter:
-    """Writes streamed batches as uml-ray ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows."""
+    """Writes streamed batches as ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows, uml-ray schema."""
 
     def __init__(self, out_dir: str, modality: str, split: str, dim: int, rows_per_shard: int):
         self.folder = join_uri(out_dir, modality, split)
@@ -120,9 +120,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.filesystem = None
         if is_remote(self.folder):
-            from pyarrow import fs as pafs
-
-            self.filesystem, _ = pafs.FileSystem.from_uri(self.folder)
+            self.filesystem, _ = filesystem_for(self.folder)
         else:
             Path(self.folder).mkdir(parents=True, exist_ok=True)
             for stale in Path(self.folder).glob("part-*.parquet"):

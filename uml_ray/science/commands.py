@@ -112,7 +112,7 @@ def parse_counts(flag: str, text: str) -> list[int]:
 
 
 def _check_common(args) -> tuple[list[int], dict[int, str] | None]:
-    from uml_ray.tracking.mlflow_store import check_run_name
+    from uml_ray.tracking.runs import check_run_name
     from uml_ray.uri import absolute
 
     if args.trials < 1:
@@ -153,7 +153,8 @@ def _base(args, manifests):
 def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, module) -> dict:
     """Run the jobs under one MLflow study run (each sweep adopted as a child); returns the report."""
     from uml_ray.science.searches import check_fuse, check_names_free, run_jobs
-    from uml_ray.tracking.mlflow_store import StudyTracker
+    from uml_ray.tracking.loggers import StudyTracker
+    from uml_ray.tracking.tags import SWEEPS_TAG
 
     check_names_free(jobs)
     check_fuse(jobs, args.fuse)
@@ -175,7 +176,7 @@ def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, 
             artifacts = module.write_artifacts(report, folder)
             status = "FINISHED"
             tracker.end_study(
-                _metrics(kind, report), {"uml_ray.sweeps": json.dumps(report["sweeps"])}, artifacts, status
+                _metrics(kind, report), {SWEEPS_TAG: json.dumps(report["sweeps"])}, artifacts, status
             )
         report["study_run_id"] = tracker.parent_id
         return report

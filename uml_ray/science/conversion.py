@@ -67,7 +67,7 @@ def check_aux_counts(plan: RunPlan, aux_counts: list[int], manifests: dict[int, 
     from uml_ray.driver.plan import class_counts
 
     paths = sorted(set(manifests.values())) if manifests else [plan.dataset.manifest.path]
-    for manifest in (require_valid_manifest(path) for path in paths):
+    for manifest in (require_valid_manifest(path, plan.cfg.data.max_abs_feature) for path in paths):
         for modality in plan.dataset.auxiliary:
             counts = class_counts(manifest, modality)
             if counts.min() < max(aux_counts):

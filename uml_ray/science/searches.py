@@ -127,7 +127,7 @@ def plan_jobs(
 def check_names_free(jobs: list[Job]) -> None:
     """Every sweep name is new: a study never continues or overwrites an earlier sweep."""
     from uml_ray.driver.tune import experiment_path
-    from uml_ray.tracking.mlflow_store import check_run_name
+    from uml_ray.tracking.runs import check_run_name
     from uml_ray.uri import is_remote
 
     for job in jobs:

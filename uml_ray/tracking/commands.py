@@ -29,7 +29,8 @@ def register(subparsers) -> None:
 
 def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
-    from uml_ray.tracking.mlflow_store import best_runs, download_artifact
+    from uml_ray.tracking.runs import best_runs
+    from uml_ray.tracking.store import download_artifact
 
     check_output(args.output)
     if args.top < 1:
@@ -75,7 +76,9 @@ def check_output(path: str) -> None:
 def _sampled(row: dict) -> dict:
     import json
 
-    raw = row["tags"].get("uml_ray.sampled")
+    from uml_ray.tracking.tags import SAMPLED_TAG
+
+    raw = row["tags"].get(SAMPLED_TAG)
     if raw is None:
         return {}
     return json.loads(raw)

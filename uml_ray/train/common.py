@@ -1,8 +1,8 @@
-"""What both training loops share: schedule, optimizer, RNG, progress, best-val bookkeeping,
-train-loss tallies, checkpoints and the report at each validation.
+"""What the regimes build with: the LR schedule, the optimizer, the worker's streams, train-loss
+tallies, and the one-model side of a regime (model, optimizer, schedule, test at other weights).
 
-Each loop (``loop.train_supervised``, ``sequence_loop.train_sequence``) keeps its own step and
-its own validation; everything around them lives here once.
+The loop around them is one (``skeleton.run_loop``); the regimes are ``loop.Supervised``
+(head-only and fine-tuning), ``sequence_loop.Sequence`` and ``fused_loop.Fused``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 
-import numpy as np
 import torch
 
 from uml_ray.data.image_pipeline import ImageStream, ImageTransform
 from uml_ray.data.streams import BatchStream, dataset_name
 from uml_ray.train.plan import RunPlan
+from uml_ray.train.skeleton import OneModel
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int):
@@ -47,74 +46,9 @@ def build_optimizer(parameters, cfg) -> tuple[torch.optim.Optimizer, torch.optim
     return optimizer, scheduler
 
 
-def rng_state() -> dict:
-    """Every RNG the loop may touch (CUDA's too: dropout on GPU), for checkpoints."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` saved."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def new_progress() -> dict:
-    """Loop bookkeeping that checkpoints carry: step, validations, best-val point, validations without improvement."""
-    return {
-        "step": 0,
-        "validations": 0,
-        "best_val_acc": -1.0,
-        "best_val_loss": math.inf,
-        "best_step": 0,
-        "bad_validations": 0,
-    }
-
-
-def restore(state: dict, model, optimizer, scheduler, streams: dict) -> tuple[dict, dict]:
-    """Load a checkpoint's loop state in place; returns (progress, best_weights)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for name, position in state["streams"].items():
-        streams[name].load_state_dict(position)
-    set_rng_state(state["rng"])
-    return state["progress"], state["best_weights"]
-
-
-def record_validation(
-    progress: dict, acc: float, loss: float, model, best_weights: dict, patience: int
-) -> tuple[dict, bool]:
-    """Keep the best-val weights (higher accuracy, ties to lower loss); returns (best_weights, stop on patience)."""
-    progress["validations"] += 1
-    if acc > progress["best_val_acc"] or (
-        acc == progress["best_val_acc"] and loss < progress["best_val_loss"]
-    ):
-        progress.update(best_val_acc=acc, best_val_loss=loss, best_step=progress["step"], bad_validations=0)
-        best_weights = copy.deepcopy(model.state_dict())
-    else:
-        progress["bad_validations"] += 1
-    return best_weights, patience > 0 and progress["bad_validations"] >= patience
-
-
-@contextlib.contextmanager
-def swapped_weights(model, weights: dict):
-    """Evaluate with other weights (the best-val point), then put the current ones back."""
-    current = copy.deepcopy(model.state_dict())
-    model.load_state_dict(weights)
-    try:
-        yield model
-    finally:
-        model.load_state_dict(current)
-
-
 class Tally:
-    """Mean train losses between two validations: the total per step, each modality over the steps that trained it."""
+    """Mean train losses between two validations: the total per step, each modality over the steps
+    that trained it."""
 
     def __init__(self):
         self.total, self.steps = 0.0, 0
@@ -137,71 +71,76 @@ class Tally:
         }
 
 
-def validation_metrics(
-    progress: dict, lr: float, val_acc: float, val_loss: float, tally: Tally, **extra
-) -> dict:
-    """The metrics every validation reports (same names in both regimes)."""
-    return {
-        "step": progress["step"],
-        **extra,
-        "lr": lr,
-        **tally.means(),
-        "val_acc": val_acc,
-        "val_loss": val_loss,
-        "best_val_acc": progress["best_val_acc"],
-        "best_val_loss": progress["best_val_loss"],
-        "best_step": progress["best_step"],
-    }
+@contextlib.contextmanager
+def swapped_weights(model, weights: dict):
+    """Evaluate with other weights (the best-val point), then put the current ones back."""
+    current = copy.deepcopy(model.state_dict())
+    model.load_state_dict(weights)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(current)
 
 
-def loop_state(
-    plan: RunPlan, model, optimizer, scheduler, streams: dict, progress: dict, best_weights: dict
-) -> tuple[dict, dict]:
-    """(full loop state for an exact resume, the best-val product) for ``ctx.report``."""
-    cfg = plan.cfg.to_dict()
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "streams": {name: s.state_dict() for name, s in streams.items()},
-        "progress": dict(progress),
-        "best_weights": best_weights,
-        "rng": rng_state(),
-        "config": cfg,
-    }
-    best = {
-        "model": best_weights,
-        "config": cfg,
-        "dataset": plan.dataset.summary(),
-        "val_acc": progress["best_val_acc"],
-        "step": progress["best_step"],
-    }
-    return state, best
+class OneModelRegime:
+    """The part of a ``skeleton.Regime`` that one-model regimes (supervised, fine-tuning, sequence)
+    share: one model with its optimizer and LR schedule. A subclass builds them and supplies
+    ``step``, ``validate``, ``train_metrics`` and ``evaluate_test``."""
+
+    layout = OneModel
+    configs: list
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def initialise(self) -> None:
+        """Nothing to do for a fresh run by default."""
+
+    def update(self, max_norm: float) -> None:
+        """The end of a step: clip gradients to ``max_norm`` (0: no clipping), step the optimizer
+        and the LR schedule."""
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def evaluate_test(self) -> dict[str, float]:
+        """Test metrics of the model's current weights."""
+        raise NotImplementedError
+
+    def weights(self, position: int) -> dict:
+        """A copy of the model's weights."""
+        return copy.deepcopy(self.model.state_dict())
+
+    def test(self, positions: list[int], weights: list[dict]) -> list[dict]:
+        """Test metrics with ``weights[0]``; the model keeps its own weights."""
+        with swapped_weights(self.model, weights[0]):
+            return [self.evaluate_test()]
+
+    def select(self, positions: list[int]) -> None:
+        """Nothing to free: the model has finished."""
+
+    def state_dict(self) -> dict:
+        """Model, optimizer and LR schedule."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what ``state_dict`` saved."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
-def report_validation(
-    ctx,
-    plan: RunPlan,
-    metrics: dict,
-    ended: bool,
-    model,
-    optimizer,
-    scheduler,
-    streams: dict,
-    progress: dict,
-    best_weights: dict,
-) -> None:
-    """Report one validation; with a checkpoint every ``train.checkpoint_every`` validations and at the end."""
-    if ended or progress["validations"] % plan.cfg.train.checkpoint_every == 0:
-        state, best = loop_state(plan, model, optimizer, scheduler, streams, progress, best_weights)
-        ctx.report(metrics, state, best)
-    else:
-        ctx.report(metrics)
-
-
-def setup_worker(plan: RunPlan, ctx, image_transform: ImageTransform | None = None):
-    """What every loop starts with: thread/denormal settings, alpha per auxiliary modality, the train
-    streams (target + auxiliary modalities with alpha > 0) and a factory for further streams.
+def setup_worker(
+    plan: RunPlan, ctx, closing: contextlib.ExitStack, image_transform: ImageTransform | None = None
+):
+    """What every regime starts with: thread/denormal settings, alpha per auxiliary modality, the
+    train streams (target + auxiliary modalities with alpha > 0) and a factory for further streams.
+    Every stream is closed with ``closing``.
 
     Image datasets (the fine-tuning regime) stream through the image pipeline with ``image_transform``
     (train augmentation; val/test use its eval form)."""
@@ -222,28 +161,19 @@ def setup_worker(plan: RunPlan, ctx, image_transform: ImageTransform | None = No
 
     def stream(modality: str, split: str, batch_size: int) -> BatchStream:
         name = dataset_name(modality, split)
+        share = (ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size)
         if plan.streams[name].kind == "image":
             transform = image_transform if split == "train" else image_transform.for_eval()
-            return ImageStream(
-                ctx.source(name),
-                plan.streams[name],
-                batch_size,
-                worker_seed,
-                ctx.rank,
-                ctx.world_size,
+            opened = ImageStream(
+                *share,
                 transform,
                 cfg.resources.decode_cpus,
                 cfg.data.cache_max_mb,
                 shuffle_buffer=cfg.data.shuffle_buffer,
             )
-        return BatchStream(
-            ctx.source(name),
-            plan.streams[name],
-            batch_size,
-            worker_seed,
-            ctx.rank,
-            ctx.world_size,
-            cfg.data.shuffle_buffer,
-        )
+        else:
+            opened = BatchStream(*share, cfg.data.shuffle_buffer)
+        closing.callback(opened.close)
+        return opened
 
     return alpha, {m: stream(m, "train", size) for m, size in sizes.items()}, stream

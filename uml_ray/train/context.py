@@ -1,6 +1,7 @@
 """The loop's view of where it runs: ``LoopContext`` and its three implementations.
 
-A loop (``train_supervised``, ``train_sequence``) touches Ray only through a context:
+The training loop (``skeleton.run_loop``) and the regimes it runs (supervised, fine-tuning,
+sequence, fused) touch Ray only through a context:
 
 - ``InlineContext``: a one-worker run inside a Ray Tune function trial;
 - ``TrainWorkerContext``: one Ray Train worker of a ``TorchTrainer`` (DDP, gloo on CPU, NCCL on GPU);
@@ -65,7 +66,8 @@ def write_checkpoint(folder: str, state: dict, best: dict) -> None:
 
 
 class CheckpointError(UserError):
-    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names the file."""
+    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names
+    the file."""
 
 
 def read_state(folder: str, shown_as: str = "") -> dict:
@@ -170,15 +172,16 @@ class InlineContext(_SingleWorker):
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
 
 
+class Interrupted(Exception):
+    """Raised by a ``LocalContext`` after ``fail_after`` reports: a killed worker, in tests."""
+
+
 class LocalContext(_SingleWorker):
     """A one-worker run without Ray: shards read with pyarrow, checkpoints and reports kept in memory.
 
     ``saved`` is a loop state to resume from. ``fail_after`` raises ``Interrupted`` after that
     many reports, which is how tests simulate a killed worker.
     """
-
-    class Interrupted(Exception):
-        """Raised after ``fail_after`` reports."""
 
     def __init__(self, plan: RunPlan, saved: dict | None = None, fail_after: int | None = None):
         self.plan = plan
@@ -202,11 +205,12 @@ class LocalContext(_SingleWorker):
         if state is not None:
             self.saved, self.best = copy.deepcopy(state), copy.deepcopy(best)
         if self.fail_after is not None and len(self.reports) == self.fail_after:
-            raise LocalContext.Interrupted
+            raise Interrupted
 
 
 class TrainWorkerContext:
-    """One Ray Train worker (DDP over gloo on CPU, NCCL on GPU); in-memory shares come from the object store."""
+    """One Ray Train worker (DDP over gloo on CPU, NCCL on GPU); in-memory shares come from the
+    object store."""
 
     def __init__(self, plan: RunPlan):
         import ray.train

@@ -13,29 +13,22 @@ configs into fusable sets.
 
 from __future__ import annotations
 
-import copy
-import math
+import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.fused import FusedSharedHead, fused_loss
-from uml_ray.models.supervised import SharedHeadUML
-from uml_ray.train.common import (
-    new_progress,
-    record_validation,
-    rng_state,
-    set_rng_state,
-    setup_worker,
-    validation_metrics,
-    warmup_cosine,
-)
+from uml_ray.train.common import setup_worker, warmup_cosine
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
-from uml_ray.train.loop import _aux_class_means, to_tensors
+from uml_ray.train.loop import aux_class_means, build_head, init_head_from_text, to_tensors
 from uml_ray.train.plan import DatasetFacts, RunPlan
+from uml_ray.train.skeleton import Halving, Members, run_loop
 
-# per-member settings a fused trial can hold; ``train.alpha`` stands for every ``train.alpha.<modality>``
+# per-member settings a fused trial can hold; ``train.alpha`` stands for every
+# ``train.alpha.<modality>``
 FUSABLE_KEYS = (
     "train.lr",
     "train.weight_decay",
@@ -132,65 +125,162 @@ def _build_members(
     models = []
     for cfg, active in zip(cfgs, actives):
         torch.manual_seed(cfg.train.seed)
-        dims = {m: dataset.dims[m] for m in [target] + active}
-        model = SharedHeadUML(
-            dims,
-            target,
-            len(classes),
-            cfg.model.shared_dim,
-            cfg.model.project_auxiliary,
-            cfg.model.logit_scale,
-            cfg.model.project_target,
-        )
+        model = build_head(cfg, {m: dataset.dims[m] for m in [target] + active}, target, len(classes))
         model.to(ctx.device)
         if cfg.model.head_init == "text" and active:
             key = tuple(active)
             if key not in means:
-                means[key] = _aux_class_means(
+                means[key] = aux_class_means(
                     train_streams[active[0]], model.projections[active[0]], len(classes), ctx
                 )
-            sums, counts = means[key]
-            present = counts > 0
-            model.init_head_from_class_means(
-                (sums[present] / counts[present, None]).float(), torch.arange(len(classes))[present]
-            )
+            init_head_from_text(model, *means[key])
         models.append(model)
     return FusedSharedHead.from_members(models, modalities)
 
 
-class _MemberView:
-    """One member as ``record_validation`` sees a model: its alone state dict."""
+class Fused:
+    """The fused regime on one worker: K configs (``plan.cfg`` with each member's dotted overrides)
+    as one ``FusedSharedHead`` with a per-member AdamW, drawing every step's batches once."""
 
-    def __init__(self, model: FusedSharedHead, position: int):
-        self.model, self.position = model, position
+    layout = Members
+
+    def __init__(self, plan: RunPlan, members: list[dict], ctx, closing: contextlib.ExitStack):
+        member_plans = [plan.with_params(overrides) for overrides in members]
+        self.configs = cfgs = [p.cfg for p in member_plans]
+        _check_fusable(cfgs, plan.dataset)
+        cfg = cfgs[0]  # every structural setting is the same in all members
+        dataset = plan.dataset
+        self.members, self.ctx = members, ctx
+        self.target, auxiliary = dataset.target, list(dataset.auxiliary)
+        alphas = [p.alpha() for p in member_plans]
+        self.actives = [[m for m in auxiliary if a[m] > 0.0] for a in alphas]
+        used = [m for m in auxiliary if any(m in active for active in self.actives)]
+        # the batches are drawn once for all members: an auxiliary stream when any member trains on it
+        stream_plan = member_plans[0].with_params(
+            {f"train.alpha.{m}": 1.0 if m in used else 0.0 for m in auxiliary}
+        )
+        _, self.streams, stream = setup_worker(stream_plan, ctx, closing)
+        self.val_stream = stream(self.target, "val", cfg.train.batch_size)
+        self.test_stream = stream(self.target, "test", cfg.train.batch_size)
+
+        self.model = _build_members(cfgs, self.actives, dataset, self.streams, ctx, [self.target] + used)
+        # torch's fused AdamW kernel: one pass over memory per member instead of ~10 (2.5x faster
+        # on CPU), equal to torch.optim.AdamW to float rounding
+        self.optimizer = MemberAdamW(
+            self.model.parameters(),
+            [c.train.lr for c in cfgs],
+            [c.train.weight_decay for c in cfgs],
+            fused=True,
+        )
+        self.schedule = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
+        self.all_alpha = {m: torch.tensor([a[m] for a in alphas], device=ctx.device) for m in used}
+        self.all_clip = torch.tensor([c.train.grad_clip for c in cfgs], device=ctx.device)
+        self.live = list(range(len(members)))
+        self.compact()
+        self.model.train()
+
+    def compact(self) -> None:
+        """The live members' settings, the model as stepped, and their loss sums, zeroed."""
+        index = torch.tensor(self.live, dtype=torch.long, device=self.ctx.device)
+        self.alpha = {m: values[index] for m, values in self.all_alpha.items()}
+        self.clip = self.all_clip[index]
+        self.clipping = any(self.configs[k].train.grad_clip > 0 for k in self.live)
+        self.trained = self.ctx.wrap(self.model)
+        # per-member loss sums stay on the device: no host sync per step
+        self.losses = {
+            name: torch.zeros(len(self.live), dtype=torch.float64, device=self.ctx.device)
+            for name in ["total"] + list(self.streams)
+        }
+        self.since = 0
+
+    def initialise(self) -> None:
+        """Nothing more: every member's head was initialised when it was built."""
+
+    def step(self, step: int) -> None:
+        """One step of every live member on the same batches."""
+        features, labels = {}, {}
+        for name, batches in self.streams.items():
+            features[name], labels[name] = to_tensors(batches.next(), self.ctx.device)
+        loss, totals, parts = fused_loss(self.trained(features), labels, self.target, self.alpha)
+        self.model.recycle_grads()
+        loss.backward()
+        if self.clipping:
+            clip_member_grad_norms(self.model.parameters(), self.clip)
+        self.optimizer.step(self.schedule(step))
+        self.since += 1
+        self.losses["total"] += totals.double()
+        for name, value in parts.items():
+            self.losses[name] += value.double()
+
+    def validate(self) -> tuple[list[float], list[float]]:
+        """Every live member's val accuracy and CE."""
+        return evaluate_members(self.model, self.val_stream, self.ctx)
+
+    def train_metrics(self, step: int) -> list[dict]:
+        """Per live member: its index, lr and train-loss means (its active modalities only)."""
+        lrs = self.optimizer.current_lr(self.schedule(step)).tolist()
+        sums = {name: values.tolist() for name, values in self.losses.items()}
+        epoch = self.streams[self.target].epoch
+        metrics = [
+            {
+                "member": k,
+                "pruned": 0,
+                "epoch": epoch,
+                "lr": lrs[position],
+                "train_loss": sums["total"][position] / self.since,
+                **{
+                    f"train_loss_{m}": sums[m][position] / self.since for m in [self.target] + self.actives[k]
+                },
+            }
+            for position, k in enumerate(self.live)
+        ]
+        self.losses = {name: torch.zeros_like(values) for name, values in self.losses.items()}
+        self.since = 0
+        return metrics
+
+    def weights(self, position: int) -> dict:
+        """One live member's weights, as its config trained alone holds them."""
+        return self.model.member_state_dict(position)
+
+    def test(self, positions: list[int], weights: list[dict]) -> list[dict]:
+        """Test accuracy and CE of the members at ``positions`` with ``weights``, in one batched pass."""
+        tester = self.model.subset(positions)
+        for position, member_weights in enumerate(weights):
+            tester.load_member_state_dict(position, member_weights)
+        test_acc, test_loss = evaluate_members(tester, self.test_stream, self.ctx)
+        return [{"test_acc": acc, "test_loss": loss} for acc, loss in zip(test_acc, test_loss)]
+
+    def select(self, positions: list[int]) -> None:
+        """Shrink the model and optimizer to the members at ``positions``: their compute is freed."""
+        self.model.select(positions)
+        self.optimizer.select(positions, self.model.parameters())
+        self.live = [self.live[p] for p in positions]
+        self.compact()
 
     def state_dict(self) -> dict:
-        return self.model.member_state_dict(self.position)
+        """The stacked model and optimizer of the live members, and the members' overrides."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "members": self.members,
+        }
 
-
-class _Means:
-    """A member's train-loss means in the shape ``validation_metrics`` takes a ``Tally``."""
-
-    def __init__(self, means: dict[str, float]):
-        self._means = means
-
-    def means(self) -> dict[str, float]:
-        return self._means
-
-
-def halve(live: list[int], progress: list[dict], reduction_factor: int) -> list[int]:
-    """Successive halving: the best ``ceil(len(live) / reduction_factor)`` members by best val
-    accuracy (ties to lower best val loss, then lower member index), in their current order."""
-    keep = math.ceil(len(live) / reduction_factor)
-    ranked = sorted(live, key=lambda k: (-progress[k]["best_val_acc"], progress[k]["best_val_loss"], k))
-    survivors = set(ranked[:keep])
-    return [k for k in live if k in survivors]
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the live members of ``state``; refused when it was written for other members."""
+        if state["members"] != self.members:
+            raise ValueError(
+                "the checkpoint was written by a fused trial with other members; it cannot resume this one"
+            )
+        self.select(state["live"])  # the model holds every member here: positions are member indices
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def train_fused(
     plan: RunPlan, members: list[dict], ctx, rungs: list[int] | None = None, reduction_factor: int = 2
 ) -> dict:
-    """Train K configs (``plan.cfg`` with each member's dotted overrides) as one fused model; returns the final metrics.
+    """Train K configs (``plan.cfg`` with each member's dotted overrides) as one fused model;
+    returns the final metrics.
 
     Reports at each validation ``{"step", "best_val_acc" (over members), "live", "members": [one
     dict per member with train_supervised's metric names plus "member" and "pruned"]}``; a
@@ -200,196 +290,5 @@ def train_fused(
     product train_supervised writes}}``. ``rungs`` are validation counts at which successive
     halving keeps the best ``ceil(live / reduction_factor)`` members.
     """
-    member_plans = [plan.with_params(overrides) for overrides in members]
-    cfgs = [p.cfg for p in member_plans]
-    _check_fusable(cfgs, plan.dataset)
-    cfg = cfgs[0]  # every structural setting is the same in all members
-    dataset = plan.dataset
-    target, auxiliary = dataset.target, list(dataset.auxiliary)
-    alphas = [p.alpha() for p in member_plans]
-    actives = [[m for m in auxiliary if a[m] > 0.0] for a in alphas]
-    used = [m for m in auxiliary if any(m in active for active in actives)]
-    # the batches are drawn once for all members: an auxiliary stream when any member trains on it
-    stream_plan = member_plans[0].with_params(
-        {f"train.alpha.{m}": 1.0 if m in used else 0.0 for m in auxiliary}
-    )
-    _, train_streams, stream = setup_worker(stream_plan, ctx)
-    val_stream = stream(target, "val", cfg.train.batch_size)
-    test_stream = stream(target, "test", cfg.train.batch_size)
-
-    model = _build_members(cfgs, actives, dataset, train_streams, ctx, [target] + used)
-    # torch's fused AdamW kernel: one pass over memory per member instead of ~10 (2.5x faster on CPU),
-    # equal to torch.optim.AdamW to float rounding
-    optimizer = MemberAdamW(
-        model.parameters(), [c.train.lr for c in cfgs], [c.train.weight_decay for c in cfgs], fused=True
-    )
-    schedule = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
-    all_alpha = {m: torch.tensor([a[m] for a in alphas], device=ctx.device) for m in used}
-    all_clip = torch.tensor([c.train.grad_clip for c in cfgs], device=ctx.device)
-    count = len(members)
-    live, pruned, step, validations = list(range(count)), set(), 0, 0
-    progress = [new_progress() for _ in range(count)]
-    best_weights = [model.member_state_dict(k) for k in range(count)]
-    results: list[dict] = [{} for _ in range(count)]
-    state = ctx.restore()
-    if state is not None:
-        if state["members"] != members:
-            raise ValueError(
-                "the checkpoint was written by a fused trial with other members; it cannot resume this one"
-            )
-        live, pruned, step, validations = (
-            state["live"],
-            set(state["pruned"]),
-            state["step"],
-            state["validations"],
-        )
-        progress, best_weights, results = state["progress"], state["best_weights"], state["results"]
-        model.select(live)
-        optimizer.select(live, model.parameters())
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, position in state["streams"].items():
-            train_streams[name].load_state_dict(position)
-        set_rng_state(state["rng"])
-
-    def compacted():
-        index = torch.tensor(live, dtype=torch.long, device=ctx.device)
-        return (
-            {m: values[index] for m, values in all_alpha.items()},
-            all_clip[index],
-            any(cfgs[k].train.grad_clip > 0 for k in live),
-            ctx.wrap(model),
-        )
-
-    alpha, clip, clipping, trained = compacted()
-    model.train()
-    # per-member loss sums stay on the device: no host sync per step
-    losses = {
-        name: torch.zeros(len(live), dtype=torch.float64, device=ctx.device)
-        for name in ["total"] + list(train_streams)
-    }
-    since = 0
-    metrics: dict = {}
-    while step < cfg.train.max_steps and live:
-        features, labels = {}, {}
-        for name, batches in train_streams.items():
-            features[name], labels[name] = to_tensors(batches.next(), ctx.device)
-        loss, totals, parts = fused_loss(trained(features), labels, target, alpha)
-        model.recycle_grads()
-        loss.backward()
-        if clipping:
-            clip_member_grad_norms(model.parameters(), clip)
-        optimizer.step(schedule(step))
-        step += 1
-        since += 1
-        losses["total"] += totals.double()
-        for name, value in parts.items():
-            losses[name] += value.double()
-
-        last = step == cfg.train.max_steps
-        if step % cfg.train.val_every and not last:
-            continue
-        validations += 1
-        val_acc, val_loss = evaluate_members(model, val_stream, ctx)
-        lrs = optimizer.current_lr(schedule(step)).tolist()
-        sums = {name: values.tolist() for name, values in losses.items()}
-        finished, stopped = [], set()
-        for position, k in enumerate(live):
-            progress[k]["step"] = step
-            best_weights[k], stop = record_validation(
-                progress[k],
-                val_acc[position],
-                val_loss[position],
-                _MemberView(model, position),
-                best_weights[k],
-                cfgs[k].train.patience,
-            )
-            means = {
-                "train_loss": sums["total"][position] / since,
-                **{f"train_loss_{m}": sums[m][position] / since for m in [target] + actives[k]},
-            }
-            results[k] = {
-                "member": k,
-                "pruned": 0,
-                **validation_metrics(
-                    progress[k],
-                    lrs[position],
-                    val_acc[position],
-                    val_loss[position],
-                    _Means(means),
-                    epoch=train_streams[target].epoch,
-                ),
-            }
-            if stop or last:
-                finished.append(k)
-                if stop:
-                    stopped.add(k)
-        if finished:
-            # each member's score is its own best-val point, as alone
-            tester = model.subset([live.index(k) for k in finished])
-            for position, k in enumerate(finished):
-                tester.load_member_state_dict(position, best_weights[k])
-            test_acc, test_loss = evaluate_members(tester, test_stream, ctx)
-            for position, k in enumerate(finished):
-                results[k].update(
-                    test_acc=test_acc[position],
-                    test_loss=test_loss[position],
-                    stopped_early=int(k in stopped),
-                    completed=1,
-                )
-        remaining = [k for k in live if k not in finished]
-        if rungs and validations in rungs and remaining:
-            survivors = halve(remaining, progress, reduction_factor)
-            for k in remaining:
-                if k not in survivors:
-                    results[k]["pruned"] = 1
-                    pruned.add(k)
-            remaining = survivors
-        if remaining != live:
-            positions = [live.index(k) for k in remaining]
-            model.select(positions)
-            optimizer.select(positions, model.parameters())
-            live = remaining
-            alpha, clip, clipping, trained = compacted()
-        losses = {name: torch.zeros(len(live), dtype=torch.float64, device=ctx.device) for name in losses}
-        since = 0
-
-        metrics = {
-            "step": step,
-            "best_val_acc": max(p["best_val_acc"] for p in progress),
-            "live": len(live),
-            "members": [dict(r) for r in results],
-        }
-        if not live or last or validations % cfg.train.checkpoint_every == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "streams": {name: s.state_dict() for name, s in train_streams.items()},
-                "members": members,
-                "live": list(live),
-                "pruned": sorted(pruned),
-                "step": step,
-                "validations": validations,
-                "progress": copy.deepcopy(progress),
-                "best_weights": best_weights,
-                "results": copy.deepcopy(results),
-                "rng": rng_state(),
-                "config": plan.cfg.to_dict(),
-            }
-            summary = dataset.summary()
-            best = {
-                "members": {
-                    k: {
-                        "model": best_weights[k],
-                        "config": cfgs[k].to_dict(),
-                        "dataset": summary,
-                        "val_acc": progress[k]["best_val_acc"],
-                        "step": progress[k]["best_step"],
-                    }
-                    for k in range(count)
-                }
-            }
-            ctx.report(metrics, state, best)
-        else:
-            ctx.report(metrics)
-    return metrics
+    halving = Halving(rungs, reduction_factor) if rungs else None
+    return run_loop(plan, ctx, functools.partial(Fused, plan, members, ctx), halving)

@@ -151,7 +151,8 @@ class MemberAdamW:
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             if mine.shape != saved.shape:
                 raise ValueError(
-                    f"optimizer state of shape {tuple(saved.shape)} does not fit a parameter of shape {tuple(mine.shape)}"
+                    f"optimizer state of shape {tuple(saved.shape)} does not fit a parameter of "
+                    f"shape {tuple(mine.shape)}"
                 )
             mine.copy_(saved)
 
@@ -167,7 +168,8 @@ class MemberAdamW:
 
 @torch.no_grad()
 def clip_member_grad_norms(params, max_norms: torch.Tensor) -> torch.Tensor:
-    """Per member, ``torch.nn.utils.clip_grad_norm_`` over its slices of ``params``; returns the ``[K]`` norms.
+    """Per member, ``torch.nn.utils.clip_grad_norm_`` over its slices of ``params``; returns the
+    ``[K]`` norms.
 
     A member whose max norm is 0 is left unclipped. Slices a member does not use alone carry zero
     gradients, so they add nothing to its norm.

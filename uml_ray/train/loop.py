@@ -1,8 +1,9 @@
-"""The supervised UML training loop: restore → loop (draw → forward/backward/step) → validate → report.
+"""The supervised UML regime: its model, one step (draw → forward/backward/step) and its evaluation.
 
-It runs unchanged in a single-process Tune trial, in every worker of a Ray Train TorchTrainer,
-or with no Ray at all: everything about where it runs reaches it through a ``LoopContext``
-(``uml_ray.train.context``); what it shares with the sequence loop lives in ``uml_ray.train.common``.
+``train_supervised`` runs it through the one loop (``uml_ray.train.skeleton.run_loop``: restore,
+validate, keep the best, report, test), unchanged in a single-process Tune trial, in every
+worker of a Ray Train TorchTrainer, or with no Ray at all: everything about where it runs
+reaches it through a ``LoopContext`` (``uml_ray.train.context``).
 
 Both supervised regimes run here. Head-only: the target's inputs are frozen-encoder features.
 Fine-tuning (the target modality is ``kind: image``): the same model with a vision backbone
@@ -15,7 +16,7 @@ may accumulate ``train.grad_accum`` micro-batches, and on CUDA it runs under bf1
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 
 import numpy as np
 import torch
@@ -25,22 +26,14 @@ from uml_ray.data.image_pipeline import transform_from_data_config
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.backbone import Backbone, build_backbone, param_groups
 from uml_ray.models.supervised import SharedHeadUML, uml_loss
-from uml_ray.train.common import (
-    Tally,
-    build_optimizer,
-    new_progress,
-    record_validation,
-    report_validation,
-    restore,
-    setup_worker,
-    swapped_weights,
-    validation_metrics,
-)
+from uml_ray.train.common import OneModelRegime, Tally, build_optimizer, setup_worker
 from uml_ray.train.plan import RunPlan
+from uml_ray.train.skeleton import run_loop
 
 
 def to_tensors(batch, device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch (numpy features or images, labels) as tensors on ``device``; images channels-last when asked."""
+    """A batch (numpy features or images, labels) as tensors on ``device``; images channels-last
+    when asked."""
     features, labels = batch
     features = torch.from_numpy(np.ascontiguousarray(features)).to(device)
     if channels_last and features.ndim == 4:
@@ -92,10 +85,25 @@ def evaluate(
     return {"acc": correct / max(count, 1), "loss": loss / max(count, 1), "rows": count}
 
 
-def _aux_class_means(
+def build_head(cfg, dims: dict[str, int], target: str, num_classes: int, backbone=None) -> SharedHeadUML:
+    """The supervised model of ``cfg`` over modalities of ``dims`` (call after seeding)."""
+    return SharedHeadUML(
+        dims,
+        target,
+        num_classes,
+        cfg.model.shared_dim,
+        cfg.model.project_auxiliary,
+        cfg.model.logit_scale,
+        cfg.model.project_target,
+        backbone,
+    )
+
+
+def aux_class_means(
     stream: BatchStream, projection, num_classes: int, ctx
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class feature sums and counts of an auxiliary modality, summed over workers."""
+    """Per-class sums and counts of an auxiliary modality's projected features, summed over workers
+    (``model.head_init=text``)."""
     sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
     with torch.no_grad():
         for batch in stream.iter_once(4096):
@@ -106,6 +114,13 @@ def _aux_class_means(
             sums.index_add_(0, labels, shared)
             counts += torch.bincount(labels, minlength=num_classes).double()
     return ctx.all_reduce(sums), ctx.all_reduce(counts)
+
+
+def init_head_from_text(model: SharedHeadUML, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Head rows from the class means ``aux_class_means`` summed (a class without rows keeps its own)."""
+    present = counts > 0
+    labels = torch.arange(len(counts))[present]
+    model.init_head_from_class_means((sums[present] / counts[present, None]).float(), labels)
 
 
 def probe_head(
@@ -150,132 +165,112 @@ def probe_head(
             buffer.copy_(buffers[name])
 
 
-def train_supervised(plan: RunPlan, ctx) -> dict:
-    """Train supervised UML for ``train.max_steps`` steps; returns the final metrics."""
-    cfg = plan.cfg
-    target, classes = plan.dataset.target, plan.dataset.classes
-    torch.manual_seed(cfg.train.seed)  # same init on every worker
-    backbone = build_image_backbone(plan)
-    transform = (
-        None
-        if backbone is None
-        else transform_from_data_config(
-            backbone.data_config,
-            cfg.model.image_size,
-            cfg.data.augment_min_scale,
-            cfg.data.augment_flip,
-            cfg.train.seed,
+class Supervised(OneModelRegime):
+    """The supervised regime on one worker: the model (with a backbone when fine-tuning), its
+    optimizer and streams; a step accumulates ``train.grad_accum`` micro-batches."""
+
+    def __init__(self, plan: RunPlan, ctx, closing: contextlib.ExitStack):
+        cfg = plan.cfg
+        self.cfg, self.ctx, self.configs = cfg, ctx, [cfg]
+        self.target, self.classes = plan.dataset.target, plan.dataset.classes
+        torch.manual_seed(cfg.train.seed)  # same init on every worker
+        backbone = build_image_backbone(plan)
+        transform = (
+            None
+            if backbone is None
+            else transform_from_data_config(
+                backbone.data_config,
+                cfg.model.image_size,
+                cfg.data.augment_min_scale,
+                cfg.data.augment_flip,
+                cfg.train.seed,
+            )
         )
-    )
-    alpha, train_streams, stream = setup_worker(plan, ctx, transform)
-    active = [m for m in train_streams if m != target]
-    val_stream = stream(target, "val", cfg.train.batch_size)
-    test_stream = stream(target, "test", cfg.train.batch_size)
+        self.alpha, self.streams, stream = setup_worker(plan, ctx, closing, transform)
+        self.active = [m for m in self.streams if m != self.target]
+        self.val_stream = stream(self.target, "val", cfg.train.batch_size)
+        self.test_stream = stream(self.target, "test", cfg.train.batch_size)
 
-    dims = {m: plan.dataset.dims[m] for m in [target] + active}
-    if backbone is not None:
-        dims[target] = backbone.num_features
-    model = SharedHeadUML(
-        dims,
-        target,
-        len(classes),
-        cfg.model.shared_dim,
-        cfg.model.project_auxiliary,
-        cfg.model.logit_scale,
-        cfg.model.project_target,
-        backbone,
-    )
-    channels_last = backbone is not None and ctx.device.type == "cuda"
-    model.to(ctx.device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # images are large: evaluate them in train-sized batches, features in big ones
-    eval_batch = cfg.train.batch_size if backbone is not None else 1024
-    state = ctx.restore()  # a resumed run has its head already: no initialisation to redo
-    if state is None and cfg.model.head_init == "text" and active:
-        sums, counts = _aux_class_means(
-            train_streams[active[0]], model.projections[active[0]], len(classes), ctx
+        dims = {m: plan.dataset.dims[m] for m in [self.target] + self.active}
+        if backbone is not None:
+            dims[self.target] = backbone.num_features
+        self.model = build_head(cfg, dims, self.target, len(self.classes), backbone)
+        self.channels_last = backbone is not None and ctx.device.type == "cuda"
+        self.model.to(ctx.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # images are large: evaluate them in train-sized batches, features in big ones
+        self.eval_batch = cfg.train.batch_size if backbone is not None else 1024
+        self.optimizer, self.scheduler = build_optimizer(
+            param_groups(self.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale), cfg
         )
-        present = counts > 0
-        labels = torch.arange(len(classes))[present]
-        model.init_head_from_class_means((sums[present] / counts[present, None]).float(), labels)
-    if state is None and cfg.model.head_init == "probe":
-        probe_head(model, train_streams, alpha, cfg, ctx, channels_last)
+        self.model.train()
+        self.tally = Tally()
 
-    optimizer, scheduler = build_optimizer(
-        param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale), cfg
-    )
-    progress, best_weights = new_progress(), copy.deepcopy(model.state_dict())
-    if state is not None:
-        progress, best_weights = restore(state, model, optimizer, scheduler, train_streams)
+    @functools.cached_property
+    def trained(self):
+        """The model as stepped (DDP across workers). Wrapped at the first step, after the head's
+        initialisation or restore: DDP copies rank 0's weights to every worker when it wraps."""
+        return self.ctx.wrap(self.model)
 
-    trained = ctx.wrap(model)
-    model.train()
-    tally = Tally()
-    metrics: dict = {}
-    micro_batches = cfg.train.grad_accum
-    while progress["step"] < cfg.train.max_steps:
-        optimizer.zero_grad(set_to_none=True)
+    def initialise(self) -> None:
+        """The head's start (``model.head_init``): class means of the first active auxiliary's
+        projections, or a linear probe (LP-FT); a resumed run restores its head instead."""
+        if self.cfg.model.head_init == "text" and self.active:
+            first = self.active[0]
+            means = aux_class_means(
+                self.streams[first], self.model.projections[first], len(self.classes), self.ctx
+            )
+            init_head_from_text(self.model, *means)
+        if self.cfg.model.head_init == "probe":
+            probe_head(self.model, self.streams, self.alpha, self.cfg, self.ctx, self.channels_last)
+
+    def step(self, step: int) -> None:
+        """One optimizer step over ``train.grad_accum`` micro-batches of every train stream."""
+        micro_batches, ctx = self.cfg.train.grad_accum, self.ctx
+        self.optimizer.zero_grad(set_to_none=True)
         step_loss, step_parts = 0.0, {}
         for micro in range(micro_batches):
             features, labels = {}, {}
-            for name, batches in train_streams.items():
-                features[name], labels[name] = to_tensors(batches.next(), ctx.device, channels_last)
+            for name, batches in self.streams.items():
+                features[name], labels[name] = to_tensors(batches.next(), ctx.device, self.channels_last)
             # DDP all-reduces gradients once per optimizer step: at the last micro-batch
             last_micro = micro == micro_batches - 1
             with (
-                trained.no_sync()
-                if not last_micro and hasattr(trained, "no_sync")
+                self.trained.no_sync()
+                if not last_micro and hasattr(self.trained, "no_sync")
                 else contextlib.nullcontext()
             ):
-                with autocast(ctx.device, cfg.train.precision):
-                    loss, parts = uml_loss(trained(features), labels, target, alpha)
+                with autocast(ctx.device, self.cfg.train.precision):
+                    loss, parts = uml_loss(self.trained(features), labels, self.target, self.alpha)
                 (loss / micro_batches if micro_batches > 1 else loss).backward()
             step_loss += float(loss.detach()) / micro_batches
             for name, value in parts.items():
                 step_parts[name] = step_parts.get(name, 0.0) + value / micro_batches
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        progress["step"] += 1
-        tally.add(step_loss, step_parts)
+        self.update(self.cfg.train.grad_clip)
+        self.tally.add(step_loss, step_parts)
 
-        last = progress["step"] == cfg.train.max_steps
-        if progress["step"] % cfg.train.val_every and not last:
-            continue
-        val = evaluate(model, val_stream, ctx, eval_batch, cfg.train.precision)
-        best_weights, stop = record_validation(
-            progress, val["acc"], val["loss"], model, best_weights, cfg.train.patience
-        )
-        metrics = validation_metrics(
-            progress,
-            scheduler.get_last_lr()[0],
-            val["acc"],
-            val["loss"],
-            tally,
-            epoch=train_streams[target].epoch,
-        )
-        tally = Tally()
-        if stop or last:
-            # the score is the best-val point, not the last step (a reference defect)
-            with swapped_weights(model, best_weights):
-                test = evaluate(model, test_stream, ctx, eval_batch, cfg.train.precision)
-            metrics.update(test_acc=test["acc"], test_loss=test["loss"], stopped_early=int(stop), completed=1)
-        report_validation(
-            ctx,
-            plan,
-            metrics,
-            stop or last,
-            model,
-            optimizer,
-            scheduler,
-            train_streams,
-            progress,
-            best_weights,
-        )
-        if stop:
-            break
-    for batches in [*train_streams.values(), val_stream, test_stream]:
-        batches.close()
-    return metrics
+    def validate(self) -> tuple[list[float], list[float]]:
+        """Target accuracy and CE on val."""
+        val = evaluate(self.model, self.val_stream, self.ctx, self.eval_batch, self.cfg.train.precision)
+        return [val["acc"]], [val["loss"]]
+
+    def train_metrics(self, step: int) -> list[dict]:
+        """Target epoch, lr and the train-loss means since the last validation."""
+        metrics = {
+            "epoch": self.streams[self.target].epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            **self.tally.means(),
+        }
+        self.tally = Tally()
+        return [metrics]
+
+    def evaluate_test(self) -> dict[str, float]:
+        """Target accuracy and CE on test."""
+        test = evaluate(self.model, self.test_stream, self.ctx, self.eval_batch, self.cfg.train.precision)
+        return {"test_acc": test["acc"], "test_loss": test["loss"]}
+
+
+def train_supervised(plan: RunPlan, ctx) -> dict:
+    """Train supervised UML for ``train.max_steps`` steps; returns the final metrics."""
+    return run_loop(plan, ctx, functools.partial(Supervised, plan, ctx))

@@ -67,7 +67,8 @@ def ray_data_streams(plan: RunPlan) -> list[str]:
 
 
 def _inline_context(plan: RunPlan) -> InlineContext:
-    """A one-process run's sources: in-memory shares from the object store, streamed ones as ``ray_data_streams`` says."""
+    """A one-process run's sources: in-memory shares from the object store, streamed ones as
+    ``ray_data_streams`` says."""
     import ray
 
     manifest = plan.dataset.manifest
@@ -86,7 +87,8 @@ def _inline_context(plan: RunPlan) -> InlineContext:
 
 
 def run_fused_trial(plan: RunPlan, members: list[dict], rungs: list[int], reduction_factor: int) -> None:
-    """A Ray Tune function trial training ``members`` (dotted overrides of ``plan``) as one fused model, in the trial process."""
+    """A Ray Tune function trial training ``members`` (dotted overrides of ``plan``) as one fused
+    model, in the trial process."""
     from uml_ray.train.fused_loop import train_fused
 
     # members share every structural setting (data.*, train.seed): the first one's plan shapes the tables

@@ -1,0 +1,176 @@
+"""Run queries: a sweep's runs found again by their tags, and the best runs ``uml-ray best`` ranks.
+
+MLflow filter strings quote a value in ' or " and escape neither, so the names matched here are
+checked (``check_run_name``) before any run is opened under them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uml_ray.errors import UserError
+from uml_ray.tracking.store import bounded_http, check_tracking_uri, client, one_line, resolve_tracking_uri
+from uml_ray.tracking.tags import (
+    FUSED_TRIAL_TAG,
+    KIND_TAG,
+    OUTCOME_TAG,
+    SAMPLED_TAG,
+    SEED_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
+
+
+def check_run_name(name: str) -> None:
+    """Refuse a run or sweep name that cannot be a folder or be matched in an MLflow filter string.
+
+    A name becomes a folder under ``tracking.storage_path`` and a tag value matched in MLflow
+    searches, where a value is quoted in ' or " and neither can be escaped: a name may hold
+    one kind of quote, not both.
+    """
+    if "'" in name and '"' in name:
+        raise UserError(
+            f"run name ({name}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote"
+        )
+    bad = sorted({c for c in name if c in "/\\" or not c.isprintable()})
+    if bad or name in (".", ".."):
+        raise UserError(
+            f"run name {name!r} cannot be a folder name{f' (it holds {bad})' if bad else ''}; "
+            "use letters, digits, '-', '_' or '.'"
+        )
+
+
+def quote_value(value: str) -> str:
+    """A string literal for an MLflow filter string: MLflow has no escapes, so the quote kind the value
+    lacks."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(
+        f"name ({value}) holds both ' and \"; MLflow searches cannot match it: drop one kind of quote"
+    )
+
+
+def is_ended(run) -> bool:
+    """Whether a trial's run ended for good (finished, stopped early or pruned): not running, not failed."""
+    return run.info.status != "RUNNING" and run.data.tags.get(OUTCOME_TAG) not in (None, "failed")
+
+
+class RunFinder:
+    """The runs of one sweep in one experiment, found by their tags."""
+
+    def __init__(self, mlflow_client, experiment_id: str, sweep: str):
+        self.client = mlflow_client
+        self.experiment_id = experiment_id
+        self.sweep = sweep
+
+    def _of_sweep(self) -> str:
+        return f"tags.`{SWEEP_TAG}` = {quote_value(self.sweep)}"
+
+    def _search(self, filter_string: str, max_results: int) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], max_results=max_results, filter_string=filter_string
+        )
+
+    def _first(self, filter_string: str):
+        runs = self._search(filter_string, 1)
+        return runs[0] if runs else None
+
+    def parent(self):
+        """The sweep's parent run, or None."""
+        return self._first(f"{self._of_sweep()} and tags.`{KIND_TAG}` = 'sweep'")
+
+    def trial(self, trial_id: str):
+        """The run of a trial (by its run key), or None."""
+        return self._first(f"tags.`{TRIAL_TAG}` = {quote_value(trial_id)} and {self._of_sweep()}")
+
+    def top_run(self, sweep: str):
+        """The top run of another sweep in the experiment (its parent run, or a single training's run)."""
+        return self._first(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)} and tags.`{KIND_TAG}` != 'trial'")
+
+    def running_with(self, sampled: str, seed: str) -> list:
+        """Running runs of the sweep with these sampled params (as tagged) and seed: a killed driver's
+        orphans. Raises UserError when ``sampled`` holds both quote kinds (no filter can match it)."""
+        sampled = quote_value(sampled)
+        return self._search(
+            f"{self._of_sweep()} and tags.`{SAMPLED_TAG}` = {sampled} "
+            f"and tags.`{SEED_TAG}` = '{seed}' and attributes.status = 'RUNNING'",
+            50,
+        )
+
+    def running_trials(self) -> list:
+        """The sweep's trial runs still RUNNING."""
+        return self._search(
+            f"{self._of_sweep()} and tags.`{KIND_TAG}` = 'trial' and attributes.status = 'RUNNING'", 1000
+        )
+
+    def ended_trials(self) -> set[str]:
+        """Tune trial ids whose runs all ended (finished, stopped early or pruned; not failed): a fused
+        trial's when every member's run did."""
+        runs = self._search(f"{self._of_sweep()} and tags.`{KIND_TAG}` != 'sweep'", 10000)
+        ended: dict[str, bool] = {}
+        for run in runs:
+            trial_id = run.data.tags.get(FUSED_TRIAL_TAG) or run.data.tags.get(TRIAL_TAG, "")
+            ended[trial_id] = ended.get(trial_id, True) and is_ended(run)
+        return {trial_id for trial_id, done in ended.items() if done and trial_id}
+
+
+def best_runs(
+    uri: str, experiment: str, metric: str = "best_val_acc", top: int = 5, sweep: str | None = None
+) -> list[dict]:
+    """The top trial/training runs of an experiment (optionally one sweep) by a metric, best first.
+
+    Read-only and quick to fail: a missing SQLite file is not created, an unreachable server is
+    given up on within seconds; every failure is a UserError naming the URI.
+    """
+    if "`" in metric:
+        raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
+    filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
+    if sweep:
+        filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"tracking URI {uri!r}: no such SQLite file; "
+            "point --tracking-uri at the store the runs were recorded in"
+        )
+    store = client(uri)
+    try:
+        with bounded_http():
+            found = store.get_experiment_by_name(experiment)
+            if found is None:
+                names = [e.name for e in store.search_experiments()]
+                raise UserError(
+                    f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}"
+                )
+            runs = store.search_runs(
+                [found.experiment_id],
+                filter_string=" and ".join(filters),
+                order_by=[f"metrics.`{metric}` DESC", "metrics.`best_val_loss` ASC"],
+                max_results=max(top, 1) * 4,
+            )
+    except UserError:
+        raise
+    except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
+        raise UserError(
+            f"tracking URI {uri}: cannot query the MLflow store ({one_line(exc)}); "
+            "start the server or fix --tracking-uri"
+        ) from None
+    runs = [r for r in runs if metric in r.data.metrics][:top]
+    if not runs:
+        where = f" in sweep '{sweep}'" if sweep else ""
+        raise UserError(f"no finished run with metric '{metric}' in experiment '{experiment}'{where}")
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "sweep": r.data.tags.get(SWEEP_TAG, ""),
+            "trial_id": r.data.tags.get(TRIAL_TAG, ""),
+            "metrics": dict(r.data.metrics),
+            "params": dict(r.data.params),
+            "tags": dict(r.data.tags),
+            "artifact_uri": r.info.artifact_uri,
+        }
+        for r in runs
+    ]
