@@ -278,6 +278,22 @@ def write_shard(table: pa.Table, uri: str, filesystem=None) -> None:
     pq.write_table(table, path, filesystem=filesystem, write_page_checksum=True)
 
 
+def shard_folder(out_dir: str, modality: str, split: str, clear: bool = False) -> tuple[str, object]:
+    """The folder of one (modality, split)'s shards and the filesystem to write there (None: local).
+
+    A local folder is made; ``clear`` removes the shards an earlier write left in it, so that a
+    re-run with fewer rows leaves no stale shard behind.
+    """
+    folder = join_uri(out_dir, modality, split)
+    if is_remote(folder):
+        return folder, filesystem_for(folder)[0]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if clear:
+        for stale in Path(folder).glob("part-*.parquet"):
+            stale.unlink()
+    return folder, None
+
+
 def write_shards(
     out_dir: str,
     modality: str,
@@ -299,12 +315,7 @@ def write_shards(
     if ids is None:
         ids = [f"{modality}-{split}-{i}" for i in range(n)]
     ids = list(ids)
-    folder = join_uri(out_dir, modality, split)
-    filesystem = None
-    if is_remote(folder):
-        filesystem, _ = filesystem_for(folder)
-    else:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    folder, filesystem = shard_folder(out_dir, modality, split)
     uris = []
     for shard, start in enumerate(range(0, max(n, 1), rows_per_shard)):
         stop = min(n, start + rows_per_shard)
