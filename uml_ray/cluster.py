@@ -117,7 +117,10 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
 
 def cluster_address(address: str = "") -> str:
-    """The cluster to attach to: ``address`` (``resources.address``), else ``$RAY_ADDRESS``; '' = a local Ray."""
+    """The cluster to attach to: ``address`` (``resources.address``), else ``$RAY_ADDRESS``.
+
+    '' means a local Ray.
+    """
     return address or os.environ.get("RAY_ADDRESS", "")
 
 

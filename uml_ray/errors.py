@@ -23,4 +23,7 @@ class DataError(UserError):
 
 
 class TrialCrash(Exception):
-    """A trial crashed (a bug, out of memory): the CLI prints which trial and where its traceback is, and exits 1."""
+    """A trial crashed (a bug, out of memory).
+
+    The CLI prints which trial and where its traceback is, and exits 1.
+    """

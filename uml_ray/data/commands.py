@@ -9,6 +9,55 @@ from uml_ray.uri import output_folder
 
 # the CLI's defaults are the generator's own, so the two never drift apart
 SYNTH_DEFAULTS = {name: p.default for name, p in inspect.signature(write_synthetic).parameters.items()}
+# one ``data synth`` option per generator parameter: (flag, parameter, argparse options)
+SYNTH_OPTIONS = (
+    ("--classes", "n_classes", {"type": int, "help": "number of classes"}),
+    ("--latent-dim", "latent_dim", {"type": int, "help": "dim of the shared latent z"}),
+    ("--dim-x", "dim_x", {"type": int, "help": "dim of the target modality 'image'"}),
+    (
+        "--dims-aux",
+        "dims_aux",
+        {"type": int, "nargs": "+", "help": "dims of the auxiliary modalities (text, aux2, ...)"},
+    ),
+    ("--n-train", "n_train", {"type": int, "help": "target train rows"}),
+    ("--n-val", "n_val", {"type": int, "help": "target val rows"}),
+    ("--n-test", "n_test", {"type": int, "help": "target test rows"}),
+    ("--n-aux", "n_aux", {"type": int, "help": "train rows of each auxiliary modality"}),
+    ("--noise-x", "noise_x", {"type": float, "help": "observation noise of the target"}),
+    ("--noise-aux", "noise_aux", {"type": float, "help": "observation noise of the auxiliary modalities"}),
+    ("--class-sep", "class_sep", {"type": float, "help": "scale of the class means in latent space"}),
+    (
+        "--aux-pure-noise",
+        "aux_pure_noise",
+        {"action": "store_true", "help": "auxiliary modalities are pure noise (control case)"},
+    ),
+    (
+        "--aux-shared-mixing",
+        "aux_shared_mixing",
+        {
+            "action": "store_true",
+            "help": "auxiliary modalities observed through the target's own mixing "
+            "(aligned spaces; dims must equal --dim-x)",
+        },
+    ),
+    (
+        "--aux-spread",
+        "aux_spread",
+        {
+            "type": float,
+            "help": "within-class latent spread of the auxiliary rows "
+            "(below 1: each row pins its class down more tightly)",
+        },
+    ),
+    ("--kind", "kind", {"choices": ["vector", "sequence"], "help": "row kind"}),
+    (
+        "--seq-len",
+        "seq_len",
+        {"type": int, "nargs": 2, "metavar": ("MIN", "MAX"), "help": "sequence length range"},
+    ),
+    ("--rows-per-shard", "rows_per_shard", {"type": int, "help": "rows per Parquet shard"}),
+    ("--seed", "seed", {"type": int, "help": "seed; the same seed writes byte-identical shards"}),
+)
 
 
 def register(subparsers) -> None:
@@ -30,75 +79,9 @@ def register(subparsers) -> None:
         "synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)"
     )
     synth.add_argument("out_dir", type=output_folder, help="output folder (local or s3:// / gs://)")
-    synth.add_argument("--classes", type=int, default=SYNTH_DEFAULTS["n_classes"], help="number of classes")
-    synth.add_argument(
-        "--latent-dim", type=int, default=SYNTH_DEFAULTS["latent_dim"], help="dim of the shared latent z"
-    )
-    synth.add_argument(
-        "--dim-x", type=int, default=SYNTH_DEFAULTS["dim_x"], help="dim of the target modality 'image'"
-    )
-    synth.add_argument(
-        "--dims-aux",
-        type=int,
-        nargs="+",
-        default=list(SYNTH_DEFAULTS["dims_aux"]),
-        help="dims of the auxiliary modalities (text, aux2, ...)",
-    )
-    synth.add_argument("--n-train", type=int, default=SYNTH_DEFAULTS["n_train"], help="target train rows")
-    synth.add_argument("--n-val", type=int, default=SYNTH_DEFAULTS["n_val"], help="target val rows")
-    synth.add_argument("--n-test", type=int, default=SYNTH_DEFAULTS["n_test"], help="target test rows")
-    synth.add_argument(
-        "--n-aux", type=int, default=SYNTH_DEFAULTS["n_aux"], help="train rows of each auxiliary modality"
-    )
-    synth.add_argument(
-        "--noise-x", type=float, default=SYNTH_DEFAULTS["noise_x"], help="observation noise of the target"
-    )
-    synth.add_argument(
-        "--noise-aux",
-        type=float,
-        default=SYNTH_DEFAULTS["noise_aux"],
-        help="observation noise of the auxiliary modalities",
-    )
-    synth.add_argument(
-        "--class-sep",
-        type=float,
-        default=SYNTH_DEFAULTS["class_sep"],
-        help="scale of the class means in latent space",
-    )
-    synth.add_argument(
-        "--aux-pure-noise", action="store_true", help="auxiliary modalities are pure noise (control case)"
-    )
-    synth.add_argument(
-        "--aux-shared-mixing",
-        action="store_true",
-        help="auxiliary modalities observed through the target's own mixing (aligned spaces; dims must equal --dim-x)",
-    )
-    synth.add_argument(
-        "--aux-spread",
-        type=float,
-        default=SYNTH_DEFAULTS["aux_spread"],
-        help="within-class latent spread of the auxiliary rows (below 1: each row pins its class down more tightly)",
-    )
-    synth.add_argument(
-        "--kind", choices=["vector", "sequence"], default=SYNTH_DEFAULTS["kind"], help="row kind"
-    )
-    synth.add_argument(
-        "--seq-len",
-        type=int,
-        nargs=2,
-        default=list(SYNTH_DEFAULTS["seq_len"]),
-        metavar=("MIN", "MAX"),
-        help="sequence length range",
-    )
-    synth.add_argument(
-        "--rows-per-shard", type=int, default=SYNTH_DEFAULTS["rows_per_shard"], help="rows per Parquet shard"
-    )
-    synth.add_argument(
-        "--seed",
-        type=int,
-        default=SYNTH_DEFAULTS["seed"],
-        help="seed; the same seed writes byte-identical shards",
-    )
+    for flag, parameter, options in SYNTH_OPTIONS:
+        default = SYNTH_DEFAULTS[parameter]
+        synth.add_argument(flag, default=list(default) if isinstance(default, tuple) else default, **options)
     synth.set_defaults(func=run_synth)
 
     images = commands.add_parser(
@@ -122,7 +105,8 @@ def register(subparsers) -> None:
     )
     images.add_argument(
         "--classes",
-        help="ordered class names, comma-separated (default: the folder's, Fashion-MNIST's or the manifest's)",
+        help="ordered class names, comma-separated "
+        "(default: the folder's, Fashion-MNIST's or the manifest's)",
     )
     images.add_argument("--modality", default="image", help="modality name in the manifest")
     images.add_argument("--target", default="image", help="target modality when a new manifest is created")
@@ -138,7 +122,8 @@ def format_summary(summary: dict) -> str:
     classes = summary["classes"]
     lines = [f"dataset {summary['name']}: {len(classes)} classes, target {summary['target']}"]
     lines.append(
-        f"{'modality':<12}{'split':<7}{'kind':<10}{'dim':>6}{'shards':>8}{'rows':>9}{'unlabeled':>11}  per class"
+        f"{'modality':<12}{'split':<7}{'kind':<10}{'dim':>6}{'shards':>8}{'rows':>9}"
+        f"{'unlabeled':>11}  per class"
     )
     for modality, spec in summary["modalities"].items():
         for split, counts in spec["splits"].items():
@@ -204,26 +189,10 @@ def run_images(args) -> int:
 
 def run_synth(args) -> int:
     """Write the synthetic dataset and print its manifest path."""
+    values = {parameter: getattr(args, flag[2:].replace("-", "_")) for flag, parameter, _ in SYNTH_OPTIONS}
+    # list-valued options (nargs) are tuples in the generator's signature
     path = write_synthetic(
-        args.out_dir,
-        n_classes=args.classes,
-        latent_dim=args.latent_dim,
-        dim_x=args.dim_x,
-        dims_aux=tuple(args.dims_aux),
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        n_aux=args.n_aux,
-        noise_x=args.noise_x,
-        noise_aux=args.noise_aux,
-        class_sep=args.class_sep,
-        aux_pure_noise=args.aux_pure_noise,
-        aux_shared_mixing=args.aux_shared_mixing,
-        aux_spread=args.aux_spread,
-        kind=args.kind,
-        seq_len=tuple(args.seq_len),
-        rows_per_shard=args.rows_per_shard,
-        seed=args.seed,
+        args.out_dir, **{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
     )
     print(path)
     return 0

@@ -136,6 +136,12 @@ def _require(mapping: dict, key: str, where: str, kind: type | tuple):
     return value
 
 
+def _reject_unknown(mapping: dict, allowed: tuple[str, ...], where: str, fields: str = "field(s)") -> None:
+    unknown = set(mapping) - set(allowed)
+    if unknown:
+        raise DataError(f"{where}: unknown {fields} {sorted(unknown)}; allowed: {', '.join(allowed)}")
+
+
 def _parse_json(text: str, path: str):
     try:
         return json.loads(text)
@@ -175,11 +181,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(str(exc)) from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: a manifest is a mapping with name, classes, target, modalities")
-    unknown = set(raw) - {"name", "classes", "target", "modalities"}
-    if unknown:
-        raise DataError(
-            f"{path}: unknown manifest field(s) {sorted(unknown)}; allowed: name, classes, target, modalities"
-        )
+    _reject_unknown(raw, ("name", "classes", "target", "modalities"), path, "manifest field(s)")
     name = str(raw.get("name", Path(path).stem))
     classes = _require(raw, "classes", path, list)
     if not classes or len(set(map(str, classes))) != len(classes):
@@ -193,11 +195,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         where = f"{path}: modalities.{mod_name}"
         if not isinstance(spec, dict):
             raise DataError(f"{where}: must be a mapping with kind, dim, splits")
-        unknown = set(spec) - {"kind", "dim", "encoder", "splits"}
-        if unknown:
-            raise DataError(
-                f"{where}: unknown field(s) {sorted(unknown)}; allowed: kind, dim, encoder, splits"
-            )
+        _reject_unknown(spec, ("kind", "dim", "encoder", "splits"), where)
         kind = _require(spec, "kind", where, str)
         if kind not in KINDS:
             raise DataError(f"{where}.kind: '{kind}' is not one of {list(KINDS)}")
@@ -280,6 +278,22 @@ def write_shard(table: pa.Table, uri: str, filesystem=None) -> None:
     pq.write_table(table, path, filesystem=filesystem, write_page_checksum=True)
 
 
+def shard_folder(out_dir: str, modality: str, split: str, clear: bool = False) -> tuple[str, object]:
+    """The folder of one (modality, split)'s shards and the filesystem to write there (None: local).
+
+    A local folder is made; ``clear`` removes the shards an earlier write left in it, so that a
+    re-run with fewer rows leaves no stale shard behind.
+    """
+    folder = join_uri(out_dir, modality, split)
+    if is_remote(folder):
+        return folder, filesystem_for(folder)[0]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if clear:
+        for stale in Path(folder).glob("part-*.parquet"):
+            stale.unlink()
+    return folder, None
+
+
 def write_shards(
     out_dir: str,
     modality: str,
@@ -301,12 +315,7 @@ def write_shards(
     if ids is None:
         ids = [f"{modality}-{split}-{i}" for i in range(n)]
     ids = list(ids)
-    folder = join_uri(out_dir, modality, split)
-    filesystem = None
-    if is_remote(folder):
-        filesystem, _ = filesystem_for(folder)
-    else:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    folder, filesystem = shard_folder(out_dir, modality, split)
     uris = []
     for shard, start in enumerate(range(0, max(n, 1), rows_per_shard)):
         stop = min(n, start + rows_per_shard)

@@ -18,6 +18,7 @@ for the batches in flight (and for val/test, whose transform never changes, once
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import math
@@ -77,7 +78,7 @@ def transform_from_data_config(
 
 
 def row_rng(seed: int, epoch: int, row_id: str) -> np.random.Generator:
-    """The random source of one row in one epoch: the same (seed, epoch, id) always gives the same crop and flip."""
+    """The random source of one row in one epoch: the same (seed, epoch, id) gives the same crop and flip."""
     key = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, epoch, key])
 
@@ -212,15 +213,14 @@ class ImageStream(BatchStream):
         self.decode_cpus = decode_cpus
         self.eval_cache_mb = eval_cache_mb
         self.window_batches = window_batches
-        self._share_ref = None
         self._evaluated = None
 
+    @functools.cached_property
     def _share(self):
-        if self._share_ref is None:
-            import ray
+        """The id-sorted share in the object store, put once: decode tasks fetch it by reference."""
+        import ray
 
-            self._share_ref = ray.put(self.table())
-        return self._share_ref
+        return ray.put(self.table())
 
     def _epoch_batches(self, epoch: int) -> np.ndarray:
         """The share's rows of one epoch as (batches, batch size): seeded order, partial batch dropped."""
@@ -239,7 +239,7 @@ class ImageStream(BatchStream):
             for i in range(0, len(rows), per_task)
         ]
         yield from self._decoded(
-            blocks, decode_block, {"share": self._share(), "transform": transform}, batch_size
+            blocks, decode_block, {"share": self._share, "transform": transform}, batch_size
         )
 
     def _decoded(self, blocks: list[pa.Table], function, kwargs: dict, batch_size: int) -> Iterator[tuple]:
@@ -262,7 +262,7 @@ class ImageStream(BatchStream):
                 yield batch[IMAGE], batch[LABEL]
 
     def _window(self, epoch: int, drawn: int) -> Iterator[tuple[int, int, tuple]]:
-        """The next ``window_batches`` batches from position (epoch, drawn), each with the position after it."""
+        """The next ``window_batches`` batches from position (epoch, drawn), each with the position after."""
         positions, rows = [], []
         while len(positions) < self.window_batches:
             batches = self._epoch_batches(epoch)

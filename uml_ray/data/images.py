@@ -31,6 +31,7 @@ from uml_ray.data.format import (
     Manifest,
     ModalitySpec,
     load_manifest,
+    shard_folder,
     shard_schema,
     write_manifest,
     write_shard,
@@ -44,7 +45,7 @@ from uml_ray.data.sources import (
 )
 from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
-from uml_ray.uri import filesystem_for, is_remote, join_uri
+from uml_ray.uri import is_remote, join_uri
 
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 DECODE_SAMPLE = 256  # rows per shard decoded in full by validation; every row's header is read
@@ -93,14 +94,7 @@ def write_image_shards(
     source of any size streams through. Returns (shard URIs, channel count); the channel count is
     ``channels`` or, when None, that of the first image (1 for grayscale, else 3).
     """
-    folder = join_uri(out_dir, modality, split)
-    filesystem = None
-    if is_remote(folder):
-        filesystem, _ = filesystem_for(folder)
-    else:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        for stale in Path(folder).glob("part-*.parquet"):
-            stale.unlink()
+    folder, filesystem = shard_folder(out_dir, modality, split, clear=True)
     schema = shard_schema("image", 0)
     uris, column, label_column, id_column = [], [], [], []
 

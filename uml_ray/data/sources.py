@@ -39,8 +39,8 @@ FASHION_MNIST_CLASSES = [
 WORDNET_DIR = "/usr/share/wordnet"
 # WordNet 3.0 noun senses per Fashion-MNIST class, as lemma.n.<sense number in index.noun order>.
 # "top" has eleven noun senses; sense 10 is the garment. The Fashion-MNIST bags are handbags, so "Bag"
-# uses handbag.n.01 (= bag.n.04): bag.n.01's hyponyms are tea bags, sandbags and body bags. WordNet has no "ankle boot";
-# boot.n.01 ("footwear that covers the whole foot and lower leg") is the closest sense.
+# uses handbag.n.01 (= bag.n.04): bag.n.01's hyponyms are tea bags, sandbags and body bags. WordNet has no
+# "ankle boot"; boot.n.01 ("footwear that covers the whole foot and lower leg") is the closest sense.
 FASHION_MNIST_SENSES = {
     "T-shirt/top": ["tee_shirt.n.01", "top.n.10"],
     "Trouser": ["trouser.n.01"],
@@ -67,7 +67,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An idx-format array from a ``.gz`` or plain file: images ``(N, rows, cols)`` uint8, labels ``(N,)`` uint8."""
+    """An idx-format array from a ``.gz`` or plain file.
+
+    Images come back as ``(N, rows, cols)`` uint8, labels as ``(N,)`` uint8.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
@@ -94,7 +97,10 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str, folder: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``split`` ('train' = 60k, 'test' = 10k): images ``(N, 28, 28)`` uint8, labels ``(N,)`` int64."""
+    """Fashion-MNIST ``split`` ('train' = 60k, 'test' = 10k).
+
+    Images come back as ``(N, 28, 28)`` uint8, labels as ``(N,)`` int64.
+    """
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise DataError(f"Fashion-MNIST split '{split}': use 'train' or 'test'")
@@ -143,7 +149,7 @@ def list_image_folder(root: str, classes: list[str] | None = None) -> ImageFolde
 
 
 def decode_image(payload) -> np.ndarray:
-    """A uint8 ``H x W`` or ``H x W x 3`` array from encoded bytes, a file path, or an array (returned as is)."""
+    """A uint8 ``H x W`` or ``H x W x 3`` array from encoded bytes, a file path, or an array (kept as is)."""
     import io
 
     from PIL import Image
@@ -173,6 +179,18 @@ def _check_coverage(
         raise DataError(f"{source}: no text for class(es) {missing}; available keys: {available}")
 
 
+def read_json_mapping(path: str, what: str, shape: str) -> dict:
+    """A local JSON file that must hold one object; DataError names the file and ``what`` it is, or
+    says the ``shape`` it must have."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: {shape}")
+    return raw
+
+
 def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
     """``(sentence, class index)`` pairs from a CuPL JSON ``{classname: [sentence, ...]}``.
 
@@ -180,12 +198,7 @@ def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
     key, or with no sentences, is a DataError naming it and the keys the file has; keys for
     classes not in ``classes`` are ignored (CuPL files often cover a superset).
     """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read CuPL JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: CuPL JSON must map class names to lists of sentences")
+    raw = read_json_mapping(path, "CuPL JSON", "CuPL JSON must map class names to lists of sentences")
     by_key = {}
     for key, sentences in raw.items():
         if isinstance(sentences, str):
@@ -205,7 +218,10 @@ def load_cupl(path: str, classes: list[str]) -> list[tuple[str, int]]:
 def template_texts(
     classes: list[str], templates: list[str] = TEMPLATES, names: dict[str, str] | None = None
 ) -> list[tuple[str, int]]:
-    """``(template.format(name), class index)`` for every template and class; ``names`` renames classes for prose."""
+    """``(template.format(name), class index)`` for every template and class.
+
+    ``names`` renames classes for prose.
+    """
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DataError(f"prompt template(s) {bad} have no '{{}}' for the class name")
@@ -225,7 +241,7 @@ class WordNet:
     synsets: dict[str, tuple[list[str], list[str], str]]
 
     def synset(self, name: str) -> str:
-        """The offset of ``lemma.n.N`` (or of ``lemma``'s first noun sense); DataError when WordNet lacks it."""
+        """The offset of ``lemma.n.N`` (or of ``lemma``'s first noun sense); DataError if WordNet lacks it."""
         lemma, _, number = name.partition(".n.")
         lemma = lemma.lower().replace(" ", "_")
         offsets = self.senses.get(lemma)

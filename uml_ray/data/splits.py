@@ -1,18 +1,18 @@
-"""Few-shot splits (docs/data-format.md §5): seeded k-shot train, min(4, k)-shot val, and the CoOp index formats.
+"""Few-shot splits (docs/data-format.md §5): seeded k-shot train, min(4, k)-shot val, CoOp index formats.
 
 Splits are stable across runs, machines and Python versions: rows are sorted by id before any
-draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, no dict or file-system order.
+draw, and the draw uses numpy's PCG64 with an explicit seed — no ``hash()``, no dict or
+file-system order.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from uml_ray.data.sources import read_json_mapping
 from uml_ray.errors import DataError
 
 MAX_VAL_SHOTS = 4
@@ -55,7 +55,7 @@ def few_shot_split(
 
 @dataclass
 class ImageList:
-    """Labelled image files: paths (resolved), ids (as the index file writes them), labels, ordered class names."""
+    """Labelled image files: paths (resolved), ids (as the index file writes them), labels, class names."""
 
     paths: list[str]
     ids: list[str]
@@ -91,13 +91,7 @@ def _image_list(
 
 
 def _read_json(path: str) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read split JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: a split file maps split names to entries")
-    return raw
+    return read_json_mapping(path, "split JSON", "a split file maps split names to entries")
 
 
 def load_coop_split(path: str, image_dir: str | None = None) -> dict[str, ImageList]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -343,6 +343,7 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks() if tables else None
 
 
+@dataclass(eq=False, repr=False)
 class BatchStream:
     """An endless stream of shuffled batches from one worker's share of a dataset.
 
@@ -352,28 +353,18 @@ class BatchStream:
     State is (epoch, batches drawn this epoch).
     """
 
-    def __init__(
-        self,
-        iterator,
-        spec: StreamSpec,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        shuffle_buffer: int = 4096,
-    ):
-        self.iterator = iterator
-        self.spec = spec
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
-        self.drawn = 0
-        self._table = None
-        self._arrays = None
-        self._batches = None
+    iterator: object
+    spec: StreamSpec
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    shuffle_buffer: int = 4096
+    epoch: int = field(default=0, init=False)
+    drawn: int = field(default=0, init=False)
+    _table: pa.Table | None = field(default=None, init=False)
+    _arrays: tuple | None = field(default=None, init=False)
+    _batches: object = field(default=None, init=False)
 
     def state_dict(self) -> dict:
         """Position in the stream, for checkpoints."""

@@ -1,4 +1,4 @@
-"""A synthetic dataset from the linear generative model of docs/method.md §4: ground truth for tests and demos.
+"""A synthetic dataset from the linear generative model (docs/method.md §4): ground truth for tests, demos.
 
 Class ``c`` has a latent mean ``mu_c``; every sample draws its own latent ``z = mu_c + noise``.
 The target modality ``image`` sees ``x = A_x z + noise_x * eps`` and each auxiliary modality
@@ -138,7 +138,8 @@ def write_synthetic(
             f"synthetic data: every auxiliary dim (--dims-aux) must be >= 1, got {list(dims_aux)}"
         )
     if dims_aux and n_aux < n_classes:
-        # balanced labels give every class an auxiliary row only when there are at least as many rows as classes
+        # balanced labels give every class an auxiliary row only when there are at least as many
+        # rows as classes
         raise ConfigError(
             f"synthetic data: n_aux (--n-aux) must be >= n_classes={n_classes} so every class has "
             f"auxiliary rows, got {n_aux}"

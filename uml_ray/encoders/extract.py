@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from uml_ray.data.format import build_table, write_shard
+from uml_ray.data.format import build_table, shard_folder, write_shard
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
-from uml_ray.uri import filesystem_for, is_remote, join_uri
+from uml_ray.uri import join_uri
 
 
 class EncodeBatch:
@@ -115,16 +114,9 @@ class ShardWriter:
     """Writes streamed batches as ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows, uml-ray schema."""
 
     def __init__(self, out_dir: str, modality: str, split: str, dim: int, rows_per_shard: int):
-        self.folder = join_uri(out_dir, modality, split)
+        self.folder, self.filesystem = shard_folder(out_dir, modality, split, clear=True)
         self.dim = dim
         self.rows_per_shard = rows_per_shard
-        self.filesystem = None
-        if is_remote(self.folder):
-            self.filesystem, _ = filesystem_for(self.folder)
-        else:
-            Path(self.folder).mkdir(parents=True, exist_ok=True)
-            for stale in Path(self.folder).glob("part-*.parquet"):
-                stale.unlink()  # a re-run with fewer rows must not leave old shards behind
         self.pending: list[tuple[np.ndarray, np.ndarray, list]] = []
         self.pending_rows = 0
         self.uris: list[str] = []

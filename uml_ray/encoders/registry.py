@@ -17,7 +17,8 @@ Options: ``weights=PATH`` (local weight file or folder), ``pretrained=false`` (r
 ``seed=``, so every actor builds the same model), ``pooling=cls|mean`` (hf), ``normalize=true`` (L2),
 ``dim=N`` (skip the config look-up), ``image_size=PX`` (input resolution), ``max_tokens=N``,
 ``config=PATH.json`` (an open_clip model config; the model name is the file's stem),
-``img_size=PX`` (passed to timm/open_clip model constructors, e.g. for tiny ViTs), ``dtype=float32|bfloat16|float16``.
+``img_size=PX`` (passed to timm/open_clip model constructors, e.g. for tiny ViTs),
+``dtype=float32|bfloat16|float16``.
 
 Encoders are plain torch: ``Encoder.encode(inputs) -> np.ndarray (N, dim) float32``.
 """
@@ -59,7 +60,8 @@ OPTIONS = (
     "img_size",
     "dtype",
 )
-# efficientnet_pytorch names → timm names; block 0 has no expansion conv, so its convs/bns are numbered differently
+# efficientnet_pytorch names → timm names; block 0 has no expansion conv, so its convs/bns are
+# numbered differently
 _STEM_HEAD_RENAMES = {
     "_conv_stem.": "conv_stem.",
     "_bn0.": "bn1.",
@@ -122,7 +124,10 @@ class EncoderSpec:
 
 
 def parse_encoder(text: str) -> EncoderSpec:
-    """Parse ``family:name[@tag][,key=value...]`` (or an alias) into an EncoderSpec; ConfigError on anything unknown."""
+    """Parse ``family:name[@tag][,key=value...]`` (or an alias) into an EncoderSpec.
+
+    Anything unknown is a ConfigError.
+    """
     text = text.strip()
     head, *pairs = text.split(",")
     head = ALIASES.get(head, head)
@@ -184,7 +189,7 @@ class ImageEncoder(Encoder):
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def preprocess(self, images: list) -> torch.Tensor:
-        """A normalised ``(N, 3, S, S)`` float tensor from uint8 arrays (grayscale is repeated to 3 channels)."""
+        """A normalised ``(N, 3, S, S)`` float tensor from uint8 arrays (grayscale repeated to 3 channels)."""
         import torch
         from PIL import Image
 
@@ -258,7 +263,10 @@ def load_encoder(
 
 
 def feature_dim(spec: EncoderSpec | str, modality: str) -> int:
-    """The encoder's output dim, from ``dim=``, a config, or a weightless (meta-device) build — never a weight load."""
+    """The encoder's output dim, from ``dim=``, a config, or a weightless (meta-device) build.
+
+    Weights are never loaded.
+    """
     spec = parse_encoder(spec) if isinstance(spec, str) else spec
     if "dim" in spec.options:
         return spec.int_option("dim")
@@ -282,7 +290,8 @@ def _require_modality(spec: EncoderSpec, modality: str, allowed: tuple) -> None:
 
 
 def _register_open_clip_config(spec: EncoderSpec, where: str | None = None) -> None:
-    # where: how errors name the spec (default "encoder '<spec>'"; the backbone says "model.backbone='<spec>'")
+    # where: how errors name the spec (default "encoder '<spec>'"; the backbone says
+    # "model.backbone='<spec>'")
     config = spec.options.get("config")
     if config:
         import open_clip
@@ -292,7 +301,8 @@ def _register_open_clip_config(spec: EncoderSpec, where: str | None = None) -> N
             raise ConfigError(f"{where}: config file stem '{Path(config).stem}' must equal the model name")
         if not Path(config).is_file():
             raise ConfigError(
-                f"{where}: config file {config} does not exist; give the path of an open_clip model config JSON"
+                f"{where}: config file {config} does not exist; "
+                "give the path of an open_clip model config JSON"
             )
         open_clip.add_model_config(config)
 
@@ -334,7 +344,10 @@ def load_open_clip_model(spec: EncoderSpec, device: str = "cpu") -> torch.nn.Mod
 
 
 def open_clip_architecture(spec: EncoderSpec) -> torch.nn.Module:
-    """The open_clip model a spec names, built weightless on the meta device: its shapes, nothing loaded or downloaded."""
+    """The open_clip model a spec names, built weightless on the meta device.
+
+    Only its shapes: nothing is loaded or downloaded.
+    """
     import logging
 
     import open_clip
@@ -460,13 +473,15 @@ def load_timm_model(spec: EncoderSpec) -> torch.nn.Module:
     if spec.tag == EFFICIENTNET_LITE0_PACKAGE:
         if spec.name != "tf_efficientnet_lite0":
             raise ConfigError(
-                f"encoder '{spec.text}': the {EFFICIENTNET_LITE0_PACKAGE} weights fit timm:tf_efficientnet_lite0 only"
+                f"encoder '{spec.text}': the {EFFICIENTNET_LITE0_PACKAGE} weights fit "
+                "timm:tf_efficientnet_lite0 only"
             )
         model = load_efficientnet_lite0(spec.options.get("weights"))
         model.reset_classifier(0)
     elif spec.tag:
         raise ConfigError(
-            f"encoder '{spec.text}': timm names carry their tag after a dot (vit_small_patch14_dinov2.lvd142m); "
+            f"encoder '{spec.text}': timm names carry their tag after a dot "
+            "(vit_small_patch14_dinov2.lvd142m); "
             f"'@' is only for the packaged weights @{EFFICIENTNET_LITE0_PACKAGE}"
         )
     elif "weights" in spec.options:
@@ -519,7 +534,7 @@ def _hidden_size(config, spec: EncoderSpec) -> int:
 
 
 def is_decoder(config) -> bool:
-    """True for decoder-only language models (mean pooling), False for bidirectional encoders (CLS pooling)."""
+    """True for decoder-only language models (mean pooling), False for bidirectional ones (CLS pooling)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,

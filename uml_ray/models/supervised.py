@@ -60,7 +60,7 @@ class SharedHeadUML(nn.Module):
         )
 
     def logits(self, modality: str, features: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of one modality's features (images for the target when there is a backbone)."""
+        """Class logits for a batch of one modality's features (images for the target with a backbone)."""
         if modality == self.target and self.backbone is not None:
             features = self.backbone(features)
         logits = self.head(self.projections[modality](features))

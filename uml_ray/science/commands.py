@@ -19,7 +19,8 @@ SEEDS_HELP = (
 )
 MANIFEST_HELP = (
     "manifest path with {seed}, one dataset per seed (e.g. a few-shot split drawn with that seed: "
-    "uml-ray case fashion-mnist --split-seed S, uml-ray data synth --seed S); default: data.manifest for every seed"
+    "uml-ray case fashion-mnist --split-seed S, uml-ray data synth --seed S); "
+    "default: data.manifest for every seed"
 )
 
 
@@ -237,7 +238,10 @@ def _params(plan, space, args, seeds, manifests, arms) -> dict:
 
 
 def run_compare(args) -> int:
-    """UML vs the unimodal baseline (and ablations), each val-selected per seed; prints the table and a JSON line."""
+    """UML vs the unimodal baseline (and ablations), each val-selected per seed.
+
+    Prints the table and a JSON line.
+    """
     from uml_ray.science import compare
     from uml_ray.science.searches import check_axes_free, plan_jobs
 

@@ -1,4 +1,4 @@
-"""``uml-ray compare``: UML with alpha searched against the unimodal baseline (alpha fixed at 0), paired over seeds.
+"""``uml-ray compare``: UML (alpha searched) against the unimodal baseline (alpha 0), paired over seeds.
 
 Per seed, each arm runs its own search with the same space (less what has no effect without the
 auxiliary modalities) and the same budget; each selects its config on validation only, and the
@@ -74,7 +74,7 @@ def check_uses_auxiliary(plan: RunPlan, space: SearchSpace) -> None:
 
 
 def compare_arms(plan: RunPlan, space: SearchSpace, drop: list[str]) -> list[Arm]:
-    """The arms of a comparison: UML (the space as given), one per dropped modality, and the unimodal baseline."""
+    """The arms of a comparison: UML (the space as given), one per dropped modality, the unimodal baseline."""
     check_uses_auxiliary(plan, space)
     auxiliary = list(plan.dataset.auxiliary)
     pinned = pinned_width(plan)
@@ -89,8 +89,8 @@ def compare_arms(plan: RunPlan, space: SearchSpace, drop: list[str]) -> list[Arm
         rest = [m for m in auxiliary if m != modality]
         if not rest:
             raise ConfigError(
-                f"--drop-modality {modality}: it is the only auxiliary modality of this run, and leaving it out "
-                "is the unimodal arm, which compare always runs; drop the flag"
+                f"--drop-modality {modality}: it is the only auxiliary modality of this run, "
+                "and leaving it out is the unimodal arm, which compare always runs; drop the flag"
             )
         alpha = {m: a for m, a in plan.cfg.train.alpha.items() if m != modality}
         arms.append(
@@ -158,15 +158,20 @@ def format_report(report: dict) -> list[str]:
     for label, c in report["comparisons"].items():
         percent = round(c["confidence"] * 100)
         lines.append(
-            f"{label}: mean {c['mean']:+.4f} (test acc), {percent}% t CI [{c['t_low']:+.4f}, {c['t_high']:+.4f}], "
-            f"bootstrap [{c['boot_low']:+.4f}, {c['boot_high']:+.4f}], sign {c['wins']}/{c['losses']} p={c['sign_p']:.3g}, "
+            f"{label}: mean {c['mean']:+.4f} (test acc), "
+            f"{percent}% t CI [{c['t_low']:+.4f}, {c['t_high']:+.4f}], "
+            f"bootstrap [{c['boot_low']:+.4f}, {c['boot_high']:+.4f}], "
+            f"sign {c['wins']}/{c['losses']} p={c['sign_p']:.3g}, "
             f"Wilcoxon p={c['wilcoxon_p']:.3g}, n={c['n']}"
         )
     return lines
 
 
 def write_report_files(report: dict, folder: str, stem: str, plot) -> list[str]:
-    """STEM.csv (the report's rows), STEM.json (everything) and STEM.png (``plot(report, path)``) in ``folder``."""
+    """Write STEM.csv (the report's rows), STEM.json (everything) and STEM.png in ``folder``.
+
+    The figure is ``plot(report, path)``.
+    """
     table = os.path.join(folder, f"{stem}.csv")
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))

@@ -39,8 +39,8 @@ def check_grids(plan: RunPlan, target_counts: list[int], budget: int) -> None:
     cfg = plan.cfg
     if cfg.model.regime != "supervised" or cfg.model.backbone:
         raise ConfigError(
-            "study conversion draws target rows per class (data.target_per_class) from feature vectors: it needs "
-            "model.regime=supervised and model.backbone=''"
+            "study conversion draws target rows per class (data.target_per_class) from feature vectors: "
+            "it needs model.regime=supervised and model.backbone=''"
         )
     if len(target_counts) < 2:
         raise ConfigError(
@@ -48,11 +48,13 @@ def check_grids(plan: RunPlan, target_counts: list[int], budget: int) -> None:
         )
     if budget not in target_counts:
         raise ConfigError(
-            f"--target-budget {budget} must be one of --nx {target_counts}: UML is read off the curve from that point"
+            f"--target-budget {budget} must be one of --nx {target_counts}: "
+            "UML is read off the curve from that point"
         )
     if budget >= max(target_counts):
         raise ConfigError(
-            f"--target-budget {budget} is the largest --nx: the curve has no larger count to convert a gain into; "
+            f"--target-budget {budget} is the largest --nx: "
+            "the curve has no larger count to convert a gain into; "
             f"add --nx values above {budget}"
         )
 
@@ -91,7 +93,7 @@ def conversion_report(
     budget: int,
     confidence: float,
 ) -> dict:
-    """Accuracy tables, the conversion with its seed-bootstrap intervals, and UML's accuracy gain at the budget."""
+    """Accuracy tables, the conversion with its seed-bootstrap intervals, UML's accuracy gain at budget."""
     score = {
         (s.arm, s.cell["train.seed"], s.cell.get(TARGET_AXIS, s.cell.get(AUX_AXIS))): s for s in selected
     }
@@ -145,7 +147,8 @@ def format_report(report: dict) -> list[str]:
         report["target_counts"], np.array(report["unimodal_test_acc"]).T, report["curve"]
     ):
         lines.append(
-            f"  N_x={n:<5d} mean {column.mean():.4f}  monotone fit {fitted:.4f}  per seed {np.round(column, 4).tolist()}"
+            f"  N_x={n:<5d} mean {column.mean():.4f}  monotone fit {fitted:.4f}  "
+            f"per seed {np.round(column, 4).tolist()}"
         )
     lines.append(f"UML at N_0={report['budget']} target samples per class:")
     for j, n in enumerate(report["aux_counts"]):
@@ -154,8 +157,9 @@ def format_report(report: dict) -> list[str]:
         bound = ">= " if report["capped"][j] else ""
         lines.append(
             f"  N_y={n:<5d} test acc {report['uml_mean'][j]:.4f} ({gain['mean']:+.4f} vs unimodal at N_0, "
-            f"{percent}% t CI [{gain['t_low']:+.4f}, {gain['t_high']:+.4f}]); worth {bound}{report['gains'][j]:.3g} "
-            f"target samples per class; one auxiliary sample = {bound}{report['worth'][j]:.3g} target samples "
+            f"{percent}% t CI [{gain['t_low']:+.4f}, {gain['t_high']:+.4f}]); "
+            f"worth {bound}{report['gains'][j]:.3g} target samples per class; "
+            f"one auxiliary sample = {bound}{report['worth'][j]:.3g} target samples "
             f"[{low:.3g}, {high:.3g}]"
         )
     low, high = report["ratio_interval"]

@@ -1,4 +1,4 @@
-"""PNG figures of the science commands: the paired plot of ``compare`` and the conversion plot of ``study``."""
+"""PNG figures of the science commands: ``compare``'s paired plot and ``study``'s conversion plot."""
 
 from __future__ import annotations
 

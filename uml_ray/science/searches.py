@@ -102,9 +102,10 @@ def _label(cell: dict) -> str:
 def plan_jobs(
     base: Config, arm: Arm, axes: dict[str, list], name: str, manifests: dict[int, str] | None = None
 ) -> list[Job]:
-    """The sweeps of one arm over every cell of ``axes`` (the product of its values), each checked by ``build_plan``.
+    """The sweeps of one arm over every cell of ``axes`` (the product of its values).
 
-    ``manifests`` maps a seed to the manifest of that seed's split (``data.manifest`` per cell).
+    Each is checked by ``build_plan``. ``manifests`` maps a seed to the manifest of that seed's split
+    (``data.manifest`` per cell).
     """
     keys = list(axes)
     cells = [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
@@ -139,7 +140,7 @@ def check_names_free(jobs: list[Job]) -> None:
 
 
 def check_fuse(jobs: list[Job], fuse: int) -> None:
-    """``--fuse K`` (K > 1) needs sweeps that can fuse (head-only supervised); checked before any sweep runs."""
+    """``--fuse K`` (K > 1) needs sweeps that can fuse (head-only supervised): checked before any sweep."""
     from uml_ray.driver.tune import can_fuse
 
     if fuse > 1 and not all(can_fuse(job.plan, job.space) for job in jobs if job.space is not None):
