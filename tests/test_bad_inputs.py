@@ -652,6 +652,20 @@ CASES = [
     Case(
         "synth-zero-classes", [*SYNTH, "--classes", "0"], ["n_classes (--classes)", "got 0"], "must be >= 1"
     ),
+    Case(
+        "synth-out-is-a-file",
+        ["data", "synth", "{root}/taken"],
+        ["OUT {root}/taken", "is a file, not a folder"],
+        "give a new or existing folder",
+        write("taken", "not a folder"),
+    ),
+    Case(
+        "case-out-is-a-file",
+        ["case", "fashion-mnist", "--out", "{root}/taken"],
+        ["--out {root}/taken", "is a file, not a folder"],
+        "give a new or existing folder",
+        write("taken", "not a folder"),
+    ),
     Case("synth-zero-val", [*SYNTH, "--n-val", "0"], ["n_val (--n-val)", "got 0"], "must be >= 1"),
     Case(
         "synth-aux-below-classes",

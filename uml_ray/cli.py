@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from uml_ray.errors import TrialCrash, UserError
+from uml_ray.uri import check_output_folder
 
 COMMAND_MODULES = (
     "uml_ray.driver.commands",
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        # every command that writes a dataset names its folder OUT (``out_dir``) or ``--out``
+        check_output_folder(getattr(args, "out_dir", None), "OUT")
+        check_output_folder(getattr(args, "out", None), "--out")
         return int(args.func(args) or 0)
     except UserError as exc:
         if args.debug or os.environ.get("UML_RAY_DEBUG"):

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from uml_ray.errors import ConfigError
+
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
@@ -35,14 +37,11 @@ def absolute(uri: str) -> str:
     return uri if is_remote(uri) else os.path.abspath(uri)
 
 
-def output_folder(value: str) -> str:
-    """An argparse ``type`` for a command's output folder: a local path that exists as a file is
-    refused up front (exit 2, one line) instead of failing deep inside the writer."""
-    import argparse
-
-    if not is_remote(value) and Path(value).exists() and not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a new or existing folder")
-    return value
+def check_output_folder(path: str, flag: str) -> None:
+    """Refuse an output folder that exists as a local file, up front and naming the flag, instead of
+    failing deep inside a writer with NotADirectoryError."""
+    if path and not is_remote(path) and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; give a new or existing folder")
 
 
 def filesystem_for(uri: str) -> tuple[FileSystem, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 from uml_ray.data.synth import write_synthetic
-from uml_ray.uri import output_folder
 
 # the CLI's defaults are the generator's own, so the two never drift apart
 SYNTH_DEFAULTS = {name: p.default for name, p in inspect.signature(write_synthetic).parameters.items()}
@@ -78,7 +77,7 @@ def register(subparsers) -> None:
     synth = commands.add_parser(
         "synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)"
     )
-    synth.add_argument("out_dir", type=output_folder, help="output folder (local or s3:// / gs://)")
+    synth.add_argument("out_dir", help="output folder (local or s3:// / gs://)")
     for flag, parameter, options in SYNTH_OPTIONS:
         default = SYNTH_DEFAULTS[parameter]
         synth.add_argument(flag, default=list(default) if isinstance(default, tuple) else default, **options)
@@ -89,7 +88,6 @@ def register(subparsers) -> None:
     )
     images.add_argument(
         "out_dir",
-        type=output_folder,
         help="dataset folder: shards go to OUT/<modality>/<split>, the manifest to OUT/manifest.yaml",
     )
     images.add_argument("--split", required=True, choices=["train", "val", "test"])

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from uml_ray.errors import DataError
-from uml_ray.uri import output_folder
 
 
 def register(subparsers) -> None:
@@ -17,7 +16,6 @@ def register(subparsers) -> None:
     extract.add_argument(
         "--out",
         required=True,
-        type=output_folder,
         help="dataset folder: shards go to OUT/<modality>/<split>, manifest to OUT/manifest.yaml",
     )
     extract.add_argument(
@@ -59,9 +57,7 @@ def register(subparsers) -> None:
         help="fashion-mnist: EfficientNet-Lite0 image features + MiniLM WordNet/template text (supervised); "
         "fashion-mnist-rows: images as 28-step row sequences + MiniLM token sequences (sequence regime)",
     )
-    case.add_argument(
-        "--out", required=True, type=output_folder, help="dataset folder (manifest.yaml is written there)"
-    )
+    case.add_argument("--out", required=True, help="dataset folder (manifest.yaml is written there)")
     case.add_argument(
         "--shots", type=int, help="fashion-mnist: train images per class (required); val gets min(4, shots)"
     )
