@@ -12,7 +12,9 @@ from conftest import write_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
-from uml_ray.driver.tune import _check_sample, _fusion_group, checked_searcher, fused_rungs, grid_members
+from uml_ray.driver.searcher import CheckedSearcher, grid_members, tune_space
+from uml_ray.driver.sweep import fused_rungs
+from uml_ray.driver.trial import check_sample
 from uml_ray.search.space import load_space
 
 
@@ -43,26 +45,15 @@ def drain(searcher, trials: int, metric_of) -> list:
 
 
 def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):
-    import functools
-
     import optuna
     from ray.tune.search.optuna import OptunaSearch
-
-    from uml_ray.driver.tune import _tune_space
 
     inner = OptunaSearch(
         space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max"
     )
-    searcher = checked_searcher(
-        inner,
-        functools.partial(_check_sample, plan, "fixed"),
-        "best_val_acc",
-        min(trials, space.size() or trials),
-        fuse,
-        functools.partial(_fusion_group, plan),
-        max_concurrent,
-    )
-    searcher.set_search_properties("best_val_acc", "max", _tune_space(space))
+    limit = min(trials, space.size() or trials)
+    searcher = CheckedSearcher(inner, plan, "fixed", "best_val_acc", limit, fuse, max_concurrent)
+    searcher.set_search_properties("best_val_acc", "max", tune_space(space))
     return searcher, inner
 
 
@@ -225,10 +216,10 @@ def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
 ):
     import dataclasses
 
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
 
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, resources={"max_failures": 2})
-    original = tune.load_tables
+    original = sweep.load_tables
 
     def broken_tables(
         plan,
@@ -238,7 +229,7 @@ def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
             plan, tables={**plan.tables, "image.train": ray_session.put("not a table")}
         )
 
-    monkeypatch.setattr(tune, "load_tables", broken_tables)
+    monkeypatch.setattr(sweep, "load_tables", broken_tables)
     assert main(["train", str(config), "--name", "crash"]) == 1
     err = capsys.readouterr().err
     assert "trial crashed: 1 of 1 trial(s) of 'crash' failed" in err and "TypeError" in err
@@ -262,8 +253,8 @@ def test_sampled_project_target_off_is_checked_like_the_base_config(synthetic_ma
         load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"shared_dim": 16}))
     )
     with pytest.raises(ConfigError, match="model.project_target=false"):
-        _check_sample(plan, "fixed", {"model.project_target": False})
-    _check_sample(
+        check_sample(plan, "fixed", {"model.project_target": False})
+    check_sample(
         plan, "fixed", {"model.project_target": False, "model.shared_dim": 32}
     )  # the target's own width
     space = load_space(
