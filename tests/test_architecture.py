@@ -58,3 +58,32 @@ def test_each_system_sits_behind_one_module():
         "uml_ray.driver.tune_state",
         "uml_ray.driver.sweep",
     }
+
+
+def driver_imports(path: Path) -> set[str]:
+    """The driver modules ``path`` imports, ``from uml_ray.driver import sweep`` included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "uml_ray.driver":
+            names.update(f"uml_ray.driver.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("uml_ray.driver."):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("uml_ray.driver."))
+    return names
+
+
+def test_the_driver_imports_without_a_cycle():
+    """The driver's modules import each other (top-level and lazy) without a cycle."""
+    graph = {f"uml_ray.driver.{p.stem}": driver_imports(p) for p in (PACKAGE / "driver").glob("*.py")}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, " -> ".join([*path, module])
+        if module not in done:
+            for imported in graph.get(module, ()):
+                visit(imported, [*path, module])
+            done.add(module)
+
+    for module in graph:
+        visit(module, [])
