@@ -45,10 +45,10 @@ def plain_optuna(plan, space, configs: int) -> tuple[float, float]:
 
 
 def uml_sweep(plan, space, configs: int, fuse: int, name: str) -> tuple[float, float]:
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
 
     start = time.perf_counter()
-    outcome = tune.run(plan, space, trials=configs, name=name, fuse=fuse)
+    outcome = sweep.run(plan, space, trials=configs, name=name, fuse=fuse)
     return time.perf_counter() - start, outcome.best_metrics["best_val_acc"]
 
 

@@ -37,7 +37,7 @@ def time_bare(trials: int, storage: str) -> float:
 
 def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
     from uml_ray.config import load_config
-    from uml_ray.driver import tune as uml_tune
+    from uml_ray.driver import sweep
     from uml_ray.driver.plan import build_plan
     from uml_ray.search.space import load_space
 
@@ -61,7 +61,7 @@ def time_uml(trials: int, workdir: str, manifest: str, trainer: str) -> float:
     space = load_space(space_file)
     plan = build_plan(cfg, space)
     start = time.perf_counter()
-    uml_tune.run(plan, space, trials=trials, concurrency=1, name=f"overhead-{trainer}", fuse=1)
+    sweep.run(plan, space, trials=trials, concurrency=1, name=f"overhead-{trainer}", fuse=1)
     return (time.perf_counter() - start) / trials
 
 

@@ -44,8 +44,9 @@ def imports_of(tree: ast.AST, module: str) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-            # `from uml_ray.data import streams` imports the module uml_ray.data.streams
-            names.update(f"{node.module}.{alias.name}" for alias in node.names if node.module == "uml_ray")
+            # `from uml_ray.driver import sweep` imports the module uml_ray.driver.sweep
+            if node.module.split(".")[0] == "uml_ray":
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 

@@ -436,7 +436,7 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
     tables with its members' data.target_per_class and train.seed, exactly as the config trained
     alone does (not with the base config's: all rows, seed 0)."""
     from uml_ray.config import load_config
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
     from uml_ray.driver.plan import build_plan
     from uml_ray.search.space import load_space
     from uml_ray.train.context import LocalContext
@@ -455,7 +455,7 @@ def test_fused_cells_train_on_their_own_target_rows_and_seed(ray_session, datase
             r["metrics"]["best_val_acc"],
             r["metrics"]["test_acc"],
         )
-        for r in tune.run(plan, space, name="fused", fuse=16).results
+        for r in sweep.run(plan, space, name="fused", fuse=16).results
     }
     alone = {}
     for k, seed in fused:

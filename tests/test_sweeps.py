@@ -13,7 +13,9 @@ from helpers import best_config
 from uml_ray.cli import main
 from uml_ray.config import load_config
 from uml_ray.driver.plan import build_plan
-from uml_ray.driver.tune import _check_sample, _fusion_group, checked_searcher, fused_rungs, grid_members
+from uml_ray.driver.searcher import CheckedSearcher, grid_members, tune_space
+from uml_ray.driver.sweep import fused_rungs
+from uml_ray.driver.trial import check_sample
 from uml_ray.search.space import load_space
 
 
@@ -49,26 +51,15 @@ def drain(searcher, trials: int, metric_of) -> list:
 
 
 def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):
-    import functools
-
     import optuna
     from ray.tune.search.optuna import OptunaSearch
-
-    from uml_ray.driver.tune import _tune_space
 
     inner = OptunaSearch(
         space=None, sampler=optuna.samplers.TPESampler(seed=0), metric="best_val_acc", mode="max"
     )
-    searcher = checked_searcher(
-        inner,
-        functools.partial(_check_sample, plan, "fixed"),
-        "best_val_acc",
-        min(trials, space.size() or trials),
-        fuse,
-        functools.partial(_fusion_group, plan),
-        max_concurrent,
-    )
-    searcher.set_search_properties("best_val_acc", "max", _tune_space(space))
+    limit = min(trials, space.size() or trials)
+    searcher = CheckedSearcher(inner, plan, "fixed", "best_val_acc", limit, fuse, max_concurrent)
+    searcher.set_search_properties("best_val_acc", "max", tune_space(space))
     return searcher, inner
 
 
@@ -137,20 +128,24 @@ def test_restored_searcher_hands_a_trial_tune_never_held_to_the_next_trial(plan,
     assert fresh is not None and fresh not in (first, ghost)
     study = restored.inner._ot_study
     assert sorted(t.value for t in study.trials if t.state.name == "COMPLETE") == [0.5, 0.7]
-    assert len(study.trials) == 3  # the ghost's Optuna trial was completed by t3, not abandoned
+    assert len(study.trials) == 3  # first, ghost and fresh: the ghost's config was not sampled again
+    (ghost_trial,) = [t for t in study.trials if t.params == ghost]
+    assert (ghost_trial.state.name, ghost_trial.value) == ("COMPLETE", 0.7)  # completed by t3, not abandoned
 
 
 def test_choice_space_is_never_trained_twice_and_invalid_combinations_are_resampled(plan, tmp_path):
-    # 2 x 3 points, of which warmup 500 >= max_steps 120 is invalid: 4 valid points in all
+    # 2 x 3 points, of which the three with warmup 500 >= max_steps 120 are invalid: 3 valid points in all
     space = written_space(
         tmp_path,
         "params:\n  train.warmup_steps: {type: choice, values: [5, 500]}\n"
         "  train.lr: {type: choice, values: [0.001, 0.01, 0.1]}\n",
     )
     handed = configs_handed(plan, space, 10)
-    keys = [json.dumps(c, sort_keys=True) for c in handed]
-    assert len(keys) == len(set(keys)) == 3
-    assert all(c["train.warmup_steps"] == 5 for c in handed)
+    valid = [{"train.warmup_steps": 5, "train.lr": lr} for lr in (0.001, 0.01, 0.1)]
+    # every valid point handed exactly once, no invalid one
+    assert sorted(json.dumps(c, sort_keys=True) for c in handed) == sorted(
+        json.dumps(c, sort_keys=True) for c in valid
+    )
 
 
 def test_grid_points_grouped_into_fusable_trials(plan, tmp_path):
@@ -215,10 +210,10 @@ def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
 ):
     import dataclasses
 
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
 
     config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, resources={"max_failures": 2})
-    original = tune.load_tables
+    original = sweep.load_tables
 
     def broken_tables(
         plan,
@@ -228,7 +223,7 @@ def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(
             plan, tables={**plan.tables, "image.train": ray_session.put("not a table")}
         )
 
-    monkeypatch.setattr(tune, "load_tables", broken_tables)
+    monkeypatch.setattr(sweep, "load_tables", broken_tables)
     assert main(["train", str(config), "--name", "crash"]) == 1
     err = capsys.readouterr().err
     assert "trial crashed: 1 of 1 trial(s) of 'crash' failed" in err and "TypeError" in err
@@ -252,8 +247,8 @@ def test_sampled_project_target_off_is_checked_like_the_base_config(synthetic_ma
         load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"shared_dim": 16}))
     )
     with pytest.raises(ConfigError, match="model.project_target=false"):
-        _check_sample(plan, "fixed", {"model.project_target": False})
-    _check_sample(
+        check_sample(plan, "fixed", {"model.project_target": False})
+    check_sample(
         plan, "fixed", {"model.project_target": False, "model.shared_dim": 32}
     )  # the target's own width
     space = written_space(

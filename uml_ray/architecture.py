@@ -100,21 +100,29 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (
         "optuna",
         "Optuna",
-        ("uml_ray.driver.tune",),
-        "the searcher and parameter importances",
+        ("uml_ray.driver.searcher", "uml_ray.driver.summary"),
+        "the sampler (searcher) and the parameters' importances (summary)",
     ),
     (
         "ray.tune",
         "Ray Tune",
-        ("uml_ray.driver.tune", "uml_ray.train.context", "uml_ray.train.runner"),
-        "the driver runs the Tuner; an inline trial reports through `tune.report` (context) and a "
-        "TorchTrainer trial through Tune's report callback (runner)",
+        (
+            "uml_ray.driver.searcher",
+            "uml_ray.driver.trainable",
+            "uml_ray.driver.callback",
+            "uml_ray.driver.tune_state",
+            "uml_ray.driver.sweep",
+            "uml_ray.train.context",
+            "uml_ray.train.runner",
+        ),
+        "the driver's searcher, trainable, callback, saved state and Tuner; an inline trial reports "
+        "through `tune.report` (context) and a TorchTrainer trial through Tune's report callback (runner)",
     ),
     (
         "ray.train",
         "Ray Train",
-        ("uml_ray.driver.tune", "uml_ray.train.context", "uml_ray.train.runner"),
-        "the `TorchTrainer` (runner), the worker's view (context), a trial's checkpoint (driver)",
+        ("uml_ray.driver.tune_state", "uml_ray.train.context", "uml_ray.train.runner"),
+        "the `TorchTrainer` (runner), the worker's view (context), a trial's checkpoint (tune_state)",
     ),
     (
         "ray.data",
@@ -123,9 +131,10 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
             "uml_ray.data.streams",
             "uml_ray.data.image_pipeline",
             "uml_ray.encoders.extract",
-            "uml_ray.driver.tune",
+            "uml_ray.driver.sweep",
         ),
-        "streams split across workers, image decode tasks, extraction",
+        "streams split across workers, image decode tasks, extraction; the driver turns its progress "
+        "bars on or off",
     ),
     (
         "mlflow",

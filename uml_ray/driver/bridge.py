@@ -1,6 +1,7 @@
 """Trial events → MLflow, from the driver (the one writer), and → one console line each.
 
-Ray-free: ``driver/tune.py`` hands it Tune's trial objects and fetches checkpoints for it.
+Ray-free: ``driver/callback.py`` hands it Tune's trial objects, and ``driver/tune_state.py``
+(``fetch_best_weights``) fetches checkpoints for it.
 Picklable: Tune stores callbacks with the experiment, and a restored sweep gets this back; the
 MLflow tracker is rebuilt lazily after unpickling.
 """
@@ -16,7 +17,7 @@ from uml_ray.config import Config, dump_config
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
 
-# a fused trial's config and report: one entry per member (docs/architecture.md, fused trials)
+# a fused trial's config and report: one entry per member (README.md, "Sweeps: fused trials, searchers")
 MEMBERS = "members"
 # what a trial reports instead of raising when it meets an error that would recur on retry
 FATAL_KEY = "fatal_error"
@@ -82,7 +83,7 @@ class TrackingBridge:
         return self._tracker
 
     def runs(self, trial) -> list[tuple[str, dict]]:
-        """(MLflow run key, sampled params) of each config a trial trains: one, or each member of a fused trial."""
+        """(MLflow run key, sampled params) of each config a trial trains: one, or each fused member."""
         if MEMBERS in trial.config:
             return [(member_id(trial.trial_id, k), member) for k, member in enumerate(trial.config[MEMBERS])]
         return [(trial.trial_id, dict(trial.config))]
@@ -119,7 +120,8 @@ class TrackingBridge:
                     self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
             if self.verbose or result.get("live") == 0:
                 _say(
-                    f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} best_val_acc={result.get('best_val_acc', 0):.4g}"
+                    f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} "
+                    f"best_val_acc={result.get('best_val_acc', 0):.4g}"
                 )
             return
         self.tracker.log_metrics(
@@ -131,7 +133,7 @@ class TrackingBridge:
 
     @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:
-        """Close the trial's run(s): finished, stopped early, pruned or failed, with config and best weights."""
+        """Close the trial's run(s) as finished, stopped early, pruned or failed, with config and weights."""
         self.trial_started(trial)
         last = trial.last_result or {}
         failed = failed or bool(last.get(FATAL_KEY))

@@ -69,12 +69,12 @@ def _check_resume(args) -> None:
 def run_train(args) -> int:
     """Train once through the same driver as a sweep (a single Tune trial)."""
     from uml_ray.config import load_config
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
     from uml_ray.driver.plan import build_plan
 
     _check_resume(args)
     plan = build_plan(load_config(args.config, args.overrides))
-    outcome = tune.run(plan, resume=args.resume, name=args.name, verbose=args.verbose)
+    outcome = sweep.run(plan, resume=args.resume, name=args.name, verbose=args.verbose)
     outcome.raise_for_failures()
     metrics = outcome.best_metrics
     shown = {k: metrics.get(k) for k in ("best_val_acc", "test_acc", "best_step", "step", "stopped_early")}
@@ -85,7 +85,7 @@ def run_train(args) -> int:
 def run_tune(args) -> int:
     """Check everything, then run the sweep; prints the best trial (and fails if any trial failed)."""
     from uml_ray.config import load_config
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
     from uml_ray.driver.plan import build_plan
     from uml_ray.errors import ConfigError
     from uml_ray.search.space import load_space
@@ -101,7 +101,7 @@ def run_tune(args) -> int:
     _check_resume(args)
     space = load_space(args.space)
     plan = build_plan(load_config(args.config, args.overrides), space)
-    outcome = tune.run(
+    outcome = sweep.run(
         plan,
         space,
         trials=args.trials,

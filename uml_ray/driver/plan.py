@@ -35,7 +35,8 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
     for name in auxiliary:
         if name not in manifest.auxiliary:
             raise ConfigError(
-                f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; choose from {manifest.auxiliary}"
+                f"data.auxiliary: '{name}' is not an auxiliary modality of {manifest.path}; "
+                f"choose from {manifest.auxiliary}"
             )
     check_modalities(cfg, auxiliary)
     check_kinds(cfg, manifest, auxiliary)
@@ -110,9 +111,10 @@ def check_target_projection(cfg: Config, manifest, auxiliary: list[str]) -> None
             else f"the dim of auxiliary '{active[0]}' (model.shared_dim=0)"
         )
         raise ConfigError(
-            f"model.project_target=false feeds the target '{manifest.target}' ({dims[manifest.target]}-d) into the "
-            f"shared head directly, but the shared width is {width} ({source}); set model.project_target=true, "
-            f"or model.shared_dim={dims[manifest.target]} when the auxiliary features are in the target's space"
+            f"model.project_target=false feeds the target '{manifest.target}' ({dims[manifest.target]}-d) "
+            f"into the shared head directly, but the shared width is {width} ({source}); "
+            f"set model.project_target=true, or model.shared_dim={dims[manifest.target]} when the "
+            "auxiliary features are in the target's space"
         )
 
 
@@ -149,7 +151,8 @@ def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSp
         poorest = manifest.classes[int(counts.argmin())]
         raise ConfigError(
             f"data.target_per_class={k}: class '{poorest}' has only {counts.min()} train row(s) of "
-            f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} or a larger train split"
+            f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} "
+            "or a larger train split"
         )
 
 
@@ -166,8 +169,9 @@ def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: Sear
         if len(present) and counts[present].min() < k:
             poorest = int(present[counts[present].argmin()])
             raise ConfigError(
-                f"data.aux_per_class={k}: class '{manifest.classes[poorest]}' has only {counts[poorest]} train "
-                f"row(s) of auxiliary '{name}' in {manifest.path}; use data.aux_per_class<={counts[poorest]} "
+                f"data.aux_per_class={k}: class '{manifest.classes[poorest]}' has only {counts[poorest]} "
+                f"train row(s) of auxiliary '{name}' in {manifest.path}; "
+                f"use data.aux_per_class<={counts[poorest]} "
                 f"or more '{name}' rows"
             )
 
@@ -179,19 +183,21 @@ def check_kinds(cfg: Config, manifest, auxiliary: list[str]) -> None:
     if cfg.model.regime == "supervised" and (target_kind == "image" or cfg.model.backbone):
         if not cfg.model.backbone:
             raise ConfigError(
-                f"{manifest.path}: the target '{manifest.target}' holds images (kind image); set model.backbone "
-                "(e.g. efficientnet-lite0) to fine-tune on them"
+                f"{manifest.path}: the target '{manifest.target}' holds images (kind image); "
+                "set model.backbone (e.g. efficientnet-lite0) to fine-tune on them"
             )
         if target_kind != "image":
             raise ConfigError(
-                f"model.backbone='{cfg.model.backbone}' fine-tunes on images, but the target '{manifest.target}' "
-                f"of {manifest.path} holds {target_kind} rows; write image shards (uml-ray data images) "
+                f"model.backbone='{cfg.model.backbone}' fine-tunes on images, but the target "
+                f"'{manifest.target}' of {manifest.path} holds {target_kind} rows; "
+                "write image shards (uml-ray data images) "
                 "or set model.backbone='' for the head-only regime"
             )
         wrong = {m: manifest.modalities[m].kind for m in auxiliary if manifest.modalities[m].kind != "vector"}
         if wrong:
             raise ConfigError(
-                f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; {wrong} are not"
+                f"{manifest.path}: fine-tuning reads auxiliary modalities as frozen feature vectors; "
+                f"{wrong} are not"
             )
         from uml_ray.models.backbone import check_backbone
 

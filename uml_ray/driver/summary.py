@@ -1,4 +1,7 @@
-"""A finished run or sweep, summed up: the best trial, failures told apart, the parent run's study summary and plots."""
+"""A finished run or sweep, summed up: the best trial, failures told apart, the study summary and plots.
+
+The study summary and plots go on the parent run; the params' importances come from Optuna.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from uml_ray.uri import is_remote, join_uri
 
 @dataclass
 class Failure:
-    """A trial that failed: its id, the error, whether it is the user's (bad config/data), where its traceback is."""
+    """A failed trial: its id, the error, whether it is the user's (bad config/data), its traceback file."""
 
     trial_id: str
     error: str
@@ -45,10 +48,8 @@ class RunOutcome:
             + (f" (traceback: {f.traceback_path})" if f.traceback_path else "")
             for f in self.failures
         ]
-        message = (
-            f"{len(self.failures)} of {len(self.results) + len(self.failures)} trial(s) of '{self.name}' failed: "
-            + "; ".join(lines)
-        )
+        total = len(self.results) + len(self.failures)
+        message = f"{len(self.failures)} of {total} trial(s) of '{self.name}' failed: " + "; ".join(lines)
         if all(f.user_error for f in self.failures):
             raise UserError(message)
         raise TrialCrash(message)
@@ -89,7 +90,6 @@ def best_row(scored: list[dict], metric: str) -> dict:
 
 def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace | None) -> RunOutcome:
     """Best result, study summary and plots onto the parent run; the outcome for the CLI."""
-    from uml_ray.driver.tune import param_importances
     from uml_ray.search.report import sweep_plots
     from uml_ray.tracking.loggers import SweepTracker
 
@@ -165,3 +165,49 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
                 status="FAILED" if failures else "FINISHED",
             )
     return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)
+
+
+def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict[str, float]:
+    """fANOVA-style importances of the searched params, from Optuna, over the scored trials."""
+    import optuna
+
+    if len(rows) < 3:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = {}
+    for p in space.params:
+        if p.type == "choice":
+            distributions[p.key] = optuna.distributions.CategoricalDistribution(
+                [json.dumps(v) for v in p.values]
+            )
+        elif p.type == "int":
+            distributions[p.key] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log)
+        else:
+            distributions[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    study = optuna.create_study(direction="maximize")
+    for row in rows:
+        params = {
+            k: (
+                json.dumps(row["config"][k])
+                if isinstance(distributions[k], optuna.distributions.CategoricalDistribution)
+                else row["config"][k]
+            )
+            for k in distributions
+            if k in row["config"]
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                value=float(row["metrics"][metric]),
+            )
+        )
+    try:
+        return {
+            k: float(v)
+            for k, v in optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            ).items()
+        }
+    except (RuntimeError, ValueError):
+        return {}

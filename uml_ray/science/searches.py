@@ -126,7 +126,7 @@ def plan_jobs(
 
 def check_names_free(jobs: list[Job]) -> None:
     """Every sweep name is new: a study never continues or overwrites an earlier sweep."""
-    from uml_ray.driver.tune import experiment_path
+    from uml_ray.driver.tune_state import experiment_path
     from uml_ray.tracking.runs import check_run_name
     from uml_ray.uri import is_remote
 
@@ -141,7 +141,7 @@ def check_names_free(jobs: list[Job]) -> None:
 
 def check_fuse(jobs: list[Job], fuse: int) -> None:
     """``--fuse K`` (K > 1) needs sweeps that can fuse (head-only supervised): checked before any sweep."""
-    from uml_ray.driver.tune import can_fuse
+    from uml_ray.driver.sweep import can_fuse
 
     if fuse > 1 and not all(can_fuse(job.plan, job.space) for job in jobs if job.space is not None):
         raise ConfigError(
@@ -152,11 +152,11 @@ def check_fuse(jobs: list[Job], fuse: int) -> None:
 
 def run_jobs(jobs: list[Job], trials: int, fuse: int = 0, verbose: bool = False) -> list[Selected]:
     """Run every job in order; returns one ``Selected`` per (arm, cell). A failed trial stops the study."""
-    from uml_ray.driver import tune
+    from uml_ray.driver import sweep
 
     selected = []
     for job in jobs:
-        outcome = tune.run(
+        outcome = sweep.run(
             job.plan,
             job.space,
             trials=trials,

@@ -1,0 +1,33 @@
+"""The Tune callback that hands every trial event to the tracking bridge (``driver/bridge.py``).
+
+A module-level class: Tune pickles its callbacks into the sweep's saved state, and a sweep resumed
+after an upgrade must find today's class there by name, not the class body it was started with.
+"""
+
+from __future__ import annotations
+
+from ray.tune import Callback
+
+from uml_ray.driver.bridge import TrackingBridge
+
+
+class MlflowBridgeCallback(Callback):
+    """Trial started, reported, completed or errored, and the sweep's end: each to ``bridge``."""
+
+    def __init__(self, bridge: TrackingBridge):
+        self.bridge = bridge
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.bridge.trial_started(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.bridge.trial_result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.bridge.trial_ended(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.bridge.trial_ended(trial, failed=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.bridge.finish()

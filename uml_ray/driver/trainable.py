@@ -1,0 +1,104 @@
+"""The Tune trainable every trial runs: its body (one config or a fused set), resumed from kept checkpoints.
+
+``Trial`` is a module-level class, so Tune and Ray pickle it by reference and every trial
+process runs the installed code. The sweep hands Tune ``tune.with_parameters(Trial, plan=...,
+...)``: Tune puts the arguments in the object store once and passes them to ``setup``.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import ray
+import ray.tune
+from pyarrow import fs as pafs
+from ray.tune.result import RESULT_DUPLICATE
+from ray.tune.trainable.function_trainable import FunctionTrainable
+
+from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY
+from uml_ray.driver.trial import REDUCTION_FACTOR, resolve_trial, trial_seed
+from uml_ray.errors import UserError
+from uml_ray.train.context import kept_checkpoints
+from uml_ray.train.plan import RunPlan
+from uml_ray.train.runner import run_fused_trial, run_trial
+
+
+def train_trial(
+    params: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), ended: dict | None = None
+) -> None:
+    """The body of every Tune trial. An error that would recur on retry (bad config or data, a bug,
+    CUDA out of memory) is reported as the trial's final result instead of raised, so Tune does
+    not retry it; a lost worker or node (Ray errors) still raises and is retried from the
+    checkpoint. A trial that had ended before the sweep was resumed (``ended``: its last result)
+    reports that result again instead of training."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    if ended and trial_id in ended:
+        ray.tune.report(ended[trial_id])
+        return
+    try:
+        if MEMBERS in params:
+            seed = (
+                {"train.seed": trial_seed(plan.cfg.train.seed, trial_id)}
+                if seed_policy == "per_trial"
+                else {}
+            )
+            members = [{**member, **seed} for member in params[MEMBERS]]
+            for member in members:  # the searcher checked them; a grid's points are checked here
+                resolve_trial(plan, "fixed", trial_id, member)
+            run_fused_trial(plan, members, list(rungs), REDUCTION_FACTOR)
+        else:
+            run_trial(resolve_trial(plan, seed_policy, trial_id, params))
+    except ray.exceptions.RayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every Python-level error is deterministic here
+        ray.tune.report(
+            {
+                FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000],
+                USER_ERROR_KEY: int(isinstance(exc, UserError)),
+                TRACEBACK_KEY: traceback.format_exc()[-20000:],
+                "best_val_acc": float("nan"),
+                "val_acc": float("nan"),
+            }
+        )
+
+
+class Trial(FunctionTrainable):
+    """``train_trial`` as a Tune function trainable that restores the newest checkpoint kept beside the
+    one Tune recorded for a trial when that one is gone. Tune deletes a trial's oldest checkpoint
+    before it snapshots the sweep; a driver killed in between leaves a snapshot naming a deleted
+    checkpoint, and Tune alone would fail that trial on ``--resume`` ("does not exist on storage
+    anymore")."""
+
+    # Tune names trials and their folders after the trainable: the name sweeps had before this
+    # class, which a restored sweep must keep (Tuner.restore checks it)
+    _name = "_trial"
+
+    def setup(
+        self, config: dict, plan: RunPlan, seed_policy: str, rungs: tuple = (), ended: dict | None = None
+    ) -> None:
+        self.arguments = {"plan": plan, "seed_policy": seed_policy, "rungs": rungs, "ended": ended}
+        super().setup(config)
+
+    def _trainable_func(self, config: dict) -> None:
+        train_trial(config, **self.arguments)
+        # a function trial that returns repeats its last result with this key: Tune's signal that
+        # it ended (what ``wrap_function``'s trainables report)
+        ray.tune.report({RESULT_DUPLICATE: True})
+
+    def restore(self, checkpoint_path):
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)  # Tune hands a (checkpoint, metrics) result
+        if (
+            checkpoint is not None
+            and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound
+        ):
+            kept = kept_checkpoints(checkpoint)
+            if kept:
+                print(
+                    f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}",
+                    flush=True,
+                )
+                checkpoint_path.checkpoint = kept[0]
+        return super().restore(checkpoint_path)
+
+    def __repr__(self) -> str:
+        return self._name
