@@ -1,6 +1,6 @@
 """Reading what Tune saved of a sweep: where it lives, its trial table, ended trials' results, checkpoints.
 
-Ray-free at import. Every storage URI is opened through ``_filesystem_for``.
+Ray-free at import. Every storage URI is opened through ``uri.filesystem_for``.
 """
 
 from __future__ import annotations
@@ -11,19 +11,12 @@ import os
 
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
-from uml_ray.uri import is_remote, join_uri
+from uml_ray.uri import filesystem_for, is_remote, join_uri
 
 
 def experiment_path(plan: RunPlan, name: str) -> str:
     """Where Tune keeps a sweep's state (the folder ``--resume`` restores)."""
     return join_uri(plan.cfg.tracking.storage_path, name)
-
-
-def _filesystem_for(uri: str):
-    """(pyarrow filesystem, path in it) of a storage URI, or of a local path made absolute."""
-    from pyarrow import fs as pafs
-
-    return pafs.FileSystem.from_uri(uri if is_remote(uri) else os.path.abspath(uri))
 
 
 def snapshot_trials(folder: str) -> dict[str, tuple[str, dict]] | None:
@@ -57,7 +50,7 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
     ended = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, name).ended_trials()
     if not ended:
         return {}
-    filesystem, base = _filesystem_for(path)
+    filesystem, base = filesystem_for(path)
     folders = [
         info.path
         for info in filesystem.get_file_info(pafs.FileSelector(base))
@@ -85,7 +78,7 @@ def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | No
 
     checkpoint = trial.checkpoint
     if last.get("checkpoint_path"):
-        filesystem = _filesystem_for(storage)[0] if is_remote(storage) else None
+        filesystem = filesystem_for(storage)[0] if is_remote(storage) else None
         checkpoint = ray.train.Checkpoint(last["checkpoint_path"], filesystem=filesystem)
     if checkpoint is None:
         return None

@@ -115,7 +115,8 @@ def parse_param(key: str, spec: Any, source: str) -> Param:
     log = dist == "loguniform" or bool(spec.get("log", False))
     if log and low <= 0:
         raise ConfigError(
-            f"{where}: a log range must be strictly positive, got low={low}; use a low > 0 (e.g. {high / 1000:g}) or type uniform"
+            f"{where}: a log range must be strictly positive, got low={low}; "
+            f"use a low > 0 (e.g. {high / 1000:g}) or type uniform"
         )
     if dist != "int" and low == high:
         raise ConfigError(f"{where}: low == high == {low} is not a range; use a fixed config value instead")
@@ -134,7 +135,8 @@ def load_space(path: str) -> SearchSpace:
     unknown = set(raw) - {"recipe", "metric", "seed_policy", "params", "searcher", "seeds"}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown field(s) {sorted(unknown)}; allowed: recipe, metric, seed_policy, searcher, seeds, params"
+            f"{path}: unknown field(s) {sorted(unknown)}; "
+            "allowed: recipe, metric, seed_policy, searcher, seeds, params"
         )
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
@@ -187,7 +189,8 @@ def check_space(space: SearchSpace, cfg: Config, auxiliary: list[str]) -> None:
         parts = param.key.split(".")
         if parts[:2] == ["train", "alpha"] and parts[2] not in auxiliary:
             raise ConfigError(
-                f"{space.source}: params.{param.key}: '{parts[2]}' is not an auxiliary modality; choose from {auxiliary}"
+                f"{space.source}: params.{param.key}: '{parts[2]}' is not an auxiliary modality; "
+                f"choose from {auxiliary}"
             )
         corners = param.values if param.type == "choice" else [param.low, param.high]
         for value in corners:
