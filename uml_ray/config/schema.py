@@ -226,6 +226,16 @@ class ResourcesConfig:
     max_failures: int = option(
         1, "Retries of a run after a worker or node is lost (from its last checkpoint).", low=0
     )
+    transient_retries: int = option(
+        3,
+        "Retries of a run trained in the trial process after a transient network or object-storage "
+        "error (from its last checkpoint; README, Reliability); other errors are not retried.",
+        low=0,
+        high=100,
+    )
+    retry_backoff_s: float = option(
+        2.0, "Seconds before the first transient retry, doubled for each next one (at most 600).", low=0.0
+    )
     torch_threads: int = option(1, "Torch intra-op threads per training process.", low=1)
     decode_cpus: float = option(
         1.0,

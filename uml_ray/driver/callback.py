@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray.tune import Callback
 
 from uml_ray.driver.bridge import TrackingBridge
+from uml_ray.driver.retry import RETRIES_KEY, retry_line
 
 
 class MlflowBridgeCallback(Callback):
@@ -22,6 +23,12 @@ class MlflowBridgeCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.bridge.trial_result(trial, result)
+        # a trial retried in its process (driver/retry.py) says so in its next report: one line per retry
+        shown = self.__dict__.setdefault("retries_shown", {})
+        if result.get(RETRIES_KEY, 0) > shown.get(trial.trial_id, 0):
+            shown[trial.trial_id] = result[RETRIES_KEY]
+            limit = self.bridge.plan.cfg.resources.transient_retries
+            print(f"[uml-ray] {retry_line(trial.trial_id, result, limit)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.bridge.trial_ended(trial, failed=False)

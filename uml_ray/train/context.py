@@ -145,12 +145,24 @@ class _SingleWorker:
         return [value]
 
 
+class Replay:
+    """What a trial has reported, kept across its in-process retries (``driver/retry.py``). A retry
+    resumes from the last checkpoint and recomputes the validations after it, which Tune has counted
+    already (ASHA's clock is the report count; MLflow has their steps): those are not reported again.
+    ``notes`` go with every report after a retry (its count and error, for the driver's line)."""
+
+    def __init__(self):
+        self.step = -1
+        self.notes: dict = {}
+
+
 class InlineContext(_SingleWorker):
     """A one-worker run inside a Tune function trial; ``sources`` are built by the runner."""
 
-    def __init__(self, sources: dict, use_gpu: bool):
+    def __init__(self, sources: dict, use_gpu: bool, replay: Replay | None = None):
         self.sources = sources
         self.device = _device(use_gpu)
+        self.replay = replay or Replay()
 
     def source(self, name: str) -> BatchSource:
         return self.sources[name]
@@ -164,12 +176,17 @@ class InlineContext(_SingleWorker):
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         import ray.tune
 
+        step = metrics.get("step", self.replay.step + 1)
+        if state is None and step <= self.replay.step:
+            return
+        metrics = {**metrics, **self.replay.notes}
         if state is None:
             ray.tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(folder, state, best)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                write_checkpoint(folder, state, best)
+                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        self.replay.step = step
 
 
 class Interrupted(Exception):

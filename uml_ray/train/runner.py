@@ -11,7 +11,7 @@ datasets too large for memory go through Ray Data.
 from __future__ import annotations
 
 from uml_ray.data.streams import ParquetSource, TableSource, build_streamed_datasets
-from uml_ray.train.context import InlineContext, TrainWorkerContext
+from uml_ray.train.context import InlineContext, Replay, TrainWorkerContext
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import absolute, join_uri
 
@@ -66,9 +66,9 @@ def ray_data_streams(plan: RunPlan) -> list[str]:
     ]
 
 
-def _inline_context(plan: RunPlan) -> InlineContext:
+def _inline_context(plan: RunPlan, replay: Replay | None = None) -> InlineContext:
     """A one-process run's sources: in-memory shares from the object store, streamed ones as
-    ``ray_data_streams`` says."""
+    ``ray_data_streams`` says; ``replay``: what the trial reported before a retry."""
     import ray
 
     manifest = plan.dataset.manifest
@@ -83,20 +83,23 @@ def _inline_context(plan: RunPlan) -> InlineContext:
     )
     if through_ray_data:
         sources.update({name: ds.iterator() for name, ds in _streamed(plan, through_ray_data).items()})
-    return InlineContext(sources, plan.cfg.resources.gpus_per_worker > 0)
+    return InlineContext(sources, plan.cfg.resources.gpus_per_worker > 0, replay)
 
 
-def run_fused_trial(plan: RunPlan, members: list[dict], rungs: list[int], reduction_factor: int) -> None:
+def run_fused_trial(
+    plan: RunPlan, members: list[dict], rungs: list[int], reduction_factor: int, replay: Replay | None = None
+) -> None:
     """A Ray Tune function trial training ``members`` (dotted overrides of ``plan``) as one fused
     model, in the trial process."""
     from uml_ray.train.fused_loop import train_fused
 
     # members share every structural setting (data.*, train.seed): the first one's plan shapes the tables
-    train_fused(plan, members, _inline_context(plan.with_params(members[0])), rungs, reduction_factor)
+    train_fused(plan, members, _inline_context(plan.with_params(members[0]), replay), rungs, reduction_factor)
 
 
-def run_trial(plan: RunPlan) -> None:
-    """A Ray Tune function trial: one run of ``plan`` (its sampled params already applied)."""
+def run_trial(plan: RunPlan, replay: Replay | None = None) -> None:
+    """A Ray Tune function trial: one run of ``plan`` (its sampled params already applied);
+    ``replay``: what a trial trained in its process reported before a retry."""
     import ray
     import ray.tune
 
@@ -104,7 +107,7 @@ def run_trial(plan: RunPlan) -> None:
     loop = loop_for(cfg.model.regime)
     use_gpu = cfg.resources.gpus_per_worker > 0
     if use_inline(cfg):
-        loop(plan, _inline_context(plan))
+        loop(plan, _inline_context(plan, replay))
         return
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
