@@ -1,5 +1,7 @@
-"""The torch models an ``open_clip:`` or ``timm:`` spec names: shared by the frozen image encoders
-and the fine-tuning backbone (``uml_ray.models.backbone``).
+"""The torch models an ``open_clip:`` or ``timm:`` spec names (open_clip configs, timm input sizes).
+
+Shared by the frozen image encoders (``uml_ray.encoders.registry``) and the fine-tuning backbone
+(``uml_ray.models.backbone``).
 """
 
 from __future__ import annotations
