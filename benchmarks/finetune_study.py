@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     args = parser.parse_args()
     from uml_ray.cluster import start_local_ray
-    from uml_ray.encoders.cases import build_fashion_mnist_case, build_fashion_mnist_finetune_case
+    from uml_ray.encoders.cases import build_fashion_mnist_case
 
     workdir = os.path.abspath(args.workdir)
     cache = args.cache_dir or os.path.join(workdir, ".feature-cache")
@@ -61,8 +61,8 @@ def main() -> None:
     arms = {arm: [] for arm in args.arms}
     for shots in args.shots:
         for seed in args.seeds:
-            images = build_fashion_mnist_finetune_case(
-                f"{workdir}/ft-{shots}-{seed}", shots, seed, cache_dir=cache
+            images = build_fashion_mnist_case(
+                f"{workdir}/ft-{shots}-{seed}", shots, seed, regime="finetune", cache_dir=cache
             )["manifest"]
             features = build_fashion_mnist_case(
                 f"{workdir}/lp-{shots}-{seed}", shots, seed, image_size=args.size, cache_dir=cache

