@@ -61,7 +61,8 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "uml_ray.tracking",
         "MLflow: the connection (`store`), tag names (`tags`), writes held through an outage (`outbox`), "
         "run queries and `uml-ray best` (`runs`), the sweep and study loggers (`loggers`)",
-        ("uml_ray.config", "uml_ray.errors", "uml_ray.uri"),
+        # train: the selection statistic `uml-ray best` ranks by (train.selection, plain Python)
+        ("uml_ray.config", "uml_ray.errors", "uml_ray.train", "uml_ray.uri"),
     ),
     (
         "uml_ray.driver",
