@@ -53,7 +53,8 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "uml_ray.train",
-        "the run plan, one loop skeleton with a step and an evaluation per regime, checkpoints, placement",
+        "the run plan, one loop skeleton with a step and an evaluation per regime, checkpoints, placement, "
+        "the selection statistic",
         ("uml_ray.config", "uml_ray.data", "uml_ray.errors", "uml_ray.models", "uml_ray.uri"),
     ),
     ("uml_ray.search", "search-space files, sweep plots", ("uml_ray.config", "uml_ray.errors")),

@@ -139,7 +139,7 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
     given up on within seconds; every failure is a UserError naming the URI.
     """
     if "`" in metric:
-        raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. {SCORE}")
+        raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
     filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
     if sweep:
         filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
