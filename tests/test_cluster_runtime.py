@@ -526,10 +526,11 @@ def test_sweep_on_mlflow_server_and_best_reads_it_back(
         == 0
     )
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["rank", "run", "best_val_acc", "test_acc"]
-    ranked = sorted(children, key=lambda c: c.data.metrics["best_val_acc"], reverse=True)
+    header = ["rank", "run", "selection_score", "best_val_acc", "best_val_loss", "val_se", "test_acc"]
+    assert table[0].split()[:7] == header
+    ranked = sorted(children, key=lambda c: c.data.metrics["selection_score"], reverse=True)
     assert table[1].split()[1] == ranked[0].info.run_name
-    assert float(table[1].split()[2]) == pytest.approx(ranked[0].data.metrics["best_val_acc"], abs=1e-4)
+    assert float(table[1].split()[3]) == pytest.approx(ranked[0].data.metrics["best_val_acc"], abs=1e-4)
     best = yaml.safe_load(best_yaml.read_text())
     assert best["tracking"]["uri"] == uri and best["tracking"]["experiment"] == experiment
     sampled = json.loads(ranked[0].data.tags["uml_ray.sampled"])

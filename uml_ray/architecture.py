@@ -27,6 +27,11 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("uml_ray.architecture", "this map of import rules", ()),
     (
+        "uml_ray.selection",
+        "the selection statistic (val accuracy, ties to lower val loss), what the val split tells apart",
+        (),
+    ),
+    (
         "uml_ray.config",
         "typed dataclass configs (schema, bounds, cross-field rules), bounded YAML I/O, dotted overrides",
         ("uml_ray.errors", "uml_ray.uri"),
@@ -54,14 +59,21 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "uml_ray.train",
         "the run plan, one loop skeleton with a step and an evaluation per regime, checkpoints, placement",
-        ("uml_ray.config", "uml_ray.data", "uml_ray.errors", "uml_ray.models", "uml_ray.uri"),
+        (
+            "uml_ray.config",
+            "uml_ray.data",
+            "uml_ray.errors",
+            "uml_ray.models",
+            "uml_ray.selection",
+            "uml_ray.uri",
+        ),
     ),
     ("uml_ray.search", "search-space files, sweep plots", ("uml_ray.config", "uml_ray.errors")),
     (
         "uml_ray.tracking",
         "MLflow: the connection (`store`), tag names (`tags`), writes held through an outage (`outbox`), "
         "run queries and `uml-ray best` (`runs`), the sweep and study loggers (`loggers`)",
-        ("uml_ray.config", "uml_ray.errors", "uml_ray.uri"),
+        ("uml_ray.config", "uml_ray.errors", "uml_ray.selection", "uml_ray.uri"),
     ),
     (
         "uml_ray.driver",
@@ -73,6 +85,7 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "uml_ray.errors",
             "uml_ray.models",
             "uml_ray.search",
+            "uml_ray.selection",
             "uml_ray.tracking",
             "uml_ray.train",
             "uml_ray.uri",

@@ -120,6 +120,7 @@ def run_tune(args) -> int:
                 "trials": len(outcome.results) + len(outcome.failures),
                 "best_config": outcome.best_config,
                 metric: outcome.best_metrics.get(metric),
+                "best_val_acc": outcome.best_metrics.get("best_val_acc"),
                 "test_acc": outcome.best_metrics.get("test_acc"),
             },
             default=str,

@@ -14,6 +14,7 @@ from pathlib import Path
 from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_KEY, member_id
 from uml_ray.errors import TrialCrash, UserError
 from uml_ray.search.space import SearchSpace
+from uml_ray.selection import rankable, selection_key, separation, separation_line
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import is_remote, join_uri
 
@@ -82,10 +83,10 @@ def _failures(results, path: str) -> list[Failure]:
 
 def best_row(scored: list[dict], metric: str) -> dict:
     """The selected trial among rows that reported ``metric``: like `uml-ray best`, completed trials
-    only (ASHA-pruned ones never reached their best-val point), ties broken by the lower validation
-    loss at that point."""
+    only (ASHA-pruned ones never reached their best-val point), ranked by ``selection_key`` (the
+    metric, then best val accuracy, then the lower val loss at the best-val point)."""
     finalists = [r for r in scored if r["metrics"].get("completed")] or scored
-    return max(finalists, key=lambda r: (r["metrics"][metric], -r["metrics"].get("best_val_loss", 0.0)))
+    return max(finalists, key=lambda r: selection_key(r["metrics"], metric))
 
 
 def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace | None) -> RunOutcome:
@@ -119,30 +120,41 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             }
         )
     metric = space.metric if space else "best_val_acc"
-    scored = [r for r in rows if r["metrics"].get(metric) is not None]
+    scored = [r for r in rows if rankable(r["metrics"], metric)]
     if not scored:
         # trials that failed before their first report have no metrics: their errors are the story
         outcome = RunOutcome(name, path, {}, {}, rows, failures)
         outcome.raise_for_failures()
         raise UserError(f"no trial of '{name}' reported {metric}")
     best = best_row(scored, metric)
+    facts = separation(best["metrics"], [r["metrics"] for r in rows if r["metrics"].get("completed")])
     if space is not None:
+        print(f"[uml-ray] {separation_line(facts)}", flush=True)
         tracker = SweepTracker(
             cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location, name
         )
         tracker.start_sweep({})
         completed = sum(1 for r in rows if r["metrics"].get("completed"))
         summary = {
-            "best_" + metric: best["metrics"][metric],
+            "best_" + metric: selection_key(best["metrics"], metric)[0],
             "best_test_acc": best["metrics"].get("test_acc", float("nan")),
             "trials": len(rows) + len(failures),
             "completed_trials": completed,
             "pruned_trials": len(rows) - completed,
             "failed_trials": len(failures),
         }
+        summary["best_best_val_acc"] = best["metrics"].get("best_val_acc", float("nan"))
+        if facts is not None:  # what the val split can tell apart (uml_ray.selection)
+            summary.update(
+                best_val_se=facts["val_se"],
+                within_1se_configs=facts["within_1se"],
+                tied_top_configs=facts["tied_top"],
+            )
         with tempfile.TemporaryDirectory() as folder:
             study = os.path.join(folder, "study_summary.json")
-            importances = param_importances(scored, space, metric)
+            # a sweep resumed across the upgrade may hold rows from before the selection score
+            plotted = [r for r in scored if r["metrics"].get(metric) is not None]
+            importances = param_importances(plotted, space, metric)
             Path(study).write_text(
                 json.dumps(
                     {
@@ -157,7 +169,7 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
                     default=str,
                 )
             )
-            plots = sweep_plots(scored, space, metric, importances, folder)
+            plots = sweep_plots(plotted, space, metric, importances, folder)
             tracker.end_sweep(
                 summary,
                 {**best["config"], "trial_id": best["trial_id"]},

@@ -63,6 +63,7 @@ def train_trial(
                     FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000] + after,
                     USER_ERROR_KEY: int(isinstance(exc, UserError)),
                     TRACEBACK_KEY: traceback.format_exc()[-20000:],
+                    "selection_score": float("nan"),
                     "best_val_acc": float("nan"),
                     "val_acc": float("nan"),
                     **replay.notes,

@@ -3,7 +3,7 @@
 A space file::
 
     recipe: supervised            # which regime it is for (supervised | sequence)
-    metric: best_val_acc          # optional; what the search maximises
+    metric: selection_score       # optional; what the search maximises (or best_val_acc, val_acc)
     seed_policy: fixed            # fixed: every trial uses train.seed; per_trial: a seed derived per trial
     searcher: tpe                 # tpe (default) | random | grid (every combination of the choices, once)
     seeds: [0, 1, 2]              # grid only, optional: the whole grid once per train.seed
@@ -29,7 +29,9 @@ from uml_ray.errors import ConfigError
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SEED_POLICIES = ("fixed", "per_trial")
 SEARCHERS = ("tpe", "random", "grid")
-METRICS = ("best_val_acc", "val_acc")
+# selection_score (the default): best val accuracy, ties broken by the lower val loss, in one number
+# (uml_ray.selection); best_val_acc ranks by accuracy alone; val_acc is the latest validation's
+METRICS = ("selection_score", "best_val_acc", "val_acc")
 
 
 @dataclass
@@ -50,7 +52,7 @@ class SearchSpace:
 
     params: list[Param]
     recipe: str = "supervised"
-    metric: str = "best_val_acc"
+    metric: str = "selection_score"
     seed_policy: str = "fixed"
     source: str = "space"
     searcher: str = "tpe"
@@ -144,7 +146,7 @@ def load_space(path: str) -> SearchSpace:
     recipe = raw.get("recipe", "supervised")
     if recipe not in ("supervised", "sequence"):
         raise ConfigError(f"{path}: recipe {recipe!r} is not one of ['supervised', 'sequence']")
-    metric = raw.get("metric", "best_val_acc")
+    metric = raw.get("metric", "selection_score")
     if metric not in METRICS:
         raise ConfigError(f"{path}: metric {metric!r} is not one of {list(METRICS)}")
     seed_policy = raw.get("seed_policy", "fixed")

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 from uml_ray.errors import UserError
+from uml_ray.selection import SCORE
 
 
 def register(subparsers) -> None:
@@ -19,7 +20,11 @@ def register(subparsers) -> None:
         help="MLflow tracking URI (local SQLite store or http(s)://server)",
     )
     best.add_argument("--sweep", default="", help="only this sweep's trials")
-    best.add_argument("--metric", default="best_val_acc", help="metric to rank by (higher is better)")
+    best.add_argument(
+        "--metric",
+        default=SCORE,
+        help="metric to rank by, higher is better (selection_score: val accuracy, ties to lower val loss)",
+    )
     best.add_argument("--top", type=int, default=5, help="rows to show")
     best.add_argument(
         "--output", default="best_config.yaml", help="where to write the best run's config YAML"
@@ -29,30 +34,37 @@ def register(subparsers) -> None:
 
 def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
-    from uml_ray.tracking.runs import best_runs
+    from uml_ray.selection import selection_key, separation, separation_line
+    from uml_ray.tracking.runs import ranked_runs
     from uml_ray.tracking.store import download_artifact
 
     check_output(args.output)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
-    rows = best_runs(args.tracking_uri, args.experiment, args.metric, args.top, args.sweep or None)
+    ranked = ranked_runs(args.tracking_uri, args.experiment, args.metric, args.sweep or None)
+    rows = ranked[: args.top]
     searched = sorted({k for r in rows for k in _sampled(r)})
-    header = ["rank", "run", args.metric, "test_acc", *searched]
+    shown = [m for m in ("best_val_acc", "best_val_loss") if m != args.metric]
+    header = ["rank", "run", args.metric, *shown, "val_se", "test_acc", *searched]
     table = [header]
     for rank, row in enumerate(rows, 1):
         sampled = _sampled(row)
+        metrics = row["metrics"]
         table.append(
             [
                 str(rank),
                 row["run_name"],
-                f"{row['metrics'][args.metric]:.4f}",
-                f"{row['metrics'].get('test_acc', float('nan')):.4f}",
+                _number(selection_key(metrics, args.metric)[0], 6 if args.metric == SCORE else 4),
+                *[_number(metrics.get(m)) for m in shown],
+                _number(_standard_error(metrics)),
+                _number(metrics.get("test_acc")),
                 *[_short(sampled.get(k, "")) for k in searched],
             ]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(separation_line(separation(rows[0]["metrics"], [r["metrics"] for r in ranked])))
     with tempfile.TemporaryDirectory() as folder:
         local = download_artifact(args.tracking_uri, rows[0]["run_id"], "config.yaml", folder)
         shutil.copyfile(local, args.output)
@@ -82,6 +94,18 @@ def _sampled(row: dict) -> dict:
     if raw is None:
         return {}
     return json.loads(raw)
+
+
+def _standard_error(metrics: dict) -> float | None:
+    from uml_ray.selection import VAL_ROWS, standard_error
+
+    if metrics.get("best_val_acc") is None or not metrics.get(VAL_ROWS):
+        return None  # recorded before val rows were
+    return standard_error(metrics["best_val_acc"], metrics[VAL_ROWS])
+
+
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _short(value) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from uml_ray.errors import UserError
+from uml_ray.selection import SCORE, rankable, selection_key
 from uml_ray.tracking.store import bounded_http, check_tracking_uri, client, one_line, resolve_tracking_uri
 from uml_ray.tracking.tags import (
     FUSED_TRIAL_TAG,
@@ -19,6 +20,9 @@ from uml_ray.tracking.tags import (
     SWEEP_TAG,
     TRIAL_TAG,
 )
+
+# runs read per MLflow search request when ranking (a server's page limit is far above it)
+RUNS_PAGE = 1000
 
 
 def check_run_name(name: str) -> None:
@@ -117,9 +121,19 @@ class RunFinder:
 
 
 def best_runs(
-    uri: str, experiment: str, metric: str = "best_val_acc", top: int = 5, sweep: str | None = None
+    uri: str, experiment: str, metric: str = SCORE, top: int = 5, sweep: str | None = None
 ) -> list[dict]:
-    """The top trial/training runs of an experiment (optionally one sweep) by a metric, best first.
+    """The top ``top`` trial/training runs of an experiment (optionally one sweep) by a metric, best
+    first (``ranked_runs``)."""
+    return ranked_runs(uri, experiment, metric, sweep)[:top]
+
+
+def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | None = None) -> list[dict]:
+    """Every finished trial/training run of an experiment (optionally one sweep) that can be ranked
+    by a metric, best first by ``selection_key``: the metric (runs recorded before the selection
+    score rank by best val accuracy in its place), then best val accuracy, then the lower best val
+    loss. All of them, not a top few: the count of configs the val split cannot tell from the best
+    needs every completed run.
 
     Read-only and quick to fail: a missing SQLite file is not created, an unreachable server is
     given up on within seconds; every failure is a UserError naming the URI.
@@ -136,6 +150,7 @@ def best_runs(
             "point --tracking-uri at the store the runs were recorded in"
         )
     store = client(uri)
+    runs: list = []
     try:
         with bounded_http():
             found = store.get_experiment_by_name(experiment)
@@ -144,12 +159,18 @@ def best_runs(
                 raise UserError(
                     f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}"
                 )
-            runs = store.search_runs(
-                [found.experiment_id],
-                filter_string=" and ".join(filters),
-                order_by=[f"metrics.`{metric}` DESC", "metrics.`best_val_loss` ASC"],
-                max_results=max(top, 1) * 4,
-            )
+            token = None
+            while True:
+                page = store.search_runs(
+                    [found.experiment_id],
+                    filter_string=" and ".join(filters),
+                    max_results=RUNS_PAGE,
+                    page_token=token,
+                )
+                runs.extend(page)
+                token = page.token
+                if not token:
+                    break
     except UserError:
         raise
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
@@ -157,7 +178,11 @@ def best_runs(
             f"tracking URI {uri}: cannot query the MLflow store ({one_line(exc)}); "
             "start the server or fix --tracking-uri"
         ) from None
-    runs = [r for r in runs if metric in r.data.metrics][:top]
+    runs = sorted(
+        (r for r in runs if rankable(r.data.metrics, metric)),
+        key=lambda r: selection_key(r.data.metrics, metric),
+        reverse=True,
+    )
     if not runs:
         where = f" in sweep '{sweep}'" if sweep else ""
         raise UserError(f"no finished run with metric '{metric}' in experiment '{experiment}'{where}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from uml_ray.data.streams import BatchStream
+from uml_ray.selection import SCORE, VAL_ROWS, selection_score
 from uml_ray.train.plan import RunPlan
 
 
@@ -144,6 +145,7 @@ class Members:
         return {
             "step": book.step,
             "best_val_acc": max(p["best_val_acc"] for p in book.progress),
+            SCORE: max(r.get(SCORE, r.get("best_val_acc", -1.0)) for r in book.results),
             "live": len(book.live),
             "members": [dict(r) for r in book.results],
         }
@@ -236,6 +238,7 @@ def run_loop(
     the loop is left, also on an error or an interrupt: an open Ray Data read-ahead outlives its
     run otherwise."""
     train = plan.cfg.train
+    val_rows = plan.streams[f"{plan.dataset.target}.val"].rows
     metrics: dict = {}
     with contextlib.ExitStack() as closing:
         state = ctx.restore()
@@ -280,6 +283,8 @@ def run_loop(
                     "best_val_acc": progress["best_val_acc"],
                     "best_val_loss": progress["best_val_loss"],
                     "best_step": progress["best_step"],
+                    SCORE: selection_score(progress["best_val_acc"], progress["best_val_loss"], val_rows),
+                    VAL_ROWS: val_rows,
                 }
                 if stop or last:
                     finished.append(k)
