@@ -19,6 +19,7 @@ from uml_ray.tracking.tags import (
     SWEEP_TAG,
     TRIAL_TAG,
 )
+from uml_ray.uri import redact
 
 
 def check_run_name(name: str) -> None:
@@ -132,7 +133,7 @@ def best_runs(
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).is_file():
         raise UserError(
-            f"tracking URI {uri!r}: no such SQLite file; "
+            f"tracking URI {redact(uri)!r}: no such SQLite file; "
             "point --tracking-uri at the store the runs were recorded in"
         )
     store = client(uri)
@@ -142,7 +143,7 @@ def best_runs(
             if found is None:
                 names = [e.name for e in store.search_experiments()]
                 raise UserError(
-                    f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}"
+                    f"no MLflow experiment named '{experiment}' at {redact(uri)}; experiments there: {names}"
                 )
             runs = store.search_runs(
                 [found.experiment_id],
@@ -154,7 +155,7 @@ def best_runs(
         raise
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
         raise UserError(
-            f"tracking URI {uri}: cannot query the MLflow store ({one_line(exc)}); "
+            f"tracking URI {redact(uri)}: cannot query the MLflow store ({one_line(exc)}); "
             "start the server or fix --tracking-uri"
         ) from None
     runs = [r for r in runs if metric in r.data.metrics][:top]

@@ -1,6 +1,9 @@
 """The MLflow connection: tracking URIs checked and resolved, clients, bounded HTTP, MLflow's record types.
 
 The only module of ours that imports MLflow; the rest of ``tracking`` reaches it through here.
+Credentials in a tracking URI (``http://alice:s3cret@host:5000``) never reach MLflow's client: it is
+given the URI without them and reads them, for our calls only, as ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``; every param and tag value is redacted (``uri.redact_text``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import urllib.parse
 from pathlib import Path
 
 from uml_ray.errors import UserError
+from uml_ray.uri import redact, redact_text, split_credentials
 
 # What MLflow's tracking-store registry accepts; its file store (a plain folder, file:) is refused
 # by MLflow 3 unless MLFLOW_ALLOW_FILE_STORE is set.
@@ -68,16 +72,57 @@ def default_artifact_location(uri: str, artifact_location: str) -> str | None:
 
 
 def client(uri: str):
-    """An ``MlflowClient`` on the (resolved) tracking URI."""
+    """An ``MlflowClient`` on the (resolved) tracking URI; for an HTTP server named with credentials, one
+    on the URI without them whose every call authenticates with them (``AuthenticatedClient``)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    uri, credentials = _credentials(resolve_tracking_uri(uri))
+    found = MlflowClient(tracking_uri=uri)
+    return AuthenticatedClient(found, credentials) if credentials else found
+
+
+class AuthenticatedClient:
+    """An ``MlflowClient`` whose calls authenticate with the user name and password of the tracking URI
+    it was named by, set for the call only as MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``
+    (its tracking store and its artifact uploads both read them there).
+
+    MLflow given ``http://alice:s3cret@host`` itself prints the URI ("View run ... at") and echoes it in
+    its errors; given ``http://host`` and the credentials aside, it cannot. Nothing changes for other
+    threads, child processes or other clients.
+    """
+
+    def __init__(self, mlflow_client, credentials: dict[str, str]):
+        self._client = mlflow_client
+        self._credentials = credentials
+
+    def __getattr__(self, name):
+        found = getattr(self._client, name)
+        if not callable(found):
+            return found
+
+        @functools.wraps(found)
+        def authenticated(*args, **kwargs):
+            with _scoped_variables(self._credentials):
+                return found(*args, **kwargs)
+
+        return authenticated
+
+
+def _credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """An HTTP tracking URI without its userinfo, and that userinfo as MLflow's credential variables;
+    other URIs as they are (a database URI's password is for its driver, not for MLflow's client)."""
+    if urllib.parse.urlparse(uri).scheme.lower() not in ("http", "https"):
+        return uri, {}
+    bare, user, password = split_credentials(uri)
+    named = (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password))
+    return bare, {name: value for name, value in named if value is not None}
 
 
 def param_value(value) -> str:
-    """A param or tag value as MLflow stores it: a string of bounded length (dicts and lists as JSON)."""
+    """A param or tag value as MLflow stores it: a string of bounded length (dicts and lists as JSON),
+    every URI in it redacted (no password or credential query parameter is ever recorded)."""
     text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return text[:6000]
+    return redact_text(text)[:6000]
 
 
 def metric(key: str, value: float, timestamp_ms: int, step: int):
@@ -105,14 +150,16 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
     """Fetch one artifact of a run to a local folder; returns the local path."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=resolve_tracking_uri(uri)
-    )
+    uri, credentials = _credentials(resolve_tracking_uri(uri))
+    with _scoped_variables(credentials):
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=uri
+        )
 
 
-# The HTTP settings of the calls inside the innermost ``bounded_http`` block of this thread (None:
-# MLflow's own, from the environment).
-_HTTP_SETTINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("uml_ray_http", default=None)
+# MLflow's environment variables as the calls inside ``bounded_http`` / ``AuthenticatedClient`` blocks
+# of this thread read them (None: MLflow's own, from the environment).
+_SCOPED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("uml_ray_mlflow", default=None)
 _SCOPING = threading.Lock()
 
 
@@ -120,23 +167,32 @@ _SCOPING = threading.Lock()
 def bounded_http(settings: dict = CHECK_HTTP):
     """MLflow HTTP requests made inside the block (by this thread) retry and time out as ``settings`` say
     (by default: once, 10 s); nothing changes for other threads, child processes or later calls."""
-    _scope_http_settings()
-    token = _HTTP_SETTINGS.set(settings)
+    with _scoped_variables(settings):
+        yield
+
+
+@contextlib.contextmanager
+def _scoped_variables(values: dict[str, str]):
+    """MLflow reads ``values`` (environment variable name -> value) in place of the environment for the
+    calls inside the block made by this thread; nested blocks add to the outer ones."""
+    _scope_variables()
+    token = _SCOPED.set({**(_SCOPED.get() or {}), **values})
     try:
         yield
     finally:
-        _HTTP_SETTINGS.reset(token)
+        _SCOPED.reset(token)
 
 
-def _scope_http_settings() -> None:
-    """Once per process: MLflow's HTTP request settings read the calling context's ``bounded_http``
-    values first, and the environment as before outside such a block.
+def _scope_variables() -> None:
+    """Once per process: MLflow's HTTP request settings and tracking credentials read the calling
+    context's scoped values first, and the environment as before outside such a block.
 
     MLflow 3 takes no request settings per client or per call for its tracking store (``RestStore``
     calls ``http_request`` without them) nor for artifact uploads: every request reads
     ``MLFLOW_HTTP_REQUEST_*`` through these variables' ``get``. Setting ``os.environ`` around our calls
     changed them for every thread of the process and every child started meanwhile; a context
-    variable changes them for our calls only.
+    variable changes them for our calls only. The same holds for the credentials MLflow reads
+    (``get_default_host_creds``), for its tracking store and its artifact repositories alike.
     """
     from mlflow import environment_variables as variables
 
@@ -145,13 +201,15 @@ def _scope_http_settings() -> None:
             variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES,
             variables.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
             variables.MLFLOW_HTTP_REQUEST_TIMEOUT,
+            variables.MLFLOW_TRACKING_USERNAME,
+            variables.MLFLOW_TRACKING_PASSWORD,
         ):
             if "get" not in vars(variable):  # not yet scoped
                 variable.get = functools.partial(_scoped_get, variable, variable.get)
 
 
 def _scoped_get(variable, read_environment):
-    settings = _HTTP_SETTINGS.get()
+    settings = _SCOPED.get()
     if settings is not None and variable.name in settings:
         return variable.type(settings[variable.name])
     return read_environment()
@@ -166,7 +224,7 @@ def check_tracking(uri: str, experiment: str) -> None:
             client(uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
         raise UserError(
-            f"tracking.uri={uri}: cannot reach the MLflow store ({one_line(exc)}); "
+            f"tracking.uri={redact(uri)}: cannot reach the MLflow store ({one_line(exc)}); "
             "start the server or fix tracking.uri"
         ) from None
 
@@ -197,11 +255,11 @@ def check_tracking_uri(uri: str) -> None:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
             return
         raise UserError(
-            f"tracking URI {uri!r} is a folder (MLflow's file store), which MLflow 3 no longer accepts; "
-            f"{hint}"
+            f"tracking URI {redact(uri)!r} is a folder (MLflow's file store), which MLflow 3 no longer "
+            f"accepts; {hint}"
         )
     raise UserError(
-        f"tracking URI {uri!r}: unsupported scheme '{scheme}'; {hint} "
+        f"tracking URI {redact(uri)!r}: unsupported scheme '{scheme}'; {hint} "
         f"(MLflow also takes postgresql://, mysql://, mssql:// and databricks)"
     )
 
