@@ -79,38 +79,41 @@ def test_split_credentials_gives_the_bare_uri_and_decoded_userinfo():
     assert split_credentials("/tmp/mlflow") == ("/tmp/mlflow", None, None)
 
 
-def test_mlflow_reads_the_uri_credentials_only_inside_our_client_calls(monkeypatch):
-    """The client is given the URI without userinfo; the credentials are what MLflow reads as
-    MLFLOW_TRACKING_USERNAME / _PASSWORD during its calls, and nowhere else (not os.environ, not
-    another call), while a password given by environment variable still applies to a URI naming
-    only the user (a recorded config run again)."""
-    from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME
+def test_mlflow_client_gets_the_bare_uri_and_the_credentials_aside(monkeypatch):
+    """The client is given the URI without userinfo; the credentials MLflow builds for requests to that
+    server (tracking store or artifacts, in any thread) carry the URI's user name and password, where
+    the environment gives none; other servers get none, and nothing is set in os.environ."""
+    import threading
 
-    from uml_ray.tracking import store
+    from mlflow.utils.credentials import get_default_host_creds
 
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
-    made = {}
+    from uml_ray.tracking.store import client
 
-    class Inner:
-        tracking_uri = "kept"
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    environment = dict(os.environ)
+    made = client("http://alice:s3cret@127.0.0.1:9/")  # nothing listens: building a client sends nothing
+    assert made.tracking_uri == "http://127.0.0.1:9/"
+    assert os.environ == environment
 
-        def read(self):
-            return MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()
+    def creds(host):
+        found = get_default_host_creds(host)
+        return found.username, found.password
 
-    monkeypatch.setattr(
-        "mlflow.tracking.MlflowClient", lambda tracking_uri: made.setdefault(tracking_uri, Inner())
+    assert creds("http://127.0.0.1:9") == ("alice", "s3cret")
+    in_thread = []
+    worker = threading.Thread(
+        target=lambda: in_thread.append(creds("http://127.0.0.1:9/api/2.0/mlflow-artifacts"))
     )
-    authenticated = store.client("http://alice:s3cret@127.0.0.1:5000")
-    assert list(made) == ["http://127.0.0.1:5000"]
-    assert authenticated.read() == ("alice", "s3cret")
-    assert authenticated.tracking_uri == "kept"
-    assert (MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()) == (None, "from-env")
-    assert "s3cret" not in os.environ.values()
-    assert store.client("http://alice@127.0.0.1:5000").read() == ("alice", "from-env")
-    assert store.client("http://127.0.0.1:5000").read() == (None, "from-env")  # a plain MlflowClient
-    with store.bounded_http():  # HTTP settings and credentials scope together
-        assert authenticated.read() == ("alice", "s3cret")
+    worker.start()
+    worker.join()
+    assert in_thread == [("alice", "s3cret")]  # MLflow downloads artifacts in a thread pool
+    assert creds("http://127.0.0.1:10") == (None, None)  # another server
+    assert creds("https://127.0.0.1:9") == (None, None)  # another scheme
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    assert creds("http://127.0.0.1:9") == ("alice", "from-env")  # the environment still comes first
+    assert client("http://127.0.0.1:11").tracking_uri == "http://127.0.0.1:11"
+    assert creds("http://127.0.0.1:11") == (None, "from-env")
 
 
 def test_param_and_tag_values_are_recorded_redacted():

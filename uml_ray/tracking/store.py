@@ -2,8 +2,8 @@
 
 The only module of ours that imports MLflow; the rest of ``tracking`` reaches it through here.
 Credentials in a tracking URI (``http://alice:s3cret@host:5000``) never reach MLflow's client: it is
-given the URI without them and reads them, for our calls only, as ``MLFLOW_TRACKING_USERNAME`` /
-``MLFLOW_TRACKING_PASSWORD``; every param and tag value is redacted (``uri.redact_text``).
+given the URI without them and they authenticate its requests to that server (``_credentials``);
+every param and tag value is redacted (``uri.redact_text``).
 """
 
 from __future__ import annotations
@@ -72,50 +72,61 @@ def default_artifact_location(uri: str, artifact_location: str) -> str | None:
 
 
 def client(uri: str):
-    """An ``MlflowClient`` on the (resolved) tracking URI; for an HTTP server named with credentials, one
-    on the URI without them whose every call authenticates with them (``AuthenticatedClient``)."""
+    """An ``MlflowClient`` on the (resolved) tracking URI; an HTTP server's given without its userinfo,
+    whose user name and password authenticate every request to that server instead (``_credentials``)."""
     from mlflow.tracking import MlflowClient
 
-    uri, credentials = _credentials(resolve_tracking_uri(uri))
-    found = MlflowClient(tracking_uri=uri)
-    return AuthenticatedClient(found, credentials) if credentials else found
+    return MlflowClient(tracking_uri=_credentials(resolve_tracking_uri(uri)))
 
 
-class AuthenticatedClient:
-    """An ``MlflowClient`` whose calls authenticate with the user name and password of the tracking URI
-    it was named by, set for the call only as MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``
-    (its tracking store and its artifact uploads both read them there).
+# user name and password (None where not given) by the origin (scheme://host:port) of the HTTP
+# tracking URIs that named them; held in memory only
+_CREDENTIALS: dict[str, tuple[str | None, str | None]] = {}
 
-    MLflow given ``http://alice:s3cret@host`` itself prints the URI ("View run ... at") and echoes it in
-    its errors; given ``http://host`` and the credentials aside, it cannot. Nothing changes for other
-    threads, child processes or other clients.
+
+def _credentials(uri: str) -> str:
+    """An HTTP tracking URI without its userinfo, the userinfo kept for MLflow's requests to that server;
+    other URIs as they are (a database URI's password is for its driver, not for MLflow's client).
+
+    MLflow given ``http://alice:s3cret@host`` prints the URI itself ("View run ... at") and echoes it
+    in its errors; given ``http://host``, it cannot. It still authenticates: every set of credentials
+    MLflow builds for a request to that server (``MlflowHostCreds``: the tracking store's, the artifact
+    repository's, in whichever thread) takes the user name and password the URI gave where the
+    environment (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``) gives none. Nothing is set in
+    ``os.environ``: child processes and requests to other servers get nothing.
     """
-
-    def __init__(self, mlflow_client, credentials: dict[str, str]):
-        self._client = mlflow_client
-        self._credentials = credentials
-
-    def __getattr__(self, name):
-        found = getattr(self._client, name)
-        if not callable(found):
-            return found
-
-        @functools.wraps(found)
-        def authenticated(*args, **kwargs):
-            with _scoped_variables(self._credentials):
-                return found(*args, **kwargs)
-
-        return authenticated
-
-
-def _credentials(uri: str) -> tuple[str, dict[str, str]]:
-    """An HTTP tracking URI without its userinfo, and that userinfo as MLflow's credential variables;
-    other URIs as they are (a database URI's password is for its driver, not for MLflow's client)."""
     if urllib.parse.urlparse(uri).scheme.lower() not in ("http", "https"):
-        return uri, {}
+        return uri
     bare, user, password = split_credentials(uri)
-    named = (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password))
-    return bare, {name: value for name, value in named if value is not None}
+    if user is not None or password is not None:
+        _fill_host_credentials()
+        with _SCOPING:
+            _CREDENTIALS[_origin(bare)] = (user, password)
+    return bare
+
+
+def _origin(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.scheme.lower()}://{(parsed.hostname or '').lower()}:{parsed.port or ''}"
+
+
+def _fill_host_credentials() -> None:
+    """Once per process: MLflow's request credentials for a server whose tracking URI named a user name
+    or password take them where the environment gave none."""
+    from mlflow.utils.rest_utils import MlflowHostCreds
+
+    with _SCOPING:
+        if "_uml_ray_filled" in vars(MlflowHostCreds):
+            return
+        build = MlflowHostCreds.__init__
+
+        @functools.wraps(build)
+        def filled(self, host, username=None, password=None, *args, **kwargs):
+            known_user, known_password = _CREDENTIALS.get(_origin(str(host)), (None, None))
+            build(self, host, username or known_user, password or known_password, *args, **kwargs)
+
+        MlflowHostCreds.__init__ = filled
+        MlflowHostCreds._uml_ray_filled = True
 
 
 def param_value(value) -> str:
@@ -150,16 +161,14 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
     """Fetch one artifact of a run to a local folder; returns the local path."""
     import mlflow.artifacts
 
-    uri, credentials = _credentials(resolve_tracking_uri(uri))
-    with _scoped_variables(credentials):
-        return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=uri
-        )
+    return mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=_credentials(resolve_tracking_uri(uri))
+    )
 
 
-# MLflow's environment variables as the calls inside ``bounded_http`` / ``AuthenticatedClient`` blocks
-# of this thread read them (None: MLflow's own, from the environment).
-_SCOPED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("uml_ray_mlflow", default=None)
+# The HTTP settings of the calls inside the innermost ``bounded_http`` block of this thread (None:
+# MLflow's own, from the environment).
+_HTTP_SETTINGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("uml_ray_http", default=None)
 _SCOPING = threading.Lock()
 
 
@@ -167,32 +176,23 @@ _SCOPING = threading.Lock()
 def bounded_http(settings: dict = CHECK_HTTP):
     """MLflow HTTP requests made inside the block (by this thread) retry and time out as ``settings`` say
     (by default: once, 10 s); nothing changes for other threads, child processes or later calls."""
-    with _scoped_variables(settings):
-        yield
-
-
-@contextlib.contextmanager
-def _scoped_variables(values: dict[str, str]):
-    """MLflow reads ``values`` (environment variable name -> value) in place of the environment for the
-    calls inside the block made by this thread; nested blocks add to the outer ones."""
-    _scope_variables()
-    token = _SCOPED.set({**(_SCOPED.get() or {}), **values})
+    _scope_http_settings()
+    token = _HTTP_SETTINGS.set(settings)
     try:
         yield
     finally:
-        _SCOPED.reset(token)
+        _HTTP_SETTINGS.reset(token)
 
 
-def _scope_variables() -> None:
-    """Once per process: MLflow's HTTP request settings and tracking credentials read the calling
-    context's scoped values first, and the environment as before outside such a block.
+def _scope_http_settings() -> None:
+    """Once per process: MLflow's HTTP request settings read the calling context's ``bounded_http``
+    values first, and the environment as before outside such a block.
 
     MLflow 3 takes no request settings per client or per call for its tracking store (``RestStore``
     calls ``http_request`` without them) nor for artifact uploads: every request reads
     ``MLFLOW_HTTP_REQUEST_*`` through these variables' ``get``. Setting ``os.environ`` around our calls
     changed them for every thread of the process and every child started meanwhile; a context
-    variable changes them for our calls only. The same holds for the credentials MLflow reads
-    (``get_default_host_creds``), for its tracking store and its artifact repositories alike.
+    variable changes them for our calls only.
     """
     from mlflow import environment_variables as variables
 
@@ -201,15 +201,13 @@ def _scope_variables() -> None:
             variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES,
             variables.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
             variables.MLFLOW_HTTP_REQUEST_TIMEOUT,
-            variables.MLFLOW_TRACKING_USERNAME,
-            variables.MLFLOW_TRACKING_PASSWORD,
         ):
             if "get" not in vars(variable):  # not yet scoped
                 variable.get = functools.partial(_scoped_get, variable, variable.get)
 
 
 def _scoped_get(variable, read_environment):
-    settings = _SCOPED.get()
+    settings = _HTTP_SETTINGS.get()
     if settings is not None and variable.name in settings:
         return variable.type(settings[variable.name])
     return read_environment()
