@@ -116,6 +116,24 @@ def test_mlflow_client_gets_the_bare_uri_and_the_credentials_aside(monkeypatch):
     assert creds("http://127.0.0.1:11") == (None, "from-env")
 
 
+def test_a_kept_uri_is_recorded_redacted_and_still_authenticates(monkeypatch):
+    """What Tune pickles holds ``keep_credentials``' redacted URI; a client given that URI later in the
+    process (a resumed sweep's restored tracker) authenticates as one given the original."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    from uml_ray.tracking.store import client, keep_credentials
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    assert keep_credentials("http://bob:s3cret@127.0.0.1:12") == "http://bob@127.0.0.1:12"
+    assert client("http://bob@127.0.0.1:12").tracking_uri == "http://127.0.0.1:12"
+    found = get_default_host_creds("http://127.0.0.1:12")
+    assert (found.username, found.password) == ("bob", "s3cret")
+    client("http://carol@127.0.0.1:12")  # another user: bob's password is not hers
+    found = get_default_host_creds("http://127.0.0.1:12")
+    assert (found.username, found.password) == ("carol", None)
+
+
 def test_param_and_tag_values_are_recorded_redacted():
     from uml_ray.tracking.store import param, param_value, tag
 

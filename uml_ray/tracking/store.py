@@ -101,8 +101,19 @@ def _credentials(uri: str) -> str:
     if user is not None or password is not None:
         _fill_host_credentials()
         with _SCOPING:
-            _CREDENTIALS[_origin(bare)] = (user, password)
+            known_user, known_password = _CREDENTIALS.get(_origin(bare), (None, None))
+            if password is None and user in (None, known_user):  # a redacted URI: the password known
+                password = known_password
+            _CREDENTIALS[_origin(bare)] = (user or known_user, password)
     return bare
+
+
+def keep_credentials(uri: str) -> str:
+    """``uri`` redacted, its credentials kept for this process's MLflow requests: the form of a tracking
+    URI to hand to what is pickled into files (Tune's saved callbacks) or recorded. A client given it
+    later in this process authenticates as one given ``uri``."""
+    _credentials(resolve_tracking_uri(uri))
+    return redact(uri)
 
 
 def _origin(url: str) -> str:
