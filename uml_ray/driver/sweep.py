@@ -166,12 +166,12 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
     from uml_ray.driver.callback import MlflowBridgeCallback
     from uml_ray.driver.searcher import build_searcher, tune_space
 
+    plan = recorded_plan(plan)  # the bridge's and the searcher's: Tune pickles them into the sweep's folder
     cfg = plan.cfg
     seed_policy = space.seed_policy if space else "fixed"
     metric = space.metric if space else "best_val_acc"
     grid = space is not None and space.searcher == "grid"
     searched = space is not None and not grid
-    plan = recorded_plan(plan)  # the bridge's: Tune pickles it into the sweep's folder
     bridge = TrackingBridge(
         plan,
         name,
