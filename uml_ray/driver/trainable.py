@@ -21,6 +21,7 @@ from uml_ray.errors import UserError
 from uml_ray.train.context import kept_checkpoints
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import run_fused_trial, run_trial
+from uml_ray.uri import redact_text
 
 
 def train_trial(
@@ -53,9 +54,10 @@ def train_trial(
     except Exception as exc:  # noqa: BLE001 - every Python-level error is deterministic here
         ray.tune.report(
             {
-                FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000],
+                # Tune's result.json, the saved traceback, MLflow and the console: no URI's credentials
+                FATAL_KEY: redact_text(f"{type(exc).__name__}: {exc}")[:2000],
                 USER_ERROR_KEY: int(isinstance(exc, UserError)),
-                TRACEBACK_KEY: traceback.format_exc()[-20000:],
+                TRACEBACK_KEY: redact_text(traceback.format_exc())[-20000:],
                 "best_val_acc": float("nan"),
                 "val_acc": float("nan"),
             }
