@@ -56,7 +56,10 @@ class SweepTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=default_artifact_location(self.uri, artifact_location)
+                # the server records it for every reader: no credentials (the artifact store takes its own
+                # from the environment)
+                experiment,
+                artifact_location=default_artifact_location(self.uri, redact(artifact_location)),
             )
         else:
             self.experiment_id = found.experiment_id
