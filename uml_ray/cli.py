@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from uml_ray.errors import TrialCrash, UserError
-from uml_ray.uri import check_output_folder
+from uml_ray.uri import check_output_folder, redact_text
 
 COMMAND_MODULES = (
     "uml_ray.driver.commands",
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug or os.environ.get("UML_RAY_DEBUG"):
             traceback.print_exc()
-        print(f"uml-ray {args.command}: error: {exc}", file=sys.stderr)
+        print(f"uml-ray {args.command}: error: {redact_text(exc)}", file=sys.stderr)
         return 2
     except TrialCrash as exc:
-        print(f"uml-ray {args.command}: trial crashed: {exc}", file=sys.stderr)
+        print(f"uml-ray {args.command}: trial crashed: {redact_text(exc)}", file=sys.stderr)
         return 1
 
 

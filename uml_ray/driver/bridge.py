@@ -12,10 +12,12 @@ import functools
 import json
 import os
 import tempfile
+from pathlib import Path
 
 from uml_ray.config import Config, dump_config
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
+from uml_ray.uri import redact_text
 
 # a fused trial's config and report: one entry per member (README.md, "Sweeps: fused trials, searchers")
 MEMBERS = "members"
@@ -202,4 +204,6 @@ def _short(values: dict) -> str:
 def _config_file(cfg: Config, folder: str) -> str:
     path = os.path.join(folder, "config.yaml")
     dump_config(cfg, path)
+    # recorded without the URIs' credentials: the real ones stay in this process's memory
+    Path(path).write_text(redact_text(Path(path).read_text()))
     return path

@@ -135,6 +135,7 @@ def run_validate(args) -> int:
     from uml_ray.config import load_config
     from uml_ray.driver.plan import build_plan
     from uml_ray.search.space import load_space
+    from uml_ray.uri import redact
 
     space = load_space(args.space) if args.space else None
     plan = build_plan(load_config(args.config, args.overrides), space)
@@ -146,7 +147,7 @@ def run_validate(args) -> int:
                 "target": plan.dataset.target,
                 "auxiliary": list(plan.dataset.auxiliary),
                 "rows": rows,
-                "tracking": plan.cfg.tracking.uri,
+                "tracking": redact(plan.cfg.tracking.uri),
             }
         )
     )

@@ -13,6 +13,7 @@ Ray-free at import: Ray and the modules that import Ray Tune at import time are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,7 +31,7 @@ from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import use_inline
-from uml_ray.uri import is_remote
+from uml_ray.uri import is_remote, redact
 
 # configs per fused trial when --fuse is not given: a head-only sweep's members cost little each
 DEFAULT_FUSE = 16
@@ -165,6 +166,7 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
     from uml_ray.driver.callback import MlflowBridgeCallback
     from uml_ray.driver.searcher import build_searcher, tune_space
 
+    plan = recorded_plan(plan)  # the bridge's and the searcher's: Tune pickles them into the sweep's folder
     cfg = plan.cfg
     seed_policy = space.seed_policy if space else "fixed"
     metric = space.metric if space else "best_val_acc"
@@ -226,6 +228,19 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
             verbose=1 if verbose else 0,
         ),
     )
+
+
+def recorded_plan(plan: RunPlan) -> RunPlan:
+    """The plan without the tracking URIs' credentials, for what is saved in files: its tracking client
+    still authenticates in this process, and in a resumed one whose config gives them again
+    (``tracking.store.keep_credentials``)."""
+    from uml_ray.tracking.store import keep_credentials
+
+    tracking = plan.cfg.tracking
+    tracking = dataclasses.replace(
+        tracking, uri=keep_credentials(tracking.uri), artifact_location=redact(tracking.artifact_location)
+    )
+    return dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, tracking=tracking))
 
 
 def _sweep_params(cfg, space: SearchSpace | None, trials: int, fuse: int, seed_policy: str, metric: str):

@@ -24,6 +24,7 @@ from uml_ray.errors import UserError
 from uml_ray.train.context import Replay, kept_checkpoints
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
+from uml_ray.uri import redact_text
 
 
 def train_trial(
@@ -60,9 +61,10 @@ def train_trial(
             after = f" (after {attempt - 1} retries)" if attempt > 1 else ""
             ray.tune.report(
                 {
-                    FATAL_KEY: f"{type(exc).__name__}: {exc}"[:2000] + after,
+                    # Tune's result.json, the saved traceback, MLflow and the console: no URI's credentials
+                    FATAL_KEY: redact_text(f"{type(exc).__name__}: {exc}")[:2000] + after,
                     USER_ERROR_KEY: int(isinstance(exc, UserError)),
-                    TRACEBACK_KEY: traceback.format_exc()[-20000:],
+                    TRACEBACK_KEY: redact_text(traceback.format_exc())[-20000:],
                     "selection_score": float("nan"),
                     "best_val_acc": float("nan"),
                     "val_acc": float("nan"),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
+from pathlib import Path
 
 from uml_ray.errors import UserError
 from uml_ray.selection import SCORE
+from uml_ray.uri import redact_text
 
 
 def register(subparsers) -> None:
@@ -67,7 +68,8 @@ def run_best(args) -> int:
     print(separation_line(separation(rows[0]["metrics"], [r["metrics"] for r in ranked])))
     with tempfile.TemporaryDirectory() as folder:
         local = download_artifact(args.tracking_uri, rows[0]["run_id"], "config.yaml", folder)
-        shutil.copyfile(local, args.output)
+        # runs recorded before configs were redacted may hold a password: never copied on
+        Path(args.output).write_text(redact_text(Path(local).read_text()))
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
     return 0
 

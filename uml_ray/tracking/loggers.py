@@ -36,6 +36,7 @@ from uml_ray.tracking.tags import (
     TRIAL_TAG,
     best_tag,
 )
+from uml_ray.uri import redact
 
 
 class SweepTracker:
@@ -55,7 +56,10 @@ class SweepTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=default_artifact_location(self.uri, artifact_location)
+                # the server records it for every reader: no credentials (the artifact store takes its own
+                # from the environment)
+                experiment,
+                artifact_location=default_artifact_location(self.uri, redact(artifact_location)),
             )
         else:
             self.experiment_id = found.experiment_id
@@ -66,7 +70,7 @@ class SweepTracker:
         self.last_step: dict[str, int] = {}  # per trial key: steps at or below it were logged already
         self.ended: set[str] = set()  # trial keys whose runs had ended before this driver: left as they are
         self.runs = RunFinder(self.client, self.experiment_id, sweep)
-        self.outbox = Outbox(self.uri)
+        self.outbox = Outbox(redact(self.uri))  # the URI its console notes name
 
     def close(self, wait_s: float = FINAL_WAIT_S) -> None:
         """Send what is held, waiting up to ``wait_s`` for the server; say what could not be sent."""
@@ -90,7 +94,7 @@ class SweepTracker:
 
     def _create_parent(self, tags: dict, params: dict) -> None:
         """The parent run (a sweep's or a study's), named after it, with its settings as params."""
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep, tags=_tag_values(tags))
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
 
@@ -143,7 +147,9 @@ class SweepTracker:
                 if self.parent_id:
                     run_tags[PARENT_TAG] = self.parent_id
                 name = self.sweep if self.single_run else f"{self.sweep}-{trial_id}"
-                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+                run_id = self.client.create_run(
+                    self.experiment_id, run_name=name, tags=_tag_values(run_tags)
+                ).info.run_id
                 self._log_params(run_id, params)
                 self.last_step[trial_id] = -1
             self.trial_runs[trial_id] = run_id
@@ -162,7 +168,7 @@ class SweepTracker:
         if SAMPLED_TAG not in tags or "train.seed" not in params or self.single_run:
             return None
         try:
-            runs = self.runs.running_with(tags[SAMPLED_TAG], param_value(params["train.seed"]))
+            runs = self.runs.running_with(param_value(tags[SAMPLED_TAG]), param_value(params["train.seed"]))
         except UserError:  # a config holding both quote kinds cannot be matched
             return None
         mine = set(self.trial_runs.values())
@@ -258,6 +264,11 @@ class SweepTracker:
 
         self.outbox.send(what, close_parent)
         self.close()
+
+
+def _tag_values(tags: dict) -> dict[str, str]:
+    """Tags as MLflow stores them (``param_value``: bounded strings, every URI redacted)."""
+    return {key: param_value(value) for key, value in tags.items()}
 
 
 class StudyTracker(SweepTracker):

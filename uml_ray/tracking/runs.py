@@ -20,6 +20,7 @@ from uml_ray.tracking.tags import (
     SWEEP_TAG,
     TRIAL_TAG,
 )
+from uml_ray.uri import redact
 
 # runs read per MLflow search request when ranking (a server's page limit is far above it)
 RUNS_PAGE = 1000
@@ -146,7 +147,7 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).is_file():
         raise UserError(
-            f"tracking URI {uri!r}: no such SQLite file; "
+            f"tracking URI {redact(uri)!r}: no such SQLite file; "
             "point --tracking-uri at the store the runs were recorded in"
         )
     store = client(uri)
@@ -157,7 +158,7 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
             if found is None:
                 names = [e.name for e in store.search_experiments()]
                 raise UserError(
-                    f"no MLflow experiment named '{experiment}' at {uri}; experiments there: {names}"
+                    f"no MLflow experiment named '{experiment}' at {redact(uri)}; experiments there: {names}"
                 )
             token = None
             while True:
@@ -175,7 +176,7 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
         raise
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
         raise UserError(
-            f"tracking URI {uri}: cannot query the MLflow store ({one_line(exc)}); "
+            f"tracking URI {redact(uri)}: cannot query the MLflow store ({one_line(exc)}); "
             "start the server or fix --tracking-uri"
         ) from None
     runs = sorted(

@@ -1,6 +1,9 @@
 """The MLflow connection: tracking URIs checked and resolved, clients, bounded HTTP, MLflow's record types.
 
 The only module of ours that imports MLflow; the rest of ``tracking`` reaches it through here.
+Credentials in a tracking URI (``http://alice:s3cret@host:5000``) never reach MLflow's client: it is
+given the URI without them and they authenticate its requests to that server (``_credentials``);
+every param and tag value is redacted (``uri.redact_text``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import urllib.parse
 from pathlib import Path
 
 from uml_ray.errors import UserError
+from uml_ray.uri import redact, redact_text, split_credentials
 
 # What MLflow's tracking-store registry accepts; its file store (a plain folder, file:) is refused
 # by MLflow 3 unless MLFLOW_ALLOW_FILE_STORE is set.
@@ -68,16 +72,79 @@ def default_artifact_location(uri: str, artifact_location: str) -> str | None:
 
 
 def client(uri: str):
-    """An ``MlflowClient`` on the (resolved) tracking URI."""
+    """An ``MlflowClient`` on the (resolved) tracking URI; an HTTP server's given without its userinfo,
+    whose user name and password authenticate every request to that server instead (``_credentials``)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    return MlflowClient(tracking_uri=_credentials(resolve_tracking_uri(uri)))
+
+
+# user name and password (None where not given) by the origin (scheme://host:port) of the HTTP
+# tracking URIs that named them; held in memory only
+_CREDENTIALS: dict[str, tuple[str | None, str | None]] = {}
+
+
+def _credentials(uri: str) -> str:
+    """An HTTP tracking URI without its userinfo, the userinfo kept for MLflow's requests to that server;
+    other URIs as they are (a database URI's password is for its driver, not for MLflow's client).
+
+    MLflow given ``http://alice:s3cret@host`` prints the URI itself ("View run ... at") and echoes it
+    in its errors; given ``http://host``, it cannot. It still authenticates: every set of credentials
+    MLflow builds for a request to that server (``MlflowHostCreds``: the tracking store's, the artifact
+    repository's, in whichever thread) takes the user name and password the URI gave where the
+    environment (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``) gives none. Nothing is set in
+    ``os.environ``: child processes and requests to other servers get nothing.
+    """
+    if urllib.parse.urlparse(uri).scheme.lower() not in ("http", "https"):
+        return uri
+    bare, user, password = split_credentials(uri)
+    if user is not None or password is not None:
+        _fill_host_credentials()
+        with _SCOPING:
+            known_user, known_password = _CREDENTIALS.get(_origin(bare), (None, None))
+            if password is None and user in (None, known_user):  # a redacted URI: the password known
+                password = known_password
+            _CREDENTIALS[_origin(bare)] = (user or known_user, password)
+    return bare
+
+
+def keep_credentials(uri: str) -> str:
+    """``uri`` redacted, its credentials kept for this process's MLflow requests: the form of a tracking
+    URI to hand to what is pickled into files (Tune's saved callbacks) or recorded. A client given it
+    later in this process authenticates as one given ``uri``."""
+    _credentials(resolve_tracking_uri(uri))
+    return redact(uri)
+
+
+def _origin(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.scheme.lower()}://{(parsed.hostname or '').lower()}:{parsed.port or ''}"
+
+
+def _fill_host_credentials() -> None:
+    """Once per process: MLflow's request credentials for a server whose tracking URI named a user name
+    or password take them where the environment gave none."""
+    from mlflow.utils.rest_utils import MlflowHostCreds
+
+    with _SCOPING:
+        if "_uml_ray_filled" in vars(MlflowHostCreds):
+            return
+        build = MlflowHostCreds.__init__
+
+        @functools.wraps(build)
+        def filled(self, host, username=None, password=None, *args, **kwargs):
+            known_user, known_password = _CREDENTIALS.get(_origin(str(host)), (None, None))
+            build(self, host, username or known_user, password or known_password, *args, **kwargs)
+
+        MlflowHostCreds.__init__ = filled
+        MlflowHostCreds._uml_ray_filled = True
 
 
 def param_value(value) -> str:
-    """A param or tag value as MLflow stores it: a string of bounded length (dicts and lists as JSON)."""
+    """A param or tag value as MLflow stores it: a string of bounded length (dicts and lists as JSON),
+    every URI in it redacted (no password or credential query parameter is ever recorded)."""
     text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return text[:6000]
+    return redact_text(text)[:6000]
 
 
 def metric(key: str, value: float, timestamp_ms: int, step: int):
@@ -106,7 +173,7 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
     import mlflow.artifacts
 
     return mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=resolve_tracking_uri(uri)
+        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=_credentials(resolve_tracking_uri(uri))
     )
 
 
@@ -166,7 +233,7 @@ def check_tracking(uri: str, experiment: str) -> None:
             client(uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
         raise UserError(
-            f"tracking.uri={uri}: cannot reach the MLflow store ({one_line(exc)}); "
+            f"tracking.uri={redact(uri)}: cannot reach the MLflow store ({one_line(exc)}); "
             "start the server or fix tracking.uri"
         ) from None
 
@@ -197,11 +264,11 @@ def check_tracking_uri(uri: str) -> None:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
             return
         raise UserError(
-            f"tracking URI {uri!r} is a folder (MLflow's file store), which MLflow 3 no longer accepts; "
-            f"{hint}"
+            f"tracking URI {redact(uri)!r} is a folder (MLflow's file store), which MLflow 3 no longer "
+            f"accepts; {hint}"
         )
     raise UserError(
-        f"tracking URI {uri!r}: unsupported scheme '{scheme}'; {hint} "
+        f"tracking URI {redact(uri)!r}: unsupported scheme '{scheme}'; {hint} "
         f"(MLflow also takes postgresql://, mysql://, mssql:// and databricks)"
     )
 

@@ -27,6 +27,7 @@ import torch
 from uml_ray.data.streams import BatchStream
 from uml_ray.selection import SCORE, VAL_ROWS, selection_score
 from uml_ray.train.plan import RunPlan
+from uml_ray.uri import redact_values
 
 
 def rng_state() -> dict:
@@ -320,13 +321,13 @@ def run_loop(
                 "streams": {name: s.state_dict() for name, s in regime.streams.items()},
                 **regime.layout.pack(book),
                 "rng": rng_state(),
-                "config": plan.cfg.to_dict(),
+                "config": redact_values(plan.cfg.to_dict()),  # a snapshot, never read back: no secrets
             }
             dataset = plan.dataset.summary()
             products = [
                 {
                     "model": book.best_weights[k],
-                    "config": cfg.to_dict(),
+                    "config": redact_values(cfg.to_dict()),
                     "dataset": dataset,
                     "val_acc": book.progress[k]["best_val_acc"],
                     "step": book.progress[k]["best_step"],
