@@ -285,9 +285,14 @@ def run_loop(
             # the train losses first: a diverged model's validation may fail outright (the sequence
             # probe's solver refuses non-finite features), so it is skipped when nothing else is live
             trained = regime.train_metrics(book.step)
+            # every worker decides alike (a worker leaving the loop alone would hang the others'
+            # collectives): on the mean of the workers' train losses, each a mean over as many steps
+            losses = [
+                sum(each) / len(each) for each in zip(*ctx.all_gather([m["train_loss"] for m in trained]))
+            ]
             diverged: dict[int, float] = {}  # member -> the loss that diverged
             for position, k in enumerate(book.live):
-                loss, progress = trained[position]["train_loss"], book.progress[k]
+                loss, progress = losses[position], book.progress[k]
                 if progress.get("first_train_loss") is None and math.isfinite(loss):
                     progress["first_train_loss"] = loss
                 if diverges(loss, progress.get("first_train_loss")):
