@@ -17,6 +17,7 @@ from pathlib import Path
 from uml_ray.config import Config, dump_config
 from uml_ray.train.context import BEST_FILE
 from uml_ray.train.plan import RunPlan
+from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import redact_text
 
 # a fused trial's config and report: one entry per member (README.md, "Sweeps: fused trials, searchers")
@@ -135,14 +136,19 @@ class TrackingBridge:
 
     @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:
-        """Close the trial's run(s) as finished, stopped early, pruned or failed, with config and weights."""
+        """Close the trial's run(s) as finished, stopped early, pruned, diverged or failed, with config
+        and (but for a failed or diverged run) weights."""
+        from uml_ray.tracking.tags import DIVERGED_LOSS_TAG, DIVERGED_STEP_TAG
+
         self.trial_started(trial)
         last = trial.last_result or {}
         failed = failed or bool(last.get(FATAL_KEY))
         members = last.get(MEMBERS) if MEMBERS in trial.config else None
         with tempfile.TemporaryDirectory() as folder:
             best = (
-                None if failed else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
+                None
+                if failed or last.get(DIVERGED_KEY)
+                else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
             )
             payloads = None
             if best and members is not None:
@@ -151,8 +157,14 @@ class TrackingBridge:
                 payloads = torch.load(best, map_location="cpu", weights_only=False)["members"]
             for k, (key, params) in enumerate(self.runs(trial)):
                 final = last if members is None else (members[k] if k < len(members) else {})
+                tags, why = {}, f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
                 if failed:
                     status, outcome = "FAILED", "failed"
+                elif final.get(DIVERGED_KEY):
+                    status, outcome = "FAILED", "diverged"
+                    step, loss = final.get(DIVERGED_STEP_KEY), float(final.get(DIVERGED_LOSS_KEY, "nan"))
+                    tags = {DIVERGED_STEP_TAG: str(step), DIVERGED_LOSS_TAG: f"{loss:.6g}"}
+                    why = f" at step {step} (loss {loss:.4g})"
                 elif final.get("completed"):
                     status, outcome = (
                         "FINISHED",
@@ -168,7 +180,8 @@ class TrackingBridge:
                     with open(path, "w") as handle:
                         handle.write(last[TRACEBACK_KEY])
                     artifacts["error"] = path
-                if payloads is not None and k in payloads:
+                # a diverged member's best-val weights are no product: the searcher is told it failed
+                if payloads is not None and k in payloads and outcome != "diverged":
                     import torch
 
                     path = os.path.join(run_folder, "checkpoint", BEST_FILE)
@@ -177,8 +190,7 @@ class TrackingBridge:
                     artifacts["checkpoint"] = path
                 elif best and members is None:
                     artifacts["checkpoint"] = best
-                self.tracker.end_trial(key, status, outcome, artifacts)
-                why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
+                self.tracker.end_trial(key, status, outcome, artifacts, tags)
                 _say(f"trial {key} {outcome}{why}")
 
     def finish(self) -> None:

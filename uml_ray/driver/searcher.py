@@ -23,6 +23,7 @@ from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.fused_loop import fusion_key
 from uml_ray.train.plan import RunPlan
+from uml_ray.train.skeleton import DIVERGED_KEY
 
 # how often a searcher may propose an invalid or already-trained config before a trial is spent on it
 MAX_RESAMPLES = 50
@@ -237,8 +238,16 @@ class CheckedSearcher(Searcher):
         self._complete(probe, result, error)
 
     def _complete(self, probe: str, result: dict | None, error: bool) -> None:
+        """Tell the inner searcher one config's end: a crash, a diverged run (``DIVERGED_KEY``) or a NaN
+        metric is a failure (Optuna's trial state FAIL), never a value to learn from."""
         metric = self.metric
-        failed = error or result is None or result.get(FATAL_KEY) or result.get(metric) != result.get(metric)
+        failed = (
+            error
+            or result is None
+            or result.get(FATAL_KEY)
+            or result.get(DIVERGED_KEY)
+            or result.get(metric) != result.get(metric)
+        )
         self.results[probe] = None if failed else result
         self.inner.on_trial_complete(probe, result=None if failed else result, error=bool(failed))
 

@@ -16,6 +16,7 @@ from uml_ray.errors import TrialCrash, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.selection import rankable, selection_key, separation, separation_line
 from uml_ray.train.plan import RunPlan
+from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import is_remote, join_uri
 
 
@@ -81,6 +82,21 @@ def _failures(results, path: str) -> list[Failure]:
     return failures
 
 
+def divergence_error(name: str, diverged: list[dict], single_run: bool) -> UserError:
+    """No run of ``name`` to score, and these (``diverged``: their rows) diverged: one line naming each
+    step and loss, and the fix. A user error (exit 2): what the user changes is the config."""
+    where = []
+    for row in diverged:
+        step, loss = row["metrics"].get(DIVERGED_STEP_KEY), float(row["metrics"].get(DIVERGED_LOSS_KEY))
+        where.append(f"at step {step} (loss {loss:.4g})")
+    if single_run:
+        return UserError(f"run '{name}' diverged {where[0]}; lower train.lr")
+    trials = ", ".join(f"trial {row['trial_id']} {at}" for row, at in zip(diverged, where))
+    return UserError(
+        f"no trial of '{name}' could be scored: {trials} diverged; lower train.lr or its range in the space"
+    )
+
+
 def best_row(scored: list[dict], metric: str) -> dict:
     """The selected trial among rows that reported ``metric``: like `uml-ray best`, completed trials
     only (ASHA-pruned ones never reached their best-val point), ranked by ``selection_key`` (the
@@ -120,11 +136,15 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             }
         )
     metric = space.metric if space else "best_val_acc"
-    scored = [r for r in rows if rankable(r["metrics"], metric)]
+    # a diverged run is a trial outcome, not a failure of the sweep, but never a candidate for the best
+    diverged = [r for r in rows if r["metrics"].get(DIVERGED_KEY)]
+    scored = [r for r in rows if rankable(r["metrics"], metric) and not r["metrics"].get(DIVERGED_KEY)]
     if not scored:
         # trials that failed before their first report have no metrics: their errors are the story
         outcome = RunOutcome(name, path, {}, {}, rows, failures)
         outcome.raise_for_failures()
+        if diverged:
+            raise divergence_error(name, diverged, space is None)
         raise UserError(f"no trial of '{name}' reported {metric}")
     best = best_row(scored, metric)
     facts = separation(best["metrics"], [r["metrics"] for r in rows if r["metrics"].get("completed")])
@@ -140,7 +160,8 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             "best_test_acc": best["metrics"].get("test_acc", float("nan")),
             "trials": len(rows) + len(failures),
             "completed_trials": completed,
-            "pruned_trials": len(rows) - completed,
+            "pruned_trials": len(rows) - completed - len(diverged),
+            "diverged_trials": len(diverged),
             "failed_trials": len(failures),
         }
         summary["best_best_val_acc"] = best["metrics"].get("best_val_acc", float("nan"))

@@ -214,9 +214,15 @@ class SweepTracker:
         self.outbox.send(f"trial {trial_id}'s metrics", send)
 
     def end_trial(
-        self, trial_id: str, status: str, outcome: str, artifacts: dict[str, str] | None = None
+        self,
+        trial_id: str,
+        status: str,
+        outcome: str,
+        artifacts: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
-        """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its artifacts."""
+        """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its artifacts and
+        ``tags`` beside the outcome."""
         if trial_id not in self.trial_runs:
             return
         files = {path: local for path, local in (artifacts or {}).items() if local and os.path.exists(local)}
@@ -227,6 +233,8 @@ class SweepTracker:
             run_id = self.trial_runs[trial_id]
             for artifact_path, local in files.items():
                 self.client.log_artifact(run_id, local, artifact_path=artifact_path or None)
+            for key, value in (tags or {}).items():
+                self.client.set_tag(run_id, key, value)
             self.client.set_tag(run_id, OUTCOME_TAG, outcome)
             self.client.set_terminated(run_id, status=status)
 

@@ -9,6 +9,14 @@ differs: its model, one step, its val and test evaluations, what its checkpoints
 
 The loop counts *members*, the models a regime trains at once: one-model regimes have one; a
 fused trial has K, each validated, stopped, tested and (with ``Halving``) pruned on its own.
+
+A member *diverges* when, at a validation, its mean train loss since the last one is non-finite
+or above ``DIVERGENCE_FACTOR`` times the one it had at its first validation (at least 1), or its
+val loss is non-finite (``diverges``). It ends there, untested: its last metrics carry
+``DIVERGED_KEY`` = 1 with the step and the loss (``diverged_step``, ``diverged_loss``), which the
+driver records as the outcome ``diverged`` and tells the searcher as a failure; a fused trial's
+other members go on. Checked at validations only: a per-step check would cost a host sync every
+step (the fused regime keeps its losses on the device).
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ from uml_ray.data.streams import BatchStream
 from uml_ray.selection import SCORE, VAL_ROWS, selection_score
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import redact_values
+
+# what a diverged member's final metrics hold: the flag, the validation step it was found at, the loss
+DIVERGED_KEY = "diverged"
+DIVERGED_STEP_KEY = "diverged_step"
+DIVERGED_LOSS_KEY = "diverged_loss"
+# a train loss this many times the first validation's (or than 1, when that was below 1) has exploded:
+# far past any sane run's noise, however the loss is scaled (cross-entropy, a sequence's MSE)
+DIVERGENCE_FACTOR = 1e4
 
 
 def rng_state() -> dict:
@@ -57,7 +73,15 @@ def new_progress() -> dict:
         "best_val_loss": math.inf,
         "best_step": 0,
         "bad_validations": 0,
+        "first_train_loss": None,
     }
+
+
+def diverges(train_loss: float, first_train_loss: float | None) -> bool:
+    """Whether a mean train loss is non-finite or exploded: above ``DIVERGENCE_FACTOR`` times the one
+    of the first validation (``first_train_loss``), or than 1 when that was below 1."""
+    reference = max(first_train_loss or 0.0, 1.0)
+    return not math.isfinite(train_loss) or train_loss > DIVERGENCE_FACTOR * reference
 
 
 @dataclass
@@ -262,20 +286,42 @@ def run_loop(
                 continue
 
             book.validations += 1
-            val_acc, val_loss = regime.validate()
+            # the train losses first: a diverged model's validation may fail outright (the sequence
+            # probe's solver refuses non-finite features), so it is skipped when nothing else is live
             trained = regime.train_metrics(book.step)
+            # every worker decides alike (a worker leaving the loop alone would hang the others'
+            # collectives): on the mean of the workers' train losses, each a mean over as many steps
+            losses = [
+                sum(each) / len(each) for each in zip(*ctx.all_gather([m["train_loss"] for m in trained]))
+            ]
+            diverged: dict[int, float] = {}  # member -> the loss that diverged
+            for position, k in enumerate(book.live):
+                loss, progress = losses[position], book.progress[k]
+                if progress.get("first_train_loss") is None and math.isfinite(loss):
+                    progress["first_train_loss"] = loss
+                if diverges(loss, progress.get("first_train_loss")):
+                    diverged[k] = loss
+            if len(diverged) < len(book.live):
+                val_acc, val_loss = regime.validate()
+            else:
+                val_acc = val_loss = [math.nan] * len(book.live)
+            for position, k in enumerate(book.live):
+                if k not in diverged and not math.isfinite(val_loss[position]):
+                    diverged[k] = val_loss[position]
             finished, stopped = [], set()
             for position, k in enumerate(book.live):
                 progress = book.progress[k]
                 progress["step"] = book.step
-                book.best_weights[k], stop = record_validation(
-                    progress,
-                    val_acc[position],
-                    val_loss[position],
-                    lambda position=position: regime.weights(position),
-                    book.best_weights[k],
-                    regime.configs[k].train.patience,
-                )
+                stop = False
+                if k not in diverged:  # a diverged validation is never the best
+                    book.best_weights[k], stop = record_validation(
+                        progress,
+                        val_acc[position],
+                        val_loss[position],
+                        lambda position=position: regime.weights(position),
+                        book.best_weights[k],
+                        regime.configs[k].train.patience,
+                    )
                 book.results[k] = {
                     "step": book.step,
                     **trained[position],
@@ -287,7 +333,11 @@ def run_loop(
                     SCORE: selection_score(progress["best_val_acc"], progress["best_val_loss"], val_rows),
                     VAL_ROWS: val_rows,
                 }
-                if stop or last:
+                if k in diverged:  # ended here, untested: its weights are past saving
+                    book.results[k].update(
+                        {DIVERGED_KEY: 1, DIVERGED_STEP_KEY: book.step, DIVERGED_LOSS_KEY: diverged[k]}
+                    )
+                elif stop or last:
                     finished.append(k)
                     if stop:
                         stopped.add(k)
@@ -299,7 +349,7 @@ def run_loop(
                 for k, test in zip(finished, tests):
                     book.results[k].update(test, stopped_early=int(k in stopped), completed=1)
 
-            remaining = [k for k in book.live if k not in finished]
+            remaining = [k for k in book.live if k not in finished and k not in diverged]
             if halving is not None and remaining and book.validations in halving.rungs:
                 survivors = halving.survivors(remaining, book.progress)
                 for k in remaining:
@@ -307,7 +357,7 @@ def run_loop(
                         book.results[k]["pruned"] = 1
                         book.pruned.add(k)
                 remaining = survivors
-            if remaining != book.live:  # a finished or pruned member's compute is freed
+            if remaining != book.live:  # a finished, diverged or pruned member's compute is freed
                 regime.select([book.live.index(k) for k in remaining])
                 book.live = remaining
 
