@@ -548,7 +548,8 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
         truncate(checkpoint / "state.pt")
     killed_at = kill(pid)
     assert run.join(600) == 0
-    resumed = last_json(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    resumed = last_json(captured.out)
     took = time.monotonic() - started
 
     reported = results(folder)
@@ -556,6 +557,16 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     fallback_step = reported[switch]["step"] - 20
     assert fallback_step < registered["step"] and fallback_step % 40 == 0, [
         (r["step"], r["pid"]) for r in reported
+    ]
+    # the fallback said in one console line naming both steps; nothing of Tune's on the console
+    lost_step = next(r["step"] for r in reported if r.get("checkpoint_dir_name") == newest.name)
+    console = (captured.out + captured.err).splitlines()
+    said = [line for line in console if "unreadable" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"[uml-ray] state.pt at step {lost_step} unreadable: resumed from step {fallback_step} ("
+    ), said
+    assert "Traceback" not in captured.err and "Error handling checkpoint" not in captured.err, captured.err[
+        -3000:
     ]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
@@ -574,6 +585,9 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.startswith("uml-ray")]
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    # one error line on the whole console: the failed trial is not also said on stdout
+    said = [line for line in (captured.out + captured.err).splitlines() if "is unreadable" in line]
+    assert said == err, said
     assert f"{recorded}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], (
         err[0]
     )

@@ -14,7 +14,7 @@ import os
 import tempfile
 
 from uml_ray.config import Config, dump_config
-from uml_ray.train.context import BEST_FILE
+from uml_ray.train.context import BEST_FILE, NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 
 # a fused trial's config and report: one entry per member (README.md, "Sweeps: fused trials, searchers")
@@ -94,6 +94,11 @@ class TrackingBridge:
             self._configs[key] = self.resolve(trial.trial_id, params).cfg
         return self._configs[key]
 
+    def restored_ended(self, key: str) -> bool:
+        """Whether run ``key`` had ended before this driver (a resumed sweep's trial that only reports
+        its recorded result again): neither re-recorded nor announced again."""
+        return key in self.tracker.ended
+
     @_never_fails_the_sweep
     def trial_started(self, trial) -> None:
         """Open (or find again) the trial's MLflow run(s)."""
@@ -107,13 +112,15 @@ class TrackingBridge:
             if key != trial.trial_id:
                 tags[FUSED_TRIAL_TAG] = trial.trial_id
             self.tracker.start_trial(key, cfg.flat(), tags)
-            if not self.single_run:
+            if not self.single_run and not self.restored_ended(key):
                 _say(f"trial {key} started: {_short(params)}")
 
     @_never_fails_the_sweep
     def trial_result(self, trial, result: dict) -> None:
         """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
+        if result.get(NOTICE_KEY):  # e.g. a checkpoint fallback, said by the trial process
+            _say(result[NOTICE_KEY])
         if MEMBERS in trial.config:
             for k, member in enumerate(result.get(MEMBERS) or []):
                 if member.get("step") == result.get("step"):
@@ -127,7 +134,7 @@ class TrackingBridge:
         self.tracker.log_metrics(
             trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0)))
         )
-        if self.verbose or result.get("completed"):
+        if (self.verbose or result.get("completed")) and not self.restored_ended(trial.trial_id):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             _say(f"trial {trial.trial_id} {_short(shown)}")
 
@@ -176,6 +183,8 @@ class TrackingBridge:
                 elif best and members is None:
                     artifacts["checkpoint"] = best
                 self.tracker.end_trial(key, status, outcome, artifacts)
+                if self.restored_ended(key):  # its run was closed before the resume, and said so then
+                    continue
                 why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
                 _say(f"trial {key} {outcome}{why}")
 

@@ -38,6 +38,7 @@ class RunOutcome:
     best_metrics: dict
     results: list[dict]
     failures: list[Failure] = field(default_factory=list)
+    already_finished: bool = False  # a --resume of a sweep that had ended: nothing ran, nothing recorded
 
     def raise_for_failures(self) -> None:
         """Exit non-zero when a trial failed: 2 when every failure is the user's, else 1 (a crash)."""
@@ -132,13 +133,16 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
         )
         tracker.start_sweep({})
         completed = sum(1 for r in rows if r["metrics"].get("completed"))
-        summary = {
-            "best_" + metric: best["metrics"][metric],
-            "best_test_acc": best["metrics"].get("test_acc", float("nan")),
-            "trials": len(rows) + len(failures),
+        counts = recorded_outcomes(tracker) or {
             "completed_trials": completed,
             "pruned_trials": len(rows) - completed,
             "failed_trials": len(failures),
+        }
+        summary = {
+            "best_" + metric: best["metrics"][metric],
+            "best_test_acc": best["metrics"].get("test_acc", float("nan")),
+            "trials": sum(counts.values()),
+            **counts,
         }
         with tempfile.TemporaryDirectory() as folder:
             study = os.path.join(folder, "study_summary.json")
@@ -165,6 +169,33 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
                 status="FAILED" if failures else "FINISHED",
             )
     return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)
+
+
+def recorded_outcomes(tracker) -> dict[str, int] | None:
+    """The sweep's trial counts from its child runs' recorded outcomes (the record is the truth: a
+    resumed sweep's Tune results may hold a stale copy of a trial that ended before the driver was
+    killed); None while MLflow's writes are held or it cannot be read (Tune's counts serve then)."""
+    from uml_ray.tracking.runs import quote_value
+    from uml_ray.tracking.tags import KIND_TAG, OUTCOME_TAG, SWEEP_TAG
+
+    if tracker.outbox.holding:
+        return None
+    try:
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id],
+            f"tags.`{SWEEP_TAG}` = {quote_value(tracker.sweep)} and tags.`{KIND_TAG}` = 'trial'",
+            max_results=10000,
+        )
+    except Exception:  # noqa: BLE001 - whatever MLflow raised, Tune's counts serve
+        return None
+    outcomes = [run.data.tags.get(OUTCOME_TAG) for run in runs]
+    if not outcomes or None in outcomes:  # a run not closed yet: the record is not complete
+        return None
+    return {
+        "completed_trials": sum(o in ("finished", "stopped_early") for o in outcomes),
+        "pruned_trials": outcomes.count("pruned"),
+        "failed_trials": outcomes.count("failed"),
+    }
 
 
 def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict[str, float]:
