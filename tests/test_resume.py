@@ -22,7 +22,10 @@ def test_resuming_a_finished_sweep_says_so_and_writes_nothing(
     from mlflow.tracking import MlflowClient
 
     config = write_config(
-        tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 40, "val_every": 20}
+        tmp_path / "c.yaml",
+        synthetic_manifest,
+        tmp_path,
+        train={"max_steps": 40, "val_every": 20, "batch_size": 16},
     )
     space = tmp_path / "s.yaml"
     space.write_text("params:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n")

@@ -120,24 +120,35 @@ def _started(pid: int) -> str:
         return ""
 
 
-def session_processes(session: str) -> list[int]:
-    """Pids of the processes of Ray session ``session`` on this host (GCS, raylet, dashboard, agents,
-    workers: each names the session in its command line), this process aside."""
+def session_processes(session: str, folder: str = "") -> list[int]:
+    """Pids of the processes of Ray session ``session`` on this host, this process aside: those naming
+    it in their command line (GCS, raylet, dashboard) or holding a file of its ``folder`` open (logs:
+    agents, workers and the dashboard's modules rename themselves, ``ray::DashboardAgent``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if session.encode() in (entry / "cmdline").read_bytes():
+            if session.encode() in (entry / "cmdline").read_bytes() or (folder and _holds(entry, folder)):
                 found.append(int(entry.name))
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
 
 
-def stop_session(session: str) -> list[int]:
+def _holds(process: Path, folder: str) -> bool:
+    """Whether a /proc entry's process has a file under ``folder`` open."""
+    inside = folder.rstrip("/") + "/"
+    for fd in (process / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(inside):
+                return True
+    return False
+
+
+def stop_session(session: str, folder: str = "") -> list[int]:
     """SIGKILL every process of Ray session ``session`` left on this host; returns their pids."""
-    pids = session_processes(session)
+    pids = session_processes(session, folder)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -155,7 +166,7 @@ def stop_leftover_rays() -> list[int]:
             continue
         if _started(held["driver"]) == held["started"]:
             continue  # its driver still runs
-        stopped += stop_session(held["session"])
+        stopped += stop_session(held["session"], held.get("folder", ""))
         record.unlink(missing_ok=True)
     return stopped
 
@@ -165,17 +176,17 @@ def _record_local_ray() -> None:
     raylet, and then what they started that is still running."""
     import ray
 
-    session = ray._private.worker._global_node.session_name
-    folder = local_ray_records()
-    folder.mkdir(parents=True, exist_ok=True)
-    record = folder / f"{session}.json"
-    record.write_text(
-        json.dumps({"driver": os.getpid(), "started": _started(os.getpid()), "session": session})
-    )
+    node = ray._private.worker._global_node
+    session, folder = node.session_name, node.get_session_dir_path()
+    records = local_ray_records()
+    records.mkdir(parents=True, exist_ok=True)
+    record = records / f"{session}.json"
+    held = {"driver": os.getpid(), "started": _started(os.getpid()), "session": session, "folder": folder}
+    record.write_text(json.dumps(held))
 
     def stop():
         ray.shutdown()
-        stop_session(session)
+        stop_session(session, folder)
         record.unlink(missing_ok=True)
 
     atexit.register(stop)

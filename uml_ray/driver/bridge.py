@@ -185,6 +185,8 @@ class TrackingBridge:
                 self.tracker.end_trial(key, status, outcome, artifacts)
                 if self.restored_ended(key):  # its run was closed before the resume, and said so then
                     continue
+                if failed and self.single_run:  # the command's one error line says why
+                    continue
                 why = f": {last[FATAL_KEY]}" if last.get(FATAL_KEY) else ""
                 _say(f"trial {key} {outcome}{why}")
 
