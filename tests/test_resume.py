@@ -113,3 +113,31 @@ def test_a_killed_drivers_leftover_ray_processes_are_stopped_by_the_next_command
                 process.kill()
                 process.wait()
         record.unlink(missing_ok=True)
+
+
+def test_a_command_that_started_its_own_ray_leaves_none_of_it_running(synthetic_manifest, tmp_path):
+    """A ``uml-ray train`` that started a local Ray: once it exits, no process of that Ray's session
+    is left (Ray's agents and dashboard modules outlive ``ray.shutdown()`` by themselves)."""
+    import tempfile
+    from pathlib import Path
+
+    from uml_ray.cluster import local_ray_records, session_processes
+
+    config = write_config(
+        tmp_path / "c.yaml", synthetic_manifest, tmp_path, train={"max_steps": 20, "batch_size": 16}
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "uml_ray.cli", "train", str(config), "--name", "own-ray"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-3000:]
+    # Ray names a local session after its driver's pid
+    (folder,) = Path(tempfile.gettempdir(), "ray").glob(f"session_*_{driver.pid}")
+    assert session_processes(folder.name, str(folder)) == []
+    assert not (local_ray_records() / f"{folder.name}.json").exists()
