@@ -21,6 +21,7 @@ import pytest
 from helpers import checkpointed_config, kill_pids
 
 from uml_ray.cli import main
+from uml_ray.cluster import local_ray_records, session_processes
 
 pytestmark = pytest.mark.chaos
 
@@ -422,10 +423,17 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
             )
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        kill(driver.pid)
+        (session,) = [
+            (held["session"], held["folder"])
+            for held in map(json.loads, (p.read_text() for p in local_ray_records().glob("*.json")))
+            if held["driver"] == driver.pid
+        ]
+        kill(driver.pid)  # the driver alone: its local Ray's GCS and raylet die with it, the rest lingers
         driver.wait()
-    finally:
+    except BaseException:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver's own local Ray goes with it
+        raise
+    left_behind = session_processes(*session)
     finished = [r for r in sweep_children(tmp_path, sweep) if r.info.status in ("FINISHED", "KILLED")]
     before = {r.data.tags["uml_ray.trial_id"]: r for r in finished}
     assert 2 <= len(before) < trials
@@ -442,8 +450,14 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
 
     resumed = time.monotonic()
     assert main([*args, "--resume"]) == 0
-    summary = last_json(capsys.readouterr().out)
+    console = capsys.readouterr()
+    summary = last_json(console.out)
     resume_s = time.monotonic() - resumed
+    # the next command stopped what the killed driver's Ray left behind (agents, workers)
+    assert session_processes(*session) == [], session
+    assert "Error handling checkpoint" not in console.out + console.err, console.err[-3000:]
+    for trial_id in before:  # ended before the kill: neither announced again nor re-recorded
+        assert f"trial {trial_id} " not in console.out, console.out
 
     children = sweep_children(tmp_path, sweep)
     keys = [r.data.tags["uml_ray.trial_id"] for r in children]
@@ -457,6 +471,21 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
         if r.data.tags.get("uml_ray.sweep") == sweep and r.data.tags.get("uml_ray.kind") == "sweep"
     ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # the parent's summary counts are the child runs' recorded outcomes, each logged once
+    client = mlflow_client(tmp_path)
+    outcomes = [r.data.tags["uml_ray.outcome"] for r in children]
+    counted = {
+        "trials": len(children),
+        "completed_trials": sum(o in ("finished", "stopped_early") for o in outcomes),
+        "pruned_trials": outcomes.count("pruned"),
+        "failed_trials": 0,
+    }
+    for key, count in counted.items():
+        history = client.get_metric_history(parents[0].info.run_id, key)
+        assert [m.value for m in history] == [count], (key, history, outcomes)
+    for run in children:  # every validation a trial reached, once
+        history = metric_steps(client, run)
+        assert history == list(range(20, history[-1] + 1, 20)), (run.data.tags["uml_ray.trial_id"], history)
     for run in children:
         trial_id = run.data.tags["uml_ray.trial_id"]
         if trial_id in before:  # finished before the kill: not run again, neither in Tune nor in MLflow
@@ -482,7 +511,8 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
         f"CHAOS driver ({snapshot}): killed pid {driver.pid} after {len(before)} of {trials} trials "
         f"finished ({time.monotonic() - started - resume_s:.1f} s in); --resume ran the other "
         f"{trials - len(before)} in {resume_s:.1f} s; {len(set(keys))} trials tracked once, {len(history)} "
-        "results in Optuna's history",
+        f"results in Optuna's history; {len(left_behind)} processes of the killed driver's Ray stopped "
+        "by the resume",
     )
 
 
@@ -548,7 +578,8 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
         truncate(checkpoint / "state.pt")
     killed_at = kill(pid)
     assert run.join(600) == 0
-    resumed = last_json(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    resumed = last_json(captured.out)
     took = time.monotonic() - started
 
     reported = results(folder)
@@ -556,6 +587,16 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     fallback_step = reported[switch]["step"] - 20
     assert fallback_step < registered["step"] and fallback_step % 40 == 0, [
         (r["step"], r["pid"]) for r in reported
+    ]
+    # the fallback said in one console line naming both steps; nothing of Tune's on the console
+    lost_step = next(r["step"] for r in reported if r.get("checkpoint_dir_name") == newest.name)
+    console = (captured.out + captured.err).splitlines()
+    said = [line for line in console if "unreadable" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"[uml-ray] state.pt at step {lost_step} unreadable: resumed from step {fallback_step} ("
+    ), said
+    assert "Traceback" not in captured.err and "Error handling checkpoint" not in captured.err, captured.err[
+        -3000:
     ]
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert resumed[key] == uninterrupted[key], (key, resumed, uninterrupted)
@@ -574,6 +615,9 @@ def test_truncated_checkpoint_falls_back_or_stops_with_one_line(
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.startswith("uml-ray")]
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
+    # one error line on the whole console: the failed trial is not also said on stdout
+    said = [line for line in (captured.out + captured.err).splitlines() if "is unreadable" in line]
+    assert said == err, said
     assert f"{recorded}/state.pt is unreadable" in err[0] and "start it again under a new --name" in err[0], (
         err[0]
     )

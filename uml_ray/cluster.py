@@ -4,11 +4,19 @@ Ray writes results and checkpoints to ``tracking.storage_path`` from whichever n
 landed on, and restores them on another node after a failure. A node-local folder therefore
 only works when every node sees the same disk: all nodes on one host, or a network file system
 mounted at the same path everywhere. Anything else loses checkpoints silently, so we refuse it.
+
+A local Ray we start is ours to stop: whole at the driver's exit, and, when its driver was killed,
+by the next command (each is recorded while it runs).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import signal
+import tempfile
 from pathlib import Path
 
 from uml_ray.errors import ConfigError
@@ -97,6 +105,93 @@ def check_storage_for_cluster(
     )
 
 
+def local_ray_records() -> Path:
+    """Where each local Ray this user's drivers started is recorded (driver pid and start, session
+    name) while it runs: what the next command stops when its driver was killed."""
+    return Path(tempfile.gettempdir()) / f"uml-ray-{os.getuid()}" / "local-ray"
+
+
+def _started(pid: int) -> str:
+    """A process's start time (clock ticks since boot), '' when it is gone: a pid and this name one
+    process, though pids are reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def session_processes(session: str, folder: str = "") -> list[int]:
+    """Pids of the processes of Ray session ``session`` on this host, this process aside: those naming
+    it in their command line (GCS, raylet, dashboard) or holding a file of its ``folder`` open (logs:
+    agents, workers and the dashboard's modules rename themselves, ``ray::DashboardAgent``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if session.encode() in (entry / "cmdline").read_bytes() or (folder and _holds(entry, folder)):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _holds(process: Path, folder: str) -> bool:
+    """Whether a /proc entry's process has a file under ``folder`` open."""
+    inside = folder.rstrip("/") + "/"
+    for fd in (process / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(inside):
+                return True
+    return False
+
+
+def stop_session(session: str, folder: str = "") -> list[int]:
+    """SIGKILL every process of Ray session ``session`` left on this host; returns their pids."""
+    pids = session_processes(session, folder)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def stop_leftover_rays() -> list[int]:
+    """Stop what is left of local Rays whose driver is gone (killed: its GCS and raylet die with it, but
+    the agents and workers the raylet started linger); returns the pids stopped."""
+    stopped = []
+    for record in local_ray_records().glob("*.json"):
+        try:
+            held = json.loads(record.read_text())
+        except (OSError, ValueError):  # being written, or removed meanwhile
+            continue
+        if _started(held["driver"]) == held["started"]:
+            continue  # its driver still runs
+        stopped += stop_session(held["session"], held.get("folder", ""))
+        record.unlink(missing_ok=True)
+    return stopped
+
+
+def _record_local_ray() -> None:
+    """Record this driver's local Ray, and stop it whole at exit: ``ray.shutdown()`` ends its GCS and
+    raylet, and then what they started that is still running."""
+    import ray
+
+    node = ray._private.worker._global_node
+    session, folder = node.session_name, node.get_session_dir_path()
+    records = local_ray_records()
+    records.mkdir(parents=True, exist_ok=True)
+    record = records / f"{session}.json"
+    held = {"driver": os.getpid(), "started": _started(os.getpid()), "session": session, "folder": folder}
+    record.write_text(json.dumps(held))
+
+    def stop():
+        ray.shutdown()
+        stop_session(session, folder)
+        record.unlink(missing_ok=True)
+
+    atexit.register(stop)
+
+
 def start_local_ray(num_cpus: int | None = None) -> None:
     """A new local Ray of our own (``address="local"``: never a stale `ray start` cluster here).
 
@@ -114,6 +209,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
         dashboard_host="127.0.0.1",
         log_to_driver=False,
     )
+    _record_local_ray()
 
 
 def cluster_address(address: str = "") -> str:
@@ -128,6 +224,7 @@ def attach_or_start_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``) when given, else start a local Ray; no-op when attached."""
     import ray
 
+    stop_leftover_rays()
     if ray.is_initialized():
         return
     address = cluster_address(address)

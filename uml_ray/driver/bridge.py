@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from uml_ray.config import Config, dump_config
-from uml_ray.train.context import BEST_FILE
+from uml_ray.train.context import BEST_FILE, NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import redact_text
@@ -97,6 +97,11 @@ class TrackingBridge:
             self._configs[key] = self.resolve(trial.trial_id, params).cfg
         return self._configs[key]
 
+    def restored_ended(self, key: str) -> bool:
+        """Whether run ``key`` had ended before this driver (a resumed sweep's trial that only reports
+        its recorded result again): neither re-recorded nor announced again."""
+        return key in self.tracker.ended
+
     @_never_fails_the_sweep
     def trial_started(self, trial) -> None:
         """Open (or find again) the trial's MLflow run(s)."""
@@ -110,13 +115,15 @@ class TrackingBridge:
             if key != trial.trial_id:
                 tags[FUSED_TRIAL_TAG] = trial.trial_id
             self.tracker.start_trial(key, cfg.flat(), tags)
-            if not self.single_run:
+            if not self.single_run and not self.restored_ended(key):
                 _say(f"trial {key} started: {_short(params)}")
 
     @_never_fails_the_sweep
     def trial_result(self, trial, result: dict) -> None:
         """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
+        if result.get(NOTICE_KEY):  # e.g. a checkpoint fallback, said by the trial process
+            _say(result[NOTICE_KEY])
         if MEMBERS in trial.config:
             for k, member in enumerate(result.get(MEMBERS) or []):
                 if member.get("step") == result.get("step"):
@@ -130,7 +137,7 @@ class TrackingBridge:
         self.tracker.log_metrics(
             trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0)))
         )
-        if self.verbose or result.get("completed"):
+        if (self.verbose or result.get("completed")) and not self.restored_ended(trial.trial_id):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             _say(f"trial {trial.trial_id} {_short(shown)}")
 
@@ -191,6 +198,10 @@ class TrackingBridge:
                 elif best and members is None:
                     artifacts["checkpoint"] = best
                 self.tracker.end_trial(key, status, outcome, artifacts, tags)
+                if self.restored_ended(key):  # its run was closed before the resume, and said so then
+                    continue
+                if failed and self.single_run:  # the command's one error line says why
+                    continue
                 _say(f"trial {key} {outcome}{why}")
 
     def finish(self) -> None:

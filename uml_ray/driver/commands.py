@@ -111,6 +111,8 @@ def run_tune(args) -> int:
         verbose=args.verbose,
         fuse=args.fuse,
     )
+    if outcome.already_finished:  # said in one line by the driver
+        return 0
     metric = space.metric
     print(
         json.dumps(

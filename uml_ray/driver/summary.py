@@ -40,6 +40,7 @@ class RunOutcome:
     best_metrics: dict
     results: list[dict]
     failures: list[Failure] = field(default_factory=list)
+    already_finished: bool = False  # a --resume of a sweep that had ended: nothing ran, nothing recorded
 
     def raise_for_failures(self) -> None:
         """Exit non-zero when a trial failed: 2 when every failure is the user's, else 1 (a crash)."""
@@ -155,16 +156,19 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
         )
         tracker.start_sweep({})
         completed = sum(1 for r in rows if r["metrics"].get("completed"))
-        summary = {
-            "best_" + metric: selection_key(best["metrics"], metric)[0],
-            "best_test_acc": best["metrics"].get("test_acc", float("nan")),
-            "trials": len(rows) + len(failures),
+        counts = recorded_outcomes(tracker) or {
             "completed_trials": completed,
             "pruned_trials": len(rows) - completed - len(diverged),
             "diverged_trials": len(diverged),
             "failed_trials": len(failures),
         }
-        summary["best_best_val_acc"] = best["metrics"].get("best_val_acc", float("nan"))
+        summary = {
+            "best_" + metric: selection_key(best["metrics"], metric)[0],
+            "best_test_acc": best["metrics"].get("test_acc", float("nan")),
+            "best_best_val_acc": best["metrics"].get("best_val_acc", float("nan")),
+            "trials": sum(counts.values()),
+            **counts,
+        }
         if facts is not None:  # what the val split can tell apart (uml_ray.selection)
             summary.update(
                 best_val_se=facts["val_se"],
@@ -198,6 +202,34 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
                 status="FAILED" if failures else "FINISHED",
             )
     return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)
+
+
+def recorded_outcomes(tracker) -> dict[str, int] | None:
+    """The sweep's trial counts from its child runs' recorded outcomes (the record is the truth: a
+    resumed sweep's Tune results may hold a stale copy of a trial that ended before the driver was
+    killed); None while MLflow's writes are held or it cannot be read (Tune's counts serve then)."""
+    from uml_ray.tracking.runs import quote_value
+    from uml_ray.tracking.tags import KIND_TAG, OUTCOME_TAG, SWEEP_TAG
+
+    if tracker.outbox.holding:
+        return None
+    try:
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id],
+            f"tags.`{SWEEP_TAG}` = {quote_value(tracker.sweep)} and tags.`{KIND_TAG}` = 'trial'",
+            max_results=10000,
+        )
+    except Exception:  # noqa: BLE001 - whatever MLflow raised, Tune's counts serve
+        return None
+    outcomes = [run.data.tags.get(OUTCOME_TAG) for run in runs]
+    if not outcomes or None in outcomes:  # a run not closed yet: the record is not complete
+        return None
+    return {
+        "completed_trials": sum(o in ("finished", "stopped_early") for o in outcomes),
+        "pruned_trials": outcomes.count("pruned"),
+        "diverged_trials": outcomes.count("diverged"),
+        "failed_trials": outcomes.count("failed"),
+    }
 
 
 def param_importances(rows: list[dict], space: SearchSpace, metric: str) -> dict[str, float]:

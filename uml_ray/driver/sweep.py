@@ -26,7 +26,7 @@ from uml_ray.driver.bridge import MEMBERS, TrackingBridge
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.driver.trial import REDUCTION_FACTOR, max_concurrency, resolve_trial, trial_resources
-from uml_ray.driver.tune_state import ended_results, experiment_path, fetch_best_weights
+from uml_ray.driver.tune_state import ended_results, experiment_path, fetch_best_weights, finished_sweep
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.plan import RunPlan
@@ -91,6 +91,40 @@ def pending_trials(count: int):
         os.environ.pop(key, None)
 
 
+class ToFile(logging.Filter):
+    """Keeps Tune's "Error handling checkpoint" records off the console, appending them to ``log``.
+
+    On ``--resume``, Tune's checkpoint manager may hold a checkpoint the killed driver had already
+    deleted (the rotation ran, the snapshot naming it was not rewritten yet); deleting it again when
+    the next checkpoint arrives raises FileNotFoundError, which Tune logs with a traceback though
+    the trial goes on unharmed."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Trial %s: Error handling checkpoint"):
+            return True
+        if self.log:
+            with contextlib.suppress(OSError), open(self.log, "a") as handle:
+                handle.write(logging.Formatter("%(asctime)s %(levelname)s %(message)s").format(record) + "\n")
+        return False
+
+
+@contextlib.contextmanager
+def tune_errors_to_file(path: str):
+    """While a sweep runs: Tune's checkpoint-handling errors go to ``tune-errors.log`` in its folder
+    (dropped for a remote one), not to the console."""
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    keep = ToFile("" if is_remote(path) else os.path.join(path, "tune-errors.log"))
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def run(
     plan: RunPlan,
     space: SearchSpace | None = None,
@@ -121,6 +155,10 @@ def run(
     path = experiment_path(plan, name)
     if resume and not tune.Tuner.can_restore(path):
         raise UserError(f"--resume: no run named '{name}' at {path}; check --name and tracking.storage_path")
+    if resume and space is not None and (done := finished_sweep(plan, name)) is not None:
+        # before Ray starts and before any MLflow write: its summary is logged once
+        print(f"[uml-ray] sweep {name} already finished ({done} trials); nothing to resume", flush=True)
+        return RunOutcome(name, path, {}, {}, [], already_finished=True)
     if not resume and not is_remote(path) and Path(path, "tuner.pkl").exists():
         raise UserError(
             f"a run named '{name}' already exists at {path}; pass --resume to continue it, or another --name"
@@ -153,7 +191,7 @@ def run(
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose)
-    with pending_trials(concurrent if searched else 0):
+    with pending_trials(concurrent if searched else 0), tune_errors_to_file(path):
         results = tuner.fit()
     return summarize(results, plan, name, path, space)
 

@@ -9,7 +9,8 @@ import glob
 import json
 import os
 
-from uml_ray.train.context import BEST_FILE
+from uml_ray.driver.bridge import MEMBERS
+from uml_ray.train.context import BEST_FILE, NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import filesystem_for, is_remote, join_uri
 
@@ -37,17 +38,41 @@ def snapshot_trials(folder: str) -> dict[str, tuple[str, dict]] | None:
     return held
 
 
+def finished_sweep(plan: RunPlan, name: str) -> int | None:
+    """The number of trials of sweep ``name`` when its parent MLflow run ended FINISHED with its summary
+    logged (a ``--resume`` of it has nothing to do), else None. Reads only: no experiment or run is
+    created; an unreachable tracking server answers None (the resume goes on, its writes held)."""
+    from uml_ray.tracking.runs import RunFinder
+    from uml_ray.tracking.store import client
+
+    tracking = plan.cfg.tracking
+    try:
+        mlflow = client(tracking.uri)
+        experiment = mlflow.get_experiment_by_name(tracking.experiment)
+        parent = None if experiment is None else RunFinder(mlflow, experiment.experiment_id, name).parent()
+    except Exception:  # noqa: BLE001 - whatever MLflow raised, the resume itself will say it
+        return None
+    if parent is None or parent.info.status != "FINISHED" or "trials" not in parent.data.metrics:
+        return None
+    return int(parent.data.metrics["trials"])
+
+
 def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
     """On ``--resume``: the last result of every trial MLflow recorded as ended (finished, stopped
     early or pruned), by trial id. Tune snapshots the sweep every ~10 s, so a driver killed soon
-    after a trial ended leaves it running in the snapshot; without this it would train again."""
+    after a trial ended leaves it running in the snapshot; without this it would train again.
+
+    The trial's MLflow run is the record: Tune's result.json of a killed driver may lack the last
+    lines it had buffered (its final, completed result among them), so a one-config trial's result is
+    its result.json's last line overlaid with the latest value of every metric its run recorded."""
     from pyarrow import fs as pafs
     from ray.tune.result import AUTO_RESULT_KEYS
 
     from uml_ray.tracking.loggers import SweepTracker
 
     tracking = plan.cfg.tracking
-    ended = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, name).ended_trials()
+    tracker = SweepTracker(tracking.uri, tracking.experiment, tracking.artifact_location, name)
+    ended = tracker.ended_trials()
     if not ended:
         return {}
     filesystem, base = filesystem_for(path)
@@ -56,7 +81,14 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
         for info in filesystem.get_file_info(pafs.FileSelector(base))
         if info.type == pafs.FileType.Directory
     ]
-    tune_keys = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
+    # what Tune adds, and a console line said when it was first reported
+    tune_keys = set(AUTO_RESULT_KEYS) | {
+        "done",
+        "trial_id",
+        "experiment_tag",
+        "should_checkpoint",
+        NOTICE_KEY,
+    }
     results = {}
     for trial_id in ended:
         for folder in folders:
@@ -68,8 +100,20 @@ def ended_results(plan: RunPlan, name: str, path: str) -> dict[str, dict]:
             except OSError:  # a trial folder without results yet
                 continue
             if lines:
-                results[trial_id] = {k: v for k, v in json.loads(lines[-1]).items() if k not in tune_keys}
+                last = {k: v for k, v in json.loads(lines[-1]).items() if k not in tune_keys}
+                run = None if MEMBERS in last else tracker.runs.trial(trial_id)
+                results[trial_id] = last if run is None else _recorded(last, run.data.metrics)
     return results
+
+
+def _recorded(last: dict, metrics: dict) -> dict:
+    """``last`` (a result.json line) overlaid with a run's recorded metrics; MLflow keeps every metric as
+    a float, so a whole number comes back as the int it was reported as (``step``, ``completed``)."""
+    merged = dict(last)
+    for key, value in metrics.items():
+        whole = isinstance(value, float) and value.is_integer() and not isinstance(last.get(key), float)
+        merged[key] = int(value) if whole else value
+    return merged
 
 
 def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | None:

@@ -25,6 +25,8 @@ from uml_ray.train.plan import RunPlan
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
+# a line for the console, carried in the next report: a trial's own prints reach only Ray's logs
+NOTICE_KEY = "notice"
 
 
 class BatchSource(Protocol):
@@ -103,11 +105,33 @@ def kept_checkpoints(checkpoint) -> list:
     return [type(checkpoint)(f"{parent}/{other}", filesystem=checkpoint.filesystem) for other in names]
 
 
-def restore_state(checkpoint) -> dict:
+def checkpoint_step(checkpoint) -> int | None:
+    """The training step a Tune ``checkpoint`` was reported at, from the trial's result.json beside it
+    (the last result naming its folder); None when that is not found (a Ray Train run's checkpoint)."""
+    import json
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{parent}/result.json") as handle:
+            lines = handle.read().decode().splitlines()
+    except OSError:
+        return None
+    step = None
+    for line in lines:
+        try:
+            result = json.loads(line)
+        except ValueError:  # a line cut short by a killed writer
+            continue
+        if result.get("checkpoint_dir_name") == name and "step" in result:
+            step = int(result["step"])
+    return step
+
+
+def restore_state(checkpoint, notices: list[str] | None = None) -> dict:
     """The loop state of a Ray ``checkpoint``. When its file is unreadable (a node died while writing
     it, a disk filled up), the newest other checkpoint kept beside it that reads serves instead —
-    Tune keeps two per trial — with one line saying so; when none reads, a ``CheckpointError``
-    naming the file."""
+    Tune keeps two per trial — with one line naming both steps, appended to ``notices``; when none
+    reads, a ``CheckpointError`` naming the file."""
     problems = []
     for candidate in [checkpoint, *kept_checkpoints(checkpoint)]:
         try:
@@ -117,12 +141,27 @@ def restore_state(checkpoint) -> dict:
             problems.append(str(exc))
             continue
         if problems:
-            print(f"[uml-ray] {problems[0]}; resuming from checkpoint {candidate.path} instead", flush=True)
+            lost = checkpoint_step(checkpoint)
+            at = f"at step {lost}" if lost is not None else f"of {checkpoint.path}"
+            step = checkpoint_step(candidate)
+            if step is None:  # a single config's state keeps its step in its progress, a fused one's on top
+                step = state["step"] if "step" in state else state.get("progress", {}).get("step")
+            line = f"{STATE_FILE} {at} unreadable: resumed from step {step} ({candidate.path})"
+            (notices if notices is not None else []).append(line)
         return state
     others = f"; so are the {len(problems) - 1} other(s) kept beside it" if len(problems) > 1 else ""
     raise CheckpointError(
         f"{problems[0]}{others}; the run cannot resume from it: start it again under a new --name"
     )
+
+
+def with_notices(metrics: dict, notices: list[str]) -> dict:
+    """``metrics`` with the lines held for the console (``NOTICE_KEY``), which are then cleared."""
+    if not notices:
+        return metrics
+    metrics = {**metrics, NOTICE_KEY: "; ".join(notices)}
+    notices.clear()
+    return metrics
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -163,6 +202,7 @@ class InlineContext(_SingleWorker):
         self.sources = sources
         self.device = _device(use_gpu)
         self.replay = replay or Replay()
+        self.notices: list[str] = []
 
     def source(self, name: str) -> BatchSource:
         return self.sources[name]
@@ -171,7 +211,7 @@ class InlineContext(_SingleWorker):
         import ray.tune
 
         checkpoint = ray.tune.get_checkpoint()
-        return None if checkpoint is None else restore_state(checkpoint)
+        return None if checkpoint is None else restore_state(checkpoint, self.notices)
 
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         import ray.tune
@@ -179,7 +219,7 @@ class InlineContext(_SingleWorker):
         step = metrics.get("step", self.replay.step + 1)
         if state is None and step <= self.replay.step:
             return
-        metrics = {**metrics, **self.replay.notes}
+        metrics = with_notices({**metrics, **self.replay.notes}, self.notices)
         if state is None:
             ray.tune.report(metrics)
         else:
@@ -234,6 +274,7 @@ class TrainWorkerContext:
         import ray.train.torch
 
         context = ray.train.get_context()
+        self.notices: list[str] = []
         self.plan = plan
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -251,7 +292,7 @@ class TrainWorkerContext:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else restore_state(checkpoint)
+        return None if checkpoint is None else restore_state(checkpoint, self.notices)
 
     def wrap(self, model, find_unused_parameters: bool = False):
         if self.world_size == 1:
@@ -285,6 +326,7 @@ class TrainWorkerContext:
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         import ray.train
 
+        metrics = with_notices(metrics, self.notices)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if self.rank == 0 and state is not None:
