@@ -28,12 +28,12 @@ import pyarrow as pa
 
 log = logging.getLogger("uml_ray")
 
-CACHE_ENV = "UML_RAY_FEATURE_CACHE"  # folder of the cache; "off" disables it
+CACHE_ENV = "UML_RAY_STREAM_CACHE"  # folder of the cache; "off" disables it
 _VERSION = 1  # bump when the cached layout changes
 
 
 def feature_cache_dir() -> Path | None:
-    """The node-local cache folder (``$UML_RAY_FEATURE_CACHE``, else the temp folder); None when off."""
+    """The node-local cache folder (``$UML_RAY_STREAM_CACHE``, else the temp folder); None when off."""
     folder = os.environ.get(CACHE_ENV, "")
     if folder.lower() == "off":
         return None
