@@ -9,18 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from uml_ray.data.feature_cache import CACHE_ENV, SpooledSource
+from uml_ray.data.feature_cache import CACHE_ENV, SpooledSource, feature_cache_dir
 from uml_ray.data.format import write_shards
 from uml_ray.data.parquet_source import ParquetSource
 from uml_ray.data.streams import BatchStream, StreamSpec, TableSource
-
-pytestmark = pytest.mark.unit
 
 ROWS, DIM = 300, 8
 
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
+    """A cache folder of the test's own (the env var reaches Ray workers started after it is set)."""
     folder = tmp_path / "cache"
     monkeypatch.setenv(CACHE_ENV, str(folder))
     return folder
@@ -138,3 +137,28 @@ def test_a_ray_data_share_is_read_once_and_spooled(tmp_path, cache_dir, monkeypa
     assert path.is_file()
     spooled.close()
     assert not path.exists()
+
+
+@pytest.mark.slow
+def test_a_two_worker_run_streamed_through_ray_data_trains_and_removes_its_spools(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
+    """Every share over data.cache_max_mb, two Ray Train workers: each worker's Ray Data split is
+    spooled on its first epoch and replayed after (the real split iterator behind the spool), and
+    the spools are deleted when the run ends. The workers use the default cache folder: they were
+    started before this test could set one."""
+    import json
+
+    from tests.conftest import write_config
+    from uml_ray.cli import main
+
+    shares = feature_cache_dir() / "shares"
+    before = set(shares.iterdir()) if shares.is_dir() else set()
+    config = write_config(
+        tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64}
+    )
+    overrides = ["resources.num_workers=2", "resources.cpus_per_worker=0.25", "resources.data_cpus=1"]
+    assert main(["train", str(config), *overrides, "--name", "spooled"]) == 0
+    result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert result["step"] == 120 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
+    assert (set(shares.iterdir()) if shares.is_dir() else set()) <= before
