@@ -3,6 +3,7 @@ time, replayed from the decoded feature cache after that."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -24,8 +25,6 @@ def shard_stat(uri: str) -> tuple[int, int]:
     """(size, mtime_ns) of one shard: what the feature cache's key watches for rewrites."""
     paths, filesystem = located([uri])
     if filesystem is None:
-        import os
-
         stat = os.stat(paths[0])
         return stat.st_size, stat.st_mtime_ns
     info = filesystem.get_file_info(paths[0])
