@@ -226,7 +226,13 @@ def auxiliary_heavy(args) -> None:
             tree = {
                 "data": {"manifest": manifest_path, "cache_max_mb": cache_max_mb},
                 "model": {"regime": "supervised"},
-                "train": {"batch_size": 256, "max_steps": steps, "val_every": steps, "seed": 0},
+                "train": {
+                    "batch_size": 256,
+                    "max_steps": steps,
+                    "val_every": steps,
+                    "warmup_steps": 10,
+                    "seed": 0,
+                },
                 "tracking": {
                     "uri": f"sqlite:///{workdir}/mlflow.db",
                     "storage_path": f"{workdir}/runs",
