@@ -1,22 +1,33 @@
 """Rows/s of a linear head fed by uml-ray's BatchStream vs naive Ray Data and an in-memory loop.
 
-All in one run, as ratios to the in-memory loop (the ceiling):
+All in one run, as ratios to the in-memory loop (the ceiling, measured again before each source):
 - in-memory: numpy arrays already in RAM, random batches;
 - naive Ray Data: ``read_parquet → iter_torch_batches`` each epoch;
 - BatchStream cached: the table read once by the driver and put in the object store (timed
   apart), every epoch of the trial from memory (uml-ray's default for datasets that fit
   ``data.cache_max_mb``);
-- BatchStream streamed: every epoch read again with a shuffle buffer (large shares): by pyarrow
-  with read-ahead in a one-process trial, through Ray Data (split across workers) in a multi-worker run.
+- BatchStream streamed: large shares through a shuffle buffer, by pyarrow with read-ahead in a
+  one-process trial, through Ray Data (split across workers) in a multi-worker run; each without
+  the decoded feature cache (every epoch decoded again; Ray Data: one execution per epoch) and with
+  it (the first epoch recorded as Arrow IPC, later ones replayed memory-mapped; the cache starts cold).
+
+``--auxiliary-heavy`` measures a whole ``uml-ray train`` instead: a target of a few thousand rows
+and an auxiliary modality of ``--aux-rows`` 384-d rows (2 million: several GB), streamed (over
+``data.cache_max_mb``) vs held in memory, as steps/s between a short and a long run (which cancels
+the run's fixed start-up).
 
     python benchmarks/stream_throughput.py [--rows 50000 --dim 512 --epochs 3]
+    python benchmarks/stream_throughput.py --auxiliary-heavy [--aux-rows 2000000 --steps 4000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,26 +59,30 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--auxiliary-heavy", action="store_true", help="time uml-ray train instead")
+    parser.add_argument("--aux-rows", type=int, default=2_000_000)
+    parser.add_argument("--target-rows", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
     args = parser.parse_args()
+    if args.auxiliary_heavy:
+        auxiliary_heavy(args)
+        return
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     import ray
 
     from uml_ray.cluster import start_local_ray
+    from uml_ray.data.feature_cache import CACHE_ENV
     from uml_ray.data.format import Manifest, ModalitySpec, write_shards
-    from uml_ray.data.streams import (
-        BatchStream,
-        ParquetSource,
-        StreamSpec,
-        TableSource,
-        build_streamed_datasets,
-        read_table,
-    )
+    from uml_ray.data.parquet_source import ParquetSource
+    from uml_ray.data.ray_streams import build_streamed_datasets
+    from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, read_table
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
     labels = rng.integers(0, 10, args.rows)
     with tempfile.TemporaryDirectory() as workdir:
+        os.environ[CACHE_ENV] = os.path.join(workdir, "feature-cache")  # cold, and removed after
         uris = write_shards(workdir, "image", "train", features, labels, rows_per_shard=8192)
         manifest = Manifest(
             "bench",
@@ -96,12 +111,13 @@ def main() -> None:
                 ):
                     yield batch["features"], batch["label"]
 
-        def ours(how: str):
+        def ours(how: str, cache: bool = True):
             spec = StreamSpec("image.train", "vector", args.dim, args.rows, how == "cached")
+            os.environ[CACHE_ENV] = os.path.join(workdir, "feature-cache", how) if cache else "off"
             if how == "cached":  # what a trial does: the driver read the table once per sweep (timed apart)
                 source = TableSource(ray.get(driver_table))
             elif how == "pyarrow":  # a one-process trial's streamed share
-                source = ParquetSource(uris)
+                source = ParquetSource(uris, cache=cache)
             else:  # the multi-worker path: Ray Data, split across Ray Train workers
                 source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)[
                     "image.train"
@@ -109,8 +125,11 @@ def main() -> None:
             stream = BatchStream(
                 source, spec, args.batch_size, seed=0, rank=0, world_size=1, shuffle_buffer=8192
             )
-            for _ in range(steps_per_epoch * args.epochs):
-                yield stream.next()
+            try:
+                for _ in range(steps_per_epoch * args.epochs):
+                    yield stream.next()
+            finally:
+                stream.close()
 
         # torch's first steps (allocations, kernel selection) would be charged to whichever source runs first
         head_steps(
@@ -118,21 +137,25 @@ def main() -> None:
             args.dim,
             args.batch_size,
         )
-        results = {}
+        results, ceilings = {}, {}
         # the Ray-free and pyarrow sources first: a Ray Data execution leaves its workers busy for a
         # while after its iterator is done, which a one-process trial never has beside it
         for name, make in [
             ("in-memory loop", in_memory),
             ("BatchStream, cached", lambda: ours("cached")),
-            ("BatchStream, streamed (1 process, pyarrow)", lambda: ours("pyarrow")),
+            ("streamed, 1 process (pyarrow), no cache", lambda: ours("pyarrow", cache=False)),
+            ("streamed, 1 process (pyarrow) + cache", lambda: ours("pyarrow")),
             ("naive read_parquet→iter_torch_batches", naive),
-            ("BatchStream, streamed (Ray Data)", lambda: ours("ray_data")),
+            ("streamed, Ray Data, no cache", lambda: ours("ray_data", cache=False)),
+            ("streamed, Ray Data + cache", lambda: ours("ray_data")),
         ]:
+            # the ceiling is measured again right before each source: on a shared machine the load
+            # drifts within a run, and a ratio to a ceiling taken minutes earlier would measure the drift
+            ceilings[name] = head_steps(in_memory(), args.dim, steps_per_epoch * args.batch_size)
             source = make()
             results[name] = head_steps(source, args.dim, steps_per_epoch * args.batch_size)
             source.close()  # release Ray Data iterators before Ray shuts down
         ray.shutdown()
-    overall_ceiling, steady_ceiling = results["in-memory loop"]
     print(
         f"{args.rows} rows x {args.dim}-d float32, batch {args.batch_size}, {args.epochs} epochs, linear "
         "head, 1 torch thread"
@@ -143,10 +166,96 @@ def main() -> None:
     )
     print(f"  {'source':44s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
     for name, (overall, steady) in results.items():
+        overall_ceiling, steady_ceiling = ceilings[name]
         print(
             f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s "
             f"{steady / steady_ceiling:7.1%}"
         )
+
+
+def auxiliary_heavy(args) -> None:
+    """Steps/s of ``uml-ray train`` (one process) with a large auxiliary table streamed vs in memory."""
+    import yaml
+
+    from uml_ray.cli import main as cli
+    from uml_ray.cluster import start_local_ray
+    from uml_ray.data.feature_cache import CACHE_ENV
+    from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
+
+    dim, classes = 384, 10
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        os.environ[CACHE_ENV] = os.path.join(workdir, "feature-cache")
+        splits = {}
+        for split, rows in (("train", args.target_rows), ("val", 1000), ("test", 1000)):
+            labels = rng.integers(0, classes, rows)
+            splits[split] = write_shards(
+                workdir, "image", split, rng.normal(size=(rows, dim)).astype(np.float32), labels
+            )
+        aux_uris = []
+        for start in range(0, args.aux_rows, 100_000):  # written in slices: the table never sits in memory
+            rows = min(100_000, args.aux_rows - start)
+            part = write_shards(
+                os.path.join(workdir, f"slice{start}"),
+                "text",
+                "train",
+                rng.normal(size=(rows, dim)).astype(np.float32),
+                rng.integers(0, classes, rows),
+                ids=[f"text-{start + i}" for i in range(rows)],
+                rows_per_shard=50_000,
+            )
+            aux_uris += part
+        aux_mb = args.aux_rows * dim * 4 / 2**20
+        manifest = Manifest(
+            "aux-heavy",
+            [str(c) for c in range(classes)],
+            "image",
+            {
+                "image": ModalitySpec("vector", dim, None, splits),
+                "text": ModalitySpec("vector", dim, None, {"train": aux_uris}),
+            },
+        )
+        manifest_path = write_manifest(manifest, os.path.join(workdir, "manifest.yaml"))
+        start_local_ray(2)
+        seconds = {}
+        runs = [("warm-up", 0, 20)]  # the first run on a fresh Ray pays one-off start-ups: not timed
+        for storage, cache_max_mb in (("in memory", int(aux_mb) + 1024), ("streamed", int(aux_mb // 4))):
+            runs += [(storage, cache_max_mb, args.steps // 4), (storage, cache_max_mb, args.steps)]
+        for storage, cache_max_mb, steps in runs:
+            config = Path(workdir) / f"{storage}-{steps}.yaml"
+            tree = {
+                "data": {"manifest": manifest_path, "cache_max_mb": cache_max_mb},
+                "model": {"regime": "supervised"},
+                "train": {
+                    "batch_size": 256,
+                    "max_steps": steps,
+                    "val_every": steps,
+                    "warmup_steps": 10,
+                    "seed": 0,
+                },
+                "tracking": {
+                    "uri": f"sqlite:///{workdir}/mlflow.db",
+                    "storage_path": f"{workdir}/runs",
+                    "experiment": "aux-heavy",
+                },
+                "resources": {"num_workers": 1, "num_cpus": 2, "torch_threads": 1},
+            }
+            config.write_text(yaml.safe_dump(tree))
+            start = time.perf_counter()
+            assert cli(["train", str(config), "--name", f"{storage}-{steps}"]) == 0
+            seconds[(storage, steps)] = time.perf_counter() - start
+    short, long = args.steps // 4, args.steps
+    rates = {
+        storage: (long - short) / (seconds[(storage, long)] - seconds[(storage, short)])
+        for storage in ("in memory", "streamed")
+    }
+    print(
+        f"auxiliary-heavy: target {args.target_rows} rows, auxiliary {args.aux_rows} x {dim}-d "
+        f"({aux_mb:,.0f} MB), batch 256, steps {short} and {long}, one process"
+    )
+    for storage, rate in rates.items():
+        print(f"  auxiliary {storage:10s} {rate:8.1f} steps/s {rate / rates['in memory']:7.1%}")
+    print(json.dumps({"seconds": {f"{k[0]}/{k[1]}": round(v, 2) for k, v in seconds.items()}}))
 
 
 if __name__ == "__main__":

@@ -186,7 +186,8 @@ def test_streamed_shares_read_by_pyarrow_match_the_same_rows_in_memory(synthetic
     ahead on a thread): the batches equal a BatchStream over the same rows held in memory, every row
     comes once per epoch, and a stream resumed mid-epoch continues with the same batches."""
     from uml_ray.data.format import load_manifest
-    from uml_ray.data.streams import BatchStream, ParquetSource, StreamSpec, TableSource, read_table
+    from uml_ray.data.parquet_source import ParquetSource
+    from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, read_table
 
     manifest = load_manifest(synthetic_manifest)
     uris = manifest.uris("text", "train")
@@ -230,7 +231,7 @@ def pa_concat(tables):
 def test_read_ahead_hands_over_errors_and_stops_with_its_consumer():
     import threading
 
-    from uml_ray.data.streams import read_ahead
+    from uml_ray.data.parquet_source import read_ahead
 
     def failing():
         yield 1

@@ -141,7 +141,7 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "ray.data",
         "Ray Data",
         (
-            "uml_ray.data.streams",
+            "uml_ray.data.ray_streams",
             "uml_ray.data.image_pipeline",
             "uml_ray.encoders.extract",
             "uml_ray.driver.sweep",

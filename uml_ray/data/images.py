@@ -36,6 +36,7 @@ from uml_ray.data.format import (
     write_manifest,
     write_shard,
 )
+from uml_ray.data.parquet_source import count_rows
 from uml_ray.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -43,7 +44,6 @@ from uml_ray.data.sources import (
     list_image_folder,
     load_fashion_mnist,
 )
-from uml_ray.data.streams import count_rows
 from uml_ray.errors import DataError
 from uml_ray.uri import is_remote, join_uri
 

@@ -8,7 +8,9 @@ Speed: features leave Arrow as zero-copy numpy views (``table_to_numpy``) instea
 ``iter_torch_batches``' per-column conversion. A dataset that fits ``data.cache_max_mb`` is
 read once per run or sweep by the driver (``read_table``), put in the Ray object store, and
 served from memory by every trial and worker (``TableSource``): no Ray Data job per trial.
-Larger ones stream through Ray Data (``build_streamed_datasets``). In-memory shares are sorted
+Larger ones stream: by pyarrow in a one-process run (``ParquetSource``), through Ray Data across
+workers (``ray_streams``); either way the first pass is kept decoded on local disk and later epochs
+replay it memory-mapped (``feature_cache``). In-memory shares are sorted
 by row id and split by rank, so batch order depends only on the seed, the rank and the epoch:
 a resumed run draws exactly the batches an uninterrupted run would.
 """
@@ -24,12 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uml_ray.data.feature_cache import BlockCache, SpooledSource
 from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
-from uml_ray.uri import filesystem_for, is_remote
+from uml_ray.data.parquet_source import ParquetSource, count_rows, encoded_mb, located
 
 log = logging.getLogger("uml_ray")
-
-READ_TASK_CPUS = 0.25  # Ray Data read tasks stay small so they fit beside the training workers
 
 
 @dataclass
@@ -46,34 +47,6 @@ class StreamSpec:
 def dataset_name(modality: str, split: str) -> str:
     """The Ray Train dataset name of a (modality, split)."""
     return f"{modality}.{split}"
-
-
-def _filesystem(uri: str):
-    if is_remote(uri):
-        filesystem, _ = filesystem_for(uri)
-        return filesystem
-    return None
-
-
-def count_rows(uris: list[str]) -> int:
-    """Rows in a list of shards, read from the Parquet footers only."""
-    total = 0
-    for path, filesystem in (_located([uri]) for uri in uris):
-        total += pq.ParquetFile(path[0], filesystem=filesystem).metadata.num_rows
-    return total
-
-
-def encoded_mb(uris: list[str], column: str) -> float:
-    """Uncompressed size in MB of one column of a list of shards, from the Parquet footers only."""
-    total = 0
-    for path, filesystem in (_located([uri]) for uri in uris):
-        metadata = pq.ParquetFile(path[0], filesystem=filesystem).metadata
-        index = metadata.schema.names.index(column)
-        total += sum(
-            metadata.row_group(g).column(index).total_uncompressed_size
-            for g in range(metadata.num_row_groups)
-        )
-    return total / 2**20
 
 
 def plan_streams(manifest: Manifest, auxiliary: list[str], cache_max_mb: int) -> dict[str, StreamSpec]:
@@ -131,19 +104,13 @@ def _class_means(table: pa.Table) -> pa.Table:
 
 def read_table(uris: list[str]) -> pa.Table:
     """Every row of a (modality, split) as one Arrow table, read with pyarrow (local or object store)."""
-    paths, filesystem = _located(uris)
+    paths, filesystem = located(uris)
     return pq.read_table(paths, filesystem=filesystem, page_checksum_verification=True).combine_chunks()
-
-
-def _located(uris: list[str]) -> tuple[list[str], object]:
-    """(paths, filesystem) for pyarrow: object-store URIs lose their scheme and get their filesystem."""
-    filesystem = _filesystem(uris[0])
-    return ([u.split("://", 1)[1] for u in uris] if filesystem is not None else uris), filesystem
 
 
 def read_column(uris: list[str], column: str) -> np.ndarray:
     """One column of a (modality, split) as a numpy array (the other columns are not read)."""
-    paths, filesystem = _located(uris)
+    paths, filesystem = located(uris)
     return (
         pq.read_table(paths, filesystem=filesystem, columns=[column], page_checksum_verification=True)
         .column(column)
@@ -180,44 +147,6 @@ class TableSource:
             yield self.table.slice(start, batch_size)
 
 
-class ParquetSource:
-    """A share streamed straight from its Parquet shards by pyarrow, behind the same slice of Ray
-    Data's iterator API as ``TableSource``: for a one-process run, where Ray Data's per-epoch
-    execution start-up (seconds) would cost more than the read itself. Row groups are read in file
-    order (so an epoch's order, and a resume, are exact) by a thread ``readahead`` blocks ahead;
-    pyarrow decodes without the GIL, so reading overlaps the training step."""
-
-    def __init__(self, uris: list[str], block_rows: int = 8192, readahead: int = 2):
-        self.uris = uris
-        self.block_rows = block_rows
-        self.readahead = readahead
-
-    def _blocks(self):
-        for uri in self.uris:
-            paths, filesystem = _located([uri])
-            yield from pq.ParquetFile(
-                paths[0], filesystem=filesystem, page_checksum_verification=True
-            ).iter_batches(batch_size=self.block_rows)
-
-    def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
-        """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""
-        pending: list[pa.Table] = []
-        held = 0
-        for block in read_ahead(self._blocks(), self.readahead):
-            table = pa.Table.from_batches([block])
-            if batch_size is None:
-                yield table
-                continue
-            pending.append(table)
-            held += len(table)
-            while held >= batch_size:
-                table = _concat(pending)
-                yield table.slice(0, batch_size)
-                pending, held = [table.slice(batch_size)], held - batch_size
-        if batch_size is not None and held:
-            yield _concat(pending)
-
-
 @contextlib.contextmanager
 def opened(iterable):
     """An iterator over ``iterable``, closed on leaving the block: now, while Ray is up. Left to the
@@ -232,106 +161,8 @@ def opened(iterable):
             close()
 
 
-def read_ahead(items, depth: int):
-    """``items`` produced by a thread up to ``depth`` ahead of the consumer; the thread ends when the
-    consumer stops early, and an error in it is raised in the consumer."""
-    import queue
-    import threading
-
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not offer(item):
-                    return
-            offer(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            offer(exc)
-
-    thread = threading.Thread(target=produce, daemon=True, name="uml-ray-read-ahead")
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
-def build_streamed_datasets(
-    manifest: Manifest, plan: dict[str, StreamSpec], aux_per_class: int, aux_class_mean: bool, seed: int
-) -> dict:
-    """Lazy Ray Data datasets of the shares too large to hold in memory (``cached`` False), keyed by name.
-
-    Auxiliary row options run as groupby operations; Ray Train splits these across workers.
-    """
-    import ray.data
-
-    datasets = {}
-    for name, spec in plan.items():
-        if spec.cached:
-            continue
-        modality, split = name.rsplit(".", 1)
-        uris = manifest.uris(modality, split)
-        paths, filesystem = _located(uris)
-        ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=READ_TASK_CPUS)
-        if modality != manifest.target and spec.kind == "vector":
-            if aux_per_class > 0:
-                ds = ds.groupby(LABEL).map_groups(
-                    lambda t: _select_per_class(t, aux_per_class, seed), batch_format="pyarrow"
-                )
-            if aux_class_mean:
-                ds = ds.groupby(LABEL).map_groups(_class_means, batch_format="pyarrow")
-        datasets[name] = ds
-    return datasets
-
-
-def start_ray_data_helpers(timeout_s: float = 60.0) -> None:
-    """Start Ray Data's cluster-wide helper actors from this (driver) process, on its node.
-
-    Ray Data creates detached helper actors (the stats actor, the autoscaling coordinator) on the
-    node of the first process that runs a dataset. Were that a trial on an autoscaled GPU node,
-    the actors would keep the node busy for good and the autoscaler would never remove it. Their
-    getters pin them to the calling process's node; trials later find them by name.
-    """
-    import ray
-
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError as exc:  # another Ray version: the helpers land wherever Ray Data first runs
-        log.warning(
-            "Ray Data helper actors not started on the driver's node (%s); an autoscaled node may stay up",
-            exc,
-        )
-        return
-    actors = [get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()]
-    try:
-        ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        log.warning("Ray Data helper actors did not start within %.0f s on the driver's node", timeout_s)
-
-
 def _to_arrays(table: pa.Table, spec: StreamSpec):
-    features, labels = table_to_numpy(table, spec.kind, spec.dim)
-    return features, labels
+    return table_to_numpy(table, spec.kind, spec.dim)
 
 
 def _sorted_by_id(table: pa.Table) -> bool:
@@ -365,6 +196,13 @@ class BatchStream:
     _table: pa.Table | None = field(default=None, init=False)
     _arrays: tuple | None = field(default=None, init=False)
     _batches: object = field(default=None, init=False)
+
+    def __post_init__(self):
+        # a streamed vector share from Ray Data is spooled on its first pass: one execution per run
+        if not self.spec.cached and self.spec.kind == "vector":
+            if not isinstance(self.iterator, (TableSource, ParquetSource, SpooledSource)):
+                spool = BlockCache.for_share()
+                self.iterator = self.iterator if spool is None else SpooledSource(self.iterator, spool)
 
     def state_dict(self) -> dict:
         """Position in the stream, for checkpoints."""
@@ -485,6 +323,8 @@ class BatchStream:
         if self._batches is not None:
             self._batches.close()
             self._batches = None
+        if isinstance(self.iterator, SpooledSource):
+            self.iterator.close()
 
     def batches_per_epoch(self) -> int:
         """Batches in one epoch of this worker's share (cached shares only; streamed shares estimate)."""

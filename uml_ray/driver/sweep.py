@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
-from uml_ray.data.streams import start_ray_data_helpers
+from uml_ray.data.ray_streams import start_ray_data_helpers
 from uml_ray.driver.bridge import MEMBERS, TrackingBridge
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize

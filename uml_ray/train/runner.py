@@ -10,7 +10,9 @@ datasets too large for memory go through Ray Data.
 
 from __future__ import annotations
 
-from uml_ray.data.streams import ParquetSource, TableSource, build_streamed_datasets
+from uml_ray.data.parquet_source import ParquetSource
+from uml_ray.data.ray_streams import build_streamed_datasets
+from uml_ray.data.streams import TableSource
 from uml_ray.train.context import InlineContext, Replay, TrainWorkerContext
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import absolute, join_uri
