@@ -16,11 +16,13 @@ import contextlib
 import functools
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
 from uml_ray.data.streams import start_ray_data_helpers
+from uml_ray.driver import progress
 from uml_ray.driver.bridge import MEMBERS, TrackingBridge
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
@@ -65,7 +67,8 @@ def init_ray(plan: RunPlan, verbose: bool = False) -> None:
     import ray.data
 
     # Ray Data's progress bars, its and Tune's INFO lines and Tune's tables flood a sweep's console;
-    # the bridge prints one line per trial event instead, and --verbose brings the rest back
+    # the progress display (driver/progress.py) shows one status line instead, and --verbose brings
+    # the rest back
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter is silent at verbose=0
@@ -152,9 +155,36 @@ def run(
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose)
-    with pending_trials(concurrent if searched else 0):
+    with (
+        pending_trials(concurrent if searched else 0),
+        progress.display(
+            name,
+            _configs(space, trials),
+            events_log(path, name),
+            space.metric if space else "best_val_acc",
+            verbose,
+        ),
+    ):
         results = tuner.fit()
     return summarize(results, plan, name, path, space)
+
+
+def _configs(space: SearchSpace | None, trials: int) -> int:
+    """How many configs the sweep trains: one, every grid point (× its seeds), or ``trials`` distinct
+    ones (fewer when the space holds fewer)."""
+    if space is None:
+        return 1
+    size = space.size()
+    if space.searcher == "grid":
+        return size
+    return min(trials, size) if size is not None else trials
+
+
+def events_log(path: str, name: str) -> str:
+    """The sweep's trial events log: in its folder, or in a local temporary folder for a remote one."""
+    if is_remote(path):
+        return os.path.join(tempfile.gettempdir(), "uml-ray-events", name, "events.log")
+    return os.path.join(path, "events.log")
 
 
 def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose):
