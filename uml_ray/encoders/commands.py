@@ -7,6 +7,8 @@ from pathlib import Path
 
 from uml_ray.errors import DataError
 
+VERBOSE_HELP = "Ray Data's progress bars and execution banners on the console"
+
 
 def register(subparsers) -> None:
     """Add the extract and case commands."""
@@ -48,6 +50,7 @@ def register(subparsers) -> None:
     extract.add_argument(
         "--num-actors", type=int, help="encoder copies (default: one per GPU, else one per node)"
     )
+    extract.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     extract.set_defaults(func=run_extract)
 
     case = subparsers.add_parser("case", help="build a real offline dataset")
@@ -102,6 +105,7 @@ def register(subparsers) -> None:
     case.add_argument(
         "--test-per-class", type=int, default=100, help="fashion-mnist-rows: test sequences per class"
     )
+    case.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     case.set_defaults(func=run_case)
 
 
@@ -128,6 +132,7 @@ def run_extract(args) -> int:
     existing = load_manifest(manifest_path) if manifest_path.exists() else None
     classes = _class_list(args.classes) or (existing.classes if existing else None)
     kind = "image" if (args.image_folder or args.image_parquet or args.fashion_mnist) else "text"
+    extract.show_ray_data_progress(args.verbose)
     extract.ensure_ray()
     if args.image_folder:
         folder = sources.list_image_folder(args.image_folder, classes)
@@ -201,7 +206,10 @@ def run_extract(args) -> int:
 def run_case(args) -> int:
     """Build (or reuse) a real offline case and print its summary as JSON."""
     from uml_ray.encoders.cases import build_fashion_mnist_case, build_fashion_mnist_finetune_case
+    from uml_ray.encoders.extract import show_ray_data_progress
     from uml_ray.errors import ConfigError
+
+    show_ray_data_progress(args.verbose)  # for the extractions of a cache miss (cases.py: ensure_ray)
 
     if args.name == "fashion-mnist-rows":
         from uml_ray.encoders.sequence_case import build_fashion_sequence_case
