@@ -61,7 +61,7 @@ class Progress:
         self.clock = clock
         self.started_at = clock()
         self.running: set[str] = set()
-        self.ended: dict[str, str] = {}
+        self.outcomes: dict[str, str] = {}
         # the best completed run, else the best of any: as the summary selects (summary.best_row)
         self.best: dict[bool, tuple[float, str, dict]] = {}
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
@@ -74,10 +74,10 @@ class Progress:
             self.bar = tqdm(
                 total=total,
                 file=self.stream,
-                desc=self.name,
-                bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} done, {postfix}",
+                desc=f"sweep {self.name}",
+                bar_format="{desc}: {bar:12} {n_fmt}/{total_fmt} done{postfix}",  # tqdm adds ", "
                 dynamic_ncols=True,
-                leave=True,
+                leave=False,  # the final line takes its place
             )
         self._console(f"sweep {self.name}: {total or '?'} configs; trial events in {log_path}")
         self.last_line_at, self.last_line_done = self.started_at, 0
@@ -100,7 +100,7 @@ class Progress:
         """A run ended: finished, stopped_early, pruned, failed, or another outcome; failures are
         printed at once."""
         self.running.discard(key)
-        self.ended[key] = outcome
+        self.outcomes[key] = outcome
         self._event(line, urgent=outcome not in GOOD_OUTCOMES + ("pruned",))
 
     def message(self, line: str) -> None:
@@ -109,7 +109,7 @@ class Progress:
 
     def status(self) -> str:
         """The status line: done/total, running, each outcome but the good ones, best so far, time."""
-        return f"sweep {self.name}: {len(self.ended)}/{self.total or '?'} done, {self._rest()}"
+        return f"sweep {self.name}: {len(self.outcomes)}/{self.total or '?'} done, {self._rest()}"
 
     def close(self) -> None:
         """The final line (counts, best, time, where the events are) and the log closed."""
@@ -129,10 +129,10 @@ class Progress:
 
     def _refresh(self) -> None:
         if self.bar is not None:
-            self.bar.n = len(self.ended)
+            self.bar.n = len(self.outcomes)
             self.bar.set_postfix_str(self._rest(), refresh=True)
             return
-        now, done = self.clock(), len(self.ended)
+        now, done = self.clock(), len(self.outcomes)
         if (
             now - self.last_line_at >= self.every_seconds
             and done - self.last_line_done >= self.every_trials
@@ -149,7 +149,7 @@ class Progress:
 
     def _rest(self) -> str:
         """The status after done/total (the bar draws those itself)."""
-        counts = Counter(self.ended.values())
+        counts = Counter(self.outcomes.values())
         shown = ("pruned", "failed")
         parts = [f"{len(self.running)} running"] + [f"{counts.get(o, 0)} {o}" for o in shown]
         parts += [f"{n} {o}" for o, n in sorted(counts.items()) if o not in GOOD_OUTCOMES + shown]
@@ -157,14 +157,14 @@ class Progress:
 
     def _best_text(self) -> str:
         if not self.best:
-            return f"best {self.metric} -"
+            return f"best: {self.metric} -"
         value, key, params = self.best.get(True) or self.best[False]
         shown = " ".join(f"{_short_key(k)}={_number(v)}" for k, v in list(params.items())[:SHOWN_PARAMS])
-        return f"best {self.metric}={value:.4g} ({key}{': ' + shown if shown else ''})"
+        return f"best: {self.metric}={value:.4g} ({key}{': ' + shown if shown else ''})"
 
     def _times(self) -> str:
         elapsed = self.clock() - self.started_at
-        done = len(self.ended)
+        done = len(self.outcomes)
         if self.total and done and done < self.total:
             eta = _duration(elapsed / done * (self.total - done))
         else:
