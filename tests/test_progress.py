@@ -33,8 +33,12 @@ def run_sweep(display: Progress, clock: Clock, outcomes: list[str], seconds_per_
         params = {"train.lr": 0.001 * (i + 1), "train.weight_decay": 0.01, "train.alpha.text": 0.5, "x.y": 1}
         display.started(key, params, f"trial {key} started")
         clock.now += seconds_per_trial
-        completed = outcome not in ("pruned", "failed")
-        display.result(key, params, i / 100, f"trial {key} best_val_acc={i / 100}", completed=completed)
+        metrics = {
+            "best_val_acc": i / 100,
+            "best_val_loss": 1.0,
+            "completed": outcome not in ("pruned", "failed"),
+        }
+        display.result(key, params, metrics, f"trial {key} best_val_acc={i / 100}")
         display.ended(key, outcome, f"trial {key} {outcome}" + (": boom" if outcome == "failed" else ""))
 
 

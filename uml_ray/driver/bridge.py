@@ -118,21 +118,18 @@ class TrackingBridge:
     def trial_result(self, trial, result: dict) -> None:
         """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
-        metric = self.sweep_params.get("metric", "best_val_acc")
         if MEMBERS in trial.config:
             runs = self.runs(trial)
             for k, member in enumerate(result.get(MEMBERS) or []):
                 if member.get("step") == result.get("step"):
                     self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
                     if k < len(runs):
-                        progress.trial_result(
-                            *runs[k], member.get(metric), completed=bool(member.get("completed"))
-                        )
+                        progress.trial_result(*runs[k], member)
             if self.verbose or result.get("live") == 0:
                 progress.trial_result(
                     trial.trial_id,
                     {},
-                    None,
+                    {},
                     f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} "
                     f"best_val_acc={result.get('best_val_acc', 0):.4g}",
                 )
@@ -144,9 +141,7 @@ class TrackingBridge:
         if self.verbose or result.get("completed"):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
             line = f"trial {trial.trial_id} {_short(shown)}"
-        progress.trial_result(
-            trial.trial_id, dict(trial.config), result.get(metric), line, bool(result.get("completed"))
-        )
+        progress.trial_result(trial.trial_id, dict(trial.config), result, line)
 
     @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:

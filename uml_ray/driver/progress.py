@@ -62,8 +62,9 @@ class Progress:
         self.started_at = clock()
         self.running: set[str] = set()
         self.outcomes: dict[str, str] = {}
-        # the best completed run, else the best of any: as the summary selects (summary.best_row)
-        self.best: dict[bool, tuple[float, str, dict]] = {}
+        # the best completed run, else the best of any, ties to the lower validation loss: as the
+        # summary selects (summary.best_row); completed or not -> ((value, -loss), key, params)
+        self.best: dict[bool, tuple[tuple[float, float], str, dict]] = {}
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         self.log = open(log_path, "a", buffering=1)  # line-buffered: readable while the sweep runs
         self.bar = None
@@ -88,12 +89,13 @@ class Progress:
         self.running.add(key)
         self._event(line)
 
-    def result(self, key: str, params: dict, value, line: str = "", completed: bool = False) -> None:
-        """A run reported; ``value`` is its metric (None when it did not report it), ``completed``
-        whether it trained to its end."""
+    def result(self, key: str, params: dict, metrics: dict, line: str = "") -> None:
+        """A run reported ``metrics`` (the sweep's metric among them once it validated)."""
+        value, completed = metrics.get(self.metric), bool(metrics.get("completed"))
         if isinstance(value, int | float) and not math.isnan(value):
-            if completed not in self.best or value > self.best[completed][0]:
-                self.best[completed] = (float(value), key, dict(params))
+            rank = (float(value), -float(metrics.get("best_val_loss", 0.0)))
+            if completed not in self.best or rank > self.best[completed][0]:
+                self.best[completed] = (rank, key, dict(params))
         self._event(line)
 
     def ended(self, key: str, outcome: str, line: str = "") -> None:
@@ -158,7 +160,7 @@ class Progress:
     def _best_text(self) -> str:
         if not self.best:
             return f"best: {self.metric} -"
-        value, key, params = self.best.get(True) or self.best[False]
+        (value, _), key, params = self.best.get(True) or self.best[False]
         shown = " ".join(f"{_short_key(k)}={_number(v)}" for k, v in list(params.items())[:SHOWN_PARAMS])
         return f"best: {self.metric}={value:.4g} ({key}{': ' + shown if shown else ''})"
 
@@ -201,12 +203,9 @@ def trial_started(key: str, params: dict, line: str = "") -> None:
     _to_display("started", key, params, line=line)
 
 
-def trial_result(key: str, params: dict, value, line: str = "", completed: bool = False) -> None:
-    """The bridge: a run reported ``value`` of the sweep's metric (``completed``: at its end)."""
-    if _active is not None:
-        _active.result(key, params, value, line, completed)
-    elif line:
-        print(f"[uml-ray] {line}", flush=True)
+def trial_result(key: str, params: dict, metrics: dict, line: str = "") -> None:
+    """The bridge: a run reported ``metrics``."""
+    _to_display("result", key, params, metrics, line=line)
 
 
 def trial_ended(key: str, outcome: str, line: str = "") -> None:
