@@ -229,10 +229,18 @@ def _to_display(kind: str, *args, line: str) -> None:
 
 
 def _is_terminal(stream) -> bool:
+    """A terminal with a size: a pty that reports 0 rows or columns (``script`` without a terminal, some
+    CI runners) gets plain lines, as tqdm draws nothing there."""
     try:
-        return stream.isatty()
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):
         return False
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return True  # a terminal without a file descriptor to measure (a test's fake): tqdm's width
+    return size.columns > 0 and size.lines > 0
 
 
 def _short_key(key: str) -> str:
