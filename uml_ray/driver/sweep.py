@@ -75,9 +75,11 @@ def init_ray(plan: RunPlan, verbose: bool = False) -> None:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         for name in ("ray.data", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # Tune's "operation took 0.5 s, may be a performance bottleneck" lines: dozens on a loaded
-        # machine (MLflow writes in the callback), none of them actionable
-        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+        # Tune's "operation took 0.5 s, may be a performance bottleneck" lines (dozens on a loaded
+        # machine: MLflow writes in the callback) and its TensorBoard logger's "invalid value" for a
+        # fused trial's members: none of them actionable
+        for name in ("ray.tune.utils.util", "ray.tune.logger"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
