@@ -191,7 +191,7 @@ def display(name: str, total: int | None, log_path: str, metric: str = "best_val
 def study_sweep(k: int, n: int):
     """Label the sweeps run inside as sweep ``k`` of a study's ``n``."""
     global _label
-    _label = f"[sweep {k}/{n}]"
+    _label = f"{k}/{n}"
     try:
         yield
     finally:
