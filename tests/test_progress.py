@@ -185,3 +185,14 @@ def test_extraction_prints_ray_data_progress_only_with_verbose(ray_session, tmp_
     assert "EncodeBatch" in loud.out + loud.err
     assert "EncodeBatch" not in quiet.out + quiet.err and "Dataset" not in quiet.out + quiet.err
     assert "extract text/train: 3/3 rows" in quiet.err  # the rows-done line stays
+
+
+def test_a_studys_sweeps_are_labelled_k_of_n(tmp_path, capsys):
+    with progress.study_sweep(2, 4), progress.display("cmp-uml-seed0", 1, str(tmp_path / "e.log")):
+        progress.trial_started("t1", {"train.lr": 0.1}, "trial t1 started")
+        progress.trial_ended("t1", "failed", "trial t1 failed: boom")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"sweep 2/4 cmp-uml-seed0: 1 configs; trial events in {tmp_path / 'e.log'}"
+    assert lines[1] == "[uml-ray] trial t1 failed: boom"
+    assert lines[2].startswith("sweep 2/4 cmp-uml-seed0: 1/1 done, 0 running, 0 pruned, 1 failed | ")
+    assert progress._active is None and progress._label == ""  # closed, unlabelled again
