@@ -69,15 +69,24 @@ def test_tune_checkpoint_errors_go_to_the_sweep_log_not_the_console(tmp_path, ca
             except FileNotFoundError:
                 logger.exception("Trial %s: Error handling checkpoint %s", "t1", "result")
             logger.warning("Trial %s: something else", "t1")
-        with_filter = capsys.readouterr().err
+            try:
+                raise ConnectionError("The actor died unexpectedly before finishing this task.")
+            except ConnectionError as exc:
+                logger.error("Trial task failed for trial t3", exc_info=exc)
+        during = capsys.readouterr()
+        with_filter = during.err
         logger.warning("Trial %s: Error handling checkpoint %s", "t2", "result")
         without = capsys.readouterr().err
     finally:
         logger.removeHandler(console)
     assert "Error handling checkpoint" not in with_filter and "something else" in with_filter
+    # a trial process that died: one console line naming it, the traceback only in the file
+    assert "Traceback" not in with_filter and "The actor died" not in with_filter
+    assert during.out.count("trial t3: its process failed (ConnectionError); retried from its last") == 1
     assert "Error handling checkpoint" in without  # only while the sweep runs
     logged = (tmp_path / "tune-errors.log").read_text()
     assert "Trial t1: Error handling checkpoint result" in logged and "FileNotFoundError" in logged
+    assert "Trial task failed for trial t3" in logged and "The actor died unexpectedly" in logged
 
 
 def test_a_killed_drivers_leftover_ray_processes_are_stopped_by_the_next_command(tmp_path):

@@ -1,4 +1,7 @@
-"""Trial events → MLflow, from the driver (the one writer), and → one console line each.
+"""Trial events → MLflow, from the driver (the one writer), and → the sweep's progress display.
+
+Each event is one line of the sweep's events log; the console shows a status line
+(``driver/progress.py``) and, at once, failures and tracking errors.
 
 Ray-free: ``driver/callback.py`` hands it Tune's trial objects, and ``driver/tune_state.py``
 (``fetch_best_weights``) fetches checkpoints for it.
@@ -15,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from uml_ray.config import Config, dump_config
+from uml_ray.driver import progress
 from uml_ray.train.context import BEST_FILE, NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
@@ -39,7 +43,7 @@ def _never_fails_the_sweep(event):
             return event(self, trial, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever MLflow raised, the trial trains on
             text = " ".join(str(exc).split())[:300]
-            _say(
+            progress.say(
                 f"MLflow: could not record {event.__name__.replace('_', ' ')} of trial {trial.trial_id} "
                 f"({type(exc).__name__}: {text}); the trial goes on"
             )
@@ -48,7 +52,7 @@ def _never_fails_the_sweep(event):
 
 
 class TrackingBridge:
-    """Forwards Tune trial events to MLflow and prints one line per trial event."""
+    """Forwards Tune trial events to MLflow and to the progress display (one log line per event)."""
 
     def __init__(
         self,
@@ -115,31 +119,43 @@ class TrackingBridge:
             if key != trial.trial_id:
                 tags[FUSED_TRIAL_TAG] = trial.trial_id
             self.tracker.start_trial(key, cfg.flat(), tags)
-            if not self.single_run and not self.restored_ended(key):
-                _say(f"trial {key} started: {_short(params)}")
+            if self.restored_ended(key):  # its run was closed before the resume, and said so then
+                continue
+            line = "" if self.single_run else f"trial {key} started: {_short(params)}"
+            progress.trial_started(key, params, line)
 
     @_never_fails_the_sweep
     def trial_result(self, trial, result: dict) -> None:
         """Metrics of one validation (each member's fresh ones, for a fused trial)."""
         self.trial_started(trial)
         if result.get(NOTICE_KEY):  # e.g. a checkpoint fallback, said by the trial process
-            _say(result[NOTICE_KEY])
+            progress.say(result[NOTICE_KEY])
         if MEMBERS in trial.config:
+            runs = self.runs(trial)
             for k, member in enumerate(result.get(MEMBERS) or []):
                 if member.get("step") == result.get("step"):
                     self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
+                    if k < len(runs):
+                        progress.trial_result(*runs[k], member)
             if self.verbose or result.get("live") == 0:
-                _say(
+                progress.trial_result(
+                    trial.trial_id,
+                    {},
+                    {},
                     f"trial {trial.trial_id} step={result.get('step')} live={result.get('live')} "
-                    f"best_val_acc={result.get('best_val_acc', 0):.4g}"
+                    f"best_val_acc={result.get('best_val_acc', 0):.4g}",
                 )
             return
         self.tracker.log_metrics(
             trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0)))
         )
-        if (self.verbose or result.get("completed")) and not self.restored_ended(trial.trial_id):
+        if self.restored_ended(trial.trial_id):  # said before the resume
+            return
+        line = ""
+        if self.verbose or result.get("completed"):
             shown = {k: result[k] for k in ("step", "val_acc", "best_val_acc", "test_acc") if k in result}
-            _say(f"trial {trial.trial_id} {_short(shown)}")
+            line = f"trial {trial.trial_id} {_short(shown)}"
+        progress.trial_result(trial.trial_id, dict(trial.config), result, line)
 
     @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:
@@ -200,9 +216,10 @@ class TrackingBridge:
                 self.tracker.end_trial(key, status, outcome, artifacts, tags)
                 if self.restored_ended(key):  # its run was closed before the resume, and said so then
                     continue
-                if failed and self.single_run:  # the command's one error line says why
-                    continue
-                _say(f"trial {key} {outcome}{why}")
+                # a single run's failure: the command's one error line says why
+                progress.trial_ended(
+                    key, outcome, "" if failed and self.single_run else f"trial {key} {outcome}{why}"
+                )
 
     def finish(self) -> None:
         """At the sweep's end: send every tracking write still held for an unreachable server."""
@@ -214,10 +231,6 @@ class TrackingBridge:
 def member_id(trial_id: str, k: int) -> str:
     """The MLflow run key of member ``k`` of a fused trial (stable across retries and resumes)."""
     return f"{trial_id}-m{k}"
-
-
-def _say(line: str) -> None:
-    print(f"[uml-ray] {line}", flush=True)
 
 
 def _short(values: dict) -> str:

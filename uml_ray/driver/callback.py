@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
+from uml_ray.driver import progress
 from uml_ray.driver.bridge import TrackingBridge
 from uml_ray.driver.retry import RETRIES_KEY, retry_line
 
@@ -28,7 +29,7 @@ class MlflowBridgeCallback(Callback):
         if result.get(RETRIES_KEY, 0) > shown.get(trial.trial_id, 0):
             shown[trial.trial_id] = result[RETRIES_KEY]
             limit = self.bridge.plan.cfg.resources.transient_retries
-            print(f"[uml-ray] {retry_line(trial.trial_id, result, limit)}", flush=True)
+            progress.say(retry_line(trial.trial_id, result, limit))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.bridge.trial_ended(trial, failed=False)

@@ -17,11 +17,13 @@ import dataclasses
 import functools
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from uml_ray.cluster import attach_or_start_ray, check_storage_for_cluster, cluster_address
 from uml_ray.data.ray_streams import start_ray_data_helpers
+from uml_ray.driver import progress
 from uml_ray.driver.bridge import MEMBERS, TrackingBridge
 from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
@@ -66,13 +68,19 @@ def init_ray(plan: RunPlan, verbose: bool = False) -> None:
     import ray.data
 
     # Ray Data's progress bars, its and Tune's INFO lines and Tune's tables flood a sweep's console;
-    # the bridge prints one line per trial event instead, and --verbose brings the rest back
+    # the progress display (driver/progress.py) shows one status line instead, and --verbose brings
+    # the rest back
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic reporter is silent at verbose=0
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         for name in ("ray.data", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Tune's "operation took 0.5 s, may be a performance bottleneck" lines (dozens on a loaded
+        # machine: MLflow writes in the callback) and its TensorBoard logger's "invalid value" for a
+        # fused trial's members: none of them actionable
+        for name in ("ray.tune.utils.util", "ray.tune.logger"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -92,19 +100,32 @@ def pending_trials(count: int):
 
 
 class ToFile(logging.Filter):
-    """Keeps Tune's "Error handling checkpoint" records off the console, appending them to ``log``.
+    """Keeps Tune's tracebacks of what it recovers from off the console, appending them to ``log``.
 
-    On ``--resume``, Tune's checkpoint manager may hold a checkpoint the killed driver had already
-    deleted (the rotation ran, the snapshot naming it was not rewritten yet); deleting it again when
-    the next checkpoint arrives raises FileNotFoundError, which Tune logs with a traceback though
-    the trial goes on unharmed."""
+    - "Error handling checkpoint": on ``--resume``, Tune's checkpoint manager may hold a checkpoint
+      the killed driver had already deleted (the rotation ran, the snapshot naming it was not
+      rewritten yet); deleting it again raises FileNotFoundError, which Tune logs with a traceback
+      though the trial goes on unharmed.
+    - "Trial task failed": a trial process or worker died (``ActorDiedError``); Tune retries the
+      trial from its checkpoint (``resources.max_failures``), so the console gets one line naming
+      the trial and the error class, and the bridge says how the trial ended.
+    """
 
     def __init__(self, log: str):
         super().__init__()
         self.log = log
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Trial %s: Error handling checkpoint"):
+        message = str(record.msg)
+        if message.startswith("Trial task failed for trial"):
+            error = record.exc_info[1] if record.exc_info else None
+            where = f"; traceback in {self.log}" if self.log else ""
+            progress.say(
+                f"{message.removeprefix('Trial task failed for ')}: its process failed "
+                f"({type(error).__name__}); retried from its last checkpoint while "
+                f"resources.max_failures allows{where}"
+            )
+        elif not message.startswith("Trial %s: Error handling checkpoint"):
             return True
         if self.log:
             with contextlib.suppress(OSError), open(self.log, "a") as handle:
@@ -114,8 +135,9 @@ class ToFile(logging.Filter):
 
 @contextlib.contextmanager
 def tune_errors_to_file(path: str):
-    """While a sweep runs: Tune's checkpoint-handling errors go to ``tune-errors.log`` in its folder
-    (dropped for a remote one), not to the console."""
+    """While a sweep runs: the tracebacks of what Tune recovers from (checkpoint handling, a trial
+    process that died) go to ``tune-errors.log`` in its folder (dropped for a remote one), not to
+    the console."""
     logger = logging.getLogger("ray.tune.execution.tune_controller")
     keep = ToFile("" if is_remote(path) else os.path.join(path, "tune-errors.log"))
     logger.addFilter(keep)
@@ -191,9 +213,37 @@ def run(
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose)
-    with pending_trials(concurrent if searched else 0), tune_errors_to_file(path):
+    with (
+        pending_trials(concurrent if searched else 0),
+        tune_errors_to_file(path),
+        progress.display(
+            name,
+            _configs(space, trials),
+            events_log(path, name),
+            space.metric if space else "best_val_acc",
+            verbose,
+        ),
+    ):
         results = tuner.fit()
     return summarize(results, plan, name, path, space)
+
+
+def _configs(space: SearchSpace | None, trials: int) -> int:
+    """How many configs the sweep trains: one, every grid point (× its seeds), or ``trials`` distinct
+    ones (fewer when the space holds fewer)."""
+    if space is None:
+        return 1
+    size = space.size()
+    if space.searcher == "grid":
+        return size
+    return min(trials, size) if size is not None else trials
+
+
+def events_log(path: str, name: str) -> str:
+    """The sweep's trial events log: in its folder, or in a local temporary folder for a remote one."""
+    if is_remote(path):
+        return os.path.join(tempfile.gettempdir(), "uml-ray-events", name, "events.log")
+    return os.path.join(path, "events.log")
 
 
 def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from uml_ray.errors import DataError
 
+VERBOSE_HELP = "Ray Data's progress bars and execution banners on the console"
+
 
 def _text_sources(value: str) -> tuple[str, ...]:
     """``--text templates,wordnet`` as the builder's tuple of sources."""
@@ -118,6 +120,7 @@ def register(subparsers) -> None:
     extract.add_argument(
         "--num-actors", type=int, help="encoder copies (default: one per GPU, else one per node)"
     )
+    extract.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     extract.set_defaults(func=run_extract)
 
     case = subparsers.add_parser("case", help="build a real offline dataset")
@@ -134,6 +137,7 @@ def register(subparsers) -> None:
     case.add_argument("--split-seed", type=int, default=0, help="seed of the few-shot draw")
     for flag, options in CASE_OPTIONS + ROWS_OPTIONS:
         case.add_argument(flag, **options)
+    case.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     case.set_defaults(func=run_case)
 
 
@@ -160,6 +164,7 @@ def run_extract(args) -> int:
     existing = load_manifest(manifest_path) if manifest_path.exists() else None
     classes = _class_list(args.classes) or (existing.classes if existing else None)
     kind = "image" if (args.image_folder or args.image_parquet or args.fashion_mnist) else "text"
+    extract.show_ray_data_progress(args.verbose)
     extract.ensure_ray()
     if args.image_folder:
         folder = sources.list_image_folder(args.image_folder, classes)
@@ -233,7 +238,10 @@ def run_extract(args) -> int:
 def run_case(args) -> int:
     """Build (or reuse) a real offline case and print its summary as JSON."""
     from uml_ray.encoders.cases import build_fashion_mnist_case
+    from uml_ray.encoders.extract import show_ray_data_progress
     from uml_ray.errors import ConfigError
+
+    show_ray_data_progress(args.verbose)  # for the extractions of a cache miss (cases.py: ensure_ray)
 
     if args.name == "fashion-mnist-rows":
         from uml_ray.encoders.sequence_case import build_fashion_sequence_case

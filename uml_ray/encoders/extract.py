@@ -4,7 +4,8 @@ Rows are a Ray Dataset with ``label`` (int), ``id`` (str) and one input column: 
 ``image`` (uint8 array, or encoded image bytes) or ``path`` (an image file). Actors take one GPU
 each when the cluster has GPUs, otherwise CPUs; results stream back to the driver in input order
 and are written as uml-ray Parquet shards (``uml_ray.data.format``), so a run is reproducible row
-for row. Ray Data shows its progress bar; a rows-done line is printed as shards are written.
+for row. A rows-done line is printed as shards are written; Ray Data's own progress bars and
+execution banners only with ``--verbose`` (``show_ray_data_progress``).
 """
 
 from __future__ import annotations
@@ -84,11 +85,32 @@ def rows_from_image_parquet(
     return rows.rename_columns({image_column: "image", label_column: "label", id_column: "id"})
 
 
+# whether Ray Data draws its progress bars and execution banners (``--verbose`` of extract and case)
+_ray_data_progress = False
+
+
+def show_ray_data_progress(shown: bool) -> None:
+    """Ray Data's progress for the extractions that follow: shown with ``--verbose``, else silent."""
+    global _ray_data_progress
+    _ray_data_progress = shown
+
+
 def ensure_ray() -> None:
-    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray, unless this process already has one."""
+    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray, unless this process already has one;
+    Ray Data's progress bars off unless ``show_ray_data_progress(True)``: they print blocks of lines
+    into logs, and the rows-done lines tell the progress."""
+    import logging
+
+    import ray.data
+
     from uml_ray.cluster import attach_or_start_ray
 
     attach_or_start_ray()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = _ray_data_progress
+    context.print_on_execution_start = _ray_data_progress
+    if not _ray_data_progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:

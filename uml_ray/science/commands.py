@@ -152,6 +152,7 @@ def _base(args, manifests):
 
 def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, module) -> dict:
     """Run the jobs under one MLflow study run (each sweep adopted as a child); returns the report."""
+    from uml_ray.driver import progress
     from uml_ray.science.searches import check_fuse, check_names_free, run_jobs
     from uml_ray.tracking.loggers import StudyTracker
     from uml_ray.tracking.tags import SWEEPS_TAG
@@ -165,8 +166,9 @@ def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, 
     status = "FAILED"
     try:
         selected = []
-        for job in jobs:
-            selected += run_jobs([job], args.trials, args.fuse, args.verbose)
+        for k, job in enumerate(jobs, 1):
+            with progress.study_sweep(k, len(jobs)):
+                selected += run_jobs([job], args.trials, args.fuse, args.verbose)
             tracker.adopt(job.name)
         report = report_of(selected)
         report.update(
