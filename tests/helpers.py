@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,15 @@ def fashion_mnist_case(capsys, out: Path, cache_dir: Path, **flags) -> dict:
     options = [part for name, value in tiny.items() for part in (f"--{name.replace('_', '-')}", str(value))]
     assert main(["case", "fashion-mnist", "--out", str(out), *options]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def uml_ray(env, cwd, *args, timeout=300) -> subprocess.CompletedProcess:
+    """``uml-ray ARGS`` in a fresh subprocess with ``env`` (its Ray workers inherit it), from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "uml_ray.cli", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

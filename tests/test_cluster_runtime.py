@@ -150,24 +150,22 @@ def short_tempdir(prefix: str) -> Path:
 MLFLOW_ADMIN = ("admin", "admin-" + uuid.uuid4().hex)
 
 
-@pytest.fixture(scope="module")
-def mlflow_auth_server(tmp_path_factory):
-    """A real `mlflow server --app-name basic-auth` on 127.0.0.1 (SQLite stores, local artifacts).
-
-    Yields ``(uri, username, password)`` of a non-admin user created through the auth REST API;
-    clients authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
-    """
+@contextlib.contextmanager
+def basic_auth_mlflow(root: Path, admin: tuple[str, str], user: str, default_permission: str):
+    """A real `mlflow server --app-name basic-auth` on 127.0.0.1 (SQLite stores under ``root``,
+    artifacts served by it) with a non-admin ``user`` created through the auth REST API: yields
+    (URI, password). Every request needs credentials; ``default_permission`` is what a user holds on
+    what no permission names."""
     import requests
 
-    root = tmp_path_factory.mktemp("mlflow_server")
     (port,) = free_ports(1)
     ini = root / "basic_auth.ini"
     ini.write_text(
         "[mlflow]\n"
-        "default_permission = NO_PERMISSIONS\n"
+        f"default_permission = {default_permission}\n"
         f"database_uri = sqlite:///{root / 'auth.db'}\n"
-        f"admin_username = {MLFLOW_ADMIN[0]}\n"
-        f"admin_password = {MLFLOW_ADMIN[1]}\n"
+        f"admin_username = {admin[0]}\n"
+        f"admin_password = {admin[1]}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     env = subprocess_env(
@@ -190,17 +188,26 @@ def mlflow_auth_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", proc, log_path, timeout=180)
-        username, password = "uml-ray", "pw-" + uuid.uuid4().hex
+        password = "pw-" + uuid.uuid4().hex
         response = requests.post(
             f"{uri}/api/2.0/mlflow/users/create",
-            json={"username": username, "password": password},
-            auth=MLFLOW_ADMIN,
+            json={"username": user, "password": password},
+            auth=admin,
             timeout=60,
         )
         response.raise_for_status()
-        yield uri, username, password
+        yield uri, password
     finally:
         stop_session(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory):
+    """The basic-auth server refusing anonymous requests: yields ``(uri, username, password)`` of a
+    non-admin user; clients authenticate with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with basic_auth_mlflow(root, MLFLOW_ADMIN, "uml-ray", "NO_PERMISSIONS") as (uri, password):
+        yield uri, "uml-ray", password
 
 
 @pytest.mark.slow

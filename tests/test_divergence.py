@@ -16,7 +16,7 @@ from uml_ray.driver.plan import build_plan
 from uml_ray.train.context import LocalContext
 from uml_ray.train.fused_loop import train_fused
 from uml_ray.train.loop import train_supervised
-from uml_ray.train.skeleton import DIVERGENCE_FACTOR, diverges
+from uml_ray.train.state import DIVERGENCE_FACTOR, diverges
 
 # lr is capped at 10, where AdamW alone does not diverge on the synthetic data; its decoupled weight
 # decay at lr * wd > 2 flips and grows every weight each step: inf, then NaN, within ~40 steps

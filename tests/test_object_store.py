@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import moto_s3, s3_client, write_config
+from helpers import uml_ray
 
 BUCKET = "uml-store"
 
@@ -33,17 +32,6 @@ def keys(client, prefix: str) -> set[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         found.update(o["Key"] for o in page.get("Contents", []))
     return found
-
-
-def uml_ray(env, cwd, *args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "uml_ray.cli", *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def synth_on_s3(env, cwd, prefix: str, n_val: int) -> str:

@@ -150,12 +150,15 @@ def test_a_sweep_console_holds_a_handful_of_lines_and_its_log_every_event(
     ended = [e for e in events if e.rsplit(" ", 1)[-1] in ("finished", "stopped_early", "pruned")]
     assert len(ended) == 6
     assert not any(line.startswith("[uml-ray] trial") for line in out)
-    # the plan's batch-size note, the first line, perhaps a status line, the final line, the JSON summary
-    assert len(out) <= 6, out
+    # the plan's batch-size note, the first line, perhaps a status line, the final line, what the val
+    # split can tell apart, the JSON summary
+    assert len(out) <= 7, out
     summary = json.loads(out[-1])
-    final = out[-2]
+    assert out[-2].startswith("[uml-ray] chosen config's val accuracy")
+    final = out[-3]
     assert final.startswith("sweep quiet: 6/6 done, 0 running, ") and final.endswith(f"trial events in {log}")
-    assert f"best: best_val_acc={summary['best_val_acc']:.4g}" in final
+    # the space's metric (search_spaces default), the same best the summary chose
+    assert f"best: selection_score={summary['selection_score']:.4g}" in final
 
     assert tune(config, "loud", "--verbose") == 0
     out = capsys.readouterr().out.splitlines()

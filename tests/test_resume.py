@@ -57,7 +57,7 @@ def test_resuming_a_finished_sweep_says_so_and_writes_nothing(
 
 
 def test_tune_checkpoint_errors_go_to_the_sweep_log_not_the_console(tmp_path, capsys):
-    from uml_ray.driver.sweep import tune_errors_to_file
+    from uml_ray.driver.tune_logs import tune_errors_to_file
 
     logger = logging.getLogger("ray.tune.execution.tune_controller")
     console = logging.StreamHandler()

@@ -10,13 +10,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import s3_client, write_config
+from helpers import uml_ray
 
 from uml_ray.cli import main
 from uml_ray.driver.retry import MAX_BACKOFF_S, backoff_s, is_transient
@@ -187,17 +187,6 @@ def test_bug_is_not_retried(ray_session, synthetic_manifest, tmp_path, capsys, m
     assert "Traceback" in traceback_file.read_text()
 
 
-def uml_ray(env, cwd, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "uml_ray.cli", *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def final_result(run: subprocess.CompletedProcess) -> dict:
     return json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -212,7 +201,7 @@ def test_train_survives_s3_outage(tmp_path):
         env = {**os.environ, **server.env, "PYTHONPATH": str(Path(__file__).parents[1])}
         env.pop("RAY_ADDRESS", None)  # the subprocess starts a local Ray that inherits the AWS_* variables
         sizes = ["--n-train", 20, "--n-val", 20, "--n-test", 20, "--n-aux", 40, "--seed", 0]
-        synth = uml_ray(env, tmp_path, "data", "synth", f"s3://{BUCKET}/data", *sizes)
+        synth = uml_ray(env, tmp_path, "data", "synth", f"s3://{BUCKET}/data", *sizes, timeout=600)
         assert synth.returncode == 0, synth.stderr
         config = write_config(
             tmp_path / "c.yaml",
@@ -223,7 +212,7 @@ def test_train_survives_s3_outage(tmp_path):
             train={"max_steps": 1500, "val_every": 50, "checkpoint_every": 1, "batch_size": 8},
             resources={"num_workers": 1, "num_cpus": 2, "transient_retries": 5, "retry_backoff_s": 2.0},
         )
-        calm = uml_ray(env, tmp_path, "train", config, "--name", "calm")
+        calm = uml_ray(env, tmp_path, "train", config, "--name", "calm", timeout=600)
         assert calm.returncode == 0, calm.stderr[-4000:]
 
         outage = {}
@@ -241,7 +230,7 @@ def test_train_survives_s3_outage(tmp_path):
 
         cutter = threading.Thread(target=cut_when_checkpointed, daemon=True)
         cutter.start()
-        stormy = uml_ray(env, tmp_path, "train", config, "--name", "stormy")
+        stormy = uml_ray(env, tmp_path, "train", config, "--name", "stormy", timeout=600)
         cutter.join(timeout=30)
     assert "at" in outage, "the run ended before its first checkpoint was seen"
     assert stormy.returncode == 0, stormy.stderr[-4000:]

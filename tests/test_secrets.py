@@ -159,59 +159,13 @@ def mlflow_basic_auth(tmp_path):
     """``mlflow server --app-name basic-auth`` on 127.0.0.1 (SQLite stores, artifacts served by it) with
     a non-admin user: yields (root folder, URI, user, password). Anonymous requests are refused (401),
     so a run that records anything authenticated."""
-    import requests
-    from test_cluster_runtime import (
-        MLFLOW,
-        free_ports,
-        start_in_session,
-        stop_session,
-        subprocess_env,
-        wait_for_http,
-    )
+    from test_cluster_runtime import basic_auth_mlflow
 
     root = tmp_path / "server"
     root.mkdir()
-    (port,) = free_ports(1)
     admin = ("admin", "admin-" + uuid.uuid4().hex)
-    ini = root / "basic_auth.ini"
-    ini.write_text(
-        "[mlflow]\n"
-        "default_permission = READ\n"
-        f"database_uri = sqlite:///{root / 'auth.db'}\n"
-        f"admin_username = {admin[0]}\n"
-        f"admin_password = {admin[1]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
-    env = subprocess_env(
-        MLFLOW_AUTH_CONFIG_PATH=str(ini),
-        MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex,
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        env.pop(key, None)
-    cmd = [
-        MLFLOW, "server", "--app-name", "basic-auth",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-        "--workers", "1",
-    ]  # fmt: skip
-    log = root / "server.log"
-    server = start_in_session(cmd, env, log)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", server, log, timeout=180)
-        user, password = "alice", "s3cret-" + uuid.uuid4().hex
-        requests.post(
-            f"{uri}/api/2.0/mlflow/users/create",
-            json={"username": user, "password": password},
-            auth=admin,
-            timeout=60,
-        ).raise_for_status()
-        yield root, uri, user, password
-    finally:
-        stop_session(server)
+    with basic_auth_mlflow(root, admin, "alice", "READ") as (uri, password):
+        yield root, uri, "alice", password
 
 
 def files_holding(folder: Path, secret: str) -> list[str]:

@@ -15,13 +15,15 @@ import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uml_ray.config import Config, dump_config
 from uml_ray.driver import progress
 from uml_ray.train.context import BEST_FILE, NOTICE_KEY
 from uml_ray.train.plan import RunPlan
-from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
+from uml_ray.train.state import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import redact_text
 
 # a fused trial's config and report: one entry per member (README.md, "Sweeps: fused trials, searchers")
@@ -51,28 +53,19 @@ def _never_fails_the_sweep(event):
     return guarded
 
 
+@dataclass(eq=False)
 class TrackingBridge:
     """Forwards Tune trial events to MLflow and to the progress display (one log line per event)."""
 
-    def __init__(
-        self,
-        plan: RunPlan,
-        sweep: str,
-        single_run: bool,
-        sweep_params: dict,
-        resolve,
-        fetch_best,
-        verbose: bool = False,
-    ):
-        self.plan = plan
-        self.fetch_best = fetch_best
-        self.sweep = sweep
-        self.single_run = single_run
-        self.sweep_params = sweep_params
-        self.resolve = resolve
-        self.verbose = verbose
-        self._tracker = None
-        self._configs: dict[str, Config] = {}
+    plan: RunPlan
+    sweep: str
+    single_run: bool
+    sweep_params: dict
+    resolve: Callable
+    fetch_best: Callable
+    verbose: bool = False
+    _tracker: object = field(default=None, init=False, repr=False)
+    _configs: dict[str, Config] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self):
         return {**self.__dict__, "_tracker": None, "_configs": {}}

@@ -23,7 +23,7 @@ from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.fused_loop import fusion_key
 from uml_ray.train.plan import RunPlan
-from uml_ray.train.skeleton import DIVERGED_KEY
+from uml_ray.train.state import DIVERGED_KEY
 
 # how often a searcher may propose an invalid or already-trained config before a trial is spent on it
 MAX_RESAMPLES = 50

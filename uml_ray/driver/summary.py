@@ -16,7 +16,7 @@ from uml_ray.errors import TrialCrash, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.selection import rankable, selection_key, separation, separation_line
 from uml_ray.train.plan import RunPlan
-from uml_ray.train.skeleton import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
+from uml_ray.train.state import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import is_remote, join_uri
 
 
