@@ -198,7 +198,13 @@ def test_train_survives_s3_outage(tmp_path):
     back 10 s later: the trial retries from its checkpoint, says so in one console line, and ends
     with the metrics of an uninterrupted run."""
     with moto_server() as server:
-        env = {**os.environ, **server.env, "PYTHONPATH": str(Path(__file__).parents[1])}
+        # no decoded stream cache: every epoch must read S3, so the outage meets a read
+        env = {
+            **os.environ,
+            **server.env,
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+            "UML_RAY_STREAM_CACHE": "off",
+        }
         env.pop("RAY_ADDRESS", None)  # the subprocess starts a local Ray that inherits the AWS_* variables
         sizes = ["--n-train", 20, "--n-val", 20, "--n-test", 20, "--n-aux", 40, "--seed", 0]
         synth = uml_ray(env, tmp_path, "data", "synth", f"s3://{BUCKET}/data", *sizes, timeout=600)

@@ -109,8 +109,8 @@ def ensure_ray() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = _ray_data_progress
     context.print_on_execution_start = _ray_data_progress
-    if not _ray_data_progress:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # both ways: a quiet extraction earlier in this process must not silence a verbose one
+    logging.getLogger("ray.data").setLevel(logging.INFO if _ray_data_progress else logging.WARNING)
 
 
 def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:
