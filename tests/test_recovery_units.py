@@ -136,6 +136,14 @@ def test_runs_of_lost_trials_are_closed_at_the_sweeps_end(tmp_path):
     assert second.client.get_run(lost).data.tags[OUTCOME_TAG] == "lost"
     assert second.client.get_run(mine).info.status == "RUNNING"
 
+    # the sweep's counts come from the record: the lost trial counts, so the counts sum to every run
+    from uml_ray.driver.summary import recorded_outcomes
+
+    second.end_trial("mine", "FINISHED", "finished")
+    counts = recorded_outcomes(second)
+    assert counts["lost_trials"] == 1 and counts["completed_trials"] == 1
+    assert sum(counts.values()) == len(children(second)) == 2
+
 
 def test_unreachable_server_errors_are_told_apart_from_refused_requests(tmp_path):
     """MLflow raises both as a bare MlflowException: a closed port's (the requests error only in its

@@ -161,6 +161,7 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             "pruned_trials": len(rows) - completed - len(diverged),
             "diverged_trials": len(diverged),
             "failed_trials": len(failures),
+            "lost_trials": 0,  # only the record knows of a killed driver's lost trials
         }
         summary = {
             "best_" + metric: selection_key(best["metrics"], metric)[0],
@@ -229,6 +230,8 @@ def recorded_outcomes(tracker) -> dict[str, int] | None:
         "pruned_trials": outcomes.count("pruned"),
         "diverged_trials": outcomes.count("diverged"),
         "failed_trials": outcomes.count("failed"),
+        # runs of a killed driver's trials that no resume took up (tracking.loggers close_lost_trials)
+        "lost_trials": outcomes.count("lost"),
     }
 
 
