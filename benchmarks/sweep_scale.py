@@ -84,19 +84,26 @@ def piped(command: list[str]) -> tuple[float, str, str]:
 
 
 def on_terminal(command: list[str]) -> tuple[float, str]:
-    """(wall seconds, what a terminal received) of ``command`` run under a pseudo-terminal."""
-    chunks: list[bytes] = []
-
-    def read(fd: int) -> bytes:
-        data = os.read(fd, 65536)
-        chunks.append(data)
-        return data
-
+    """(wall seconds, what a terminal received) of ``command`` with a pseudo-terminal as its stdout and
+    stderr."""
+    main_fd, child_fd = pty.openpty()
     start = time.perf_counter()
-    status = pty.spawn(command, read)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd)
+    os.close(child_fd)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(main_fd, 65536)
+        except OSError:  # EIO: every holder of the terminal's other end closed it
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main_fd)
+    code = proc.wait()
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} exited {status} on a terminal")
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} exited {code} on a terminal")
     return seconds, b"".join(chunks).decode(errors="replace")
 
 
