@@ -1,9 +1,11 @@
-"""``uml-ray best``: the best trials read back from MLflow, and the best config as a runnable YAML."""
+"""``uml-ray best``: the best trials read back from MLflow, the best config as a runnable YAML, and
+(``--ensemble m``) the top m runs' prediction ensemble (``driver/ensemble.py``)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from uml_ray.errors import UserError
@@ -30,11 +32,20 @@ def register(subparsers) -> None:
     best.add_argument(
         "--output", default="best_config.yaml", help="where to write the best run's config YAML"
     )
+    best.add_argument(
+        "--ensemble",
+        type=int,
+        default=0,
+        metavar="M",
+        help="also score the top M runs' prediction ensemble (mean softmax of their recorded best-val "
+        "weights) on val and test; written beside --output, logged on the sweep's run",
+    )
     best.set_defaults(func=run_best)
 
 
 def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
+    from uml_ray.driver.ensemble import check_size, load_members, run_ensemble
     from uml_ray.selection import selection_key, separation, separation_line
     from uml_ray.tracking.runs import ranked_runs
     from uml_ray.tracking.store import download_artifact
@@ -42,7 +53,14 @@ def run_best(args) -> int:
     check_output(args.output)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
+    if args.ensemble:
+        check_size(args.ensemble)
     ranked = ranked_runs(args.tracking_uri, args.experiment, args.metric, args.sweep or None)
+    started = time.perf_counter()
+    members = []
+    if args.ensemble:  # every refusal before anything is printed or written
+        where = f"sweep '{args.sweep}'" if args.sweep else f"experiment '{args.experiment}'"
+        members = load_members(args.tracking_uri, ranked, args.ensemble, where)
     rows = ranked[: args.top]
     searched = sorted({k for r in rows for k in _sampled(r)})
     shown = [m for m in ("best_val_acc", "best_val_loss") if m != args.metric]
@@ -71,6 +89,8 @@ def run_best(args) -> int:
         # runs recorded before configs were redacted may hold a password: never copied on
         Path(args.output).write_text(redact_text(Path(local).read_text()))
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
+    if args.ensemble:
+        run_ensemble(args, ranked, members, _sampled, started)
     return 0
 
 
