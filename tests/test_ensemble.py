@@ -169,6 +169,17 @@ def test_best_ensemble_of_a_real_sweep(ray_session, synthetic_manifest, tmp_path
         assert result["probabilities"][split].sum(axis=1) == pytest.approx(1.0)
         assert written[f"{split}_acc"] == accuracy(by_hand, result["labels"][split])
 
+    # a member whose weights no longer score what its run recorded (the data was rebuilt) stops it
+    shifted = [
+        dict(
+            ranked[0], metrics={**ranked[0]["metrics"], "test_acc": written["members"][0]["test_acc"] + 0.001}
+        )
+    ]
+    with pytest.raises(
+        UserError, match=f"run {ranked[0]['run_name']}: its recorded weights score test accuracy"
+    ):
+        evaluate(members[:1], shifted)
+
     parent = next(
         r
         for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])

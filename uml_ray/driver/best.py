@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
-    from uml_ray.driver.ensemble import check_size, load_members, run_ensemble
+    from uml_ray.driver.ensemble import check_size, evaluate, load_members, report
     from uml_ray.selection import selection_key, separation, separation_line
     from uml_ray.tracking.runs import ranked_runs
     from uml_ray.tracking.store import download_artifact
@@ -56,11 +56,12 @@ def run_best(args) -> int:
     if args.ensemble:
         check_size(args.ensemble)
     ranked = ranked_runs(args.tracking_uri, args.experiment, args.metric, args.sweep or None)
-    started = time.perf_counter()
-    members = []
-    if args.ensemble:  # every refusal before anything is printed or written
+    ensemble, seconds = None, 0.0
+    if args.ensemble:  # every refusal (and a member that does not reproduce) before anything is printed
+        started = time.perf_counter()
         where = f"sweep '{args.sweep}'" if args.sweep else f"experiment '{args.experiment}'"
-        members = load_members(args.tracking_uri, ranked, args.ensemble, where)
+        ensemble = evaluate(load_members(args.tracking_uri, ranked, args.ensemble, where), ranked)
+        seconds = time.perf_counter() - started
     rows = ranked[: args.top]
     searched = sorted({k for r in rows for k in _sampled(r)})
     shown = [m for m in ("best_val_acc", "best_val_loss") if m != args.metric]
@@ -89,8 +90,8 @@ def run_best(args) -> int:
         # runs recorded before configs were redacted may hold a password: never copied on
         Path(args.output).write_text(redact_text(Path(local).read_text()))
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
-    if args.ensemble:
-        run_ensemble(args, ranked, members, _sampled, started)
+    if ensemble is not None:
+        report(args, ranked, ensemble, _sampled, seconds)
     return 0
 
 

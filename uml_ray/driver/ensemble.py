@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import numpy as np
 
@@ -65,13 +64,15 @@ def load_members(uri: str, ranked: list[dict], m: int, where: str) -> list:
     return members
 
 
-def evaluate(members: list, runs: list[dict]) -> dict:
-    """Every member's and the ensemble's val and test accuracy; each member's must equal its run's
-    recorded ``best_val_acc`` / ``test_acc``. Returns {"members": [...], "val_acc", "test_acc",
-    "probabilities": {split: ensemble probabilities}, "labels": {split: labels}}."""
+def evaluate(members: list, ranked: list[dict]) -> dict:
+    """Every member's and the ensemble's val and test accuracy (members: the top of ``ranked``, in
+    order); each member's must equal its run's recorded ``best_val_acc`` / ``test_acc``. Returns
+    {"members": [...], "val_acc", "test_acc", "probabilities": {split: ensemble probabilities},
+    "labels": {split: labels}}."""
     from uml_ray.train.predict import SPLITS, accuracy, mean_probabilities, softmax
 
     recorded_as = {"val": "best_val_acc", "test": "test_acc"}
+    runs = ranked[: len(members)]
     rows = [{"run_id": run["run_id"], "run_name": run["run_name"]} for run in runs]
     probabilities, labels, ids = {}, {}, {}
     for split in SPLITS:
@@ -139,18 +140,16 @@ def section(result: dict, runs: list[dict], metric: str, sampled) -> dict:
     }
 
 
-def run_ensemble(args, ranked: list[dict], members: list, sampled, started: float) -> None:
-    """Score the loaded ``members`` (the top of ``ranked``), print them (with the seconds since
-    ``started``, a ``time.perf_counter`` before they were loaded), write the YAML beside ``--output``
-    and log the accuracies on the sweep's parent run."""
+def report(args, ranked: list[dict], result: dict, sampled, seconds: float) -> None:
+    """Print an ``evaluate`` result (``seconds``: what loading and scoring took), write the YAML
+    beside ``--output`` and log the accuracies on the sweep's parent run."""
     import yaml
 
     from uml_ray.tracking.runs import log_sweep_results
 
     m = args.ensemble
     runs = ranked[:m]
-    result = evaluate(members, runs)
-    print_result(result, m, time.perf_counter() - started)
+    print_result(result, m, seconds)
     path = ensemble_path(args.output)
     with open(path, "w") as handle:
         yaml.safe_dump(section(result, runs, args.metric, sampled), handle, sort_keys=False)

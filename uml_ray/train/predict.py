@@ -16,6 +16,7 @@ probe's predictions are not rebuilt here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,17 +95,22 @@ class Member:
             raise UserError(
                 f"run {self.name}: the manifest {self.manifest.path} has no '{target}/{split}' split"
             )
-        table = read_table(uris).sort_by(ID)
-        dim = self.manifest.modalities[target].dim
-        out = []
+        ids, features, labels = split_rows(tuple(uris), self.manifest.modalities[target].dim)
         with torch.no_grad():
-            for start in range(0, len(table), EVAL_BATCH):
-                features, _ = table_to_numpy(table.slice(start, EVAL_BATCH), "vector", dim)
-                # a copy: Arrow's buffers are read-only, torch wants writable memory
-                out.append(self.model.logits(target, torch.from_numpy(np.array(features))).float())
-        _, labels = table_to_numpy(table, "vector", dim)
-        ids = table.column(ID).to_numpy(zero_copy_only=False)
-        return ids, labels, torch.cat(out).numpy()
+            logits = [
+                self.model.logits(target, features[start : start + EVAL_BATCH]).float()
+                for start in range(0, len(features), EVAL_BATCH)
+            ]
+        return ids, labels, torch.cat(logits).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def split_rows(uris: tuple[str, ...], dim: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Ids, features and labels of a vector split, id-sorted; read once for every member."""
+    table = read_table(list(uris)).sort_by(ID)
+    features, labels = table_to_numpy(table, "vector", dim)
+    # a copy: Arrow's buffers are read-only, torch wants writable memory
+    return table.column(ID).to_numpy(zero_copy_only=False), torch.from_numpy(np.array(features)), labels
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
