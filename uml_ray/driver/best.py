@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     best.add_argument(
         "--ensemble",
         type=int,
-        default=0,
+        default=None,
         metavar="M",
         help="also score the top M runs' prediction ensemble (mean softmax of their recorded best-val "
         "weights) on val and test; written beside --output, logged on the sweep's run",
@@ -53,11 +53,13 @@ def run_best(args) -> int:
     check_output(args.output)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
-    if args.ensemble:
+    if args.ensemble is not None:
         check_size(args.ensemble)
     ranked = ranked_runs(args.tracking_uri, args.experiment, args.metric, args.sweep or None)
     ensemble, seconds = None, 0.0
-    if args.ensemble:  # every refusal (and a member that does not reproduce) before anything is printed
+    if (
+        args.ensemble is not None
+    ):  # every refusal (and a member that does not reproduce) before anything is printed
         started = time.perf_counter()
         where = f"sweep '{args.sweep}'" if args.sweep else f"experiment '{args.experiment}'"
         ensemble = evaluate(load_members(args.tracking_uri, ranked, args.ensemble, where), ranked)

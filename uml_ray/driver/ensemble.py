@@ -44,15 +44,21 @@ def load_members(uri: str, ranked: list[dict], m: int, where: str) -> list:
     from uml_ray.train.predict import Member
 
     if len(ranked) < m:
+        fewer = f"give --ensemble {len(ranked)} or fewer, or " if len(ranked) >= 2 else ""
         raise UserError(
-            f"--ensemble {m}: only {len(ranked)} finished run(s) in {where}; give --ensemble {len(ranked)} "
-            "or fewer, or run more trials"
+            f"--ensemble {m}: only {len(ranked)} finished run(s) in {where}; {fewer}run more trials"
         )
     members = []
     with tempfile.TemporaryDirectory() as folder:
         for k, run in enumerate(ranked[:m]):
             path = download_product(uri, run, os.path.join(folder, str(k)))
-            product = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                product = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 - a damaged file raises many types
+                raise UserError(
+                    f"run {run['run_name']} ({run['run_id']}): its best-val weights are unreadable "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                ) from None
             members.append(Member.from_product(run["run_name"], product))
     first = members[0]
     for member in members[1:]:
