@@ -694,6 +694,7 @@ CASES = [
         "best_config.yaml",
     ),
     Case("best-top-zero", [*BEST, "--top", "0"], ["--top", "got 0"], "must be >= 1"),
+    Case("best-ensemble-of-one", [*BEST, "--ensemble", "1"], ["--ensemble 1"], "needs at least 2 members"),
     Case(
         "best-metric-backtick", [*BEST, "--metric", "acc`; drop"], ["'acc`; drop'"], "use e.g. best_val_acc"
     ),

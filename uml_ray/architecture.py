@@ -72,12 +72,14 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "uml_ray.tracking",
         "MLflow: the connection (`store`), tag names (`tags`), writes held through an outage (`outbox`), "
-        "run queries and `uml-ray best` (`runs`), the sweep and study loggers (`loggers`)",
+        "run queries, the ranking and products `uml-ray best` reads (`runs`), "
+        "the sweep and study loggers (`loggers`)",
         ("uml_ray.config", "uml_ray.errors", "uml_ray.selection", "uml_ray.uri"),
     ),
     (
         "uml_ray.driver",
-        "one run or sweep end to end: checks, the searcher, Tune, the MLflow bridge, summaries",
+        "one run or sweep end to end: checks, the searcher, Tune, the MLflow bridge, summaries; "
+        "`uml-ray best` and its prediction ensemble",
         (
             "uml_ray.cluster",
             "uml_ray.config",

@@ -17,7 +17,7 @@ from uml_ray.uri import check_output_folder, redact_text
 
 COMMAND_MODULES = (
     "uml_ray.driver.commands",
-    "uml_ray.tracking.commands",
+    "uml_ray.driver.best",
     "uml_ray.data.commands",
     "uml_ray.encoders.commands",
     "uml_ray.science.commands",

@@ -200,3 +200,44 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
         }
         for r in runs
     ]
+
+
+# a run's product: its best-val weights with their config and dataset (``train/skeleton.py``)
+PRODUCT = "checkpoint/best.pt"
+
+
+def download_product(uri: str, run: dict, folder: str) -> str:
+    """A ranked run's best-val product (``PRODUCT``) copied into ``folder``; a UserError naming the run
+    when it has none (a run recorded before products were, or its artifacts were deleted)."""
+    from uml_ray.tracking.store import download_artifact
+
+    try:
+        with bounded_http():
+            return download_artifact(uri, run["run_id"], PRODUCT, folder)
+    except Exception as exc:  # MLflow raises many types for a missing artifact or an unreachable store
+        raise UserError(
+            f"run {run['run_name']} ({run['run_id']}): its best-val weights ({PRODUCT}) cannot be read "
+            f"from {run['artifact_uri']} ({one_line(exc)})"
+        ) from None
+
+
+def log_sweep_results(uri: str, experiment: str, sweep: str, metrics: dict, tags: dict) -> str | None:
+    """Add ``metrics`` (at step 0) and ``tags`` to a sweep's parent run; returns its run id, or None
+    when the sweep has no parent run (a single training)."""
+    import time
+
+    from uml_ray.tracking.store import metric, tag
+
+    store = client(uri)
+    with bounded_http():
+        found = store.get_experiment_by_name(experiment)
+        parent = None if found is None else RunFinder(store, found.experiment_id, sweep).parent()
+        if parent is None:
+            return None
+        now = int(time.time() * 1000)
+        store.log_batch(
+            parent.info.run_id,
+            metrics=[metric(key, value, now, 0) for key, value in metrics.items()],
+            tags=[tag(key, value) for key, value in tags.items()],
+        )
+    return parent.info.run_id

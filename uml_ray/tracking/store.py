@@ -169,12 +169,24 @@ def tag(key: str, value):
 
 
 def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
-    """Fetch one artifact of a run to a local folder; returns the local path."""
+    """Fetch one artifact of a run to a local folder; returns the local path. No progress bar: a
+    command fetching a few small files says what it fetched itself."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=_credentials(resolve_tracking_uri(uri))
-    )
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=path,
+            dst_path=dst,
+            tracking_uri=_credentials(resolve_tracking_uri(uri)),
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 # The HTTP settings of the calls inside the innermost ``bounded_http`` block of this thread (None:

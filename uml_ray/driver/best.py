@@ -1,9 +1,11 @@
-"""``uml-ray best``: the best trials read back from MLflow, and the best config as a runnable YAML."""
+"""``uml-ray best``: the best trials read back from MLflow, the best config as a runnable YAML, and
+(``--ensemble m``) the top m runs' prediction ensemble (``driver/ensemble.py``)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from uml_ray.errors import UserError
@@ -30,11 +32,20 @@ def register(subparsers) -> None:
     best.add_argument(
         "--output", default="best_config.yaml", help="where to write the best run's config YAML"
     )
+    best.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        metavar="M",
+        help="also score the top M runs' prediction ensemble (mean softmax of their recorded best-val "
+        "weights) on val and test; written beside --output, logged on the sweep's run",
+    )
     best.set_defaults(func=run_best)
 
 
 def run_best(args) -> int:
     """Print the top runs and write the best one's resolved config (``uml-ray train`` runs it as is)."""
+    from uml_ray.driver.ensemble import check_size, evaluate, load_members, report
     from uml_ray.selection import selection_key, separation, separation_line
     from uml_ray.tracking.runs import ranked_runs
     from uml_ray.tracking.store import download_artifact
@@ -42,7 +53,17 @@ def run_best(args) -> int:
     check_output(args.output)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
+    if args.ensemble is not None:
+        check_size(args.ensemble)
     ranked = ranked_runs(args.tracking_uri, args.experiment, args.metric, args.sweep or None)
+    ensemble, seconds = None, 0.0
+    if (
+        args.ensemble is not None
+    ):  # every refusal (and a member that does not reproduce) before anything is printed
+        started = time.perf_counter()
+        where = f"sweep '{args.sweep}'" if args.sweep else f"experiment '{args.experiment}'"
+        ensemble = evaluate(load_members(args.tracking_uri, ranked, args.ensemble, where), ranked)
+        seconds = time.perf_counter() - started
     rows = ranked[: args.top]
     searched = sorted({k for r in rows for k in _sampled(r)})
     shown = [m for m in ("best_val_acc", "best_val_loss") if m != args.metric]
@@ -71,6 +92,8 @@ def run_best(args) -> int:
         # runs recorded before configs were redacted may hold a password: never copied on
         Path(args.output).write_text(redact_text(Path(local).read_text()))
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
+    if ensemble is not None:
+        report(args, ranked, ensemble, _sampled, seconds)
     return 0
 
 
