@@ -30,6 +30,8 @@ EXPERIMENT = "warm-bench"
 def sweep(workdir: Path, manifest: str, name: str, configs: int, seed: int, *flags: str) -> None:
     from uml_ray.cli import main
 
+    if (workdir / "runs" / name / "tuner.pkl").exists():  # kept from an earlier run in --workdir
+        return
     overrides = [
         f"data.manifest={Path(manifest).resolve()}",
         f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
@@ -52,9 +54,16 @@ def handed_order(workdir: Path, name: str) -> list[dict]:
         [experiment], f"tags.`uml_ray.sweep` = '{name}' and tags.`uml_ray.kind` = 'trial'", max_results=5000
     )
 
+    # Tune's trial ids are random: a trial's place is when it started (its first run), then the member
+    started: dict[str, int] = {}
+    for run in runs:
+        trial = run.data.tags.get("uml_ray.fused_trial") or run.data.tags["uml_ray.trial_id"]
+        started[trial] = min(started.get(trial, run.info.start_time), run.info.start_time)
+
     def order(run):
-        trial, _, member = run.data.tags["uml_ray.trial_id"].partition("-m")
-        return int(trial.rsplit("_", 1)[-1]), int(member or 0)
+        trial = run.data.tags.get("uml_ray.fused_trial") or run.data.tags["uml_ray.trial_id"]
+        member = run.data.tags["uml_ray.trial_id"].rpartition("-m")[2]
+        return started[trial], int(member) if member.isdigit() else 0
 
     return [
         {
@@ -97,7 +106,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds", default="0", help="train.seed (and TPE seed) of each repeat, comma-separated"
     )
-    parser.add_argument("--workdir", default="", help="keep the MLflow store and runs here")
+    parser.add_argument(
+        "--workdir", default="", help="keep the MLflow store and runs here (sweeps already there are reused)"
+    )
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="warm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,10 +127,15 @@ def main() -> None:
         print(
             f"seed {seed}: cold final test {goal:.4f} after {len(cold)} configs / {total} steps "
             f"(first reached at {cold_first[0]} configs / {cold_first[1]} steps); "
-            f"warm final test {warm[-1][1]:.4f}; test after the first 16 configs: cold {cold[15][1]:.4f}, "
-            f"warm {warm[15][1]:.4f}",
+            f"warm final test {warm[-1][1]:.4f}",
             flush=True,
         )
+        marks = [n for n in (1, 4, 8, 16, 32, 64, len(cold)) if n <= min(len(cold), len(warm))]
+        for label, curve in (("cold", cold), ("warm", warm)):
+            shown = ", ".join(
+                f"{n}: {curve[n - 1][1]:.4f} ({curve[n - 1][0]} steps)" for n in dict.fromkeys(marks)
+            )
+            print(f"seed {seed}: {label} test of the returned config after n configs: {shown}", flush=True)
         if warm_first is None:
             print(f"seed {seed}: warm never reached {goal:.4f} in {len(warm)} configs", flush=True)
             ratios.append(float("inf"))
