@@ -135,6 +135,43 @@ def plan(synthetic_manifest, tmp_path):
     return build_plan(load_config(write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path)))
 
 
+def test_the_task_is_the_data_and_the_config_outside_the_space(plan, tmp_path):
+    from uml_ray.driver.warm_start import task_difference
+    from uml_ray.tracking.store import param_value
+
+    space = space_from(tmp_path, CONTINUOUS)
+    base = plan.cfg.flat()
+    params = {key: param_value(value) for key, value in base.items()}
+    run = {"params": params, "tags": {"uml_ray.data": "abc"}}
+
+    def differs(fingerprint="abc", tags=None, **changed):
+        changed = {k.replace("__", "."): v for k, v in changed.items()}
+        return task_difference(
+            {"params": {**params, **changed}, "tags": tags or run["tags"]}, base, fingerprint, space
+        )
+
+    assert differs() == ""
+    # a searched key, and fields that change no result, may differ
+    assert differs(train__lr="0.5", resources__num_cpus="8", tracking__experiment="other") == ""
+    assert differs(train__seed="1") == "train.seed 1 → 0"
+    assert differs(resources__num_workers="2") == "resources.num_workers 2 → 1"
+    assert differs(fingerprint="new") == (
+        f"the data at {base['data.manifest']} changed (fingerprint abc → new)"
+    )
+    # a run from before the data tag: its manifest path decides
+    assert differs(tags={"uml_ray.seed": "0"}) == ""
+    assert differs(tags={"uml_ray.seed": "0"}, data__manifest="/elsewhere/m.yaml").startswith(
+        "data.manifest /elsewhere/m.yaml → "
+    )
+    per_trial = space_from(tmp_path, "seed_policy: per_trial\n" + CONTINUOUS, "p.yaml")
+    assert (
+        task_difference(
+            {"params": {**params, "train.seed": "7"}, "tags": run["tags"]}, base, "abc", per_trial
+        )
+        == ""
+    )
+
+
 def told_of_a(space) -> WarmPlan:
     """A's six grid points told with made-up scores (the searcher only needs them to be distinct)."""
     points = [

@@ -253,7 +253,9 @@ def task_difference(run: dict, base: dict, fingerprint: str, space: SearchSpace)
 
     params, recorded = run["params"], run["tags"].get(DATA_TAG)
     if recorded and recorded != fingerprint:
-        return f"data fingerprint {recorded} → {fingerprint}"
+        was, now = params.get("data.manifest"), param_value(base["data.manifest"])
+        where = f"data.manifest {was} → {now}" if was != now else f"the data at {now} changed"
+        return f"{where} (fingerprint {recorded} → {fingerprint})"
     if not recorded and params.get("data.manifest") != param_value(base["data.manifest"]):
         return f"data.manifest {params.get('data.manifest')} → {base['data.manifest']}"
     for key, value in base.items():
