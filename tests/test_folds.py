@@ -215,7 +215,11 @@ def test_tune_with_folds_records_the_refit(ray_session, synthetic_manifest, tmp_
     assert metrics["refit_test_acc"] == pytest.approx(printed["refit_test_acc"])
     assert metrics["refit_steps"] == printed["refit_steps"] and metrics["refit_rows"] == 120
     chosen = parent.data.tags["uml_ray.best.refit_trial"]
-    trial = next(r for r in runs if r.data.tags.get("uml_ray.kind") == "trial" and r.info.run_name == chosen)
+    trial = next(
+        r
+        for r in runs
+        if r.data.tags.get("uml_ray.kind") == "trial" and r.data.tags.get("uml_ray.trial_id") == chosen
+    )
     assert trial.data.metrics["best_step"] == metrics["refit_steps"] and trial.data.metrics["val_rows"] == 120
     folder = tmp_path / "artifacts"
     client.download_artifacts(parent.info.run_id, "study_summary.json", str(folder))

@@ -12,6 +12,7 @@ One process, no Ray: the driver runs it after the sweep (a head-only config trai
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from uml_ray.data.folds import pool_table
 from uml_ray.data.streams import dataset_name
@@ -29,7 +30,9 @@ def refit(plan: RunPlan, steps: int) -> dict:
         split.source(dataset_name(target, "train")).table, split.source(dataset_name(target, "val")).table
     )
     ctx = LocalContext(plan, tables={dataset_name(target, "train"): pool})
-    with contextlib.ExitStack() as closing:
+    with contextlib.ExitStack() as closing, warnings.catch_warnings():
+        # the driver's console: torch's note on read-only (zero-copy Arrow) batches says nothing here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         regime = Supervised(plan, ctx, closing)
         regime.initialise()
         for step in range(steps):
