@@ -226,3 +226,21 @@ def test_tune_with_folds_records_the_refit(ray_session, synthetic_manifest, tmp_
     study = json.loads((folder / "study_summary.json").read_text())
     assert study["best_trial"] == chosen
     assert study["summary"]["refit_test_acc"] == pytest.approx(metrics["refit_test_acc"])
+
+
+def test_halved_and_resumed_fold_trial_continues_exactly(plan):
+    # halving at validation 1 drops whole configs (all their fold members) on the pooled fold numbers;
+    # killed after the 3rd report, the trial resumes from step 40 and replays the rest bit for bit
+    from helpers import interrupted_and_resumed
+
+    whole = LocalContext(plan)
+    train_fused(plan, MEMBERS, whole, rungs=[1])
+    first, second = interrupted_and_resumed(
+        plan, lambda plan, ctx: train_fused(plan, MEMBERS, ctx, rungs=[1]), fail_after=3
+    )
+    assert first.saved["step"] == 40 and len(first.saved["live"]) == 2
+    assert first.saved["model"]["head"].shape[0] == 2 * FOLDS  # the survivors' fold members only
+    pruned = [m for m in whole.reports[0]["members"] if m["pruned"]]
+    kept = [m for m in whole.reports[0]["members"] if not m["pruned"]]
+    assert len(pruned) == 1 and all(m["selection_score"] >= pruned[0]["selection_score"] for m in kept)
+    assert second.reports == whole.reports[2:]
