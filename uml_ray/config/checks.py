@@ -56,6 +56,16 @@ def check_config(cfg: Config) -> None:
             "head-only supervised regime; set it to -1 here (draw few-shot splits when building the "
             "dataset instead, e.g. uml-ray case --shots)"
         )
+    if cfg.train.select_folds == 1:
+        raise ConfigError(
+            "train.select_folds=1: use 0 (the manifest's val split) or k >= 2 folds of the train+val pool"
+        )
+    if cfg.train.select_folds > 1 and (cfg.model.regime == "sequence" or cfg.model.backbone):
+        raise ConfigError(
+            f"train.select_folds={cfg.train.select_folds} trains k fold models side by side in the fused "
+            "head-only supervised regime; the sequence and fine-tuning regimes cannot: set "
+            "train.select_folds=0"
+        )
     if not cfg.tracking.experiment.strip():
         # MLflow refuses an empty experiment name only when the run starts, after Ray has started
         raise ConfigError(

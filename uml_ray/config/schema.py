@@ -188,6 +188,14 @@ class TrainConfig:
         choices=["bf16", "fp32"],
     )
     seed: int = option(0, "The one seed: per-worker and per-trial seeds derive from it.", low=0)
+    select_folds: int = option(
+        0,
+        "k-fold selection (head-only sweeps): 0 validates on the manifest's val split; k >= 2 pools the "
+        "target's train+val rows into k class-stratified folds, trains each config once per fold (side by "
+        "side) and scores it on the held-out folds; the chosen config is retrained on the whole pool.",
+        low=0,
+    )
+    select_seed: int = option(0, "Seed of the k-fold split (train.select_folds).", low=0)
 
 
 @dataclass

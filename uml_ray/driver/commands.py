@@ -150,6 +150,11 @@ def run_tune(args) -> int:
                 metric: outcome.best_metrics.get(metric),
                 "best_val_acc": outcome.best_metrics.get("best_val_acc"),
                 "test_acc": outcome.best_metrics.get("test_acc"),
+                **(
+                    {"refit_test_acc": outcome.refit["test_acc"], "refit_steps": outcome.refit["steps"]}
+                    if outcome.refit
+                    else {}
+                ),
             },
             default=str,
         )

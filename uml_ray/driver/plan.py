@@ -66,6 +66,7 @@ def build_plan(cfg: Config, space: SearchSpace | None = None) -> RunPlan:
             )
     check_target_per_class(cfg, manifest, streams, space)
     check_aux_per_class(cfg, manifest, list(auxiliary), space)
+    check_select_folds(cfg, manifest, streams, space)
     cfg = clamp_batch_size(cfg, manifest, streams, space)
     return RunPlan(cfg, DatasetFacts(manifest, tuple(auxiliary)), streams)
 
@@ -77,6 +78,9 @@ def clamp_batch_size(cfg: Config, manifest, streams: dict, space: SearchSpace | 
     rows = streams[f"{manifest.target}.train"].rows // cfg.resources.num_workers
     if cfg.data.target_per_class > 0:
         rows = min(rows, cfg.data.target_per_class * len(manifest.classes) // cfg.resources.num_workers)
+    if cfg.train.select_folds > 1:  # a fold trains on the train+val pool but its held-out fold
+        pool = rows + streams[f"{manifest.target}.val"].rows
+        rows = pool - -(-pool // cfg.train.select_folds)
     rows = max(rows, 1)
     sampled = [p.values for p in (space.params if space else []) if p.key == "train.batch_size"]
     over = sorted({v for values in sampled for v in values if isinstance(v, int) and v > rows})
@@ -154,6 +158,38 @@ def check_target_per_class(cfg: Config, manifest, streams: dict, space: SearchSp
             f"'{manifest.target}' in {manifest.path}; use data.target_per_class<={counts.min()} "
             "or a larger train split"
         )
+
+
+def check_select_folds(cfg: Config, manifest, streams: dict, space: SearchSpace | None) -> None:
+    """``train.select_folds`` (the config's value or the largest a space may sample) re-splits the
+    target's train+val rows in memory into k folds, each holding a row of every class."""
+    from uml_ray.data.folds import check_folds
+
+    k = _space_max(cfg.train.select_folds, "train.select_folds", space)
+    if k <= 0:
+        return
+    for split in ("train", "val"):
+        name = f"{manifest.target}.{split}"
+        if not streams[name].cached:
+            raise ConfigError(
+                f"train.select_folds={k} re-splits '{name}' in memory, but it is larger than "
+                f"data.cache_max_mb={cfg.data.cache_max_mb}; raise data.cache_max_mb or set "
+                "train.select_folds=0"
+            )
+    train = class_counts(manifest, manifest.target)
+    # the smallest pool a config may train on: the fewest target rows per class it may keep
+    kept = [cfg.data.target_per_class] + [
+        v
+        for p in (space.params if space is not None else [])
+        if p.key == "data.target_per_class"
+        for v in (p.values if p.type == "choice" else [p.low])
+    ]
+    if any(v > 0 for v in kept):
+        train = np.minimum(train, min(v for v in kept if v > 0))
+    val = np.bincount(
+        read_column(manifest.uris(manifest.target, "val"), LABEL), minlength=len(manifest.classes)
+    )
+    check_folds(k, train + val, manifest.classes, f"'{manifest.target}' in {manifest.path}")
 
 
 def check_aux_per_class(cfg: Config, manifest, auxiliary: list[str], space: SearchSpace | None) -> None:

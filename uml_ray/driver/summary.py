@@ -41,6 +41,7 @@ class RunOutcome:
     results: list[dict]
     failures: list[Failure] = field(default_factory=list)
     already_finished: bool = False  # a --resume of a sweep that had ended: nothing ran, nothing recorded
+    refit: dict = field(default_factory=dict)  # k-fold selection: the chosen config retrained on the pool
 
     def raise_for_failures(self) -> None:
         """Exit non-zero when a trial failed: 2 when every failure is the user's, else 1 (a crash)."""
@@ -176,6 +177,8 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
                 within_1se_configs=facts["within_1se"],
                 tied_top_configs=facts["tied_top"],
             )
+        refit = refit_best(plan, best) if cfg.train.select_folds > 1 else {}
+        summary.update({f"refit_{key}": value for key, value in refit.items()})
         with tempfile.TemporaryDirectory() as folder:
             study = os.path.join(folder, "study_summary.json")
             # a sweep resumed across the upgrade may hold rows from before the selection score
@@ -198,11 +201,33 @@ def summarize(results, plan: RunPlan, name: str, path: str, space: SearchSpace |
             plots = sweep_plots(plotted, space, metric, importances, folder)
             tracker.end_sweep(
                 summary,
-                {**best["config"], "trial_id": best["trial_id"]},
+                {
+                    **best["config"],
+                    "trial_id": best["trial_id"],
+                    **({"refit_trial": best["trial_id"]} if refit else {}),
+                },
                 [study, *plots],
                 status="FAILED" if failures else "FINISHED",
             )
+        return RunOutcome(name, path, best["config"], best["metrics"], rows, failures, refit=refit)
     return RunOutcome(name, path, best["config"], best["metrics"], rows, failures)
+
+
+def refit_best(plan: RunPlan, best: dict) -> dict:
+    """k-fold selection: the chosen config retrained on the whole train+val pool for its best step
+    count (``train/refit.py``), tested; one console line."""
+    from uml_ray.driver.trial import resolve_trial
+    from uml_ray.train.refit import refit
+
+    steps = int(best["metrics"].get("best_step") or 0)
+    result = refit(resolve_trial(plan, "fixed", best["trial_id"], best["config"]), steps)
+    print(
+        f"[uml-ray] refit: trial {best['trial_id']}'s config retrained on all {result['rows']} "
+        f"train+val rows for {steps} steps: test accuracy {result['test_acc']:.4f} (its folds' mean "
+        f"{best['metrics'].get('test_acc', float('nan')):.4f})",
+        flush=True,
+    )
+    return result
 
 
 def recorded_outcomes(tracker) -> dict[str, int] | None:

@@ -52,6 +52,19 @@ def can_fuse(plan: RunPlan, space: SearchSpace | None) -> bool:
     )
 
 
+def check_folds_fuse(plan: RunPlan, space: SearchSpace | None, fuse: int) -> None:
+    """k-fold selection trains a config's fold models side by side in a fused trial: a run that does
+    not fuse is refused before Ray starts."""
+    folds = plan.cfg.train.select_folds
+    if folds > 1 and (fuse == 1 or not can_fuse(plan, space)):
+        raise ConfigError(
+            f"train.select_folds={folds} trains each config's {folds} fold models side by side in a fused "
+            "trial: it needs `uml-ray tune` of a head-only supervised config (model.backbone empty, "
+            "resources.num_workers=1) with seed_policy fixed, and --fuse other than 1; set "
+            "train.select_folds=0 to validate on the manifest's val split"
+        )
+
+
 def fused_rungs(plan: RunPlan) -> list[int]:
     """ASHA's rungs (validation counts: grace period × reduction factor^i below the last), for the
     halving inside a fused trial."""
@@ -145,6 +158,7 @@ def run(
             "(model.backbone empty, resources.num_workers=1); use --fuse 1"
         )
     fuse = (fuse or DEFAULT_FUSE) if can_fuse(plan, space) else 1
+    check_folds_fuse(plan, space, fuse)
     grid = space is not None and space.searcher == "grid"
     fused_grid = grid_members(space, plan, fuse) if grid and fuse > 1 else None
     init_ray(plan, verbose)

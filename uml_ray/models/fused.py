@@ -46,6 +46,36 @@ class _StackedProjection(torch.autograd.Function):
         return grad_features, grad_weight, None, None
 
 
+class _GroupedProjection(torch.autograd.Function):
+    """``features[g] @ W_k^T`` for the members ``k`` of group ``g`` (``G`` equal consecutive groups of
+    members, one batch ``[B, d]`` each) as one batched GEMM, the weight gradient written into a recycled
+    buffer as ``_StackedProjection`` does. A member's gradient comes from its own group's rows only."""
+
+    @staticmethod
+    def forward(ctx, features, weight, spare: dict, name: str):
+        ctx.save_for_backward(features, weight)
+        ctx.spare, ctx.name = spare, name
+        groups = features.shape[0]
+        members, shared, dim = weight.shape
+        return torch.bmm(features, weight.view(groups, members // groups * shared, dim).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        features, weight = ctx.saved_tensors
+        groups = features.shape[0]
+        members, shared, dim = weight.shape
+        grouped = weight.view(groups, members // groups * shared, dim)
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_features = torch.bmm(grad_output, grouped)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ctx.spare.pop(ctx.name, None)
+            if grad_weight is None or grad_weight.shape != weight.shape:
+                grad_weight = torch.empty_like(weight)
+            torch.bmm(grad_output.transpose(1, 2), features, out=grad_weight.view_as(grouped))
+        return grad_features, grad_weight, None, None
+
+
 class FusedSharedHead(nn.Module):
     """K ``SharedHeadUML`` members with stacked parameters; logits come out as ``[K, B, C]``.
 
@@ -154,7 +184,11 @@ class FusedSharedHead(nn.Module):
         return fused
 
     def logits(self, modality: str, features: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[K, B, C]`` of every member for one batch ``[B, d]`` of one modality."""
+        """Class logits ``[K, B, C]`` of every member for one batch ``[B, d]`` of one modality, or for
+        ``G`` batches ``[G, B, d]``: the members form ``G`` equal consecutive groups, group ``g`` seeing
+        batch ``g`` only (k-fold selection: one group per fold, each on its own training rows)."""
+        if features.dim() == 3:
+            return self._scaled(modality, self._grouped_logits(modality, features))
         members, classes, shared = self.head.shape
         batch = features.shape[0]
         if modality in self.projections:
@@ -172,6 +206,28 @@ class FusedSharedHead(nn.Module):
                 .view(batch, members, classes)
                 .transpose(0, 1)
             )
+        return self._scaled(modality, logits)
+
+    def _grouped_logits(self, modality: str, features: torch.Tensor) -> torch.Tensor:
+        members, classes, shared = self.head.shape
+        groups, batch = features.shape[:2]
+        per = members // groups
+        if members % groups:
+            raise ValueError(f"{members} members do not form {groups} equal groups")
+        if modality in self.projections:
+            weight = self.projections[modality]
+            if torch.is_grad_enabled() and weight.requires_grad:
+                projected = _GroupedProjection.apply(features, weight, self._spare_grads, modality)
+            else:
+                projected = torch.bmm(features, weight.view(groups, per * shared, -1).transpose(1, 2))
+            projected = (
+                projected.view(groups, batch, per, shared).transpose(1, 2).reshape(members, batch, shared)
+            )
+            return torch.bmm(projected, self.head.transpose(1, 2))
+        logits = torch.bmm(features, self.head.reshape(groups, per * classes, shared).transpose(1, 2))
+        return logits.view(groups, batch, per, classes).transpose(1, 2).reshape(members, batch, classes)
+
+    def _scaled(self, modality: str, logits: torch.Tensor) -> torch.Tensor:
         if self.log_scales is not None:
             index = self.modalities.index(modality)
             scale = (self.log_scales[:, index] * self.scale_mask[:, index]).exp()
@@ -263,16 +319,23 @@ def fused_loss(
 
     Returns (sum over members, per-member totals, per-modality CEs).
 
-    ``logits[m]`` is ``[K, B_m, C]``, ``labels[m]`` ``[B_m]`` (the same batch for every member),
+    ``logits[m]`` is ``[K, B_m, C]``, ``labels[m]`` ``[B_m]`` (the same batch for every member) or
+    ``[G, B_m]`` (``G`` equal consecutive groups of members, a batch each: ``FusedSharedHead.logits``),
     ``alpha[m]`` ``[K]``. Members share no parameter, so backpropagating the sum gives each member
     the gradient of its own loss. The totals and CEs (``[K]`` each) are detached.
     """
     members = logits[target].shape[0]
 
+    def member_labels(name: str) -> torch.Tensor:
+        given = labels[name]
+        if given.dim() == 1:
+            return given.repeat(members)
+        return given.repeat_interleave(members // given.shape[0], dim=0).reshape(-1)
+
     def cross_entropy(name: str) -> torch.Tensor:
         rows = logits[name].shape[1]
         losses = F.cross_entropy(
-            logits[name].reshape(members * rows, -1), labels[name].repeat(members), reduction="none"
+            logits[name].reshape(members * rows, -1), member_labels(name), reduction="none"
         )
         return losses.view(members, rows).mean(1)
 

@@ -135,6 +135,11 @@ class OneModelRegime:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def worker_seed(cfg, rank: int) -> int:
+    """The seed of a worker's batch streams."""
+    return cfg.train.seed * 1000 + rank
+
+
 def setup_worker(
     plan: RunPlan, ctx, closing: contextlib.ExitStack, image_transform: ImageTransform | None = None
 ):
@@ -157,11 +162,11 @@ def setup_worker(
             if w > 0.0
         }
     )
-    worker_seed = cfg.train.seed * 1000 + ctx.rank
+    seed = worker_seed(cfg, ctx.rank)
 
     def stream(modality: str, split: str, batch_size: int) -> BatchStream:
         name = dataset_name(modality, split)
-        share = (ctx.source(name), plan.streams[name], batch_size, worker_seed, ctx.rank, ctx.world_size)
+        share = (ctx.source(name), plan.streams[name], batch_size, seed, ctx.rank, ctx.world_size)
         if plan.streams[name].kind == "image":
             transform = image_transform if split == "train" else image_transform.for_eval()
             opened = ImageStream(

@@ -237,11 +237,19 @@ class LocalContext(_SingleWorker):
     """A one-worker run without Ray: shards read with pyarrow, checkpoints and reports kept in memory.
 
     ``saved`` is a loop state to resume from. ``fail_after`` raises ``Interrupted`` after that
-    many reports, which is how tests simulate a killed worker.
+    many reports, which is how tests simulate a killed worker. ``tables`` (dataset name → Arrow
+    table) are served instead of the manifest's rows (the k-fold refit's train+val pool).
     """
 
-    def __init__(self, plan: RunPlan, saved: dict | None = None, fail_after: int | None = None):
+    def __init__(
+        self,
+        plan: RunPlan,
+        saved: dict | None = None,
+        fail_after: int | None = None,
+        tables: dict | None = None,
+    ):
         self.plan = plan
+        self.tables = dict(tables or {})
         self.device = torch.device("cpu")
         self.saved = copy.deepcopy(saved)
         self.best = None
@@ -249,6 +257,8 @@ class LocalContext(_SingleWorker):
         self.reports: list[dict] = []
 
     def source(self, name: str) -> BatchSource:
+        if name in self.tables:
+            return TableSource(self.tables[name])
         modality, split = name.rsplit(".", 1)
         return TableSource(
             self.plan.shape_table(name, read_table(self.plan.dataset.manifest.uris(modality, split)))

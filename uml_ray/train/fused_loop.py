@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.fused import FusedSharedHead, fused_loss
 from uml_ray.train.common import setup_worker, warmup_cosine
+from uml_ray.train.folds import evaluate_folds, fold_means, fold_members, fold_streams
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
 from uml_ray.train.loop import aux_class_means, build_head, init_head_from_text, to_tensors
 from uml_ray.train.plan import DatasetFacts, RunPlan
@@ -140,7 +141,11 @@ def _build_members(
 
 class Fused:
     """The fused regime on one worker: K configs (``plan.cfg`` with each member's dotted overrides)
-    as one ``FusedSharedHead`` with a per-member AdamW, drawing every step's batches once."""
+    as one ``FusedSharedHead`` with a per-member AdamW, drawing every step's batches once.
+
+    With ``train.select_folds=k`` every config trains as k fold members side by side
+    (``train/folds.py``): the model stacks ``k × K`` members, fold-major, and the loop still sees
+    K configs, each validated, stopped, pruned and tested on its fold members' pooled numbers."""
 
     layout = Members
 
@@ -162,14 +167,21 @@ class Fused:
         _, self.streams, stream = setup_worker(stream_plan, ctx, closing)
         self.val_stream = stream(self.target, "val", cfg.train.batch_size)
         self.test_stream = stream(self.target, "test", cfg.train.batch_size)
+        self.folds = max(cfg.train.select_folds, 1)
+        if self.folds > 1:  # the target's train+val pool in k folds: each fold group its own batches
+            self.streams[self.target], self.val_folds, self.val_rows = fold_streams(
+                plan.with_params(members[0]), ctx, closing, cfg.train.batch_size
+            )
 
-        self.model = _build_members(cfgs, self.actives, dataset, self.streams, ctx, [self.target] + used)
+        model = _build_members(cfgs, self.actives, dataset, self.streams, ctx, [self.target] + used)
+        # a config's fold members start alike (fold-major: member f * K + c is config c on fold f)
+        self.model = model if self.folds == 1 else model.subset(list(range(len(cfgs))) * self.folds)
         # torch's fused AdamW kernel: one pass over memory per member instead of ~10 (2.5x faster
         # on CPU), equal to torch.optim.AdamW to float rounding
         self.optimizer = MemberAdamW(
             self.model.parameters(),
-            [c.train.lr for c in cfgs],
-            [c.train.weight_decay for c in cfgs],
+            [c.train.lr for c in cfgs] * self.folds,
+            [c.train.weight_decay for c in cfgs] * self.folds,
             fused=True,
         )
         self.schedule = warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps)
@@ -181,14 +193,15 @@ class Fused:
 
     def compact(self) -> None:
         """The live members' settings, the model as stepped, and their loss sums, zeroed."""
-        index = torch.tensor(self.live, dtype=torch.long, device=self.ctx.device)
+        # per stacked member: its config's settings (fold-major: the live configs once per fold)
+        index = torch.tensor(self.live * self.folds, dtype=torch.long, device=self.ctx.device)
         self.alpha = {m: values[index] for m, values in self.all_alpha.items()}
         self.clip = self.all_clip[index]
         self.clipping = any(self.configs[k].train.grad_clip > 0 for k in self.live)
         self.trained = self.ctx.wrap(self.model)
         # per-member loss sums stay on the device: no host sync per step
         self.losses = {
-            name: torch.zeros(len(self.live), dtype=torch.float64, device=self.ctx.device)
+            name: torch.zeros(len(self.live) * self.folds, dtype=torch.float64, device=self.ctx.device)
             for name in ["total"] + list(self.streams)
         }
         self.since = 0
@@ -213,13 +226,18 @@ class Fused:
             self.losses[name] += value.double()
 
     def validate(self) -> tuple[list[float], list[float]]:
-        """Every live member's val accuracy and CE."""
+        """Every live member's val accuracy and CE (with folds: each config's, pooled over its folds)."""
+        if self.folds > 1:
+            return evaluate_folds(self.model, self.val_folds, self.ctx)
         return evaluate_members(self.model, self.val_stream, self.ctx)
 
     def train_metrics(self, step: int) -> list[dict]:
         """Per live member: its index, lr and train-loss means (its active modalities only)."""
         lrs = self.optimizer.current_lr(self.schedule(step)).tolist()
         sums = {name: values.tolist() for name, values in self.losses.items()}
+        if self.folds > 1:  # a config's train losses: the mean of its fold members'
+            lrs = lrs[: len(self.live)]
+            sums = {name: fold_means(values, self.folds) for name, values in sums.items()}
         epoch = self.streams[self.target].epoch
         metrics = [
             {
@@ -238,22 +256,43 @@ class Fused:
         self.since = 0
         return metrics
 
-    def weights(self, position: int) -> dict:
-        """One live member's weights, as its config trained alone holds them."""
+    def weights(self, position: int) -> dict | list[dict]:
+        """One live member's weights, as its config trained alone holds them; with folds, the list
+        of its fold members' (fold 0 first)."""
+        if self.folds > 1:
+            members = fold_members([position], self.folds, len(self.live))
+            return [self.model.member_state_dict(m) for m in members]
         return self.model.member_state_dict(position)
 
-    def test(self, positions: list[int], weights: list[dict]) -> list[dict]:
-        """Test accuracy and CE of the members at ``positions`` with ``weights``, in one batched pass."""
+    def test(self, positions: list[int], weights: list) -> list[dict]:
+        """Test accuracy and CE of the members at ``positions`` with ``weights``, in one batched pass;
+        with folds, the mean over each config's fold members, and each fold's accuracy."""
+        if self.folds > 1:
+            weights = [folds[f] for f in range(self.folds) for folds in weights]  # fold-major
+            positions = fold_members(positions, self.folds, len(self.live))
         tester = self.model.subset(positions)
         for position, member_weights in enumerate(weights):
             tester.load_member_state_dict(position, member_weights)
         test_acc, test_loss = evaluate_members(tester, self.test_stream, self.ctx)
-        return [{"test_acc": acc, "test_loss": loss} for acc, loss in zip(test_acc, test_loss)]
+        if self.folds == 1:
+            return [{"test_acc": acc, "test_loss": loss} for acc, loss in zip(test_acc, test_loss)]
+        configs = len(test_acc) // self.folds
+        return [
+            {
+                "test_acc": mean_acc,
+                "test_loss": mean_loss,
+                **{f"test_acc_fold{f}": test_acc[f * configs + c] for f in range(self.folds)},
+            }
+            for c, (mean_acc, mean_loss) in enumerate(
+                zip(fold_means(test_acc, self.folds), fold_means(test_loss, self.folds))
+            )
+        ]
 
     def select(self, positions: list[int]) -> None:
         """Shrink the model and optimizer to the members at ``positions``: their compute is freed."""
-        self.model.select(positions)
-        self.optimizer.select(positions, self.model.parameters())
+        members = fold_members(positions, self.folds, len(self.live))
+        self.model.select(members)
+        self.optimizer.select(members, self.model.parameters())
         self.live = [self.live[p] for p in positions]
         self.compact()
 

@@ -223,6 +223,8 @@ def run_loop(
     with contextlib.ExitStack() as closing:
         state = ctx.restore()
         regime = start(closing)
+        # the rows a val accuracy is over: k-fold selection pools its held-out folds
+        val_rows = getattr(regime, "val_rows", val_rows)
         if state is None:
             regime.initialise()
             book = Book.fresh([regime.weights(k) for k in range(len(regime.configs))])
