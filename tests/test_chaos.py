@@ -183,7 +183,10 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     # loaded machine; with 200 a run on a busy CI machine could end between two looks
     max_steps = 400
     config = checkpointed_config(
-        tmp_path, synthetic_manifest, max_steps=max_steps, resources={"num_workers": 2, "cpus_per_worker": 0.5}
+        tmp_path,
+        synthetic_manifest,
+        max_steps=max_steps,
+        resources={"num_workers": 2, "cpus_per_worker": 0.5},
     )
     started = time.monotonic()
     assert main(["train", str(config), "--name", "whole"]) == 0
@@ -215,7 +218,11 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     assert len(actor_pids("RayTrainWorker", alive=False)) - workers_before == 4
     steps = [r["step"] for r in results(trial_folder)]
     replays = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(replays) == 1 and steps[-1] == max_steps and sorted(set(steps)) == list(range(20, max_steps + 1, 20)), steps
+    assert (
+        len(replays) == 1
+        and steps[-1] == max_steps
+        and sorted(set(steps)) == list(range(20, max_steps + 1, 20))
+    ), steps
     (replay,) = replays
     resumed_at = steps[replay] - 20
     assert 40 <= resumed_at < killed_step <= steps[replay - 1] and resumed_at % 40 == 0, (killed_step, steps)
