@@ -143,22 +143,80 @@ def test_a_ray_data_share_is_read_once_and_spooled(tmp_path, cache_dir, monkeypa
 def test_a_two_worker_run_streamed_through_ray_data_trains_and_removes_its_spools(
     ray_session, synthetic_manifest, tmp_path, capsys
 ):
-    """Every share over data.cache_max_mb, two Ray Train workers: each worker's Ray Data split is
-    spooled on its first epoch and replayed after (the real split iterator behind the spool), and
-    the spools are deleted when the run ends. The workers use the default cache folder: they were
-    started before this test could set one."""
+    """Every share over data.cache_max_mb, two Ray Train workers, data.stream_reader=ray_data: each
+    worker's Ray Data split is spooled on its first epoch and replayed after (the real split iterator
+    behind the spool), and the spools are deleted when the run ends. The workers use the default
+    cache folder: they were started before this test could set one."""
+    shares = feature_cache_dir() / "shares"
+    before = set(shares.iterdir()) if shares.is_dir() else set()
+    result = two_worker_streamed_run(synthetic_manifest, tmp_path, capsys, "ray_data")
+    assert result["step"] == 120 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
+    assert (set(shares.iterdir()) if shares.is_dir() else set()) <= before
+
+
+@pytest.mark.slow
+def test_a_two_worker_run_streamed_by_pyarrow_reads_a_row_range_per_worker(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
+    """The default multi-worker reader (data.stream_reader=pyarrow): each worker reads its own row
+    range of the shards, caches it decoded under its range's key, and the run learns."""
+    from uml_ray.data.feature_cache import shard_key
+    from uml_ray.data.format import load_manifest
+    from uml_ray.data.parquet_source import count_rows, rank_range, shard_stat
+
+    result = two_worker_streamed_run(synthetic_manifest, tmp_path, capsys, "pyarrow")
+    assert result["step"] == 120 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
+    uris = load_manifest(synthetic_manifest).uris("text", "train")
+    rows = count_rows(uris)
+    for rank in (0, 1):
+        dataset, version = shard_key(uris, 8192, shard_stat, rank_range(rows, rank, 2))
+        assert (feature_cache_dir() / f"{dataset}-{version}.arrow").is_file(), rank
+
+
+def two_worker_streamed_run(manifest, tmp_path, capsys, reader: str) -> dict:
+    """The final result of a two-worker run with every share streamed through ``reader``."""
     import json
 
     from tests.conftest import write_config
     from uml_ray.cli import main
 
-    shares = feature_cache_dir() / "shares"
-    before = set(shares.iterdir()) if shares.is_dir() else set()
     config = write_config(
-        tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64}
+        tmp_path / "c.yaml", manifest, tmp_path, data={"cache_max_mb": 0, "shuffle_buffer": 64}
     )
     overrides = ["resources.num_workers=2", "resources.cpus_per_worker=0.25", "resources.data_cpus=1"]
-    assert main(["train", str(config), *overrides, "--name", "spooled"]) == 0
-    result = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
-    assert result["step"] == 120 and result["test_acc"] > 0.4  # 5 classes: chance is 0.2
-    assert (set(shares.iterdir()) if shares.is_dir() else set()) <= before
+    assert main(["train", str(config), *overrides, f"data.stream_reader={reader}", "--name", reader]) == 0
+    return json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+
+
+def test_a_share_over_the_size_cap_streams_every_epoch_and_says_so_once(tmp_path, cache_dir, caplog):
+    uris = shards(tmp_path)
+    reference = draw(stream(ParquetSource(uris, block_rows=37, cache=False)), 3)
+    decoded = ParquetSource(uris, cache=False).decoded_bytes
+    assert ROWS * DIM * 4 < decoded < 4 * ROWS * DIM * 4  # the features, labels and ids, uncompressed
+    with caplog.at_level("WARNING", logger="uml_ray"):
+        over = [ParquetSource(uris, block_rows=37, cache_max_bytes=decoded - 1) for _ in range(2)]
+    assert over[0].cache is None and over[1].cache is None
+    notes = [r.getMessage() for r in caplog.records if "stream cache off" in r.getMessage()]
+    assert len(notes) == 1 and "data.stream_cache_max_gb" in notes[0], notes
+    assert draw(stream(over[0]), 3) == reference  # the same batches, read from Parquet each epoch
+    assert not cache_dir.exists() or list(cache_dir.iterdir()) == []
+    under = ParquetSource(uris, block_rows=37, cache_max_bytes=decoded + 1)
+    assert draw(stream(under), 3) == reference and under.cache.ready
+
+
+def test_a_ray_data_spool_past_the_size_cap_is_dropped(tmp_path, cache_dir, caplog):
+    uris = shards(tmp_path)
+    table = pa.concat_tables(list(ParquetSource(uris, cache=False).iter_batches()))
+    spooled = stream(CountingIterator(table))
+    reference = draw(spooled, 3)
+    spooled.close()
+    iterator = CountingIterator(table)
+    spec = StreamSpec("text.train", "vector", DIM, ROWS, cached=False)
+    capped = BatchStream(
+        iterator, spec, 16, seed=7, rank=0, world_size=1, shuffle_buffer=50, cache_max_bytes=table.nbytes // 2
+    )
+    with caplog.at_level("WARNING", logger="uml_ray"):
+        assert draw(capped, 3) == reference
+    assert iterator.passes == 4  # no spool: one execution per epoch, as uncached
+    assert not capped.iterator.cache.ready and list((cache_dir / "shares").iterdir()) == []
+    assert sum("passed data.stream_cache_max_gb" in r.getMessage() for r in caplog.records) == 1

@@ -231,7 +231,7 @@ def pa_concat(tables):
 def test_read_ahead_hands_over_errors_and_stops_with_its_consumer():
     import threading
 
-    from uml_ray.data.parquet_source import read_ahead
+    from uml_ray.data.read_ahead import read_ahead
 
     def failing():
         yield 1

@@ -64,8 +64,21 @@ class DataConfig:
     cache_max_mb: int = option(
         512,
         "Hold a (modality, split) in memory when it fits in this many MB: read once per sweep, shared by "
-        "every trial through the object store; larger ones stream through Ray Data.",
+        "every trial through the object store; larger ones stream (data.stream_reader).",
         low=0,
+    )
+    stream_reader: str = option(
+        "pyarrow",
+        "How a multi-worker run streams vector shares over data.cache_max_mb: pyarrow (each worker reads "
+        "its own row range of the shards; exact resume) or ray_data (Ray Data's split across workers). "
+        "Images and auxiliary shares shaped by aux_per_class/aux_class_mean always go through Ray Data.",
+        choices=["pyarrow", "ray_data"],
+    )
+    stream_cache_max_gb: float = option(
+        0.0,
+        "Largest share (GB decoded) the decoded stream cache keeps on local disk; a larger one streams "
+        "from its shards every epoch. 0 = no cap.",
+        low=0.0,
     )
 
 

@@ -40,10 +40,12 @@ def feature_cache_dir() -> Path | None:
     return Path(folder) if folder else Path(tempfile.gettempdir()) / "uml-ray-features"
 
 
-def shard_key(uris: list[str], block_rows: int, stat) -> tuple[str, str]:
+def shard_key(uris: list[str], block_rows: int, stat, part: tuple[int, int] | None = None) -> tuple[str, str]:
     """(the dataset's name in the cache, the name of its current bytes): ``stat(uri)`` gives each
-    shard's (size, mtime_ns), so rewriting any shard changes the second name."""
-    dataset = hashlib.sha256(json.dumps([_VERSION, block_rows, uris]).encode()).hexdigest()[:20]
+    shard's (size, mtime_ns), so rewriting any shard changes the second name; ``part``: the row
+    range ``[start, stop)`` of one worker's share (None: the whole dataset)."""
+    named = [_VERSION, block_rows, uris] + ([] if part is None else [list(part)])
+    dataset = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:20]
     version = hashlib.sha256(json.dumps([stat(uri) for uri in uris]).encode()).hexdigest()[:20]
     return dataset, version
 
@@ -64,30 +66,57 @@ class BlockCache:
     ``persistent`` files outlive the process (a dataset cache); the others are deleted by ``close``
     (or when the cache is collected)."""
 
-    def __init__(self, path: Path, persistent: bool, stale: list[Path] | None = None):
+    def __init__(
+        self, path: Path, persistent: bool, stale: list[Path] | None = None, max_bytes: int | None = None
+    ):
         self.path = path
         self.persistent = persistent
         self.stale = stale or []
+        self.max_bytes = max_bytes
+        self.over_cap = False  # a pass outgrew max_bytes: later ones are not recorded either
         if not persistent:
             self._remove = weakref.finalize(self, _unlink, path)
 
     @classmethod
-    def for_dataset(cls, uris: list[str], block_rows: int, stat) -> BlockCache | None:
-        """The persistent cache of a whole dataset, or None when caching is off."""
+    def for_dataset(
+        cls,
+        uris: list[str],
+        block_rows: int,
+        stat,
+        part: tuple[int, int] | None = None,
+        decoded_bytes: int = 0,
+        max_bytes: int | None = None,
+    ) -> BlockCache | None:
+        """The persistent cache of a dataset (or of one worker's row range ``part`` of it), or None when
+        caching is off or its ``decoded_bytes`` exceed ``max_bytes`` (then it streams every epoch)."""
         folder = feature_cache_dir()
         if folder is None:
             return None
-        dataset, version = shard_key(uris, block_rows, stat)
+        dataset, version = shard_key(uris, block_rows, stat, part)
         path = folder / f"{dataset}-{version}.arrow"
+        if max_bytes is not None and decoded_bytes > max_bytes and not path.is_file():
+            _say_once(
+                path,
+                "decoded stream cache off for %s (%d shards from %s): %.2f GB decoded exceeds "
+                "data.stream_cache_max_gb=%.2f; it streams from Parquet every epoch",
+                path.name,
+                len(uris),
+                uris[0],
+                decoded_bytes / 2**30,
+                max_bytes / 2**30,
+            )
+            return None
         return cls(path, persistent=True, stale=[p for p in folder.glob(f"{dataset}-*.arrow") if p != path])
 
     @classmethod
-    def for_share(cls) -> BlockCache | None:
-        """A spool for one worker's share of a Ray Data split, removed on close; None when caching is off."""
+    def for_share(cls, max_bytes: int | None = None) -> BlockCache | None:
+        """A spool for one worker's share of a Ray Data split, removed on close; None when caching is
+        off. Its size is only known once read: a spool that grows past ``max_bytes`` is dropped."""
         folder = feature_cache_dir()
         if folder is None:
             return None
-        return cls(folder / "shares" / f"{os.getpid()}-{uuid.uuid4().hex}.arrow", persistent=False)
+        path = folder / "shares" / f"{os.getpid()}-{uuid.uuid4().hex}.arrow"
+        return cls(path, persistent=False, max_bytes=max_bytes)
 
     @property
     def ready(self) -> bool:
@@ -99,6 +128,8 @@ class BlockCache:
         recorded as they pass. A pass stopped early leaves nothing behind."""
         if self.ready:
             yield from self._replay()
+        elif self.over_cap:
+            yield from read()
         else:
             yield from self._record(read())
 
@@ -109,11 +140,25 @@ class BlockCache:
 
     def _record(self, blocks):
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex}")
-        writer = None
+        writer, written = None, 0
         try:
             for block in blocks:
                 batch = _as_batch(block)
                 if batch is not None and temporary is not None:
+                    written += batch.nbytes
+                    if self.max_bytes is not None and written > self.max_bytes:
+                        self.over_cap = True
+                        _say_once(
+                            "spool",
+                            "a Ray Data share spool passed data.stream_cache_max_gb=%.2f; that share "
+                            "streams through Ray Data every epoch",
+                            self.max_bytes / 2**30,
+                        )
+                        writer = _close(writer)
+                        _unlink(temporary)
+                        temporary = None
+                        yield block
+                        continue
                     try:
                         if writer is None:
                             temporary.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +184,16 @@ class BlockCache:
         """Delete a share's spool (a persistent dataset cache stays)."""
         if not self.persistent:
             self._remove()
+
+
+_SAID: set = set()
+
+
+def _say_once(key, message: str, *args) -> None:
+    """Log ``message`` at warning level the first time ``key`` comes up in this process."""
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning(message, *args)
 
 
 def _close(writer) -> None:

@@ -1,15 +1,14 @@
-"""Shards streamed by pyarrow in one process (``ParquetSource``): read ahead on a thread the first
-time, replayed from the decoded feature cache after that."""
+"""Shards streamed by pyarrow (``ParquetSource``), one rank's row range of them: read ahead on a
+thread the first time, replayed from the decoded feature cache after that."""
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 
 import pyarrow.parquet as pq
 
 from uml_ray.data.feature_cache import BlockCache, rebatch
+from uml_ray.data.read_ahead import ReadAhead
 from uml_ray.uri import filesystem_for, is_remote
 
 
@@ -52,70 +51,98 @@ def encoded_mb(uris: list[str], column: str) -> float:
     return total / 2**20
 
 
+def rank_range(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a dataset's ``rows`` (in shard order) that rank ``rank`` of
+    ``world_size`` reads: contiguous ranges balanced by row count (sizes differ by at most one row),
+    so every row is read by exactly one worker each epoch, however the shards divide."""
+    return rows * rank // world_size, rows * (rank + 1) // world_size
+
+
 class ParquetSource:
     """A share streamed straight from its Parquet shards by pyarrow, behind the same slice of Ray
-    Data's iterator API as ``TableSource``: for a one-process run, where Ray Data's per-epoch
-    execution start-up (seconds) would cost more than the read itself. Row groups are read in file
-    order (so an epoch's order, and a resume, are exact) by a thread ``readahead`` blocks ahead;
-    pyarrow decodes without the GIL, so reading overlaps the training step. The first full pass is
-    written to the decoded feature cache (``cache``; default: ``BlockCache.for_dataset``) and every
-    later one, in this run or the next on this node, replays it memory-mapped, in the same blocks."""
+    Data's iterator API as ``TableSource``: no Ray Data execution to start every epoch (seconds, more
+    than the read itself). Rank ``rank`` of ``world_size`` reads its ``rank_range`` of the rows in
+    shard order, so an epoch's order (and a resume) is exact, and a multi-worker run reads every row
+    once per epoch with no row exchanged between workers. Blocks of ``block_rows`` are read by a
+    thread ahead of the consumer (``ReadAhead``: ``readahead`` blocks, or ``"auto"``: sized from the
+    measured read and step times, starting at ``burst + 1`` — ``burst``: blocks the consumer takes at
+    once); pyarrow decodes without the GIL, so reading overlaps the training step. The first full
+    pass is written to the decoded feature cache (``cache``; ``BlockCache.for_dataset``, skipped when
+    the decoded share would exceed ``cache_max_bytes``) and every later one, in this run or the next on
+    this node, replays it memory-mapped, in the same blocks."""
 
-    def __init__(self, uris: list[str], block_rows: int = 8192, readahead: int = 2, cache: bool = True):
+    def __init__(
+        self,
+        uris: list[str],
+        block_rows: int = 8192,
+        readahead="auto",
+        cache: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_max_bytes: int | None = None,
+        burst: int = 1,
+    ):
         self.uris = uris
         self.block_rows = block_rows
         self.readahead = readahead
-        self.cache = BlockCache.for_dataset(uris, block_rows, shard_stat) if cache else None
+        self.burst = burst
+        self._footers = [_footer(uri) for uri in uris]
+        total = sum(metadata.num_rows for metadata in self._footers)
+        self.start, self.stop = rank_range(total, rank, world_size)
+        part = None if world_size == 1 else (self.start, self.stop)
+        decoded = sum(
+            metadata.row_group(g).total_byte_size
+            for metadata in self._footers
+            for g in range(metadata.num_row_groups)
+        )
+        self.decoded_bytes = decoded * (self.stop - self.start) // max(total, 1)
+        self.cache = (
+            BlockCache.for_dataset(uris, block_rows, shard_stat, part, self.decoded_bytes, cache_max_bytes)
+            if cache
+            else None
+        )
+
+    @property
+    def rows(self) -> int:
+        """Rows in this rank's share."""
+        return self.stop - self.start
 
     def _blocks(self):
-        for uri in self.uris:
+        offset = 0  # the first row of the current shard in the dataset
+        for uri, metadata in zip(self.uris, self._footers):
+            first, last = max(self.start - offset, 0), min(self.stop - offset, metadata.num_rows)
+            offset += metadata.num_rows
+            if first >= last:
+                continue
             paths, filesystem = located([uri])
-            yield from pq.ParquetFile(
-                paths[0], filesystem=filesystem, page_checksum_verification=True
-            ).iter_batches(batch_size=self.block_rows)
+            shard = pq.ParquetFile(paths[0], filesystem=filesystem, page_checksum_verification=True)
+            if (first, last) == (0, metadata.num_rows):
+                yield from shard.iter_batches(batch_size=self.block_rows)
+                continue
+            # the row groups overlapping [first, last), cut to it
+            groups, row, begin = [], 0, None
+            for g in range(metadata.num_row_groups):
+                size = metadata.row_group(g).num_rows
+                if row < last and row + size > first:
+                    groups.append(g)
+                    begin = row if begin is None else begin
+                row += size
+            for batch in shard.iter_batches(batch_size=self.block_rows, row_groups=groups):
+                low, high = max(first - begin, 0), min(last - begin, len(batch))
+                begin += len(batch)
+                if high > low:
+                    yield batch.slice(low, high - low)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
         """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""
-        if self.cache is None:
-            blocks = read_ahead(self._blocks(), self.readahead)
-        else:
-            blocks = self.cache.blocks(lambda: read_ahead(self._blocks(), self.readahead))
+
+        def read():
+            return ReadAhead(self._blocks(), self.readahead, self.burst)
+
+        blocks = read() if self.cache is None else self.cache.blocks(read)
         yield from rebatch(blocks, batch_size)
 
 
-def read_ahead(items, depth: int):
-    """``items`` produced by a thread up to ``depth`` ahead of the consumer; the thread ends when the
-    consumer stops early, and an error in it is raised in the consumer."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not offer(item):
-                    return
-            offer(done)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            offer(exc)
-
-    thread = threading.Thread(target=produce, daemon=True, name="uml-ray-read-ahead")
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+def _footer(uri: str):
+    paths, filesystem = located([uri])
+    return pq.ParquetFile(paths[0], filesystem=filesystem).metadata

@@ -8,9 +8,10 @@ Speed: features leave Arrow as zero-copy numpy views (``table_to_numpy``) instea
 ``iter_torch_batches``' per-column conversion. A dataset that fits ``data.cache_max_mb`` is
 read once per run or sweep by the driver (``read_table``), put in the Ray object store, and
 served from memory by every trial and worker (``TableSource``): no Ray Data job per trial.
-Larger ones stream: by pyarrow in a one-process run (``ParquetSource``), through Ray Data across
-workers (``ray_streams``); either way the first pass is kept decoded on local disk and later epochs
-replay it memory-mapped (``feature_cache``). In-memory shares are sorted
+Larger ones stream by pyarrow (``ParquetSource``: in a multi-worker run each worker reads its own
+row range of the shards), or through Ray Data split across workers (``ray_streams``: images, shaped
+auxiliaries, ``data.stream_reader=ray_data``); either way the first pass is kept decoded on local
+disk and later epochs replay it memory-mapped (``feature_cache``). In-memory shares are sorted
 by row id and split by rank, so batch order depends only on the seed, the rank and the epoch:
 a resumed run draws exactly the batches an uninterrupted run would.
 """
@@ -191,6 +192,7 @@ class BatchStream:
     rank: int
     world_size: int
     shuffle_buffer: int = 4096
+    cache_max_bytes: int | None = None  # the largest Ray Data share spooled to the decoded cache
     epoch: int = field(default=0, init=False)
     drawn: int = field(default=0, init=False)
     _table: pa.Table | None = field(default=None, init=False)
@@ -201,7 +203,7 @@ class BatchStream:
         # a streamed vector share from Ray Data is spooled on its first pass: one execution per run
         if not self.spec.cached and self.spec.kind == "vector":
             if not isinstance(self.iterator, (TableSource, ParquetSource, SpooledSource)):
-                spool = BlockCache.for_share()
+                spool = BlockCache.for_share(self.cache_max_bytes)
                 self.iterator = self.iterator if spool is None else SpooledSource(self.iterator, spool)
 
     def state_dict(self) -> dict:

@@ -12,7 +12,7 @@ from uml_ray.config import check_modalities
 from uml_ray.driver.plan import check_target_projection
 from uml_ray.errors import ConfigError
 from uml_ray.train.plan import RunPlan
-from uml_ray.train.runner import ray_data_streams, use_inline
+from uml_ray.train.runner import use_inline
 
 # successive halving's factor inside a fused trial, and ASHA's across trials: a fused sweep
 # prunes its configs as an unfused one would
@@ -55,9 +55,11 @@ def trial_resources(plan: RunPlan) -> dict:
 
 def data_cpus(plan: RunPlan) -> float:
     """CPUs kept free for Ray Data: none when no dataset is read through it (served from memory, or
-    streamed by pyarrow in a one-process trial), at least one image decode task's worth when a
+    streamed by pyarrow), at least one image decode task's worth when a
     target of images goes through the image pipeline."""
-    reserved = plan.cfg.resources.data_cpus if ray_data_streams(plan) else 0.0
+    reserved = (
+        plan.cfg.resources.data_cpus if plan.ray_data_streams(multi_worker=not use_inline(plan.cfg)) else 0.0
+    )
     if any(spec.kind == "image" for spec in plan.streams.values()):
         reserved = max(reserved, plan.cfg.resources.decode_cpus)
     return reserved

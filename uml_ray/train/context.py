@@ -296,7 +296,9 @@ class TrainWorkerContext:
 
         if name in self.plan.tables:
             return TableSource(self.plan.shape_table(name, ray.get(self.plan.tables[name])))
-        return ray.train.get_dataset_shard(name)
+        if name in self.plan.ray_data_streams(multi_worker=True):
+            return ray.train.get_dataset_shard(name)
+        return self.plan.parquet_source(name, self.rank, self.world_size)
 
     def restore(self) -> dict | None:
         import ray.train

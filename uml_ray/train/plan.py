@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from uml_ray.config import Config, apply_overrides
 from uml_ray.data.format import Manifest
+from uml_ray.data.parquet_source import ParquetSource
 from uml_ray.data.streams import StreamSpec, shape_auxiliary, shape_target
 
 
@@ -82,6 +83,41 @@ class RunPlan:
                 shape_target(table, data.target_per_class, self.cfg.train.seed) if split == "train" else table
             )
         return shape_auxiliary(table, data.aux_per_class, data.aux_class_mean, self.cfg.train.seed)
+
+    def ray_data_streams(self, multi_worker: bool) -> list[str]:
+        """The streamed shares (over ``data.cache_max_mb``) read through Ray Data; pyarrow reads the
+        others (``parquet_source``). Ray Data: images in a multi-worker run (its tasks decode them),
+        auxiliary vector shares shaped by ``data.aux_per_class``/``data.aux_class_mean`` (groupbys
+        over the whole table), and in a multi-worker run every share when ``data.stream_reader`` is
+        ``ray_data``. pyarrow otherwise: no Ray Data execution to start every epoch, and each worker
+        reads its own row range, so a resume is exact."""
+        data = self.cfg.data
+        shaped = data.aux_per_class > 0 or data.aux_class_mean
+        names = []
+        for name, spec in self.streams.items():
+            if spec.cached:
+                continue
+            auxiliary = name.rsplit(".", 1)[0] != self.dataset.target
+            if (shaped and spec.kind == "vector" and auxiliary) or (
+                multi_worker and (spec.kind == "image" or data.stream_reader == "ray_data")
+            ):
+                names.append(name)
+        return names
+
+    def parquet_source(self, name: str, rank: int = 0, world_size: int = 1) -> ParquetSource:
+        """Rank ``rank``'s row range of a streamed share, read by pyarrow with read-ahead sized from
+        the step time (a shuffle buffer's fill is the burst it takes at once)."""
+        data = self.cfg.data
+        cap = int(data.stream_cache_max_gb * 2**30) if data.stream_cache_max_gb > 0 else None
+        block_rows = 8192
+        return ParquetSource(
+            self.dataset.manifest.uris(*name.rsplit(".", 1)),
+            block_rows=block_rows,
+            rank=rank,
+            world_size=world_size,
+            cache_max_bytes=cap,
+            burst=-(-data.shuffle_buffer // block_rows),
+        )
 
     def alpha(self) -> dict[str, float]:
         """Alpha of every used auxiliary modality (``train.alpha[m]``, else ``train.alpha_default``)."""

@@ -4,13 +4,12 @@ The driver runs every run — a single ``uml-ray train`` too — as a Ray Tune f
 (``run_trial``). A one-worker run trains right there in the trial process (``InlineContext``: a
 bare Tune trial costs seconds, a TorchTrainer tens of seconds); a multi-worker run builds a
 ``TorchTrainer`` whose workers run the very same loop (``TrainWorkerContext``), reporting back
-to Tune through ``TuneReportCallback``. In-memory shares reach both from the object store; only
-datasets too large for memory go through Ray Data.
+to Tune through ``TuneReportCallback``. In-memory shares reach both from the object store; datasets
+too large for memory stream by pyarrow (each worker its own row range) or through Ray Data.
 """
 
 from __future__ import annotations
 
-from uml_ray.data.parquet_source import ParquetSource
 from uml_ray.data.ray_streams import build_streamed_datasets
 from uml_ray.data.streams import TableSource
 from uml_ray.train.context import InlineContext, Replay, TrainWorkerContext
@@ -42,43 +41,25 @@ def _worker_entry(loop_config: dict) -> None:
     loop_for(plan.cfg.model.regime)(plan, TrainWorkerContext(plan))
 
 
-def _streamed(plan: RunPlan, names=None) -> dict:
-    """Ray Data datasets of the streamed shares (of ``names`` only, when given)."""
+def _streamed(plan: RunPlan, names: list[str]) -> dict:
+    """Ray Data datasets of the streamed shares ``names``."""
     cfg = plan.cfg
-    streams = {name: spec for name, spec in plan.streams.items() if names is None or name in names}
+    streams = {name: spec for name, spec in plan.streams.items() if name in names}
     return build_streamed_datasets(
         plan.dataset.manifest, streams, cfg.data.aux_per_class, cfg.data.aux_class_mean, cfg.train.seed
     )
 
 
-def ray_data_streams(plan: RunPlan) -> list[str]:
-    """The streamed shares a run reads through Ray Data. A multi-worker run: all of them (Ray Train
-    splits them across workers). A one-process run reads them with pyarrow in the trial process
-    (``ParquetSource``: no Ray Data execution to start every epoch), except auxiliary shares whose
-    row options (``data.aux_per_class``, ``data.aux_class_mean``) are Ray Data groupbys."""
-    cfg = plan.cfg
-    streamed = [name for name, spec in plan.streams.items() if not spec.cached]
-    if not use_inline(cfg):
-        return streamed
-    shaped = cfg.data.aux_per_class > 0 or cfg.data.aux_class_mean
-    return [
-        name
-        for name in streamed
-        if shaped and plan.streams[name].kind == "vector" and name.rsplit(".", 1)[0] != plan.dataset.target
-    ]
-
-
 def _inline_context(plan: RunPlan, replay: Replay | None = None) -> InlineContext:
-    """A one-process run's sources: in-memory shares from the object store, streamed ones as
-    ``ray_data_streams`` says; ``replay``: what the trial reported before a retry."""
+    """A one-process run's sources: in-memory shares from the object store, streamed ones by pyarrow
+    or Ray Data as ``RunPlan.ray_data_streams`` says; ``replay``: what the trial reported before a retry."""
     import ray
 
-    manifest = plan.dataset.manifest
     sources = {name: TableSource(plan.shape_table(name, ray.get(ref))) for name, ref in plan.tables.items()}
-    through_ray_data = ray_data_streams(plan)
+    through_ray_data = plan.ray_data_streams(multi_worker=False)
     sources.update(
         {
-            name: ParquetSource(manifest.uris(*name.rsplit(".", 1)))
+            name: plan.parquet_source(name)
             for name, spec in plan.streams.items()
             if not spec.cached and name not in through_ray_data
         }
@@ -118,8 +99,9 @@ def run_trial(plan: RunPlan, replay: Replay | None = None) -> None:
 
     context = ray.tune.get_context()
     # in-memory shares reach every worker whole from the object store (each keeps its rank's
-    # id-sorted slice, so a resumed run sees the same rows); large ones are split by Ray Data
-    streamed = _streamed(plan)
+    # id-sorted slice, so a resumed run sees the same rows); large ones are read by each worker's
+    # own pyarrow reader (its row range), or split by Ray Data (RunPlan.ray_data_streams)
+    streamed = _streamed(plan, plan.ray_data_streams(multi_worker=True))
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"plan": plan},
