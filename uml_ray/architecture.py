@@ -77,7 +77,8 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "uml_ray.driver",
-        "one run or sweep end to end: checks, the searcher, Tune, the MLflow bridge, summaries",
+        "one run or sweep end to end: checks, the searcher and its warm start, Tune, the MLflow bridge, "
+        "summaries",
         (
             "uml_ray.cluster",
             "uml_ray.config",
@@ -113,8 +114,9 @@ SYSTEMS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (
         "optuna",
         "Optuna",
-        ("uml_ray.driver.searcher", "uml_ray.driver.summary"),
-        "the sampler (searcher) and the parameters' importances (summary)",
+        ("uml_ray.driver.searcher", "uml_ray.driver.summary", "uml_ray.driver.warm_start"),
+        "the sampler (searcher), the parameters' importances (summary), earlier trials told or enqueued "
+        "(warm_start)",
     ),
     (
         "ray.tune",

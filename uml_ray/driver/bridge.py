@@ -64,6 +64,9 @@ class TrackingBridge:
     resolve: Callable
     fetch_best: Callable
     verbose: bool = False
+    # the dataset's fingerprint (data.identity), tagged on each trial run: what a later sweep's warm
+    # start compares. A default, so a bridge pickled by a sweep from before it unpickles with none
+    data_fingerprint: str = ""
     _tracker: object = field(default=None, init=False, repr=False)
     _configs: dict[str, Config] = field(default_factory=dict, init=False, repr=False)
 
@@ -102,13 +105,15 @@ class TrackingBridge:
     @_never_fails_the_sweep
     def trial_started(self, trial) -> None:
         """Open (or find again) the trial's MLflow run(s)."""
-        from uml_ray.tracking.tags import FUSED_TRIAL_TAG, SAMPLED_TAG
+        from uml_ray.tracking.tags import DATA_TAG, FUSED_TRIAL_TAG, SAMPLED_TAG
 
         for key, params in self.runs(trial):
             if key in self.tracker.trial_runs:
                 continue
             cfg = self.resolved_config(trial, key, params)
             tags = {SAMPLED_TAG: json.dumps(params, default=str)}
+            if self.data_fingerprint:
+                tags[DATA_TAG] = self.data_fingerprint
             if key != trial.trial_id:
                 tags[FUSED_TRIAL_TAG] = trial.trial_id
             self.tracker.start_trial(key, cfg.flat(), tags)

@@ -43,6 +43,23 @@ def register(subparsers) -> None:
         "supervised sweeps, 1 = one config per trial",
     )
     tune.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT[:SWEEP]",
+        help="learn from the finished trials of an MLflow experiment (or one sweep of it) in tracking.uri "
+        "(repeatable): on the same task (same data, same config outside the space) they are told to TPE "
+        "as completed and never trained again; on another task (seed, shots, manifest) its top "
+        "--warm-start-top configs are tried first. Not with a grid",
+    )
+    tune.add_argument(
+        "--warm-start-top",
+        type=int,
+        default=8,
+        metavar="K",
+        help="configs a transferred --warm-start source puts first (its best K; default 8)",
+    )
+    tune.add_argument(
         "--verbose", action="store_true", help="Tune's status table and Ray Data's progress on the console"
     )
     tune.set_defaults(func=run_tune)
@@ -101,6 +118,14 @@ def run_tune(args) -> int:
     _check_resume(args)
     space = load_space(args.space)
     plan = build_plan(load_config(args.config, args.overrides), space)
+    warm = None
+    if args.warm_start and args.resume:
+        print("[uml-ray] --warm-start: a resumed sweep keeps the warm start it began with", flush=True)
+    elif args.warm_start:
+        from uml_ray.driver.warm_start import prepare_warm_start
+
+        warm = prepare_warm_start(plan, space, args.warm_start, args.warm_start_top)
+        print(warm.line(), flush=True)
     outcome = sweep.run(
         plan,
         space,
@@ -110,6 +135,7 @@ def run_tune(args) -> int:
         name=args.name,
         verbose=args.verbose,
         fuse=args.fuse,
+        warm=warm,
     )
     if outcome.already_finished:  # said in one line by the driver
         return 0

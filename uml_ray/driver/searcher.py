@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
+import types
 
 import optuna
 from ray import tune
@@ -19,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from uml_ray.driver.bridge import FATAL_KEY, MEMBERS
 from uml_ray.driver.trial import check_sample
 from uml_ray.driver.tune_state import snapshot_trials
+from uml_ray.driver.warm_start import WarmPlan, apply_warm_plan
 from uml_ray.errors import ConfigError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.fused_loop import fusion_key
@@ -29,6 +31,8 @@ from uml_ray.train.state import DIVERGED_KEY
 MAX_RESAMPLES = 50
 # TPE's random start: configs sampled at random before TPE models the results
 TPE_STARTUP_TRIALS = 10
+# the Optuna study's name inside OptunaSearch (its own default)
+STUDY = "optuna"
 
 
 def tune_space(space: SearchSpace) -> dict:
@@ -91,17 +95,33 @@ def build_sampler(searcher: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def build_searcher(
-    space: SearchSpace, plan: RunPlan, seed_policy: str, trials: int, fuse: int, concurrency: int
+    space: SearchSpace,
+    plan: RunPlan,
+    seed_policy: str,
+    trials: int,
+    fuse: int,
+    concurrency: int,
+    warm: WarmPlan | None = None,
 ) -> CheckedSearcher | None:
     """TPE or random sampling through Optuna, checked, de-duplicated and grouped into fused trials;
-    None for a grid."""
+    None for a grid. ``warm`` (``driver/warm_start.py``): trials the study holds as completed before
+    the first suggestion, and configs it hands out first."""
     if space.searcher == "grid":
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = build_sampler(space.searcher, plan.cfg.train.seed)
-    inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max")
-    limit = min(trials, space.size() or trials)
-    return CheckedSearcher(inner, plan, seed_policy, space.metric, limit, fuse, concurrency)
+    storage, told = None, {}
+    if warm is not None:
+        # the study OptunaSearch loads by name when Tune sets its space: the warm start is in it from
+        # the first ask, and pickled with the searcher (a resumed sweep restores it, never tells again)
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(storage=storage, study_name=STUDY, sampler=sampler, direction="maximize")
+        apply_warm_plan(study, warm, OptunaSearch.convert_search_space(tune_space(space)))
+        told = {_config_key(params): {space.metric: score} for params, score in warm.told}
+    inner = OptunaSearch(sampler=sampler, metric=space.metric, mode="max", storage=storage, study_name=STUDY)
+    size = space.size()
+    limit = min(trials, size - len(told)) if size is not None else trials
+    return CheckedSearcher(inner, plan, seed_policy, space.metric, limit, fuse, concurrency, told)
 
 
 def _config_key(config: dict) -> str:
@@ -113,8 +133,9 @@ class CheckedSearcher(Searcher):
 
     A config the run plan refuses (``check_sample``: ConfigError) is told to the inner searcher as
     failed, and it is asked again. A repeat of a config already handed out is told the first one's
-    result (or failure) and asked again. After ``limit`` distinct configs (the sweep's budget, or a
-    finite space's size), the search is finished.
+    result (or failure) and asked again; so is one of the configs ``told`` (a warm start's trials,
+    trained by an earlier sweep on the same task). After ``limit`` distinct configs (the sweep's
+    budget, or a finite space's size less the told configs), the search is finished.
 
     With ``fuse`` > 1 a trial gets ``{"members": [config, ...]}``: up to ``fuse`` suggestions that
     share their ``fusion_group``, and the inner searcher is told every member's own result — TPE
@@ -133,6 +154,8 @@ class CheckedSearcher(Searcher):
 
     # what a resumed sweep continues from: the inner searcher and what was handed out and learnt
     STATE = ("inner", "handed", "results", "pending", "probes", "counter", "live", "redo")
+    # a searcher pickled by a sweep from before warm starts has none told
+    told = types.MappingProxyType({})
 
     def __init__(
         self,
@@ -143,6 +166,7 @@ class CheckedSearcher(Searcher):
         limit: int | None,
         fuse: int = 1,
         max_concurrent: int = 0,
+        told: dict[str, dict] | None = None,
     ):
         super().__init__(metric=metric, mode="max")
         self.plan = plan
@@ -158,6 +182,7 @@ class CheckedSearcher(Searcher):
         self.counter = 0
         self.live: dict[str, dict] = {}  # trial id -> the config handed to it, until Tune completes it
         self.redo: list = []  # (inner id(s), config) of trials a restored Tune never held: handed again
+        self.told = dict(told or {})  # config key -> the result an earlier sweep recorded (warm start)
 
     def set_search_properties(self, metric, mode, config, **spec):
         return self.inner.set_search_properties(metric, mode, config, **spec)
@@ -206,8 +231,8 @@ class CheckedSearcher(Searcher):
             except ConfigError:
                 self.inner.on_trial_complete(probe, error=True)
                 continue
-            if key in self.handed:
-                earlier = self.results.get(self.handed[key])
+            if key in self.handed or key in self.told:
+                earlier = self.told.get(key) or self.results.get(self.handed[key])
                 if earlier is not None and earlier.get(self.metric) == earlier.get(self.metric):  # not NaN
                     self.inner.on_trial_complete(probe, result=earlier)
                 else:

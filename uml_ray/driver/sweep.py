@@ -109,11 +109,12 @@ def run(
     name: str = "",
     verbose: bool = False,
     fuse: int = 0,
+    warm=None,
 ) -> RunOutcome:
     """Run one training (``space`` None) or a sweep of ``trials`` configs, tracked in MLflow.
 
     ``fuse``: configs per fused trial (0 = ``DEFAULT_FUSE`` where the sweep can fuse, 1 = one
-    config per trial).
+    config per trial). ``warm``: a new sweep's ``warm_start.WarmStart`` (a resumed one keeps its own).
     """
     import ray
     from ray import tune
@@ -165,7 +166,7 @@ def run(
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose)
+        tuner = _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose, warm)
     with (
         pending_trials(concurrent if searched else 0),
         tune_errors_to_file(path),
@@ -199,11 +200,13 @@ def events_log(path: str, name: str) -> str:
     return os.path.join(path, "events.log")
 
 
-def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose):
-    """A fresh sweep's Tuner: its search (searcher or grid), scheduler, MLflow callback and storage."""
+def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurrent, verbose, warm=None):
+    """A fresh sweep's Tuner: its search (searcher or grid, warm-started or not), scheduler, MLflow
+    callback and storage."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from uml_ray.data.identity import dataset_fingerprint
     from uml_ray.driver.callback import MlflowBridgeCallback
     from uml_ray.driver.searcher import build_searcher, tune_space
 
@@ -213,14 +216,18 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
     metric = space.metric if space else "best_val_acc"
     grid = space is not None and space.searcher == "grid"
     searched = space is not None and not grid
+    sweep_params = _sweep_params(cfg, space, trials, fuse, seed_policy, metric)
+    if warm is not None:
+        sweep_params.update(warm.params())
     bridge = TrackingBridge(
         plan,
         name,
         single_run=space is None,
-        sweep_params=_sweep_params(cfg, space, trials, fuse, seed_policy, metric),
+        sweep_params=sweep_params,
         resolve=functools.partial(resolve_trial, plan, seed_policy),
         fetch_best=fetch_best_weights,
         verbose=verbose,
+        data_fingerprint=dataset_fingerprint(plan.dataset.manifest),
     )
     validations = -(-cfg.train.max_steps // cfg.train.val_every)
     # a grid is an exhaustive table: every point runs to the end; fused trials halve their
@@ -244,7 +251,11 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
         # TorchTrainer trial is still tearing its workers down, and Tune errors the next trial
         # when the process it reuses is busy for more than TUNE_FUNCTION_THREAD_TIMEOUT_S
         reuse_actors=use_inline(cfg),
-        search_alg=build_searcher(space, plan, seed_policy, trials, fuse, concurrent) if searched else None,
+        search_alg=build_searcher(
+            space, plan, seed_policy, trials, fuse, concurrent, warm.plan if warm else None
+        )
+        if searched
+        else None,
         scheduler=ASHAScheduler(
             time_attr="training_iteration",
             max_t=validations,

@@ -129,21 +129,26 @@ def best_runs(
     return ranked_runs(uri, experiment, metric, sweep)[:top]
 
 
-def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | None = None) -> list[dict]:
-    """Every finished trial/training run of an experiment (optionally one sweep) that can be ranked
-    by a metric, best first by ``selection_key``: the metric (runs recorded before the selection
-    score rank by best val accuracy in its place), then best val accuracy, then the lower best val
-    loss. All of them, not a top few: the count of configs the val split cannot tell from the best
-    needs every completed run.
+def ranked_runs(
+    uri: str, experiment: str, metric: str = SCORE, sweep: str | None = None, trials_only: bool = False
+) -> list[dict]:
+    """Every finished trial/training run of an experiment (optionally one sweep; ``trials_only``: a
+    sweep's trial runs, not single trainings) that can be ranked by a metric, best first by
+    ``selection_key``: the metric (runs recorded before the selection score rank by best val accuracy
+    in its place), then best val accuracy, then the lower best val loss. All of them, not a top few:
+    the count of configs the val split cannot tell from the best needs every completed run.
 
     Read-only and quick to fail: a missing SQLite file is not created, an unreachable server is
-    given up on within seconds; every failure is a UserError naming the URI.
+    given up on within seconds; every failure is a UserError naming the URI, the experiment or the
+    sweep (one that holds no run at all is named as not there).
     """
     if "`" in metric:
         raise UserError(f"metric {metric!r}: a metric name cannot hold a backtick; use e.g. best_val_acc")
-    filters = [f"tags.`{KIND_TAG}` != 'sweep'", "attributes.status = 'FINISHED'"]
+    kind = f"tags.`{KIND_TAG}` = 'trial'" if trials_only else f"tags.`{KIND_TAG}` != 'sweep'"
+    filters = [kind, "attributes.status = 'FINISHED'"]
+    of_sweep = f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}" if sweep else ""
     if sweep:
-        filters.append(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)}")
+        filters.append(of_sweep)
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(resolve_tracking_uri(uri)[len("sqlite:///") :]).is_file():
         raise UserError(
@@ -172,6 +177,8 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
                 token = page.token
                 if not token:
                     break
+            if not runs and sweep and not store.search_runs([found.experiment_id], of_sweep, max_results=1):
+                raise UserError(f"no sweep named '{sweep}' in experiment '{experiment}' at {redact(uri)}")
     except UserError:
         raise
     except Exception as exc:  # MLflow raises many types for unreachable/unauthorised stores
@@ -186,7 +193,8 @@ def ranked_runs(uri: str, experiment: str, metric: str = SCORE, sweep: str | Non
     )
     if not runs:
         where = f" in sweep '{sweep}'" if sweep else ""
-        raise UserError(f"no finished run with metric '{metric}' in experiment '{experiment}'{where}")
+        what = "trial run" if trials_only else "run"
+        raise UserError(f"no finished {what} with metric '{metric}' in experiment '{experiment}'{where}")
     return [
         {
             "run_id": r.info.run_id,

@@ -14,6 +14,7 @@ DIVERGED_STEP_TAG = "uml_ray.diverged_step"  # a diverged run's validation step 
 DIVERGED_LOSS_TAG = "uml_ray.diverged_loss"  # that loss, as text: inf and nan are no MLflow metric
 SAMPLED_TAG = "uml_ray.sampled"  # the sampled params as JSON
 SEED_TAG = "uml_ray.seed"  # train.seed, with the run from its creation
+DATA_TAG = "uml_ray.data"  # the dataset's fingerprint (data.identity): which data a trial trained on
 STUDY_TAG = "uml_ray.study"  # a study's name, on its run and on each sweep it adopted
 SWEEPS_TAG = "uml_ray.sweeps"  # a study's sweeps as JSON
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests runs in its UI
