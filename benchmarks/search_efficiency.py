@@ -55,7 +55,7 @@ def run_case(name: str, seeds: int) -> dict:
     for seed, default in enumerate(defaults):
         # the warm start's source: another seed's default sweep
         source = defaults[(seed + 1) % seeds]
-        warm = run_umlray(table, plan, space, "tpe", seed, budget, warm=warm_from(source, table))
+        warm = run_umlray(table, plan, space, "tpe", seed, budget, warm=warm_from(source))
         runs["uml-ray default (TPE)"].append(default.events)
         runs["uml-ray random"].append(run_umlray(table, plan, space, "random", seed, budget).events)
         runs["uml-ray grid"].append(grid.events)

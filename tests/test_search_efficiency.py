@@ -144,7 +144,7 @@ def test_warm_start_enqueues_the_sources_best_configs_first(table, case):
     # one fused trial of the 16 configs, halved at validations 1, 2 and 4: two finish
     assert len(source.completed) == 2
     study = optuna.create_study(direction="maximize")
-    warm_from(source, table, top_k=2)(study, space)
+    warm_from(source, top_k=2)(study, space)
     distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in GRID.items()}
     asked = [study.ask(distributions).params for _ in range(2)]
     ranked = sorted(
