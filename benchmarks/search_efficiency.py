@@ -26,9 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replayed_searchers import run_grid, run_optuna, run_tune_random, run_umlray  # noqa: E402
-from search_replay import Table  # noqa: E402
+from search_replay import Table, final  # noqa: E402
 from search_table import CASES, ROOT, WORK, build_case_plan, load_table, sweep_rows  # noqa: E402
 from warm_replay import warm_from  # noqa: E402
+
+from uml_ray.selection import SCORE, selection_key  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FRACTIONS = (0.1, 0.3, 1.0)
@@ -44,9 +46,23 @@ SEARCHERS = (
 
 
 def run_case(name: str, seeds: int) -> dict:
-    """Every searcher × seed on the case's table: their ledgers' events."""
+    """Every searcher × seed on the case's table: their ledgers' events (cached beside the table's
+    sweep, reused for the same table and seeds)."""
     case = CASES[name]
     table = Table.from_json(load_table(name))
+    cache = WORK / f"events-{name}-{seeds}.json"
+    if cache.exists() and (held := json.loads(cache.read_text()))["grid_steps"] == table.grid_steps:
+        return {"table": table, "runs": held["runs"], "cold_steps": held["cold_steps"]}
+    outcome = _run_searchers(name, case, table, seeds)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(
+        json.dumps({"grid_steps": table.grid_steps, **{k: outcome[k] for k in ("runs", "cold_steps")}})
+    )
+    return outcome
+
+
+def _run_searchers(name: str, case, table: Table, seeds: int) -> dict:
+    """Every searcher × seed on the table (the warm start seeded from the next seed's default)."""
     plan, space = build_case_plan(case, WORK / name, "tpe", 0)
     budget = table.grid_steps
     grid = run_grid(table, plan, space, budget)
@@ -85,10 +101,12 @@ def reach(events: list, target: float) -> tuple[float, float]:
     return math.inf, math.inf
 
 
-def found_selected(events: list, params: dict) -> float:
-    """Steps at which the search first returns the config ``params`` (inf: never)."""
+def found_selected(events: list, table: Table) -> float:
+    """Steps at which the search first returns the grid's val-selected config, or one the val split
+    ranks equal to it (same selection key; inf: never)."""
+    target = selection_key(final(table.selected()), SCORE)
     for spent, _, _, returned in events:
-        if returned == params:
+        if selection_key(final(table.row(returned)), SCORE) == target:
             return spent
     return math.inf
 
@@ -116,7 +134,7 @@ def summarize(name: str, outcome: dict) -> dict:
             f"{f:g}": interval([value_at(events, f * budget) for events in seeds]) for f in FRACTIONS
         }
         reached = [reach(events, oracle - WITHIN) for events in seeds]
-        found = [found_selected(events, table.selected()["params"]) for events in seeds]
+        found = [found_selected(events, table) for events in seeds]
         figures[label] = {
             "at_fraction": at_fraction,
             # compute until it returns the exhaustive grid's val-selected config: the best a search
