@@ -114,6 +114,9 @@ def run_optuna(table: Table, grid: dict, seed: int, budget: int) -> Ledger:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
+        # Hyperband puts a trial in a bracket by a hash of the study's name and the trial's number: a
+        # named study is replayed the same in every run (an unnamed one gets a random name)
+        study_name=f"optuna-{seed}",
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.HyperbandPruner(),

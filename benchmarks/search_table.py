@@ -133,7 +133,7 @@ def read_rows(uri: str, experiment: str, sweep: str) -> list[dict]:
                 "selection_score": [score[s] for s in steps],
                 "steps": steps[-1],
                 "completed": int(run.data.metrics.get("completed", 0)),
-                "test_acc": run.data.metrics["test_acc"],
+                "test_acc": run.data.metrics.get("test_acc"),  # none for a pruned run
                 "val_rows": int(run.data.metrics.get("val_rows", 0)),
                 "tune_trial": run.data.tags.get(FUSED_TRIAL_TAG) or run.data.tags[TRIAL_TAG],
                 "start_ms": run.info.start_time,
