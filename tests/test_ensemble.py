@@ -110,6 +110,11 @@ def test_a_product_whose_manifest_moved_is_refused_naming_the_path(synthetic_man
     sequence = dict(ctx.best, config={**ctx.best["config"], "model": {"regime": "sequence"}})
     with pytest.raises(UserError, match="run seq: regime 'sequence'"):
         Member.from_product("seq", sequence)
+    folds = dict(
+        ctx.best, config={**ctx.best["config"], "train": {**ctx.best["config"]["train"], "select_folds": 4}}
+    )
+    with pytest.raises(UserError, match="run folds: trained with train.select_folds=4"):
+        Member.from_product("folds", folds)
 
 
 def _best(uri: str, output: Path, *extra: str) -> list[str]:

@@ -53,6 +53,12 @@ class Member:
             raise UserError(
                 f"run {name}: regime '{cfg.model.regime}'; an ensemble is built of supervised head-only runs"
             )
+        if cfg.train.select_folds > 1:
+            raise UserError(
+                f"run {name}: trained with train.select_folds={cfg.train.select_folds}, as fold models "
+                "scored on held-out folds; an ensemble is built of runs validated on the manifest's "
+                "val split (the k-fold sweep's answer is its refit: refit_test_acc on its parent run)"
+            )
         path = cfg.data.manifest
         try:
             manifest = load_manifest(path)
