@@ -85,3 +85,25 @@ def uml_ray(env, cwd, *args, timeout=300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def drain(searcher, trials: int, metric_of, metric: str = "best_val_acc") -> list:
+    """Ask ``searcher`` for up to ``trials`` trials, completing each at once with ``metric_of(config)``
+    as ``metric`` (a fused trial: each member's)."""
+    from ray.tune.search import Searcher
+
+    handed = []
+    for i in range(trials):
+        config = searcher.suggest(f"t{i}")
+        if config is None or config == Searcher.FINISHED:
+            break
+        handed.append(config)
+        if "members" in config:
+            result = {
+                "members": [{metric: metric_of(m)} for m in config["members"]],
+                metric: 0.0,
+            }
+        else:
+            result = {metric: metric_of(config)}
+        searcher.on_trial_complete(f"t{i}", result=result)
+    return handed

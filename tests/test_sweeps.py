@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
-from helpers import best_config
+from helpers import best_config, drain
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -27,27 +27,6 @@ def space_file(path: Path, text: str) -> Path:
 def written_space(folder: Path, text: str):
     """The search space of YAML ``text``, written to ``folder``/s.yaml and loaded."""
     return load_space(space_file(folder / "s.yaml", text))
-
-
-def drain(searcher, trials: int, metric_of) -> list:
-    """Ask ``searcher`` for up to ``trials`` trials, completing each at once with ``metric_of(config)``."""
-    from ray.tune.search import Searcher
-
-    handed = []
-    for i in range(trials):
-        config = searcher.suggest(f"t{i}")
-        if config is None or config == Searcher.FINISHED:
-            break
-        handed.append(config)
-        if "members" in config:
-            result = {
-                "members": [{"best_val_acc": metric_of(m)} for m in config["members"]],
-                "best_val_acc": 0.0,
-            }
-        else:
-            result = {"best_val_acc": metric_of(config)}
-        searcher.on_trial_complete(f"t{i}", result=result)
-    return handed
 
 
 def optuna_searcher(plan, space, trials, fuse, max_concurrent=0):

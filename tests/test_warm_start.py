@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
+from helpers import drain
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
@@ -186,19 +187,6 @@ def told_trials(study) -> list:
     return [t for t in study.trials if t.user_attrs.get(TOLD_ATTR)]
 
 
-def drain(searcher, count: int, space) -> list:
-    from ray.tune.search import Searcher
-
-    handed = []
-    for i in range(count):
-        config = searcher.suggest(f"t{i}")
-        if config is None or config == Searcher.FINISHED:
-            break
-        handed.append(config)
-        searcher.on_trial_complete(f"t{i}", result={space.metric: 0.9})
-    return handed
-
-
 def test_a_warm_searcher_holds_the_told_trials_and_trains_none_of_them(plan, tmp_path):
     from uml_ray.driver.searcher import build_searcher, tune_space
 
@@ -206,7 +194,7 @@ def test_a_warm_searcher_holds_the_told_trials_and_trains_none_of_them(plan, tmp
     warm = told_of_a(space)
     searcher = build_searcher(space, plan, "fixed", trials=9, fuse=1, concurrency=0, warm=warm)
     searcher.set_search_properties(space.metric, "max", tune_space(space))
-    handed = drain(searcher, 20, space)
+    handed = drain(searcher, 20, lambda config: 0.9, space.metric)
     # the space's 9 points less the 6 told: exactly the three alpha-1.5 points, then finished
     assert sorted(c["train.lr"] for c in handed) == [0.003, 0.01, 0.03]
     assert {c["train.alpha.text"] for c in handed} == {1.5}
@@ -227,7 +215,7 @@ def test_a_resumed_warm_searcher_tells_the_trials_once(plan, tmp_path):
     searcher = build_searcher(space, plan, "fixed", 9, 1, 0, warm=told_of_a(space))
     tuner_pkl = pickle.dumps(searcher)
     searcher.set_search_properties(space.metric, "max", tune_space(space))
-    assert len(drain(searcher, 2, space)) == 2
+    assert len(drain(searcher, 2, lambda config: 0.9, space.metric)) == 2
     folder = tmp_path / "state"
     folder.mkdir()
     searcher.save_to_dir(str(folder), session_str="s")
@@ -241,7 +229,7 @@ def test_a_resumed_warm_searcher_tells_the_trials_once(plan, tmp_path):
     restored.restore_from_dir(str(folder))
     assert len(told_trials(restored.inner._ot_study)) == 6
     assert restored.handed == searcher.handed  # and the two trained configs came back
-    handed = drain(restored, 20, space)
+    handed = drain(restored, 20, lambda config: 0.9, space.metric)
     assert len(handed) == 1 and handed[0]["train.alpha.text"] == 1.5  # the last point left
 
 
@@ -256,7 +244,7 @@ def test_a_transferred_searcher_hands_the_enqueued_configs_first(plan, tmp_path)
     first = [{"train.lr": 0.01, "train.alpha.text": 0.5}, {"train.lr": 0.003, "train.alpha.text": 1.0}]
     searcher = build_searcher(space, plan, "fixed", 5, 1, 0, warm=WarmPlan(enqueued=first))
     searcher.set_search_properties(space.metric, "max", tune_space(space))
-    handed = drain(searcher, 5, space)
+    handed = drain(searcher, 5, lambda config: 0.9, space.metric)
     assert handed[:2] == first and len(handed) == 5 and all(c not in first for c in handed[2:])
 
 
