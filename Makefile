@@ -33,6 +33,7 @@ demo: $(STAMP) debian-packages
 	@start=$$(date +%s); \
 	$(BIN)/uml-ray case fashion-mnist --out $(DEMO)/fashion-mnist --shots 4 --split-seed 0 && \
 	$(BIN)/uml-ray validate configs/fashion_mnist.yaml data.manifest=$(DEMO)/fashion-mnist/manifest.yaml \
+		tracking.uri=sqlite:///$(DEMO)/mlflow.db tracking.storage_path=$(DEMO)/runs \
 		--space search_spaces/supervised_linear_probe.yaml && \
 	$(BIN)/uml-ray tune configs/fashion_mnist.yaml data.manifest=$(DEMO)/fashion-mnist/manifest.yaml \
 		tracking.uri=sqlite:///$(DEMO)/mlflow.db tracking.storage_path=$(DEMO)/runs \
