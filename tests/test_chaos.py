@@ -219,11 +219,20 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     steps = [r["step"] for r in results(trial_folder)]
     replays = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     every_validation = list(range(20, max_steps + 1, 20))
-    assert len(replays) == 1 and steps[-1] == max_steps and sorted(set(steps)) == every_validation, steps
-    (replay,) = replays
-    resumed_at = steps[replay] - 20
-    assert 40 <= resumed_at < killed_step <= steps[replay - 1] and resumed_at % 40 == 0, (killed_step, steps)
-    assert steps[replay:] == list(range(resumed_at + 20, max_steps + 1, 20)), steps
+    assert len(replays) <= 1 and steps[-1] == max_steps and sorted(set(steps)) == every_validation, steps
+    if replays:
+        (replay,) = replays
+        resumed_at = steps[replay] - 20
+        assert 40 <= resumed_at < killed_step <= steps[replay - 1] and resumed_at % 40 == 0, (
+            killed_step,
+            steps,
+        )
+        assert steps[replay:] == list(range(resumed_at + 20, max_steps + 1, 20)), steps
+    else:
+        # the kill landed after the group had saved a checkpoint at the last step it reported (the
+        # watcher saw the run late on a loaded machine): resumed there, nothing to report again
+        assert steps == every_validation, steps
+        resumed_at = killed_step
 
     for key in ("best_val_acc", "test_acc", "best_step", "step"):
         assert killed[key] == whole[key], (key, killed, whole)
@@ -236,7 +245,7 @@ def test_killed_train_worker_resumes_from_checkpoint_with_identical_metrics(
     for key in ("val_loss", "test_loss", "train_loss", "test_acc", "best_val_loss"):
         assert runs["killed"].data.metrics[key] == runs["whole"].data.metrics[key], key
     recovered = first_new_step_after(client, runs["killed"], killed_at)
-    replayed = list(range(resumed_at + 20, steps[replay - 1] + 1, 20))
+    replayed = list(range(resumed_at + 20, steps[replay - 1] + 1, 20)) if replays else []
     report(
         capsys,
         f"CHAOS worker: killed pid {pid} after step {killed_step}; resumed from step {resumed_at} "
