@@ -12,6 +12,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 
 from uml_ray.data.image_pipeline import ImageStream, ImageTransform
 from uml_ray.data.streams import BatchStream, dataset_name
@@ -182,3 +183,21 @@ def setup_worker(
         return opened
 
     return alpha, {m: stream(m, "train", size) for m, size in sizes.items()}, stream
+
+
+def tally_members(totals: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add a batch's per-member correct predictions, summed CE and rows to ``totals`` (float64,
+    ``[members, 3]``); ``logits`` is ``[members, rows, classes]``, every member on the same rows."""
+    members, rows, classes = logits.shape
+    losses = F.cross_entropy(
+        logits.reshape(members * rows, classes), labels.repeat(members), reduction="none"
+    )
+    totals[:, 0] += (logits.argmax(2) == labels).sum(1).double().cpu()
+    totals[:, 1] += losses.view(members, rows).sum(1).double().cpu()
+    totals[:, 2] += rows
+
+
+def member_means(totals: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per member: accuracy and mean CE from ``tally_members``' totals."""
+    count = totals[:, 2].clamp(min=1)
+    return (totals[:, 0] / count).tolist(), (totals[:, 1] / count).tolist()

@@ -15,11 +15,10 @@ import contextlib
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from uml_ray.data.folds import FoldBatches, fold_split, pool_table
 from uml_ray.data.streams import BatchStream, TableSource, dataset_name
-from uml_ray.train.common import worker_seed
+from uml_ray.train.common import member_means, tally_members, worker_seed
 from uml_ray.train.loop import to_tensors
 from uml_ray.train.plan import RunPlan
 
@@ -80,18 +79,12 @@ def evaluate_folds(model, streams: list[BatchStream], ctx, batch_size: int = 102
     for f, stream in enumerate(streams):
         for batch in stream.iter_once(batch_size):
             features, labels = to_tensors(batch, ctx.device)
-            logits = model.logits(model.target, features)[f * configs : (f + 1) * configs]
-            rows, classes = logits.shape[1:]
-            losses = F.cross_entropy(
-                logits.reshape(configs * rows, classes), labels.repeat(configs), reduction="none"
+            tally_members(
+                totals, model.logits(model.target, features)[f * configs : (f + 1) * configs], labels
             )
-            totals[:, 0] += (logits.argmax(2) == labels).sum(1).double().cpu()
-            totals[:, 1] += losses.view(configs, rows).sum(1).double().cpu()
-            totals[:, 2] += rows
     totals = ctx.all_reduce(totals)
     model.train()
-    count = totals[:, 2].clamp(min=1)
-    return (totals[:, 0] / count).tolist(), (totals[:, 1] / count).tolist()
+    return member_means(totals)
 
 
 def fold_means(values: list[float], folds: int) -> list[float]:

@@ -17,11 +17,10 @@ import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from uml_ray.data.streams import BatchStream
 from uml_ray.models.fused import FusedSharedHead, fused_loss
-from uml_ray.train.common import setup_worker, warmup_cosine
+from uml_ray.train.common import member_means, setup_worker, tally_members, warmup_cosine
 from uml_ray.train.folds import evaluate_folds, fold_means, fold_members, fold_streams
 from uml_ray.train.fused_optim import MemberAdamW, clip_member_grad_norms
 from uml_ray.train.loop import aux_class_means, build_head, init_head_from_text, to_tensors
@@ -98,18 +97,10 @@ def evaluate_members(
     totals = torch.zeros(model.members, 3, dtype=torch.float64)
     for batch in stream.iter_once(batch_size):
         features, labels = to_tensors(batch, ctx.device)
-        logits = model.logits(model.target, features)
-        members, rows, classes = logits.shape
-        losses = F.cross_entropy(
-            logits.reshape(members * rows, classes), labels.repeat(members), reduction="none"
-        )
-        totals[:, 0] += (logits.argmax(2) == labels).sum(1).double().cpu()
-        totals[:, 1] += losses.view(members, rows).sum(1).double().cpu()
-        totals[:, 2] += rows
+        tally_members(totals, model.logits(model.target, features), labels)
     totals = ctx.all_reduce(totals)
     model.train()
-    count = totals[:, 2].clamp(min=1)
-    return (totals[:, 0] / count).tolist(), (totals[:, 1] / count).tolist()
+    return member_means(totals)
 
 
 def _build_members(
