@@ -176,6 +176,14 @@ def rewrite(modality: str, split: str, change: Callable[[pa.Table], pa.Table]) -
     return lambda w: w.rewrite_shard(modality, split, change)
 
 
+def shard_case(id: str, modality: str, split: str, names: list[str], hint: str, change) -> Case:
+    """``data validate`` of a case whose first (modality, split) shard ``change`` rewrote: the error
+    names that shard and ``names``."""
+    return Case(
+        id, DATA_VALIDATE, [f"{{shard:{modality}.{split}}}", *names], hint, rewrite(modality, split, change)
+    )
+
+
 def _set_column(table: pa.Table, name: str, values, kind) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
 
@@ -225,7 +233,14 @@ DATA_VALIDATE = ["data", "validate", "{manifest}"]
 VALIDATE = ["validate", "{config}"]
 TUNE = ["tune", "{config}", "--space", "{space}", "--trials", "2"]
 SYNTH = ["data", "synth", "{root}/synth", "--n-train", "6", "--n-val", "6", "--n-test", "6", "--n-aux", "6"]
-BEST = ["best", "--tracking-uri", "sqlite:///{db}", "--output", "{root}/best.yaml"]
+
+
+def best(uri: str = "sqlite:///{db}", output: str = "{root}/best.yaml") -> list[str]:
+    """``uml-ray best`` reading ``uri`` and writing ``output``."""
+    return ["best", "--tracking-uri", uri, "--output", output]
+
+
+BEST = best()
 
 
 CASES = [
@@ -342,33 +357,32 @@ CASES = [
         write("m.json", '{"classes": [1, 2,'),
     ),
     # shards
-    Case(
+    shard_case(
         "shard-null-features",
-        DATA_VALIDATE,
-        ["{shard:image.train}", "row 2 has null features"],
+        "image",
+        "train",
+        ["row 2 has null features"],
         "drop or fill those rows",
-        rewrite("image", "train", _null_rows),
+        _null_rows,
     ),
-    Case(
+    shard_case(
         "shard-duplicate-id",
-        DATA_VALIDATE,
-        ["{shard:image.val}", "'image-val-0'", "row 0", "row 3", "modalities.image.splits.val"],
+        "image",
+        "val",
+        ["'image-val-0'", "row 0", "row 3", "modalities.image.splits.val"],
         "ids must be unique within a split",
-        rewrite("image", "val", _duplicate_id),
+        _duplicate_id,
     ),
-    Case(
-        "shard-nan",
-        DATA_VALIDATE,
-        ["{shard:text.train}", "NaN/inf", "first at row 1"],
-        "drop or repair those rows",
-        rewrite("text", "train", _nan_row),
+    shard_case(
+        "shard-nan", "text", "train", ["NaN/inf", "first at row 1"], "drop or repair those rows", _nan_row
     ),
-    Case(
+    shard_case(
         "shard-label-range",
-        DATA_VALIDATE,
-        ["{shard:image.test}", "label 99", "row 2"],
+        "image",
+        "test",
+        ["label 99", "row 2"],
         "labels index the manifest's classes",
-        rewrite("image", "test", _label_99),
+        _label_99,
     ),
     Case(
         "shard-missing",
@@ -683,13 +697,13 @@ CASES = [
     Case("synth-negative-seed", [*SYNTH, "--seed", "-1"], ["seed (--seed)", "got -1"], "must be >= 0"),
     Case(
         "best-output-folder-missing",
-        ["best", "--tracking-uri", "sqlite:///{db}", "--output", "/nonexistent/dir/best.yaml"],
+        best(output="/nonexistent/dir/best.yaml"),
         ["/nonexistent/dir/best.yaml", "/nonexistent/dir does not exist"],
         "create it or choose another path",
     ),
     Case(
         "best-output-is-folder",
-        ["best", "--tracking-uri", "sqlite:///{db}", "--output", "{root}"],
+        best(output="{root}"),
         ["--output {root}", "is a folder"],
         "best_config.yaml",
     ),
@@ -731,13 +745,13 @@ CASES = [
     ),
     Case(
         "best-unreachable-server",
-        ["best", "--tracking-uri", "http://127.0.0.1:1", "--output", "{root}/b.yaml"],
+        best("http://127.0.0.1:1"),
         ["http://127.0.0.1:1", "Connection refused"],
         "start the server or fix --tracking-uri",
     ),
     Case(
         "best-unknown-scheme",
-        ["best", "--tracking-uri", "bogus://x", "--output", "{root}/b.yaml"],
+        best("bogus://x"),
         ["'bogus://x'"],
         "sqlite:///path/to/mlflow.db",
     ),

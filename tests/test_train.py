@@ -73,13 +73,19 @@ def test_every_stream_is_closed_when_the_loop_is_left_early(
     assert sorted(closed) == ["image.test", "image.train", "image.val", "text.train"]
 
 
-@pytest.mark.slow
-def test_uml_beats_unimodal_baseline_over_seeds(ray_session, synthetic_manifest, tmp_path, capsys):
-    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"project_target": False})
+def uml_and_unimodal(capsys, config) -> tuple[list[float], list[float]]:
+    """Test accuracies of UML (alpha 1) and the unimodal baseline (alpha 0) at train seeds 0, 1, 2."""
     uml, base = [], []
     for seed in (0, 1, 2):
         uml.append(train_once(capsys, config, f"train.seed={seed}", "train.alpha_default=1.0")["test_acc"])
         base.append(train_once(capsys, config, f"train.seed={seed}", "train.alpha_default=0.0")["test_acc"])
+    return uml, base
+
+
+@pytest.mark.slow
+def test_uml_beats_unimodal_baseline_over_seeds(ray_session, synthetic_manifest, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, model={"project_target": False})
+    uml, base = uml_and_unimodal(capsys, config)
     print(f"UML test acc {uml} vs unimodal {base}")
     assert np.mean(uml) - np.mean(base) >= 0.05
     assert all(u > b for u, b in zip(uml, base))
@@ -91,10 +97,7 @@ def test_pure_noise_auxiliary_neither_helps_nor_hurts(ray_session, tmp_path, cap
 
     manifest = write_synthetic(str(tmp_path / "noise"), aux_pure_noise=True, seed=0, **ALIGNED)
     config = write_config(tmp_path / "c.yaml", manifest, tmp_path, model={"project_target": False})
-    uml, base = [], []
-    for seed in (0, 1, 2):
-        uml.append(train_once(capsys, config, f"train.seed={seed}", "train.alpha_default=1.0")["test_acc"])
-        base.append(train_once(capsys, config, f"train.seed={seed}", "train.alpha_default=0.0")["test_acc"])
+    uml, base = uml_and_unimodal(capsys, config)
     print(f"pure-noise aux: UML test acc {uml} vs unimodal {base}")
     assert abs(np.mean(uml) - np.mean(base)) <= 0.05
 

@@ -50,7 +50,8 @@ def check_config(cfg: Config) -> None:
             "model.backbone the run is already a probe: use model.head_init=random or text, or set "
             "model.backbone"
         )
-    if cfg.data.target_per_class > 0 and (cfg.model.regime == "sequence" or cfg.model.backbone):
+    head_only = cfg.model.regime != "sequence" and not cfg.model.backbone
+    if cfg.data.target_per_class > 0 and not head_only:
         raise ConfigError(
             f"data.target_per_class={cfg.data.target_per_class} selects target feature vectors of the "
             "head-only supervised regime; set it to -1 here (draw few-shot splits when building the "
@@ -60,7 +61,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(
             "train.select_folds=1: use 0 (the manifest's val split) or k >= 2 folds of the train+val pool"
         )
-    if cfg.train.select_folds > 1 and (cfg.model.regime == "sequence" or cfg.model.backbone):
+    if cfg.train.select_folds > 1 and not head_only:
         raise ConfigError(
             f"train.select_folds={cfg.train.select_folds} trains k fold models side by side in the fused "
             "head-only supervised regime; the sequence and fine-tuning regimes cannot: set "
