@@ -226,6 +226,18 @@ def test_tune_with_folds_records_the_refit(ray_session, synthetic_manifest, tmp_
     study = json.loads((folder / "study_summary.json").read_text())
     assert study["best_trial"] == chosen
     assert study["summary"]["refit_test_acc"] == pytest.approx(metrics["refit_test_acc"])
+    # uml-ray best: the refit is shown, and the written config runs with uml-ray train (no fold models)
+    output = tmp_path / "best.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["best", "--tracking-uri", uri, "--experiment", "tests", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    refit_line = (
+        f"3-fold selection (sweep 'kfold'): its refit on train+val ({int(metrics['refit_steps'])} steps)"
+    )
+    assert f"{refit_line} tested at {metrics['refit_test_acc']:.4f}" in out
+    best = load_config(str(output))
+    assert best.train.select_folds == 0 and best.train.lr > 0
+    assert main(["validate", str(output)]) == 0
 
 
 def test_halved_and_resumed_fold_trial_continues_exactly(plan):

@@ -90,11 +90,49 @@ def run_best(args) -> int:
     with tempfile.TemporaryDirectory() as folder:
         local = download_artifact(args.tracking_uri, rows[0]["run_id"], "config.yaml", folder)
         # runs recorded before configs were redacted may hold a password: never copied on
-        Path(args.output).write_text(redact_text(Path(local).read_text()))
+        text, folds = runnable_config(redact_text(Path(local).read_text()))
+        Path(args.output).write_text(text)
     print(f"best config ({rows[0]['run_name']}) written to {args.output}")
+    if folds:
+        print(refit_line(args, rows[0], folds))
     if ensemble is not None:
         report(args, ranked, ensemble, _sampled, seconds)
     return 0
+
+
+def runnable_config(text: str) -> tuple[str, int]:
+    """The recorded config as ``uml-ray train`` runs it, and the k of a k-fold selection run (0 if none).
+
+    A k-fold run's config trains k fold models side by side, which only a fused sweep trial does; the
+    YAML written for ``uml-ray train`` trains the chosen config once on the manifest's train split
+    (``train.select_folds: 0``), with the val split for its best step."""
+    import yaml
+
+    tree = yaml.safe_load(text)
+    folds = int((tree.get("train") or {}).get("select_folds") or 0)
+    if folds < 2:
+        return text, 0
+    tree["train"]["select_folds"] = 0
+    header = (
+        f"# chosen by {folds}-fold selection; train.select_folds set to 0 so that uml-ray train runs it\n"
+        "# once on the manifest's train split (the sweep's refit on train+val is on its parent run)\n"
+    )
+    return header + yaml.safe_dump(tree, sort_keys=False), folds
+
+
+def refit_line(args, row: dict, folds: int) -> str:
+    """What the k-fold sweep of ``row`` answered: its refit's test accuracy, from the parent run."""
+    from uml_ray.tracking.runs import sweep_metrics
+    from uml_ray.tracking.tags import SWEEP_TAG
+
+    sweep = row["tags"].get(SWEEP_TAG, "")
+    refit = sweep_metrics(args.tracking_uri, args.experiment, sweep) if sweep else {}
+    figure = (
+        f"its refit on train+val ({int(refit['refit_steps'])} steps) tested at {refit['refit_test_acc']:.4f}"
+        if "refit_test_acc" in refit
+        else "no refit is recorded on its parent run"
+    )
+    return f"{folds}-fold selection (sweep '{sweep}'): {figure}; the written config has train.select_folds=0"
 
 
 def check_output(path: str) -> None:

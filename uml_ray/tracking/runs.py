@@ -229,6 +229,16 @@ def download_product(uri: str, run: dict, folder: str) -> str:
         ) from None
 
 
+def sweep_metrics(uri: str, experiment: str, sweep: str) -> dict:
+    """The metrics recorded on a sweep's parent run (its summary: counts, the k-fold refit); empty when
+    the sweep has none."""
+    store = client(uri)
+    with bounded_http():
+        found = store.get_experiment_by_name(experiment)
+        parent = None if found is None else RunFinder(store, found.experiment_id, sweep).parent()
+    return {} if parent is None else dict(parent.data.metrics)
+
+
 def log_sweep_results(uri: str, experiment: str, sweep: str, metrics: dict, tags: dict) -> str | None:
     """Add ``metrics`` (at step 0) and ``tags`` to a sweep's parent run; returns its run id, or None
     when the sweep has no parent run (a single training)."""
