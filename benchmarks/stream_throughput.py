@@ -82,7 +82,8 @@ def main() -> None:
 
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.feature_cache import CACHE_ENV
-    from uml_ray.data.format import Manifest, ModalitySpec, write_shards
+    from uml_ray.data.format import write_shards
+    from uml_ray.data.manifest import Manifest, ModalitySpec
     from uml_ray.data.parquet_source import ParquetSource
     from uml_ray.data.ray_streams import build_streamed_datasets
     from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, read_table
@@ -208,7 +209,8 @@ def auxiliary_heavy(args) -> None:
     from uml_ray.cli import main as cli
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.feature_cache import CACHE_ENV
-    from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
+    from uml_ray.data.format import write_shards
+    from uml_ray.data.manifest import Manifest, ModalitySpec, write_manifest
 
     dim, classes = 384, 10
     rng = np.random.default_rng(0)

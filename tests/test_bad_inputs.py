@@ -113,7 +113,7 @@ class Work:
 
     def shard(self, modality: str, split: str) -> str:
         """The first shard file of (modality, split)."""
-        from uml_ray.data.format import load_manifest
+        from uml_ray.data.manifest import load_manifest
 
         return load_manifest(self.manifest).uris(modality, split)[0]
 
@@ -873,7 +873,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys, ray_tripwire, reque
 def test_anchor_bomb_is_refused_within_a_second_everywhere(tmp_path):
     """Each loader (run config, search space, manifest, override) refuses the bomb in well under a second."""
     from uml_ray.config import load_config, read_yaml
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.errors import UserError
 
     path = tmp_path / "bomb.yaml"

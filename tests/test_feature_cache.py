@@ -161,7 +161,7 @@ def test_a_two_worker_run_streamed_by_pyarrow_reads_a_row_range_per_worker(
     """The default multi-worker reader (data.stream_reader=pyarrow): each worker reads its own row
     range of the shards, caches it decoded under its range's key, and the run learns."""
     from uml_ray.data.feature_cache import shard_key
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.data.parquet_source import count_rows, rank_range, shard_stat
 
     result = two_worker_streamed_run(synthetic_manifest, tmp_path, capsys, "pyarrow")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from uml_ray.data.format import LAYOUT_HELP, LAYOUTS
 from uml_ray.data.synth import write_synthetic
 
 # the CLI's defaults are the generator's own, so the two never drift apart
@@ -55,6 +56,7 @@ SYNTH_OPTIONS = (
         {"type": int, "nargs": 2, "metavar": ("MIN", "MAX"), "help": "sequence length range"},
     ),
     ("--rows-per-shard", "rows_per_shard", {"type": int, "help": "rows per Parquet shard"}),
+    ("--feature-layout", "layout", {"choices": list(LAYOUTS), "help": LAYOUT_HELP}),
     ("--seed", "seed", {"type": int, "help": "seed; the same seed writes byte-identical shards"}),
 )
 
@@ -162,8 +164,8 @@ def run_images(args) -> int:
     import json
     from pathlib import Path
 
-    from uml_ray.data.format import load_manifest
     from uml_ray.data.images import write_image_dataset
+    from uml_ray.data.manifest import load_manifest
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     existing = Path(args.out_dir, "manifest.yaml")
