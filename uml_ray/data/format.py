@@ -204,6 +204,13 @@ def binary_rows(column: pa.FixedSizeBinaryArray, dim: int) -> np.ndarray:
     return rows.reshape(-1, dim).astype(np.float32, copy=False)
 
 
+def _one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one array: its only chunk as it is (combining copies, even a single chunk)."""
+    if not isinstance(column, pa.ChunkedArray):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def table_to_numpy(table: pa.Table | pa.RecordBatch, kind: str, dim: int):
     """Zero-copy view of a shard batch: features (N, dim) float32 for vectors, labels int64 (-1 = none).
 
@@ -211,12 +218,8 @@ def table_to_numpy(table: pa.Table | pa.RecordBatch, kind: str, dim: int):
     every shard. For sequences, returns (steps (sum T, dim), lengths (N,)) as the features; for
     images, the encoded-bytes column (a pyarrow binary array).
     """
-    column = table.column(IMAGE if kind == "image" else FEATURES)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    labels_column = table.column(LABEL)
-    if isinstance(labels_column, pa.ChunkedArray):
-        labels_column = labels_column.combine_chunks()
+    column = _one_array(table.column(IMAGE if kind == "image" else FEATURES))
+    labels_column = _one_array(table.column(LABEL))
     labels = labels_column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     if kind == "vector":
         if pa.types.is_fixed_size_binary(column.type):
