@@ -193,9 +193,13 @@ def _duplicate_id(table: pa.Table) -> pa.Table:
 
 
 def _nan_row(table: pa.Table) -> pa.Table:
-    rows = table.column("features").to_pylist()
-    rows[1][0] = float("nan")
-    return _set_column(table, "features", rows, table.schema.field("features").type)
+    from uml_ray.data.format import layout_of, table_to_numpy, vector_array
+
+    feature_type = table.schema.field("features").type
+    dim = feature_type.byte_width // 4 if layout_of(feature_type) == "binary" else feature_type.list_size
+    rows = table_to_numpy(table, "vector", dim)[0].copy()
+    rows[1, 0] = np.nan
+    return table.set_column(0, "features", vector_array(rows, dim, layout_of(feature_type)))
 
 
 def _label_99(table: pa.Table) -> pa.Table:
@@ -345,7 +349,7 @@ CASES = [
     Case(
         "shard-null-features",
         DATA_VALIDATE,
-        ["{shard:image.train}", "row 2 has null features"],
+        ["{shard:image.train}", "null features", "row 2"],
         "drop or fill those rows",
         rewrite("image", "train", _null_rows),
     ),

@@ -66,8 +66,8 @@ def test_replayed_features_are_views_of_the_mapped_file(tmp_path, cache_dir):
     source = ParquetSource(uris, block_rows=64)
     list(source.iter_batches())
     block = next(iter(source.iter_batches()))
-    values = block.column("features").chunk(0).values
-    features = np.frombuffer(values.buffers()[1], dtype=np.float32)
+    column = block.column("features").chunk(0)  # binary rows: the data buffer holds the floats
+    features = np.frombuffer(column.buffers()[1], dtype=np.float32)
     assert not features.flags.owndata and not features.flags.writeable  # no copy: read-only map
 
 

@@ -34,12 +34,12 @@ ID = "id"
 LAYOUTS = ("binary", "list")  # how a vector modality's features column is stored
 DEFAULT_LAYOUT = "binary"  # what the writers write: the fastest to stream
 LEGACY_LAYOUT = "list"  # what a manifest without a `layout` field holds
-FLOAT32_LE = np.dtype("<f4")
+FLOAT32_LE = np.dtype("<f4")  # a binary row's element type, whatever the machine's byte order
 LAYOUT_HELP = (
     "how vector features are stored: binary (fixed_size_binary rows of little-endian float32, the "
     "fastest to stream; default) or list (fixed_size_list<float32>, numbers to any Arrow/Parquet tool); "
     "docs/data-format.md §1"
-)  # a binary row's element type, whatever the machine's byte order
+)
 
 
 def vector_type(dim: int, layout: str = DEFAULT_LAYOUT) -> pa.DataType:
@@ -88,13 +88,12 @@ def shard_schema(kind: str, dim: int, layout: str = DEFAULT_LAYOUT) -> pa.Schema
 def vector_array(features, dim: int, layout: str = DEFAULT_LAYOUT) -> pa.Array:
     """An (N, dim) float array as a features column in ``layout``; binary wraps the bytes, no copy
     when ``features`` is already contiguous little-endian float32."""
+    row_type = vector_type(dim, layout)
     flat = np.ascontiguousarray(np.asarray(features), dtype=FLOAT32_LE)
     if flat.ndim != 2 or flat.shape[1] != dim:
         raise ValueError(f"vector features must have shape (N, {dim}), got {flat.shape}")
     if layout == "binary":
-        return pa.FixedSizeBinaryArray.from_buffers(
-            vector_type(dim, layout), len(flat), [None, pa.py_buffer(flat)]
-        )
+        return pa.FixedSizeBinaryArray.from_buffers(row_type, len(flat), [None, pa.py_buffer(flat)])
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
 
 

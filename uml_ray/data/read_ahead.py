@@ -87,6 +87,10 @@ class ReadAhead:
                 started = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._error = exc
+        finally:  # on this thread, now: a generator left open (a cache being recorded) cleans up
+            close = getattr(self.items, "close", None)
+            if close is not None:
+                close()
         with self._changed:
             self._done = True
             self._changed.notify_all()

@@ -224,7 +224,13 @@ def check_shard(
             "null label",
         )
     }
-    _report_rows(problems, uri, found["null features"], "have null features", "every row needs features")
+    _report_rows(
+        problems,
+        uri,
+        found["null features"],
+        "have null features",
+        "every row needs features: drop or fill those rows",
+    )
     _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
     if len(found["too large"]):
         first = float(np.concatenate(large_values)[0])
