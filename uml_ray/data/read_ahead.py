@@ -126,6 +126,9 @@ class ReadAhead:
             with self._changed:
                 self._stop.set()
                 self._changed.notify_all()
+            # the thread ends within the block it is reading; waiting for it means its cleanup (a
+            # partial cache file removed) is done when the consumer moves on
+            thread.join()
 
 
 def read_ahead(items, depth="auto", burst: int = 1, budget_bytes: int = READAHEAD_BUDGET_BYTES):
