@@ -54,8 +54,9 @@ def drain(batches, steps: int, warmup: int) -> float:
 
 def write_case(folder: Path, rows: int) -> str:
     """Fashion-MNIST image shards (train/val/test) + 384-d random 'text' vectors, and the manifest."""
-    from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
+    from uml_ray.data.format import write_shards
     from uml_ray.data.images import fashion_mnist_images, write_image_shards
+    from uml_ray.data.manifest import Manifest, ModalitySpec, write_manifest
     from uml_ray.data.sources import FASHION_MNIST_CLASSES
 
     splits = {}
@@ -143,8 +144,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from uml_ray.cluster import start_local_ray
-    from uml_ray.data.format import load_manifest
     from uml_ray.data.image_pipeline import ImageStream, transform_from_data_config, transform_rows
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.data.streams import StreamSpec, TableSource
     from uml_ray.models.backbone import build_backbone
 

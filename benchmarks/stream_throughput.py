@@ -13,12 +13,16 @@ All in one run, as ratios to the in-memory loop (the ceiling, measured again bef
   decoded again; Ray Data: one execution per epoch) and with it (the first epoch recorded as Arrow
   IPC, later ones replayed memory-mapped; the cache starts cold).
 
+Each streamed source is measured once per payload layout (``--layout``, default both side by side):
+``binary`` (``fixed_size_binary``, decoded as a view of the data buffer; what the writers write) and
+``list`` (``fixed_size_list<float32>``, decoded per element). The naive baseline reads the list layout.
+
 ``--auxiliary-heavy`` measures a whole ``uml-ray train`` instead: a target of a few thousand rows
 and an auxiliary modality of ``--aux-rows`` 384-d rows (2 million: several GB), streamed (over
 ``data.cache_max_mb``) vs held in memory, as steps/s between a short and a long run (which cancels
 the run's fixed start-up), on one process and on ``--workers`` Ray Train workers.
 
-    python benchmarks/stream_throughput.py [--rows 50000 --dim 512 --epochs 3]
+    python benchmarks/stream_throughput.py [--rows 50000 --dim 512 --epochs 3 --layout both]
     python benchmarks/stream_throughput.py --auxiliary-heavy [--aux-rows 2000000 --steps 4000]
 """
 
@@ -72,6 +76,12 @@ def main() -> None:
     parser.add_argument("--target-rows", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--workers", type=int, default=2, help="the multi-worker path's worker count")
+    parser.add_argument(
+        "--layout",
+        choices=["both", "binary", "list"],
+        default="both",
+        help="the shards' feature payload layout(s) the streamed sources read",
+    )
     args = parser.parse_args()
     if args.auxiliary_heavy:
         auxiliary_heavy(args)
@@ -82,7 +92,8 @@ def main() -> None:
 
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.feature_cache import CACHE_ENV
-    from uml_ray.data.format import Manifest, ModalitySpec, write_shards
+    from uml_ray.data.format import write_shards
+    from uml_ray.data.manifest import Manifest, ModalitySpec
     from uml_ray.data.parquet_source import ParquetSource
     from uml_ray.data.ray_streams import build_streamed_datasets
     from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, read_table
@@ -90,19 +101,25 @@ def main() -> None:
     rng = np.random.default_rng(0)
     features = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
     labels = rng.integers(0, 10, args.rows)
+    layouts = ["binary", "list"] if args.layout == "both" else [args.layout]
     with tempfile.TemporaryDirectory() as workdir:
         os.environ[CACHE_ENV] = os.path.join(workdir, "feature-cache")  # cold, and removed after
-        uris = write_shards(workdir, "image", "train", features, labels, rows_per_shard=8192)
-        manifest = Manifest(
-            "bench",
-            [str(i) for i in range(10)],
-            "image",
-            {"image": ModalitySpec("vector", args.dim, None, {"train": uris})},
-        )
+        uris = {
+            layout: write_shards(
+                os.path.join(workdir, layout),
+                "image",
+                "train",
+                features,
+                labels,
+                rows_per_shard=8192,
+                layout=layout,
+            )
+            for layout in ("binary", "list")
+        }
         start_local_ray(2)
         steps_per_epoch = args.rows // args.batch_size
         start = time.perf_counter()
-        driver_table = ray.put(read_table(uris).sort_by("id"))
+        driver_table = ray.put(read_table(uris[layouts[0]]).sort_by("id"))
         driver_read = time.perf_counter() - start
 
         def in_memory():
@@ -113,27 +130,33 @@ def main() -> None:
                     yield features[rows], labels[rows]
 
         def naive():
-            ds = ray.data.read_parquet(uris, columns=["features", "label"])
+            ds = ray.data.read_parquet(uris["list"], columns=["features", "label"])
             for _ in range(args.epochs):
                 for batch in ds.iter_torch_batches(
                     batch_size=args.batch_size, local_shuffle_buffer_size=4096
                 ):
                     yield batch["features"], batch["label"]
 
-        share_rows = ParquetSource(uris, cache=False, rank=0, world_size=args.workers).rows
+        share_rows = ParquetSource(uris["list"], cache=False, rank=0, world_size=args.workers).rows
 
         repeat = [0]  # which repetition runs: each starts with a cold cache
 
-        def ours(how: str, cache: bool = True):
+        def ours(how: str, layout: str, cache: bool = True):
             spec = StreamSpec("image.train", "vector", args.dim, args.rows, how == "cached")
-            cold = os.path.join(workdir, "feature-cache", f"{how}-{repeat[0]}")
+            cold = os.path.join(workdir, "feature-cache", f"{how}-{layout}-{repeat[0]}")
             os.environ[CACHE_ENV] = cold if cache else "off"
             world_size = args.workers if how == "rank" else 1
             if how == "cached":  # what a trial does: the driver read the table once per sweep (timed apart)
                 source = TableSource(ray.get(driver_table))
             elif how in ("pyarrow", "rank"):  # a one-process trial's streamed share, or rank 0's row range
-                source = ParquetSource(uris, cache=cache, rank=0, world_size=world_size, burst=1)
+                source = ParquetSource(uris[layout], cache=cache, rank=0, world_size=world_size, burst=1)
             else:  # data.stream_reader=ray_data: Ray Data, split across Ray Train workers
+                manifest = Manifest(
+                    "bench",
+                    [str(i) for i in range(10)],
+                    "image",
+                    {"image": ModalitySpec("vector", args.dim, None, {"train": uris[layout]}, layout)},
+                )
                 source = build_streamed_datasets(manifest, {"image.train": spec}, -1, False, 0)[
                     "image.train"
                 ].iterator()
@@ -156,22 +179,31 @@ def main() -> None:
         results, ceilings = {}, {}
         # the Ray-free and pyarrow sources first: a Ray Data execution leaves its workers busy for a
         # while after its iterator is done, which a one-process trial never has beside it
-        rank_name = f"streamed, worker 0 of {args.workers} (pyarrow) + cache"
-        for name, make in [
-            ("in-memory loop", in_memory),
-            ("BatchStream, cached", lambda: ours("cached")),
-            ("streamed, 1 process (pyarrow), no cache", lambda: ours("pyarrow", cache=False)),
-            ("streamed, 1 process (pyarrow) + cache", lambda: ours("pyarrow")),
-            (rank_name, lambda: ours("rank")),
-            ("naive read_parquet→iter_torch_batches", naive),
-            ("streamed, Ray Data, no cache", lambda: ours("ray_data", cache=False)),
-            ("streamed, Ray Data + cache", lambda: ours("ray_data")),
+        rank_names = [
+            f"[{layout}] streamed, worker 0 of {args.workers} (pyarrow) + cache" for layout in layouts
+        ]
+        sources = [("in-memory loop", in_memory), ("BatchStream, cached", lambda: ours("cached", layouts[0]))]
+        for how, label, cache in [
+            ("pyarrow", "streamed, 1 process (pyarrow), no cache", False),
+            ("pyarrow", "streamed, 1 process (pyarrow) + cache", True),
+            ("rank", f"streamed, worker 0 of {args.workers} (pyarrow) + cache", True),
         ]:
+            sources += [
+                (f"[{layout}] {label}", lambda how=how, layout=layout, cache=cache: ours(how, layout, cache))
+                for layout in layouts
+            ]
+        sources.append(("[list] naive read_parquet→iter_torch_batches", naive))
+        for label, cache in [("streamed, Ray Data, no cache", False), ("streamed, Ray Data + cache", True)]:
+            sources += [
+                (f"[{layout}] {label}", lambda layout=layout, cache=cache: ours("ray_data", layout, cache))
+                for layout in layouts
+            ]
+        for name, make in sources:
             # the ceiling is measured again right before each source: on a shared machine the load
             # drifts within a run, and a ratio to a ceiling taken minutes earlier would measure the drift
             # On a machine shared with other jobs, each pair is measured --repeats times and the best
             # of each kept: the least disturbed estimate of both.
-            epoch_rows = share_rows if name == rank_name else args.rows
+            epoch_rows = share_rows if name in rank_names else args.rows
             pairs = []
             for repeat[0] in range(args.repeats):
                 ceiling = head_steps(in_memory(), args.dim, steps_per_epoch * args.batch_size)
@@ -188,14 +220,14 @@ def main() -> None:
         f"head, 1 torch thread; best of {args.repeats} for each source and its ceiling"
     )
     print(
-        "  the driver's one read of the cached table per sweep (not in the trial's figures): "
-        f"{driver_read:.2f} s"
+        f"  the driver's one read of the cached table per sweep ({layouts[0]} layout; not in the trial's "
+        f"figures): {driver_read:.2f} s"
     )
-    print(f"  {'source':44s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
+    print(f"  {'source':56s} {'whole run':>14s} {'':>8s} {'after epoch 1':>14s}")
     for name, (overall, steady) in results.items():
         overall_ceiling, steady_ceiling = ceilings[name]
         print(
-            f"  {name:44s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s "
+            f"  {name:56s} {overall:10,.0f} r/s {overall / overall_ceiling:7.1%} {steady:10,.0f} r/s "
             f"{steady / steady_ceiling:7.1%}"
         )
 
@@ -208,7 +240,8 @@ def auxiliary_heavy(args) -> None:
     from uml_ray.cli import main as cli
     from uml_ray.cluster import start_local_ray
     from uml_ray.data.feature_cache import CACHE_ENV
-    from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
+    from uml_ray.data.format import write_shards
+    from uml_ray.data.manifest import Manifest, ModalitySpec, write_manifest
 
     dim, classes = 384, 10
     rng = np.random.default_rng(0)

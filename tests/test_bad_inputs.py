@@ -113,7 +113,7 @@ class Work:
 
     def shard(self, modality: str, split: str) -> str:
         """The first shard file of (modality, split)."""
-        from uml_ray.data.format import load_manifest
+        from uml_ray.data.manifest import load_manifest
 
         return load_manifest(self.manifest).uris(modality, split)[0]
 
@@ -201,9 +201,13 @@ def _duplicate_id(table: pa.Table) -> pa.Table:
 
 
 def _nan_row(table: pa.Table) -> pa.Table:
-    rows = table.column("features").to_pylist()
-    rows[1][0] = float("nan")
-    return _set_column(table, "features", rows, table.schema.field("features").type)
+    from uml_ray.data.format import layout_of, table_to_numpy, vector_array
+
+    feature_type = table.schema.field("features").type
+    dim = feature_type.byte_width // 4 if layout_of(feature_type) == "binary" else feature_type.list_size
+    rows = table_to_numpy(table, "vector", dim)[0].copy()
+    rows[1, 0] = np.nan
+    return table.set_column(0, "features", vector_array(rows, dim, layout_of(feature_type)))
 
 
 def _label_99(table: pa.Table) -> pa.Table:
@@ -361,7 +365,7 @@ CASES = [
         "shard-null-features",
         "image",
         "train",
-        ["row 2 has null features"],
+        ["null features", "row 2"],
         "drop or fill those rows",
         _null_rows,
     ),
@@ -887,7 +891,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys, ray_tripwire, reque
 def test_anchor_bomb_is_refused_within_a_second_everywhere(tmp_path):
     """Each loader (run config, search space, manifest, override) refuses the bomb in well under a second."""
     from uml_ray.config import load_config, read_yaml
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.errors import UserError
 
     path = tmp_path / "bomb.yaml"

@@ -12,7 +12,8 @@ import yaml
 from conftest import moto_s3
 
 from uml_ray.cli import main
-from uml_ray.data.format import build_table, load_manifest, table_to_numpy, write_shard
+from uml_ray.data.format import build_table, table_to_numpy, write_shard
+from uml_ray.data.manifest import load_manifest
 from uml_ray.data.synth import write_synthetic
 
 
@@ -31,9 +32,9 @@ def read_shard(manifest, modality, split):
     return uri, np.array(features), labels.astype(np.int32)
 
 
-def rewrite(uri, features, labels, kind="vector", dim=None):
+def rewrite(uri, features, labels, kind="vector", dim=None, layout="binary"):
     dim = dim or np.asarray(features).shape[-1]
-    pq.write_table(build_table(features, labels, None, kind, dim), uri)
+    pq.write_table(build_table(features, labels, None, kind, dim, layout), uri)
 
 
 def validate(capsys, path):
@@ -88,7 +89,7 @@ def test_wrong_schema_names_column_and_expected_type(dataset, capsys, check):
     pq.write_table(table, uri)
     code, _, err = check(capsys, dataset.path)
     assert code == 2
-    assert f"{uri}: column 'features' is missing (expected fixed_size_list<item: float>[32])" in err
+    assert f"{uri}: column 'features' is missing (expected fixed_size_binary[128])" in err
     assert f"{uri}: column 'label' has type int64, expected int32" in err
     assert f"{uri}: unexpected column(s) ['feats']" in err
 
@@ -114,7 +115,8 @@ def _labels_out_of_range(features, labels):
             "text",
             "train",
             _narrowed,
-            "features have dim 12 but modalities.text.dim is 16",
+            "features have dim 12 (fixed_size_binary[48], 48 bytes per row) but modalities.text.dim is 16 "
+            "(expected fixed_size_binary[64])",
             id="dim-mismatch-names-manifest-dim",
         ),
         pytest.param(
@@ -354,3 +356,111 @@ def test_a_run_config_raises_the_magnitude_bound_with_data_max_abs_feature(datas
     assert validate_run_config(capsys, dataset.path)[0] == 2
     config = os.path.join(os.path.dirname(str(dataset.path)), "run.yaml")
     assert main(["validate", config, "data.max_abs_feature=1e9"]) == 0
+
+
+def _set_layout(path, modality, layout):
+    raw = yaml.safe_load(open(path))
+    if layout is None:
+        raw["modalities"][modality].pop("layout", None)
+    else:
+        raw["modalities"][modality]["layout"] = layout
+    with open(path, "w") as handle:
+        yaml.safe_dump(raw, handle)
+
+
+def test_a_list_layout_dataset_validates_and_its_defects_are_found(tmp_path, capsys):
+    """``--feature-layout list`` writes a manifest without ``layout`` (as every manifest before the binary
+    layout): it validates, and NaN/inf and magnitude checks read its list payload."""
+    path = write_synthetic(str(tmp_path / "ds"), n_train=20, n_val=10, n_test=10, n_aux=40, layout="list")
+    assert "layout" not in yaml.safe_load(open(path))["modalities"]["image"]
+    manifest = load_manifest(path)
+    assert manifest.modalities["image"].layout == "list"
+    assert pq.read_schema(manifest.uris("image", "train")[0]).field("features").type == pa.list_(
+        pa.float32(), 32
+    )
+    assert validate(capsys, path)[0] == 0
+    uri, features, labels = read_shard(manifest, "image", "train")
+    features[5, 1] = np.nan
+    features[7] = 3e6
+    rewrite(uri, features, labels, layout="list")
+    code, _, err = validate(capsys, path)
+    assert code == 2
+    assert f"{uri}: 1 row(s) have NaN/inf features (first at row 5)" in err
+    assert f"{uri}: column 'features': 1 row(s) hold values beyond ±1e+06 (first at row 7: 3e+06)" in err
+
+
+@pytest.mark.parametrize(
+    "manifest_layout, shard_layout, found, expected",
+    [
+        ("binary", "list", "fixed_size_list<element: float>[16]", "fixed_size_binary[64]"),
+        (None, "binary", "fixed_size_binary[64]", "fixed_size_list<item: float>[16]"),
+    ],
+    ids=["binary-manifest-list-shard", "legacy-manifest-binary-shard"],
+)
+def test_a_shard_in_another_layout_than_the_manifest_names_both_and_the_fix(
+    dataset, capsys, check, manifest_layout, shard_layout, found, expected
+):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    rewrite(uri, features, labels, layout=shard_layout)
+    _set_layout(dataset.path, "text", manifest_layout)
+    code, _, err = check(capsys, dataset.path)
+    assert code == 2
+    declared = manifest_layout or "list"
+    assert (
+        f"{uri}: column 'features' is in the {shard_layout} layout ({found}) but modalities.text.layout is "
+        f"{declared} (expected {expected}); set modalities.text.layout: {shard_layout} in the manifest, or "
+        f"rewrite the shards in the {declared} layout (uml-ray data convert)"
+    ) in err
+    _set_layout(dataset.path, "text", shard_layout)
+    assert validate(capsys, dataset.path)[0] == 0
+
+
+def test_a_binary_column_of_the_wrong_byte_width_is_named(dataset, capsys, check):
+    uri, features, labels = read_shard(dataset, "text", "train")
+    ragged = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(50), len(labels), [None, pa.py_buffer(np.zeros(len(labels) * 50, np.uint8))]
+    )
+    pq.write_table(
+        pa.table(
+            {"features": ragged, "label": pa.array(labels), "id": pa.array(map(str, range(len(labels))))}
+        ),
+        uri,
+    )
+    code, _, err = check(capsys, dataset.path)
+    assert code == 2
+    assert (
+        f"{uri}: column 'features' is fixed_size_binary[50]: 50 bytes per row is not a whole number of "
+        "float32 values; modalities.text.dim 16 needs fixed_size_binary[64]"
+    ) in err
+
+
+def test_null_rows_of_a_binary_column_are_counted(dataset, capsys):
+    uri, features, labels = read_shard(dataset, "image", "train")
+    column = build_table(features, labels, None, "vector", 32).column("features").combine_chunks()
+    valid = np.ones(len(labels), bool)
+    valid[[3, 11]] = False
+    nulled = pa.FixedSizeBinaryArray.from_buffers(
+        column.type, len(column), [pa.array(valid).buffers()[1], column.buffers()[1]]
+    )
+    table = pa.table(
+        {"features": nulled, "label": pa.array(labels), "id": pa.array(map(str, range(len(labels))))}
+    )
+    pq.write_table(table, uri)
+    code, _, err = validate(capsys, dataset.path)
+    assert code == 2
+    assert f"{uri}: 2 row(s) have null features (first at row 3); every row needs features" in err
+
+
+@pytest.mark.parametrize(
+    "modality, layout, message",
+    [
+        ("text", "floats", "modalities.text.layout: 'floats' is not one of ['binary', 'list']"),
+        ("image", "binary", "modalities.image.layout: only vector modalities have a layout"),
+    ],
+)
+def test_a_bad_layout_field_is_named(tmp_path, capsys, modality, layout, message):
+    kind = "vector" if modality == "text" else "sequence"
+    path = write_synthetic(str(tmp_path / "ds"), kind=kind, n_train=10, n_val=5, n_test=5, n_aux=10)
+    _set_layout(path, modality, layout)
+    code, _, err = validate(capsys, path)
+    assert code == 2 and message in err

@@ -237,7 +237,7 @@ def test_extract_command_builds_a_two_modality_dataset(ray_session, tmp_path, ca
     from PIL import Image
 
     from uml_ray.cli import main
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
 
     for label, name in enumerate(["cat", "dog"]):
         (tmp_path / "images" / name).mkdir(parents=True)

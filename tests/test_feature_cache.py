@@ -66,8 +66,8 @@ def test_replayed_features_are_views_of_the_mapped_file(tmp_path, cache_dir):
     source = ParquetSource(uris, block_rows=64)
     list(source.iter_batches())
     block = next(iter(source.iter_batches()))
-    values = block.column("features").chunk(0).values
-    features = np.frombuffer(values.buffers()[1], dtype=np.float32)
+    column = block.column("features").chunk(0)  # binary rows: the data buffer holds the floats
+    features = np.frombuffer(column.buffers()[1], dtype=np.float32)
     assert not features.flags.owndata and not features.flags.writeable  # no copy: read-only map
 
 
@@ -161,7 +161,7 @@ def test_a_two_worker_run_streamed_by_pyarrow_reads_a_row_range_per_worker(
     """The default multi-worker reader (data.stream_reader=pyarrow): each worker reads its own row
     range of the shards, caches it decoded under its range's key, and the run learns."""
     from uml_ray.data.feature_cache import shard_key
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.data.parquet_source import count_rows, rank_range, shard_stat
 
     result = two_worker_streamed_run(synthetic_manifest, tmp_path, capsys, "pyarrow")

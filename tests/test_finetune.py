@@ -20,9 +20,10 @@ from helpers import fashion_mnist_case, interrupted_and_resumed
 
 from uml_ray.cli import main
 from uml_ray.config import load_config
-from uml_ray.data.format import Manifest, ModalitySpec, load_manifest, write_manifest, write_shards
+from uml_ray.data.format import write_shards
 from uml_ray.data.image_pipeline import ImageStream, ImageTransform, crop_box, transform_image
 from uml_ray.data.images import encode_png, to_picture, write_image_shards
+from uml_ray.data.manifest import Manifest, ModalitySpec, load_manifest, write_manifest
 from uml_ray.data.streams import StreamSpec, TableSource
 from uml_ray.driver.plan import build_plan
 from uml_ray.models.backbone import build_backbone, param_groups

@@ -8,7 +8,8 @@ import pytest
 from helpers import fashion_mnist_case
 
 from uml_ray.cli import main
-from uml_ray.data.format import load_manifest, shard_schema, table_to_numpy
+from uml_ray.data.format import shard_schema, table_to_numpy
+from uml_ray.data.manifest import load_manifest
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 from uml_ray.encoders.registry import load_encoder
 

@@ -16,7 +16,7 @@ from conftest import write_config
 
 from uml_ray.config import load_config
 from uml_ray.data.folds import fold_assignment, fold_split, pool_table
-from uml_ray.data.format import FEATURES, ID
+from uml_ray.data.format import FEATURES, ID, layout_of, table_to_numpy, vector_array
 from uml_ray.driver.plan import build_plan
 from uml_ray.driver.sweep import check_folds_fuse
 from uml_ray.errors import ConfigError
@@ -131,11 +131,11 @@ def test_a_fold_member_never_depends_on_its_held_out_rows(plan):
     held_out = set(fold_split(pool, FOLDS, 0)[1][1].column(ID).to_pylist())  # fold 1's rows
 
     def perturbed(table):  # fold 1's rows get other features (labels and ids stay)
-        dim = table.schema.field(FEATURES).type.list_size
-        features = np.asarray(table.column(FEATURES).combine_chunks().values).reshape(-1, dim).copy()
+        dim = plan.dataset.manifest.modalities[target].dim
+        features = table_to_numpy(table, "vector", dim)[0].copy()
         rows = np.array([i in held_out for i in table.column(ID).to_pylist()])
         features[rows] = -3.0 * features[rows] + 7.0
-        column = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim)
+        column = vector_array(features, dim, layout_of(table.schema.field(FEATURES).type))
         return table.set_column(table.schema.get_field_index(FEATURES), FEATURES, column)
 
     tables = {f"{target}.train": train, f"{target}.val": val}

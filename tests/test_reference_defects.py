@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from uml_ray.data.format import build_table
+from uml_ray.data.format import build_table, table_to_numpy
 from uml_ray.data.streams import BatchStream, StreamSpec, _class_means
 from uml_ray.models.sequence import SharedSequenceModel
 from uml_ray.models.supervised import SharedHeadUML
@@ -95,6 +95,6 @@ def test_class_mean_set_smaller_than_a_batch_is_served_whole():
         features, batch_labels = stream.next()
         assert features.shape == (10, 4) and sorted(batch_labels.tolist()) == list(range(10))
         assert stream.epoch == epoch
-    rows = np.asarray(descriptions.column("features").to_pylist())
+    rows = table_to_numpy(descriptions, "vector", 4)[0]
     expected = np.stack([rows[labels == c].mean(axis=0) for c in range(10)])
     np.testing.assert_allclose(features[np.argsort(batch_labels)], expected, rtol=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from uml_ray.data.format import load_manifest, table_to_numpy
+from uml_ray.data.format import table_to_numpy
+from uml_ray.data.manifest import load_manifest
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 from uml_ray.encoders.cases import case_texts
 from uml_ray.encoders.sequence_case import TEXT_SOURCES, build_fashion_sequence_case, minilm_token_embeddings

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from uml_ray.cli import main
-from uml_ray.data.format import load_manifest, table_to_numpy
+from uml_ray.data.format import table_to_numpy
+from uml_ray.data.manifest import load_manifest
 from uml_ray.data.synth import write_synthetic
 
 

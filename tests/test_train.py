@@ -188,7 +188,7 @@ def test_streamed_shares_read_by_pyarrow_match_the_same_rows_in_memory(synthetic
     """A one-process run streams shares over data.cache_max_mb straight from Parquet (pyarrow, read
     ahead on a thread): the batches equal a BatchStream over the same rows held in memory, every row
     comes once per epoch, and a stream resumed mid-epoch continues with the same batches."""
-    from uml_ray.data.format import load_manifest
+    from uml_ray.data.manifest import load_manifest
     from uml_ray.data.parquet_source import ParquetSource
     from uml_ray.data.streams import BatchStream, StreamSpec, TableSource, read_table
 

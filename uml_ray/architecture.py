@@ -43,7 +43,8 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "uml_ray.data",
-        "shard format and manifest, validation, synthetic generator, sources, few-shot splits, streams",
+        "the manifest (`manifest`), the shard payload and its layouts (`format`), validation, synthetic "
+        "generator, sources, few-shot splits, streams",
         ("uml_ray.config", "uml_ray.errors", "uml_ray.uri"),
     ),
     (

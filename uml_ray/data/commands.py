@@ -1,9 +1,10 @@
-"""``uml-ray data validate`` and ``uml-ray data synth``."""
+"""``uml-ray data validate``, ``synth``, ``images`` and ``convert``."""
 
 from __future__ import annotations
 
 import inspect
 
+from uml_ray.data.format import LAYOUT_HELP, LAYOUTS
 from uml_ray.data.synth import write_synthetic
 
 # the CLI's defaults are the generator's own, so the two never drift apart
@@ -55,6 +56,7 @@ SYNTH_OPTIONS = (
         {"type": int, "nargs": 2, "metavar": ("MIN", "MAX"), "help": "sequence length range"},
     ),
     ("--rows-per-shard", "rows_per_shard", {"type": int, "help": "rows per Parquet shard"}),
+    ("--feature-layout", "layout", {"choices": list(LAYOUTS), "help": LAYOUT_HELP}),
     ("--seed", "seed", {"type": int, "help": "seed; the same seed writes byte-identical shards"}),
 )
 
@@ -73,6 +75,17 @@ def register(subparsers) -> None:
         help="the largest |feature value| accepted (default 1e6); raise it for features that are right so",
     )
     validate.set_defaults(func=run_validate)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a dataset's vector shards in another payload layout, in place (docs/data-format.md §1)",
+    )
+    convert.add_argument("manifest", help="manifest file (YAML or JSON), local or s3:// / gs://")
+    convert.add_argument("--feature-layout", required=True, choices=list(LAYOUTS), help=LAYOUT_HELP)
+    convert.add_argument(
+        "--modality", nargs="+", help="the vector modalities to convert (default: every one)"
+    )
+    convert.set_defaults(func=run_convert)
 
     synth = commands.add_parser(
         "synth", help="write the synthetic linear-generative-model dataset (docs/method.md §4)"
@@ -162,8 +175,8 @@ def run_images(args) -> int:
     import json
     from pathlib import Path
 
-    from uml_ray.data.format import load_manifest
     from uml_ray.data.images import write_image_dataset
+    from uml_ray.data.manifest import load_manifest
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     existing = Path(args.out_dir, "manifest.yaml")
@@ -193,4 +206,15 @@ def run_synth(args) -> int:
         args.out_dir, **{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
     )
     print(path)
+    return 0
+
+
+def run_convert(args) -> int:
+    """Convert the vector shards and print what was rewritten as JSON."""
+    import json
+
+    from uml_ray.data.convert import convert_layout
+
+    rewritten = convert_layout(args.manifest, args.feature_layout, args.modality)
+    print(json.dumps({"manifest": args.manifest, "layout": args.feature_layout, "rewritten": rewritten}))
     return 0

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from uml_ray.data.format import Manifest
+from uml_ray.data.manifest import Manifest
 from uml_ray.data.parquet_source import shard_stat
 from uml_ray.uri import is_remote
 

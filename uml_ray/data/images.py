@@ -27,15 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import (
-    Manifest,
-    ModalitySpec,
-    load_manifest,
-    shard_folder,
-    shard_schema,
-    write_manifest,
-    write_shard,
-)
+from uml_ray.data.format import shard_folder, shard_schema, write_shard
+from uml_ray.data.manifest import Manifest, ModalitySpec, load_manifest, write_manifest
 from uml_ray.data.parquet_source import count_rows
 from uml_ray.data.sources import (
     FASHION_MNIST_CLASSES,

@@ -136,10 +136,12 @@ class ParquetSource:
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
         """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""
 
-        def read():
-            return ReadAhead(self._blocks(), self.readahead, self.burst)
-
-        blocks = read() if self.cache is None else self.cache.blocks(read)
+        if self.cache is not None and self.cache.ready:
+            blocks = self.cache.blocks(self._blocks)  # replayed memory-mapped: nothing to read ahead
+        else:
+            # a first pass is recorded on the reading thread: writing the cache overlaps the step too
+            blocks = self._blocks() if self.cache is None else self.cache.blocks(self._blocks)
+            blocks = ReadAhead(blocks, self.readahead, self.burst)
         yield from rebatch(blocks, batch_size)
 
 

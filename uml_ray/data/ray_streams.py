@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from uml_ray.data.format import LABEL, Manifest
+from uml_ray.data.format import LABEL
+from uml_ray.data.manifest import Manifest
 from uml_ray.data.parquet_source import located
 from uml_ray.data.streams import StreamSpec, _class_means, _select_per_class
 

@@ -87,6 +87,10 @@ class ReadAhead:
                 started = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._error = exc
+        finally:  # on this thread, now: a generator left open (a cache being recorded) cleans up
+            close = getattr(self.items, "close", None)
+            if close is not None:
+                close()
         with self._changed:
             self._done = True
             self._changed.notify_all()
@@ -122,6 +126,9 @@ class ReadAhead:
             with self._changed:
                 self._stop.set()
                 self._changed.notify_all()
+            # the thread ends within the block it is reading; waiting for it means its cleanup (a
+            # partial cache file removed) is done when the consumer moves on
+            thread.join()
 
 
 def read_ahead(items, depth="auto", burst: int = 1, budget_bytes: int = READAHEAD_BUDGET_BYTES):

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, ModalitySpec, shard_schema, table_to_numpy
+from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, shard_schema, table_to_numpy, vector_type
 from uml_ray.data.images import DECODE_SAMPLE, ImageRowProblems, check_image_column, report_image_problems
 from uml_ray.data.magnitude import DEFAULT_MAX_ABS, Magnitude, check_magnitude
+from uml_ray.data.manifest import ModalitySpec
 from uml_ray.uri import filesystem_for, is_remote
 
 BATCH_ROWS = 8192  # rows per record batch: large shards are checked without loading them whole
@@ -50,18 +51,57 @@ def _reason(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _feature_kind(feature_type: pa.DataType) -> tuple[str | None, int | None]:
-    """(kind, dim) that a features column type encodes, or (None, None) for anything else."""
+def _feature_kind(feature_type: pa.DataType) -> tuple[str | None, int | None, str | None]:
+    """(kind, dim, vector layout) that a features column type encodes; Nones for anything else.
+
+    A binary column whose byte width is not a whole number of float32s has dim None."""
+    if pa.types.is_fixed_size_binary(feature_type):
+        width = feature_type.byte_width
+        return "vector", (width // 4 if width % 4 == 0 else None), "binary"
     if pa.types.is_fixed_size_list(feature_type) and pa.types.is_floating(feature_type.value_type):
-        return "vector", feature_type.list_size
+        return "vector", feature_type.list_size, "list"
     if pa.types.is_list(feature_type) and pa.types.is_fixed_size_list(feature_type.value_type):
-        return "sequence", feature_type.value_type.list_size
-    return None, None
+        return "sequence", feature_type.value_type.list_size, None
+    return None, None, None
+
+
+def _features_problem(uri: str, found_type: pa.DataType, modality: str, spec: ModalitySpec) -> str | None:
+    """The one line that says how a features column of the wrong type differs from the manifest's
+    kind, layout or dim, and the fix; None when it is no known features type."""
+    kind, dim, layout = _feature_kind(found_type)
+    where = f"modalities.{modality}"
+    if kind is None:
+        return None
+    if kind != spec.kind:
+        return (
+            f"{uri}: features are {kind} rows ({found_type}) but {where}.kind is {spec.kind}; fix the "
+            "manifest kind or rewrite the shard"
+        )
+    if kind == "vector" and layout != spec.layout:
+        return (
+            f"{uri}: column 'features' is in the {layout} layout ({found_type}) but {where}.layout is "
+            f"{spec.layout} (expected {vector_type(spec.dim, spec.layout)}); set {where}.layout: {layout} "
+            f"in the manifest, or rewrite the shards in the {spec.layout} layout (uml-ray data convert)"
+        )
+    if layout == "binary" and dim is None:
+        return (
+            f"{uri}: column 'features' is {found_type}: {found_type.byte_width} bytes per row is not a "
+            f"whole number of float32 values; {where}.dim {spec.dim} needs {vector_type(spec.dim, 'binary')} "
+            "(little-endian float32 rows): rewrite the shard"
+        )
+    if found_type.equals(shard_schema(kind, dim, spec.layout).field(FEATURES).type):
+        width = f", {found_type.byte_width} bytes per row" if layout == "binary" else ""
+        expected = shard_schema(kind, spec.dim, spec.layout).field(FEATURES).type
+        return (
+            f"{uri}: features have dim {dim} ({found_type}{width}) but {where}.dim is {spec.dim} (expected "
+            f"{expected}); fix the manifest dim or re-extract the features"
+        )
+    return None
 
 
 def _schema_problems(uri: str, found: pa.Schema, modality: str, spec: ModalitySpec) -> list[str]:
-    """Every way a shard's schema differs from ``shard_schema(kind, dim)``; empty when it matches."""
-    expected = shard_schema(spec.kind, spec.dim)
+    """Every way a shard's schema differs from ``shard_schema(kind, dim, layout)``; empty when it matches."""
+    expected = shard_schema(spec.kind, spec.dim, spec.layout)
     problems = []
     for field in expected:
         if field.name not in found.names:
@@ -70,22 +110,10 @@ def _schema_problems(uri: str, found: pa.Schema, modality: str, spec: ModalitySp
         found_type = found.field(field.name).type
         if found_type == field.type:
             continue
-        if field.name == FEATURES:
-            kind, dim = _feature_kind(found_type)
-            if kind == spec.kind and found_type.equals(shard_schema(kind, dim).field(FEATURES).type):
-                problems.append(
-                    f"{uri}: features have dim {dim} but modalities.{modality}.dim is {spec.dim}; "
-                    f"fix the manifest dim or re-extract the features"
-                )
-                continue
-            if kind is not None and kind != spec.kind:
-                problems.append(
-                    f"{uri}: features are {kind} rows ({found_type}) but modalities.{modality}.kind is "
-                    f"{spec.kind}; fix the manifest kind or rewrite the shard"
-                )
-                continue
+        explained = _features_problem(uri, found_type, modality, spec) if field.name == FEATURES else None
         problems.append(
-            f"{uri}: column '{field.name}' has type {found_type}, expected {field.type}; {FORMAT_HINT}"
+            explained
+            or f"{uri}: column '{field.name}' has type {found_type}, expected {field.type}; {FORMAT_HINT}"
         )
     extra = [name for name in found.names if name not in expected.names]
     if extra:
@@ -196,7 +224,13 @@ def check_shard(
             "null label",
         )
     }
-    _report_rows(problems, uri, found["null features"], "have null features", "every row needs features")
+    _report_rows(
+        problems,
+        uri,
+        found["null features"],
+        "have null features",
+        "every row needs features: drop or fill those rows",
+    )
     _report_rows(problems, uri, found["non-finite"], "have NaN/inf features", "drop or repair those rows")
     if len(found["too large"]):
         first = float(np.concatenate(large_values)[0])

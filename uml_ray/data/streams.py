@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uml_ray.data.feature_cache import BlockCache, SpooledSource
-from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, Manifest, table_to_numpy
+from uml_ray.data.format import FEATURES, ID, IMAGE, LABEL, layout_of, table_to_numpy, vector_array
+from uml_ray.data.manifest import Manifest
 from uml_ray.data.parquet_source import ParquetSource, count_rows, encoded_mb, located
 
 log = logging.getLogger("uml_ray")
@@ -89,13 +90,15 @@ def _select_per_class(table: pa.Table, k: int, seed: int) -> pa.Table:
 
 def _class_means(table: pa.Table) -> pa.Table:
     """One row per class: the mean feature vector of that class."""
-    dim = table.schema.field(FEATURES).type.list_size
+    feature_type = table.schema.field(FEATURES).type
+    layout = layout_of(feature_type)  # the means keep the shards' layout, so the stream's schema holds
+    dim = feature_type.byte_width // 4 if layout == "binary" else feature_type.list_size
     features, labels = table_to_numpy(table, "vector", dim)
     classes = np.unique(labels)
     means = np.stack([features[labels == c].mean(axis=0) for c in classes]).astype(np.float32)
     return pa.table(
         {
-            FEATURES: pa.FixedSizeListArray.from_arrays(pa.array(means.reshape(-1)), dim),
+            FEATURES: vector_array(means, dim, layout),
             LABEL: pa.array(classes.astype(np.int32)),
             ID: pa.array([f"class-mean-{c}" for c in classes]),
         },

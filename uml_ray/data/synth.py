@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from uml_ray.data.format import KINDS, Manifest, ModalitySpec, write_manifest, write_shards
+from uml_ray.data.format import DEFAULT_LAYOUT, LAYOUTS, write_shards
+from uml_ray.data.manifest import KINDS, Manifest, ModalitySpec, write_manifest
 from uml_ray.errors import ConfigError
 from uml_ray.uri import join_uri
 
@@ -100,22 +101,28 @@ def write_synthetic(
     seq_len: tuple[int, int] = (8, 16),
     seed: int = 0,
     rows_per_shard: int = 4096,
+    layout: str = DEFAULT_LAYOUT,
 ) -> str:
     """Write a synthetic UML dataset (Parquet shards + manifest.yaml) and return the manifest path.
 
-    ``n_train``/``n_val``/``n_test`` are target rows per split; ``n_aux`` is the train rows of each
-    auxiliary modality (auxiliary modalities have a train split only). ``weak_fraction`` of the
-    latent directions reach X scaled by ``weak_scale``. ``aux_shared_mixing`` observes the
-    auxiliary modalities through X's own mixing matrix (aligned feature spaces, as CLIP's image and
-    text towers are): then a head shared across modalities is a shared parameter in the strict
-    sense, and the auxiliary's labelled rows inform X's classifier directly. ``aux_spread`` scales
-    the auxiliary rows' within-class latent spread (``z = mu_c + aux_spread * eps``): with shared
-    mixing and ``noise_aux = aux_spread * noise_x``, an auxiliary row is a target row whose scatter
-    around its class mean is shrunk by ``aux_spread`` — the same classifier, each row pinning its
-    class down more tightly (below 1) than a target row does. The same seed gives byte-identical shards.
+        ``n_train``/``n_val``/``n_test`` are target rows per split; ``n_aux`` is the train rows of each
+        auxiliary modality (auxiliary modalities have a train split only). ``weak_fraction`` of the
+        latent directions reach X scaled by ``weak_scale``. ``aux_shared_mixing`` observes the
+        auxiliary modalities through X's own mixing matrix (aligned feature spaces, as CLIP's image and
+        text towers are): then a head shared across modalities is a shared parameter in the strict
+        sense, and the auxiliary's labelled rows inform X's classifier directly. ``aux_spread`` scales
+        the auxiliary rows' within-class latent spread (``z = mu_c + aux_spread * eps``): with shared
+        mixing and ``noise_aux = aux_spread * noise_x``, an auxiliary row is a target row whose scatter
+        around its class mean is shrunk by ``aux_spread`` — the same classifier, each row pinning its
+        class down more tightly (below 1) than a target row does. ``layout`` is the vector shards' payload
+    layout (``format.LAYOUTS``; sequences have one). The same seed gives byte-identical shards.
     """
     if kind not in KINDS:
         raise ConfigError(f"synthetic data: kind must be one of {list(KINDS)}, got {kind!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(
+            f"synthetic data: layout (--feature-layout) must be one of {list(LAYOUTS)}, got {layout!r}"
+        )
     if not 1 <= seq_len[0] <= seq_len[1]:
         raise ConfigError(
             f"synthetic data: seq_len must be (min, max) with 1 <= min <= max, got {tuple(seq_len)}"
@@ -191,9 +198,17 @@ def write_synthetic(
                     aux_spread if name != TARGET else 1.0,
                 )
             uris[split] = write_shards(
-                out_dir, name, split, features, labels, kind=kind, dim=dim, rows_per_shard=rows_per_shard
+                out_dir,
+                name,
+                split,
+                features,
+                labels,
+                kind=kind,
+                dim=dim,
+                rows_per_shard=rows_per_shard,
+                layout=layout,
             )
-        specs[name] = ModalitySpec(kind=kind, dim=dim, encoder="synthetic-linear", splits=uris)
+        specs[name] = ModalitySpec(kind=kind, dim=dim, encoder="synthetic-linear", splits=uris, layout=layout)
     manifest = Manifest(
         name="synthetic",
         classes=[f"class_{c}" for c in range(n_classes)],

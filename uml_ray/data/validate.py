@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from uml_ray.data.format import LABEL, SPLITS, Manifest, load_manifest
+from uml_ray.data.format import LABEL
 from uml_ray.data.magnitude import DEFAULT_MAX_ABS
+from uml_ray.data.manifest import SPLITS, Manifest, load_manifest
 from uml_ray.data.shard_checks import BATCH_ROWS, ShardStats, check_shard, open_shard
 from uml_ray.errors import DataError
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uml_ray.data.format import ModalitySpec, write_shards
+from uml_ray.data.format import DEFAULT_LAYOUT, LAYOUTS, write_shards
 from uml_ray.data.images import write_image_shards
+from uml_ray.data.manifest import ModalitySpec
 from uml_ray.data.sources import FASHION_MNIST_DIR, WORDNET_DIR
 from uml_ray.data.splits import few_shot_split
 from uml_ray.encoders.fashion_mnist import (
@@ -74,6 +75,7 @@ def build_fashion_mnist_case(
     fashion_dir: str = FASHION_MNIST_DIR,
     wordnet_dir: str = WORDNET_DIR,
     text_modalities: str = "joint",
+    feature_layout: str = DEFAULT_LAYOUT,
 ) -> dict:
     """Write the Fashion-MNIST + WordNet case under ``out_dir`` and return a summary with the manifest path.
 
@@ -85,11 +87,14 @@ def build_fashion_mnist_case(
     at training time) and ignores ``image_size``. ``text_modalities`` (probe only): 'joint' writes
     every text source as one auxiliary modality ``text``; 'separate' writes one auxiliary modality
     per source (``wordnet``, ``templates``), each with its own alpha. Text features are encoded once
-    for both regimes. A cache miss attaches to ``RAY_ADDRESS`` or starts a local Ray; a hit needs no
+    for both regimes. ``feature_layout`` is the vector shards' payload layout (``format.LAYOUTS``).
+    A cache miss attaches to ``RAY_ADDRESS`` or starts a local Ray; a hit needs no
     Ray. ``cache_dir`` defaults to ``$UML_RAY_CACHE`` or ``<out_dir>/../.feature-cache``.
     """
     if regime not in REGIMES:
         raise ConfigError(f"--regime {regime!r}: choose one of {list(REGIMES)}")
+    if feature_layout not in LAYOUTS:
+        raise ConfigError(f"--feature-layout {feature_layout!r}: choose one of {list(LAYOUTS)}")
     if regime == "finetune" and text_modalities != "joint":
         raise ConfigError(
             "--text-modalities separate is for the feature case (--regime probe); the fine-tuning case "
@@ -130,6 +135,7 @@ def build_fashion_mnist_case(
             "test": test_size,
             "source": os.path.abspath(fashion_dir),
         }
+    args["layout"] = feature_layout  # a case built in another layout is rebuilt (from the feature cache)
     out = Path(out_dir)
     built = built_case(out, args, started)
     if built is not None:
@@ -137,7 +143,7 @@ def build_fashion_mnist_case(
 
     cache = feature_cache(cache_dir, out)
     draws = draw_case_rows(train_pool, test_size, fashion_dir)
-    build = _Build(out, cache, draws, text_pairs, shots, split_seed, batch_size, num_actors)
+    build = _Build(out, cache, draws, text_pairs, shots, split_seed, batch_size, num_actors, feature_layout)
     if regime == "probe":
         source_of = case_text_sources(text, wordnet_dir) if text_modalities == "separate" else None
         modalities, rows, cached = _write_probe_case(build, image_encoder, args["image"], source_of)
@@ -160,6 +166,7 @@ class _Build:
     split_seed: int
     batch_size: int  # rows per encoder batch and encoder copies, for a cache miss
     num_actors: int | None
+    layout: str  # the vector shards' payload layout
 
     def texts(self) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
         """The case texts' MiniLM features, from the cache or encoded: (features, labels, ids, cache hit)."""
@@ -220,10 +227,17 @@ def _write_probe_case(
     for split, ids in chosen.items():
         rows = np.array([position[i] for i in ids], dtype=np.int64)
         splits[split] = write_shards(
-            str(out), "image", split, pool_features[rows], pool_labels[rows], ids, dim=1280
+            str(out),
+            "image",
+            split,
+            pool_features[rows],
+            pool_labels[rows],
+            ids,
+            dim=1280,
+            layout=build.layout,
         )
     splits["test"] = write_shards(
-        str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280
+        str(out), "image", "test", test_features, test_labels_cached, test_ids, dim=1280, layout=build.layout
     )
     text_uris = {
         name: write_shards(
@@ -234,13 +248,18 @@ def _write_probe_case(
             text_labels[rows],
             [text_ids[k] for k in rows],
             dim=384,
+            layout=build.layout,
         )
         for name, rows in text_sets.items()
     }
     modalities = {
-        "image": ModalitySpec(kind="vector", dim=1280, encoder=image_encoder, splits=splits),
+        "image": ModalitySpec(
+            kind="vector", dim=1280, encoder=image_encoder, splits=splits, layout=build.layout
+        ),
         **{
-            name: ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris})
+            name: ModalitySpec(
+                kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": uris}, layout=build.layout
+            )
             for name, uris in text_uris.items()
         },
     }
@@ -279,10 +298,14 @@ def _write_finetune_case(build: _Build) -> tuple[dict, dict, bool]:
     splits["test"], _ = write_image_shards(
         str(out), "image", "test", 255 - test_images[test_rows], test_labels[test_rows], test_ids, channels=1
     )
-    text_uris = write_shards(str(out), "text", "train", text_features, text_labels, text_ids, dim=384)
+    text_uris = write_shards(
+        str(out), "text", "train", text_features, text_labels, text_ids, dim=384, layout=build.layout
+    )
     modalities = {
         "image": ModalitySpec(kind="image", dim=1, encoder=None, splits=splits),
-        "text": ModalitySpec(kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}),
+        "text": ModalitySpec(
+            kind="vector", dim=384, encoder=TEXT_ENCODER, splits={"train": text_uris}, layout=build.layout
+        ),
     }
     rows = {
         "image/train": len(chosen["train"]),

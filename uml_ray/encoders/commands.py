@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from uml_ray.data.format import DEFAULT_LAYOUT, LAYOUT_HELP, LAYOUTS
 from uml_ray.errors import DataError
 
 VERBOSE_HELP = "Ray Data's progress bars and execution banners on the console"
@@ -57,6 +58,10 @@ CASE_OPTIONS = (
         },
     ),
     ("--cache-dir", {"help": "feature cache (default: $UML_RAY_CACHE or OUT/../.feature-cache)"}),
+    (
+        "--feature-layout",
+        {"choices": list(LAYOUTS), "default": DEFAULT_LAYOUT, "help": f"fashion-mnist: {LAYOUT_HELP}"},
+    ),
     ("--batch-size", {"type": int, "default": 64}),
     ("--num-actors", {"type": int}),
 )
@@ -120,6 +125,11 @@ def register(subparsers) -> None:
     extract.add_argument(
         "--num-actors", type=int, help="encoder copies (default: one per GPU, else one per node)"
     )
+    extract.add_argument(
+        "--feature-layout",
+        choices=list(LAYOUTS),
+        help=f"{LAYOUT_HELP}; adding a split to an existing modality keeps that modality's layout",
+    )
     extract.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     extract.set_defaults(func=run_extract)
 
@@ -150,12 +160,27 @@ def _class_list(value: str | None) -> list[str] | None:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _extract_layout(asked: str | None, existing, modality: str, manifest_path: Path) -> str:
+    """The layout ``extract`` writes: ``--feature-layout``, else the existing modality's (its splits
+    share one), else the default; a layout other than the existing modality's is refused up front."""
+    held = existing.modalities.get(modality) if existing else None
+    if held is None or held.kind != "vector":
+        return asked or DEFAULT_LAYOUT
+    if asked and asked != held.layout:
+        raise DataError(
+            f"{manifest_path}: modality '{modality}' holds {held.layout}-layout shards; write its new split "
+            f"with --feature-layout {held.layout}, or convert it first (uml-ray data convert "
+            f"{manifest_path} --feature-layout {asked})"
+        )
+    return held.layout
+
+
 def run_extract(args) -> int:
     """Encode one source into OUT/<modality>/<split> shards and add them to OUT/manifest.yaml."""
     import numpy as np
 
     from uml_ray.data import sources
-    from uml_ray.data.format import Manifest, ModalitySpec, load_manifest, write_manifest
+    from uml_ray.data.manifest import Manifest, ModalitySpec, load_manifest, write_manifest
     from uml_ray.encoders import extract
     from uml_ray.encoders.registry import feature_dim, parse_encoder
 
@@ -195,6 +220,7 @@ def run_extract(args) -> int:
         pairs = pairs[: args.limit] if args.limit else pairs
         rows = extract.rows_from_texts([t for t, _ in pairs], np.array([label for _, label in pairs]))
     modality = args.modality or kind
+    layout = _extract_layout(args.feature_layout, existing, modality, manifest_path)
     uris = extract.extract_features(
         rows,
         spec,
@@ -204,6 +230,7 @@ def run_extract(args) -> int:
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         name=modality,
+        layout=layout,
     )
     dim = feature_dim(spec, kind)
     manifest = existing or Manifest(
@@ -212,7 +239,7 @@ def run_extract(args) -> int:
     if list(manifest.classes) != list(classes):
         raise DataError(f"{manifest_path}: classes {manifest.classes} differ from this source's {classes}")
     spec_entry = manifest.modalities.setdefault(
-        modality, ModalitySpec(kind="vector", dim=dim, encoder=spec.text)
+        modality, ModalitySpec(kind="vector", dim=dim, encoder=spec.text, layout=layout)
     )
     if spec_entry.dim != dim or spec_entry.encoder != spec.text:
         raise DataError(

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from uml_ray.data.format import build_table, shard_folder, write_shard
+from uml_ray.data.format import DEFAULT_LAYOUT, build_table, shard_folder, write_shard
 from uml_ray.data.sources import decode_image
 from uml_ray.encoders.registry import EncoderSpec, feature_dim, load_encoder, parse_encoder
 from uml_ray.errors import ConfigError, DataError
@@ -135,9 +135,18 @@ def actor_resources(num_actors: int | None) -> tuple[int, dict, int]:
 class ShardWriter:
     """Writes streamed batches as ``part-NNNNN.parquet`` shards of ``rows_per_shard`` rows, uml-ray schema."""
 
-    def __init__(self, out_dir: str, modality: str, split: str, dim: int, rows_per_shard: int):
+    def __init__(
+        self,
+        out_dir: str,
+        modality: str,
+        split: str,
+        dim: int,
+        rows_per_shard: int,
+        layout: str = DEFAULT_LAYOUT,
+    ):
         self.folder, self.filesystem = shard_folder(out_dir, modality, split, clear=True)
         self.dim = dim
+        self.layout = layout
         self.rows_per_shard = rows_per_shard
         self.pending: list[tuple[np.ndarray, np.ndarray, list]] = []
         self.pending_rows = 0
@@ -175,7 +184,7 @@ class ShardWriter:
             else np.zeros(0, np.int32)
         )
         ids = [i for _, _, batch_ids in self.pending for i in batch_ids]
-        table = build_table(features[:count], labels[:count], ids[:count], "vector", self.dim)
+        table = build_table(features[:count], labels[:count], ids[:count], "vector", self.dim, self.layout)
         uri = join_uri(self.folder, f"part-{len(self.uris):05d}.parquet")
         write_shard(table, uri, self.filesystem)
         self.uris.append(uri)
@@ -194,12 +203,14 @@ def extract_features(
     num_actors: int | None = None,
     rows_per_shard: int = 4096,
     name: str | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[str]:
     """Encode every row of the Ray Dataset ``rows`` with ``encoder`` into ``out_dir/<modality>/<split>``.
 
     Returns the shard URIs in order. Rows keep their input order, so ids line up with the source.
     ``modality`` is the encoder's input kind ('image' or 'text'); ``name`` is the modality's name in the
-    dataset and shard folder (default: ``modality``).
+    dataset and shard folder (default: ``modality``); ``layout`` the shards' payload layout
+    (``format.LAYOUTS``).
     """
     from ray.data import ActorPoolStrategy
 
@@ -217,7 +228,7 @@ def extract_features(
     # ordered output makes shards reproducible row for row, whatever actor finished first; set on this
     # dataset's own context so other Ray Data users in the process keep their settings
     features.context.execution_options.preserve_order = True
-    writer = ShardWriter(out_dir, name or modality, split, dim, rows_per_shard)
+    writer = ShardWriter(out_dir, name or modality, split, dim, rows_per_shard, layout)
     total = rows.count()
     start, next_report = time.perf_counter(), 0.0
     for batch in features.iter_batches(batch_size=None, batch_format="numpy"):

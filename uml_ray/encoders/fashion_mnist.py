@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from uml_ray.data.format import Manifest, table_to_numpy, write_manifest
+from uml_ray.data.format import table_to_numpy
+from uml_ray.data.manifest import Manifest, write_manifest
 from uml_ray.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_SENSES,

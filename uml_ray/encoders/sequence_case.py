@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uml_ray.data.format import Manifest, ModalitySpec, write_manifest, write_shards
+from uml_ray.data.format import write_shards
+from uml_ray.data.manifest import Manifest, ModalitySpec, write_manifest
 from uml_ray.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR, load_fashion_mnist
 from uml_ray.encoders.fashion_mnist import case_texts
 from uml_ray.errors import DataError

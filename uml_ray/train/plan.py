@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from uml_ray.config import Config, apply_overrides
-from uml_ray.data.format import Manifest
+from uml_ray.data.manifest import Manifest
 from uml_ray.data.parquet_source import ParquetSource
 from uml_ray.data.streams import StreamSpec, shape_auxiliary, shape_target
 

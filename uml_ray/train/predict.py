@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from uml_ray.config import Config, config_from_dict
-from uml_ray.data.format import ID, Manifest, load_manifest, table_to_numpy
+from uml_ray.data.format import ID, table_to_numpy
+from uml_ray.data.manifest import Manifest, load_manifest
 from uml_ray.data.streams import read_table
 from uml_ray.errors import UserError
 from uml_ray.models.supervised import SharedHeadUML
