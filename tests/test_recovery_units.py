@@ -190,17 +190,28 @@ def test_bounded_http_settings_hold_for_the_calling_context_only():
 def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_path):
     from ray.train import Checkpoint
 
-    from uml_ray.train.context import CheckpointError, restore_state
+    from uml_ray.train.checkpoints import CheckpointError, restore_state
 
     for n in range(3):
         (tmp_path / f"checkpoint_00000{n}").mkdir()
         torch.save({"step": n}, tmp_path / f"checkpoint_00000{n}" / "state.pt")
+        torch.save(
+            {"model": {"w": torch.full((2,), float(n))}}, tmp_path / f"checkpoint_00000{n}" / "best.pt"
+        )
     newest = tmp_path / "checkpoint_000002" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:40])
-    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1}
-    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000000"))) == {
-        "step": 0
-    }  # itself, when it reads
+    # the loop state with its products (best.pt, the one copy of the best weights) beside it
+    restored = restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))
+    assert restored["step"] == 1 and torch.equal(restored["best"]["model"]["w"], torch.full((2,), 1.0))
+    assert (
+        restore_state(Checkpoint(str(tmp_path / "checkpoint_000000")))["step"] == 0
+    )  # itself, when it reads
+    # an unreadable best.pt is as unreadable a checkpoint as its state.pt
+    (tmp_path / "checkpoint_000001" / "best.pt").write_bytes(b"")
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))["step"] == 0
+    # a checkpoint written before best.pt held the only copy of the best weights needs none
+    torch.save({"step": 1, "best_weights": []}, tmp_path / "checkpoint_000001" / "state.pt")
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1, "best_weights": []}
     for n in (0, 1):
         (tmp_path / f"checkpoint_00000{n}" / "state.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as error:

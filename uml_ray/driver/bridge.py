@@ -21,7 +21,8 @@ from pathlib import Path
 
 from uml_ray.config import Config, dump_config
 from uml_ray.driver import progress
-from uml_ray.train.context import BEST_FILE, NOTICE_KEY
+from uml_ray.train.checkpoints import BEST_FILE
+from uml_ray.train.context import NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.state import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import redact_text

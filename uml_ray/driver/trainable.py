@@ -21,7 +21,8 @@ from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_
 from uml_ray.driver.retry import RETRIES_KEY, RETRY_ERROR_KEY, backoff_s, describe, is_transient
 from uml_ray.driver.trial import REDUCTION_FACTOR, resolve_trial, trial_seed
 from uml_ray.errors import UserError
-from uml_ray.train.context import Replay, kept_checkpoints
+from uml_ray.train.checkpoints import kept_checkpoints
+from uml_ray.train.context import Replay
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
 from uml_ray.uri import redact_text

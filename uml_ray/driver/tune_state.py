@@ -10,7 +10,8 @@ import json
 import os
 
 from uml_ray.driver.bridge import MEMBERS
-from uml_ray.train.context import BEST_FILE, NOTICE_KEY
+from uml_ray.train.checkpoints import BEST_FILE
+from uml_ray.train.context import NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import filesystem_for, is_remote, join_uri
 
