@@ -91,7 +91,8 @@ def _train(
 
 class Trial(FunctionTrainable):
     """``train_trial`` as a Tune function trainable that restores the newest checkpoint kept beside the
-    one Tune recorded for a trial when that one is gone. Tune deletes a trial's oldest checkpoint
+    one Tune recorded for a trial when that one is gone, and restores nothing for an ended trial whose
+    checkpoints were removed (it reports its recorded result again). Tune deletes a trial's oldest checkpoint
     before it snapshots the sweep; a driver killed in between leaves a snapshot naming a deleted
     checkpoint, and Tune alone would fail that trial on ``--resume`` ("does not exist on storage
     anymore")."""
@@ -119,6 +120,10 @@ class Trial(FunctionTrainable):
             and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound
         ):
             kept = kept_checkpoints(checkpoint)
+            if not kept and self.trial_id in (self.arguments["ended"] or {}):
+                # it only reports its recorded result again: its checkpoints went once MLflow held its
+                # products (tune_state.drop_checkpoints), before Tune's last snapshot said it ended
+                return None
             if kept:
                 print(
                     f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}",
