@@ -249,8 +249,9 @@ class SweepTracker:
         def send():
             if trial_id in self.ended:
                 return
-            fresh, self.last_step[trial_id] = self._fresh(trial_id, held)
+            fresh, last = self._fresh(trial_id, held)
             self._log_batches(self.trial_runs[trial_id], metrics=fresh)
+            self.last_step[trial_id] = last  # once sent: a write held for an outage is tried again whole
 
         self.outbox.send(f"trial {trial_id}'s metrics", send)
 
@@ -275,8 +276,9 @@ class SweepTracker:
             if trial_id in self.ended:
                 return
             run_id = self.trial_runs[trial_id]
-            fresh, self.last_step[trial_id] = self._fresh(trial_id, held)
+            fresh, last = self._fresh(trial_id, held)
             self._log_batches(run_id, metrics=fresh, tags=labels)
+            self.last_step[trial_id] = last
             for artifact_path, local in files.items():
                 if os.path.isdir(local):
                     self.client.log_artifacts(run_id, local, artifact_path=artifact_path or None)
