@@ -36,8 +36,8 @@ from uml_ray.tracking.tags import (
 )
 from uml_ray.uri import redact
 
-# how long a trial's held metrics may wait (``log_metrics(hold=True)``): a fused trial of seconds writes
-# its validations in one batch at its end, a long run's still appear as they come
+# how long after a trial's last write its metrics may be held (``log_metrics(hold=True)``): a fused trial
+# of seconds writes its validations in one batch at its end, a long run's still appear as they come
 METRICS_HOLD_S = 10.0
 
 
@@ -220,9 +220,10 @@ class SweepTracker:
 
     def log_metrics(self, trial_id: str, metrics: dict, step: int, hold: bool = False) -> None:
         """Numeric metrics at a training step, stamped now even when held; steps already logged
-        (before a retry or resume) are not repeated. ``hold``: they may wait, up to ``METRICS_HOLD_S``
-        after the trial's last write, to go in one write with its later ones (the caller sends them
-        at a checkpoint: what a resume would not report again), its end or the sweep's."""
+        (before a retry or resume) are not repeated. ``hold``: they may wait to go in one write with the
+        trial's later ones: until a call ``METRICS_HOLD_S`` or more after its last write, one not held
+        (the caller's at a checkpoint, past which a resume does not report again), its end or the
+        driver's close."""
         now = int(time.time() * 1000)
         batch = [
             metric(key, float(value), now, step)
