@@ -28,7 +28,7 @@ def interrupted_and_resumed(plan, train, fail_after: int) -> tuple:
     first = LocalContext(plan, fail_after=fail_after)
     with pytest.raises(Interrupted):
         train(plan, first)
-    second = LocalContext(plan, saved=first.saved)
+    second = LocalContext(plan, saved=first.saved, best=first.best)
     train(plan, second)
     return first, second
 

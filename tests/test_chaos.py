@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -401,8 +402,28 @@ def drop_live_trials_from_snapshot(experiment: Path, ended: set[str]) -> set[str
     return dropped
 
 
+def revive_in_snapshot(experiment: Path, ended: set[str]) -> set[str]:
+    """What a driver killed after trials ended but before Tune's next snapshot leaves: those trials still
+    RUNNING in Tune's newest snapshot, their checkpoints gone (removed once MLflow held their products).
+    Returns the trials revived."""
+    snapshot = max(experiment.glob("experiment_state-*.json"), key=lambda p: p.name)
+    state = json.loads(snapshot.read_text())
+    revived = set()
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial["trial_id"] in ended:
+            trial["status"] = "RUNNING"
+            entry[0] = json.dumps(trial)
+            revived.add(trial["trial_id"])
+    snapshot.write_text(json.dumps(state))
+    for folder in experiment.glob("*/checkpoint_*"):
+        if any(f"_{trial_id}_" in folder.parent.name for trial_id in revived):
+            shutil.rmtree(folder)
+    return revived
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("snapshot", ["as written", "lagging the searcher"])
+@pytest.mark.parametrize("snapshot", ["as written", "lagging the searcher", "lagging the trials' ends"])
 def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     ray_session, synthetic_manifest, tmp_path, capsys, snapshot
 ):
@@ -410,7 +431,9 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     not run again, no trial is lost or tracked twice, and Optuna's history holds every trial's result.
     Lagging: Tune's snapshot lacks the trial in flight that the searcher's state holds (the kill fell
     between the two files): the resumed sweep neither waits for it for ever nor loses its config; the
-    next trial takes the config over and continues its MLflow run."""
+    next trial takes the config over and continues its MLflow run. Lagging the ends: the finished trials
+    are still running in Tune's snapshot, their checkpoints removed: each reports its recorded result
+    again, restoring nothing, and is neither trained nor recorded again."""
     import subprocess
     import sys
 
@@ -460,9 +483,11 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     }
     lines_before = {trial_id: len(results(folders[trial_id])) for trial_id in before}
     dropped = set()
-    if snapshot != "as written":
+    if snapshot == "lagging the searcher":
         dropped = drop_live_trials_from_snapshot(tmp_path / "runs" / sweep, set(before))
         assert dropped  # the trial in flight was live in the searcher's state
+    elif snapshot == "lagging the trials' ends":
+        assert revive_in_snapshot(tmp_path / "runs" / sweep, set(before)) == set(before)
 
     resumed = time.monotonic()
     assert main([*args, "--resume"]) == 0
@@ -472,6 +497,7 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
     # the next command stopped what the killed driver's Ray left behind (agents, workers)
     assert session_processes(*session) == [], session
     assert "Error handling checkpoint" not in console.out + console.err, console.err[-3000:]
+    assert "does not exist on storage" not in console.out + console.err, console.err[-3000:]
     for trial_id in before:  # ended before the kill: neither announced again nor re-recorded
         assert f"trial {trial_id} " not in console.out, console.out
 
@@ -506,7 +532,9 @@ def test_killed_driver_resumes_sweep_without_rerunning_or_losing_trials(
         trial_id = run.data.tags["uml_ray.trial_id"]
         if trial_id in before:  # finished before the kill: not run again, neither in Tune nor in MLflow
             assert run.info.end_time == before[trial_id].info.end_time
-            assert len(results(folders[trial_id])) == lines_before[trial_id]
+            # a trial revived in the snapshot reports its recorded result once more, and trains nothing
+            again = int(snapshot == "lagging the trials' ends")
+            assert len(results(folders[trial_id])) == lines_before[trial_id] + again
 
     # Optuna's history: every trial's config told with its result, the 2+ finished before the kill included;
     # no config sampled twice

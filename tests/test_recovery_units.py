@@ -190,17 +190,28 @@ def test_bounded_http_settings_hold_for_the_calling_context_only():
 def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_path):
     from ray.train import Checkpoint
 
-    from uml_ray.train.context import CheckpointError, restore_state
+    from uml_ray.train.checkpoints import CheckpointError, restore_state
 
     for n in range(3):
         (tmp_path / f"checkpoint_00000{n}").mkdir()
         torch.save({"step": n}, tmp_path / f"checkpoint_00000{n}" / "state.pt")
+        torch.save(
+            {"model": {"w": torch.full((2,), float(n))}}, tmp_path / f"checkpoint_00000{n}" / "best.pt"
+        )
     newest = tmp_path / "checkpoint_000002" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:40])
-    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1}
-    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000000"))) == {
-        "step": 0
-    }  # itself, when it reads
+    # the loop state with its products (best.pt, the one copy of the best weights) beside it
+    restored = restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))
+    assert restored["step"] == 1 and torch.equal(restored["best"]["model"]["w"], torch.full((2,), 1.0))
+    assert (
+        restore_state(Checkpoint(str(tmp_path / "checkpoint_000000")))["step"] == 0
+    )  # itself, when it reads
+    # an unreadable best.pt is as unreadable a checkpoint as its state.pt
+    (tmp_path / "checkpoint_000001" / "best.pt").write_bytes(b"")
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002")))["step"] == 0
+    # a checkpoint written before best.pt held the only copy of the best weights needs none
+    torch.save({"step": 1, "best_weights": []}, tmp_path / "checkpoint_000001" / "state.pt")
+    assert restore_state(Checkpoint(str(tmp_path / "checkpoint_000002"))) == {"step": 1, "best_weights": []}
     for n in (0, 1):
         (tmp_path / f"checkpoint_00000{n}" / "state.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as error:
@@ -211,3 +222,43 @@ def test_unreadable_checkpoint_falls_back_to_another_kept_or_names_the_file(tmp_
         and "so are the 2 other(s) kept beside it" in message
     )
     assert "\n" not in message and "start it again under a new --name" in message
+
+
+def test_held_metrics_go_in_one_write_at_a_checkpoint_or_the_trials_end(tmp_path):
+    """A sweep trial's validations held (``hold=True``) reach MLflow together: with the next one not held
+    (a report carrying a checkpoint), at the trial's end, or when the driver closes; each step once."""
+    first = tracker(tmp_path)
+    run_id = first.start_trial("t", PARAMS, SAMPLED)
+    first.log_metrics("t", {"val_acc": 0.5}, step=20, hold=True)
+    first.log_metrics("t", {"val_acc": 0.6}, step=40, hold=True)
+    assert val_steps(first, run_id) == []  # held
+    first.log_metrics("t", {"val_acc": 0.7}, step=60)  # a checkpoint's report: everything so far
+    assert val_steps(first, run_id) == [20, 40, 60]
+    first.log_metrics("t", {"val_acc": 0.8}, step=80, hold=True)
+    first.end_trial("t", "FINISHED", "finished")
+    run = first.client.get_run(run_id)
+    assert val_steps(first, run_id) == [20, 40, 60, 80] and run.data.tags[OUTCOME_TAG] == "finished"
+    assert run.data.metrics["val_acc"] == 0.8 and run.info.status == "FINISHED"
+
+    # a trial that never ended (the sweep was stopped): its held metrics are sent when the driver closes
+    other = first.start_trial("u", {**PARAMS, "train.seed": 1}, SAMPLED)
+    first.log_metrics("u", {"val_acc": 0.5}, step=20, hold=True)
+    first.close()
+    assert val_steps(first, other) == [20]
+
+
+def test_a_resumed_trial_logs_the_held_steps_its_killed_driver_lost(tmp_path):
+    """The driver killed while it held validations past the last checkpoint: they never reached MLflow;
+    the trial, resumed from that checkpoint, reports them again and they are logged, each step once."""
+    first = tracker(tmp_path)
+    run_id = first.start_trial("t", PARAMS, SAMPLED)
+    first.log_metrics("t", {"val_acc": 0.5, "step": 20}, step=20)  # with a checkpoint
+    first.log_metrics("t", {"val_acc": 0.6, "step": 40}, step=40, hold=True)  # lost with the driver
+
+    second = tracker(tmp_path)
+    assert second.start_trial("t", PARAMS, SAMPLED) == run_id
+    for step in (20, 40, 60):  # resumed from the checkpoint at 20: reported from there
+        second.log_metrics("t", {"val_acc": step / 100, "step": step}, step=step, hold=True)
+    second.end_trial("t", "FINISHED", "finished")
+    history = second.client.get_metric_history(run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(20, 0.5), (40, 0.4), (60, 0.6)]

@@ -128,8 +128,8 @@ def test_resumed_sequence_loop_continues_exactly(sequence_manifest, loop_workdir
     assert whole.reports[-1]["completed"] == 1 and whole.reports[-1]["test_acc"] > 1 / CLASSES
     for name, weight in whole.saved["model"].items():
         assert torch.equal(weight, second.saved["model"][name]), name
-    for name, weight in whole.saved["best_weights"].items():
-        assert torch.equal(weight, second.saved["best_weights"][name]), name
+    for name, weight in whole.best["model"].items():
+        assert torch.equal(weight, second.best["model"][name]), name
 
 
 def test_train_cli_runs_the_sequence_regime_into_mlflow(ray_session, sequence_manifest, tmp_path, capsys):

@@ -182,6 +182,11 @@ def test_fused_sweep_lands_one_child_run_per_member(ray_session, synthetic_manif
     finished = [r for r in children if r.data.tags["uml_ray.outcome"] == "finished"]
     assert max(r.data.metrics["best_val_acc"] for r in finished) == pytest.approx(summary["best_val_acc"])
     assert best_config(tmp_path, "fused", tmp_path / "best.yaml") == 0
+    # MLflow holds each member's best-val weights: the ended trials' Tune checkpoints are gone, their
+    # results stay
+    trial_folders = [folder for folder in (tmp_path / "runs" / "fused").iterdir() if folder.is_dir()]
+    assert len(trial_folders) == 2 and all((folder / "result.json").is_file() for folder in trial_folders)
+    assert list((tmp_path / "runs" / "fused").glob("*/checkpoint_*")) == []
 
 
 def test_a_crashing_trial_is_not_retried_and_exits_1_with_its_traceback(

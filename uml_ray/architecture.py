@@ -74,7 +74,7 @@ PACKAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "uml_ray.tracking",
         "MLflow: the connection (`store`), tag names (`tags`), writes held through an outage (`outbox`), "
         "run queries, the ranking and products `uml-ray best` reads (`runs`), "
-        "the sweep and study loggers (`loggers`)",
+        "the sweep logger (`loggers`) and the study's (`study`)",
         ("uml_ray.config", "uml_ray.errors", "uml_ray.selection", "uml_ray.uri"),
     ),
     (

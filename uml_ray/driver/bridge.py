@@ -21,7 +21,8 @@ from pathlib import Path
 
 from uml_ray.config import Config, dump_config
 from uml_ray.driver import progress
-from uml_ray.train.context import BEST_FILE, NOTICE_KEY
+from uml_ray.train.checkpoints import BEST_FILE
+from uml_ray.train.context import NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.state import DIVERGED_KEY, DIVERGED_LOSS_KEY, DIVERGED_STEP_KEY
 from uml_ray.uri import redact_text
@@ -32,6 +33,8 @@ MEMBERS = "members"
 FATAL_KEY = "fatal_error"
 USER_ERROR_KEY = "user_error"
 TRACEBACK_KEY = "fatal_traceback"
+# what Tune adds to a result that carries a checkpoint (its folder's name; None without one)
+CHECKPOINT_KEY = "checkpoint_dir_name"
 
 
 def _never_fails_the_sweep(event):
@@ -63,6 +66,9 @@ class TrackingBridge:
     sweep_params: dict
     resolve: Callable
     fetch_best: Callable
+    # removes an ended trial's Tune checkpoints (driver/tune_state.py); a bridge pickled by a sweep from
+    # before it unpickles with none, and keeps them
+    drop: Callable | None = None
     verbose: bool = False
     # the dataset's fingerprint (data.identity), tagged on each trial run: what a later sweep's warm
     # start compares. A default, so a bridge pickled by a sweep from before it unpickles with none
@@ -124,17 +130,26 @@ class TrackingBridge:
 
     @_never_fails_the_sweep
     def trial_result(self, trial, result: dict) -> None:
-        """Metrics of one validation (each member's fresh ones, for a fused trial)."""
+        """Metrics of one validation (each member's fresh ones, for a fused trial). A sweep's trials'
+        metrics may be held a few seconds (``SweepTracker.log_metrics``) and go in one write; all of a
+        trial's held ones are sent with a report that carries a checkpoint, past which a resumed trial
+        does not report again."""
         self.trial_started(trial)
         if result.get(NOTICE_KEY):  # e.g. a checkpoint fallback, said by the trial process
             progress.say(result[NOTICE_KEY])
+        checkpointed = bool(result.get(CHECKPOINT_KEY))
+        hold = not self.single_run and not checkpointed
         if MEMBERS in trial.config:
             runs = self.runs(trial)
             for k, member in enumerate(result.get(MEMBERS) or []):
                 if member.get("step") == result.get("step"):
-                    self.tracker.log_metrics(member_id(trial.trial_id, k), member, step=int(member["step"]))
+                    key = member_id(trial.trial_id, k)
+                    self.tracker.log_metrics(key, member, step=int(member["step"]), hold=hold)
                     if k < len(runs):
                         progress.trial_result(*runs[k], member)
+            if checkpointed:  # a member pruned earlier reports nothing now: its held metrics go too
+                for key, _ in runs:
+                    self.tracker.send_metrics(key)
             if self.verbose or result.get("live") == 0:
                 progress.trial_result(
                     trial.trial_id,
@@ -145,7 +160,10 @@ class TrackingBridge:
                 )
             return
         self.tracker.log_metrics(
-            trial.trial_id, result, step=int(result.get("step", result.get("training_iteration", 0)))
+            trial.trial_id,
+            result,
+            step=int(result.get("step", result.get("training_iteration", 0))),
+            hold=hold,
         )
         if self.restored_ended(trial.trial_id):  # said before the resume
             return
@@ -158,17 +176,20 @@ class TrackingBridge:
     @_never_fails_the_sweep
     def trial_ended(self, trial, failed: bool) -> None:
         """Close the trial's run(s) as finished, stopped early, pruned, diverged or failed, with config
-        and (but for a failed or diverged run) weights."""
+        and (but for a failed or diverged run) weights; then a sweep's trial that did not fail has its
+        Tune checkpoints removed (``drop_checkpoints``): MLflow holds what they held that anything reads."""
         from uml_ray.tracking.tags import DIVERGED_LOSS_TAG, DIVERGED_STEP_TAG
 
         self.trial_started(trial)
         last = trial.last_result or {}
         failed = failed or bool(last.get(FATAL_KEY))
         members = last.get(MEMBERS) if MEMBERS in trial.config else None
+        # a resumed sweep's trial whose runs had all ended: recorded then, with its weights
+        recorded = all(self.restored_ended(key) for key, _ in self.runs(trial))
         with tempfile.TemporaryDirectory() as folder:
             best = (
                 None
-                if failed or last.get(DIVERGED_KEY)
+                if failed or last.get(DIVERGED_KEY) or recorded
                 else self.fetch_best(trial, last, self.plan.cfg.tracking.storage_path, folder)
             )
             payloads = None
@@ -193,14 +214,16 @@ class TrackingBridge:
                     )
                 else:
                     status, outcome = "KILLED", "pruned"
+                # the run's artifacts as one tree, sent in one write: config.yaml, error/traceback.txt,
+                # checkpoint/best.pt
                 run_folder = os.path.join(folder, f"run-{k}")
                 os.makedirs(run_folder)
-                artifacts = {"": _config_file(self.resolved_config(trial, key, params), run_folder)}
+                _config_file(self.resolved_config(trial, key, params), run_folder)
+                artifacts = {"": run_folder}
                 if last.get(TRACEBACK_KEY):
-                    path = os.path.join(run_folder, "traceback.txt")
-                    with open(path, "w") as handle:
+                    os.makedirs(os.path.join(run_folder, "error"))
+                    with open(os.path.join(run_folder, "error", "traceback.txt"), "w") as handle:
                         handle.write(last[TRACEBACK_KEY])
-                    artifacts["error"] = path
                 # a diverged member's best-val weights are no product: the searcher is told it failed
                 if payloads is not None and k in payloads and outcome != "diverged":
                     import torch
@@ -208,7 +231,6 @@ class TrackingBridge:
                     path = os.path.join(run_folder, "checkpoint", BEST_FILE)
                     os.makedirs(os.path.dirname(path))
                     torch.save(payloads[k], path)
-                    artifacts["checkpoint"] = path
                 elif best and members is None:
                     artifacts["checkpoint"] = best
                 self.tracker.end_trial(key, status, outcome, artifacts, tags)
@@ -218,6 +240,10 @@ class TrackingBridge:
                 progress.trial_ended(
                     key, outcome, "" if failed and self.single_run else f"trial {key} {outcome}{why}"
                 )
+        if not failed and not self.single_run and self.drop is not None:
+            self.tracker.after_writes(
+                f"trial {trial.trial_id}'s checkpoints removed", functools.partial(self.drop, trial)
+            )
 
     def finish(self) -> None:
         """At the sweep's end: send every tracking write still held for an unreachable server."""

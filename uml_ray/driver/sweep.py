@@ -29,7 +29,13 @@ from uml_ray.driver.plan import load_tables
 from uml_ray.driver.summary import RunOutcome, summarize
 from uml_ray.driver.trial import REDUCTION_FACTOR, max_concurrency, resolve_trial, trial_resources
 from uml_ray.driver.tune_logs import tune_errors_to_file
-from uml_ray.driver.tune_state import ended_results, experiment_path, fetch_best_weights, finished_sweep
+from uml_ray.driver.tune_state import (
+    drop_checkpoints,
+    ended_results,
+    experiment_path,
+    fetch_best_weights,
+    finished_sweep,
+)
 from uml_ray.errors import ConfigError, UserError
 from uml_ray.search.space import SearchSpace
 from uml_ray.train.plan import RunPlan
@@ -240,6 +246,7 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
         sweep_params=sweep_params,
         resolve=functools.partial(resolve_trial, plan, seed_policy),
         fetch_best=fetch_best_weights,
+        drop=drop_checkpoints,
         verbose=verbose,
         data_fingerprint=dataset_fingerprint(plan.dataset.manifest),
     )
@@ -288,7 +295,8 @@ def _new_tuner(trainable, plan, space, name, trials, fuse, fused_grid, concurren
             storage_path=cfg.tracking.storage_path,
             callbacks=[MlflowBridgeCallback(bridge)],
             # the latest checkpoint serves resume and the best-val weights; one spare, so Tune
-            # need not snapshot the whole experiment at every checkpoint
+            # need not snapshot the whole experiment at every checkpoint. A sweep's trial that ended
+            # has both removed once MLflow holds its products (bridge.trial_ended)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
             verbose=1 if verbose else 0,

@@ -21,7 +21,8 @@ from uml_ray.driver.bridge import FATAL_KEY, MEMBERS, TRACEBACK_KEY, USER_ERROR_
 from uml_ray.driver.retry import RETRIES_KEY, RETRY_ERROR_KEY, backoff_s, describe, is_transient
 from uml_ray.driver.trial import REDUCTION_FACTOR, resolve_trial, trial_seed
 from uml_ray.errors import UserError
-from uml_ray.train.context import Replay, kept_checkpoints
+from uml_ray.train.checkpoints import kept_checkpoints
+from uml_ray.train.context import Replay
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.runner import run_fused_trial, run_trial, use_inline
 from uml_ray.uri import redact_text
@@ -90,7 +91,8 @@ def _train(
 
 class Trial(FunctionTrainable):
     """``train_trial`` as a Tune function trainable that restores the newest checkpoint kept beside the
-    one Tune recorded for a trial when that one is gone. Tune deletes a trial's oldest checkpoint
+    one Tune recorded for a trial when that one is gone, and restores nothing for an ended trial whose
+    checkpoints were removed (it reports its recorded result again). Tune deletes a trial's oldest checkpoint
     before it snapshots the sweep; a driver killed in between leaves a snapshot naming a deleted
     checkpoint, and Tune alone would fail that trial on ``--resume`` ("does not exist on storage
     anymore")."""
@@ -118,6 +120,10 @@ class Trial(FunctionTrainable):
             and checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound
         ):
             kept = kept_checkpoints(checkpoint)
+            if not kept and self.trial_id in (self.arguments["ended"] or {}):
+                # it only reports its recorded result again: its checkpoints went once MLflow held its
+                # products (tune_state.drop_checkpoints), before Tune's last snapshot said it ended
+                return None
             if kept:
                 print(
                     f"[uml-ray] checkpoint {checkpoint.path} is gone; resuming from {kept[0].path}",

@@ -10,7 +10,8 @@ import json
 import os
 
 from uml_ray.driver.bridge import MEMBERS
-from uml_ray.train.context import BEST_FILE, NOTICE_KEY
+from uml_ray.train.checkpoints import BEST_FILE
+from uml_ray.train.context import NOTICE_KEY
 from uml_ray.train.plan import RunPlan
 from uml_ray.uri import filesystem_for, is_remote, join_uri
 
@@ -117,8 +118,10 @@ def _recorded(last: dict, metrics: dict) -> dict:
 
 
 def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | None:
-    """The trial's best-val weights file from its latest checkpoint (inline or Ray Train)."""
+    """The trial's best-val weights file (``best.pt``) of its latest checkpoint (inline or Ray Train): read
+    where it lies on a local disk, else copied into ``folder``; None when there is none."""
     import ray.train
+    from pyarrow import fs as pafs
 
     checkpoint = trial.checkpoint
     if last.get("checkpoint_path"):
@@ -126,6 +129,30 @@ def fetch_best_weights(trial, last: dict, storage: str, folder: str) -> str | No
         checkpoint = ray.train.Checkpoint(last["checkpoint_path"], filesystem=filesystem)
     if checkpoint is None:
         return None
-    local = checkpoint.to_directory(os.path.join(folder, "checkpoint"))
-    best = os.path.join(local, BEST_FILE)
-    return best if os.path.exists(best) else None
+    best = f"{checkpoint.path.rstrip('/')}/{BEST_FILE}"
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return best if os.path.exists(best) else None
+    local = os.path.join(folder, "checkpoint", BEST_FILE)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+        pafs.copy_files(best, local, source_filesystem=checkpoint.filesystem)
+    except (FileNotFoundError, OSError):
+        return None
+    return local
+
+
+def drop_checkpoints(trial) -> None:
+    """Remove a trial's Tune checkpoints (the latest and those kept beside it) once its products are
+    recorded in MLflow: an ended trial is never restored from them (``--resume`` reports its recorded
+    result again, ``Trial.restore``). Its results, params and logs stay. Best effort: a folder that
+    cannot be removed is left."""
+    from uml_ray.train.checkpoints import kept_checkpoints
+
+    checkpoint = trial.checkpoint
+    if checkpoint is None:
+        return
+    for each in [checkpoint, *kept_checkpoints(checkpoint)]:
+        try:
+            each.filesystem.delete_dir(each.path)
+        except OSError:
+            pass

@@ -154,7 +154,7 @@ def _run_study(kind: str, name: str, plan, jobs, args, params: dict, report_of, 
     """Run the jobs under one MLflow study run (each sweep adopted as a child); returns the report."""
     from uml_ray.driver import progress
     from uml_ray.science.searches import check_fuse, check_names_free, run_jobs
-    from uml_ray.tracking.loggers import StudyTracker
+    from uml_ray.tracking.study import StudyTracker
     from uml_ray.tracking.tags import SWEEPS_TAG
 
     check_names_free(jobs)

@@ -2,5 +2,5 @@
 
 ``store`` (the connection; the only module that imports MLflow), ``tags`` (tag names), ``outbox``
 (writes held through a server outage), ``runs`` (run queries, ``uml-ray best``), ``loggers``
-(``SweepTracker``, ``StudyTracker``), ``commands`` (the ``best`` command).
+(``SweepTracker``), ``study`` (``StudyTracker``), ``commands`` (the ``best`` command).
 """

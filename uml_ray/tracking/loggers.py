@@ -12,7 +12,6 @@ import math
 import os
 import time
 
-from uml_ray.errors import UserError
 from uml_ray.tracking.outbox import FINAL_WAIT_S, Outbox
 from uml_ray.tracking.runs import RunFinder, is_ended
 from uml_ray.tracking.store import (
@@ -31,12 +30,15 @@ from uml_ray.tracking.tags import (
     PARENT_TAG,
     SAMPLED_TAG,
     SEED_TAG,
-    STUDY_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
     best_tag,
 )
 from uml_ray.uri import redact
+
+# how long after a trial's last write its metrics may be held (``log_metrics(hold=True)``): a fused trial
+# of seconds writes its validations in one batch at its end, a long run's still appear as they come
+METRICS_HOLD_S = 10.0
 
 
 class SweepTracker:
@@ -69,12 +71,25 @@ class SweepTracker:
         self.trial_runs: dict[str, str | None] = {}  # None while the write opening the run is held
         self.last_step: dict[str, int] = {}  # per trial key: steps at or below it were logged already
         self.ended: set[str] = set()  # trial keys whose runs had ended before this driver: left as they are
+        self.held: dict[str, list] = {}  # per trial key: (step, metrics) not yet sent (``log_metrics``)
+        self.sent_at: dict[str, float] = {}  # per trial key: when its metrics were last sent
+        self._recorded: list | None = None  # the sweep's runs recorded before this driver (``_before``)
         self.runs = RunFinder(self.client, self.experiment_id, sweep)
         self.outbox = Outbox(redact(self.uri))  # the URI its console notes name
 
     def close(self, wait_s: float = FINAL_WAIT_S) -> None:
         """Send what is held, waiting up to ``wait_s`` for the server; say what could not be sent."""
+        for trial_id in list(self.held):
+            self.send_metrics(trial_id)
         self.outbox.close(wait_s)
+
+    def _before(self) -> list:
+        """The sweep's trial runs as recorded when this driver first opened one, newest first: one query
+        serves every trial's look-up (a query per trial cost more as the experiment grew). Only a
+        resumed sweep's can be there: no other driver writes the sweep meanwhile."""
+        if self._recorded is None:
+            self._recorded = self.runs.trial_runs()
+        return self._recorded
 
     def ended_trials(self) -> set[str]:
         """Tune trial ids whose MLflow runs all ended (finished, stopped early or pruned; not failed):
@@ -123,7 +138,7 @@ class SweepTracker:
         self.trial_runs[trial_id] = None
 
         def open_run():
-            existing = self.runs.trial(trial_id)
+            existing = next((run for run in self._before() if run.data.tags.get(TRIAL_TAG) == trial_id), None)
             if existing is None and (existing := self._adopt(trial_id, params, tags or {})) is not None:
                 # the same values again: its driver may have died before logging them
                 self._log_params(existing.info.run_id, params)
@@ -154,6 +169,7 @@ class SweepTracker:
                 self.last_step[trial_id] = -1
             self.trial_runs[trial_id] = run_id
 
+        self.sent_at[trial_id] = time.monotonic()
         self.outbox.send(f"trial {trial_id}'s run", open_run)
         return self.trial_runs[trial_id]
 
@@ -167,12 +183,19 @@ class SweepTracker:
         """
         if SAMPLED_TAG not in tags or "train.seed" not in params or self.single_run:
             return None
-        try:
-            runs = self.runs.running_with(param_value(tags[SAMPLED_TAG]), param_value(params["train.seed"]))
-        except UserError:  # a config holding both quote kinds cannot be matched
-            return None
+        sampled, seed = param_value(tags[SAMPLED_TAG]), param_value(params["train.seed"])
         mine = set(self.trial_runs.values())
-        orphan = next((run for run in runs if run.info.run_id not in mine), None)
+        orphan = next(
+            (
+                run
+                for run in self._before()
+                if run.info.status == "RUNNING"
+                and run.data.tags.get(SAMPLED_TAG) == sampled
+                and run.data.tags.get(SEED_TAG) == seed
+                and run.info.run_id not in mine
+            ),
+            None,
+        )
         if orphan is not None:
             run_id = orphan.info.run_id
             self.client.set_tag(run_id, CONTINUES_TRIAL_TAG, orphan.data.tags.get(TRIAL_TAG, ""))
@@ -195,21 +218,41 @@ class SweepTracker:
 
         self.outbox.send("runs of lost trials", close_lost)
 
-    def log_metrics(self, trial_id: str, metrics: dict, step: int) -> None:
+    def log_metrics(self, trial_id: str, metrics: dict, step: int, hold: bool = False) -> None:
         """Numeric metrics at a training step, stamped now even when held; steps already logged
-        (before a retry or resume) are not repeated."""
+        (before a retry or resume) are not repeated. ``hold``: they may wait to go in one write with the
+        trial's later ones: until a call ``METRICS_HOLD_S`` or more after its last write, one not held
+        (the caller's at a checkpoint, past which a resume does not report again), its end or the
+        driver's close."""
         now = int(time.time() * 1000)
         batch = [
             metric(key, float(value), now, step)
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
         ]
+        self.held.setdefault(trial_id, []).append((step, batch))
+        if not hold or time.monotonic() - self.sent_at.get(trial_id, 0.0) >= METRICS_HOLD_S:
+            self.send_metrics(trial_id)
+
+    def _fresh(self, trial_id: str, held: list) -> tuple[list, int]:
+        """The metrics of ``held`` (step, metrics) at steps not logged yet, and the last step among them."""
+        last = self.last_step.get(trial_id, -1)
+        fresh = [value for step, batch in held if step > last for value in batch]
+        return fresh, max([last, *(step for step, _ in held)])
+
+    def send_metrics(self, trial_id: str) -> None:
+        """Send a trial's held metrics in one write (MLflow's batch limits allowing)."""
+        held = self.held.pop(trial_id, [])
+        self.sent_at[trial_id] = time.monotonic()
+        if not held:
+            return
 
         def send():
-            if step <= self.last_step.get(trial_id, -1) or trial_id in self.ended:
+            if trial_id in self.ended:
                 return
-            self.client.log_batch(self.trial_runs[trial_id], metrics=batch)
-            self.last_step[trial_id] = step
+            fresh, last = self._fresh(trial_id, held)
+            self._log_batches(self.trial_runs[trial_id], metrics=fresh)
+            self.last_step[trial_id] = last  # once sent: a write held for an outage is tried again whole
 
         self.outbox.send(f"trial {trial_id}'s metrics", send)
 
@@ -221,26 +264,37 @@ class SweepTracker:
         artifacts: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its artifacts and
-        ``tags`` beside the outcome."""
+        """Close a trial run: FINISHED / KILLED (pruned or stopped) / FAILED, with its held metrics, its
+        artifacts (artifact path → a local file, or a folder whose tree goes there) and ``tags`` beside
+        the outcome: three writes."""
         if trial_id not in self.trial_runs:
             return
         files = {path: local for path, local in (artifacts or {}).items() if local and os.path.exists(local)}
+        held = self.held.pop(trial_id, [])
+        labels = [tag(key, value) for key, value in {**(tags or {}), OUTCOME_TAG: outcome}.items()]
 
         def close_run():
             if trial_id in self.ended:
                 return
             run_id = self.trial_runs[trial_id]
+            fresh, last = self._fresh(trial_id, held)
+            self._log_batches(run_id, metrics=fresh, tags=labels)
+            self.last_step[trial_id] = last
             for artifact_path, local in files.items():
-                self.client.log_artifact(run_id, local, artifact_path=artifact_path or None)
-            for key, value in (tags or {}).items():
-                self.client.set_tag(run_id, key, value)
-            self.client.set_tag(run_id, OUTCOME_TAG, outcome)
+                if os.path.isdir(local):
+                    self.client.log_artifacts(run_id, local, artifact_path=artifact_path or None)
+                else:
+                    self.client.log_artifact(run_id, local, artifact_path=artifact_path or None)
             self.client.set_terminated(run_id, status=status)
 
         self.outbox.send(f"trial {trial_id}'s end", close_run)
         if self.outbox.holding:
             files.update(self.outbox.keep(files))
+
+    def after_writes(self, what: str, action) -> None:
+        """Run ``action`` once every write before it was sent (held with them while the server is
+        unreachable): e.g. removing what a write recorded elsewhere. ``what`` names it if never run."""
+        self.outbox.send(what, action)
 
     def end_sweep(self, metrics: dict, params: dict, artifacts: list[str], status: str = "FINISHED") -> None:
         """Close the parent run with the sweep's best result, study summary and plots; waits for held
@@ -277,37 +331,3 @@ class SweepTracker:
 def _tag_values(tags: dict) -> dict[str, str]:
     """Tags as MLflow stores them (``param_value``: bounded strings, every URI redacted)."""
     return {key: param_value(value) for key, value in tags.items()}
-
-
-class StudyTracker(SweepTracker):
-    """A study (``uml-ray compare``, ``uml-ray study``): one parent run over several sweeps. Each
-    sweep's parent run (or a single training's run) becomes its child through ``mlflow.parentRunId``,
-    so the MLflow UI nests study → sweep → trial. Its writes go through the outbox like a sweep's."""
-
-    def start_study(self, kind: str, params: dict) -> str | None:
-        """Open the study's run (tag ``uml_ray.kind=<kind>``) with its settings as params (None while
-        held)."""
-        self.outbox.send(
-            "the study's run", lambda: self._create_parent({STUDY_TAG: self.sweep, KIND_TAG: kind}, params)
-        )
-        return self.parent_id
-
-    def adopt(self, sweep: str) -> None:
-        """Make the top run of ``sweep`` (its sweep parent run, or a single training's run) a child of
-        the study."""
-
-        def adopt_sweep():
-            found = self.runs.top_run(sweep)
-            if found is None:
-                raise UserError(
-                    f"no MLflow run of sweep '{sweep}' in the experiment; the study cannot record it"
-                )
-            self.client.set_tag(found.info.run_id, PARENT_TAG, self.parent_id)
-            self.client.set_tag(found.info.run_id, STUDY_TAG, self.sweep)
-
-        self.outbox.send(f"sweep {sweep}'s place in the study", adopt_sweep)
-
-    def end_study(self, metrics: dict, tags: dict, artifacts: list[str], status: str = "FINISHED") -> None:
-        """Close the study's run with its summary metrics, tags and artifacts (tables, plots); waits for
-        held writes."""
-        self._end_parent("the study's summary", metrics, tags, artifacts, status)

@@ -7,6 +7,7 @@ again in order every ``RETRY_WRITES_S`` seconds, or waited for at the end.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -88,13 +89,16 @@ class Outbox:
             )
 
     def keep(self, paths: dict[str, str]) -> dict[str, str]:
-        """Copies of local files that a held write will send after their owner deleted them."""
+        """Copies of local files and folders that a held write will send after their owner deleted them."""
         if self._spool is None:
             self._spool = tempfile.mkdtemp(prefix="uml-ray-mlflow-")
         copies = {}
         for key, path in paths.items():
             folder = tempfile.mkdtemp(dir=self._spool)
-            copies[key] = shutil.copy(path, folder)
+            if os.path.isdir(path):
+                copies[key] = shutil.copytree(path, os.path.join(folder, "tree"))
+            else:
+                copies[key] = shutil.copy(path, folder)
         return copies
 
 

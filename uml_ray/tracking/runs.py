@@ -15,8 +15,6 @@ from uml_ray.tracking.tags import (
     FUSED_TRIAL_TAG,
     KIND_TAG,
     OUTCOME_TAG,
-    SAMPLED_TAG,
-    SEED_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
 )
@@ -94,15 +92,20 @@ class RunFinder:
         """The top run of another sweep in the experiment (its parent run, or a single training's run)."""
         return self._first(f"tags.`{SWEEP_TAG}` = {quote_value(sweep)} and tags.`{KIND_TAG}` != 'trial'")
 
-    def running_with(self, sampled: str, seed: str) -> list:
-        """Running runs of the sweep with these sampled params (as tagged) and seed: a killed driver's
-        orphans. Raises UserError when ``sampled`` holds both quote kinds (no filter can match it)."""
-        sampled = quote_value(sampled)
-        return self._search(
-            f"{self._of_sweep()} and tags.`{SAMPLED_TAG}` = {sampled} "
-            f"and tags.`{SEED_TAG}` = '{seed}' and attributes.status = 'RUNNING'",
-            50,
-        )
+    def trial_runs(self) -> list:
+        """Every trial (or single training) run of the sweep, newest first."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"{self._of_sweep()} and tags.`{KIND_TAG}` != 'sweep'",
+                max_results=RUNS_PAGE,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
 
     def running_trials(self) -> list:
         """The sweep's trial runs still RUNNING."""

@@ -11,7 +11,6 @@ sequence, fused) touch Ray only through a context:
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from collections.abc import Iterator
 from typing import Protocol
@@ -20,11 +19,9 @@ import pyarrow as pa
 import torch
 
 from uml_ray.data.streams import TableSource, read_table
-from uml_ray.errors import UserError
+from uml_ray.train.checkpoints import BEST, restore_state, write_checkpoint
 from uml_ray.train.plan import RunPlan
 
-STATE_FILE = "state.pt"
-BEST_FILE = "best.pt"
 # a line for the console, carried in the next report: a trial's own prints reach only Ray's logs
 NOTICE_KEY = "notice"
 
@@ -59,100 +56,6 @@ class LoopContext(Protocol):
 
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         """Metrics of one validation; a checkpoint too when ``state`` is given."""
-
-
-def write_checkpoint(folder: str, state: dict, best: dict) -> None:
-    """The full loop state (resume) and the best-val weights (the run's product) in one folder."""
-    torch.save(state, os.path.join(folder, STATE_FILE))
-    torch.save(best, os.path.join(folder, BEST_FILE))
-
-
-class CheckpointError(UserError):
-    """A checkpoint's loop state cannot be read (truncated, corrupt or missing): the message names
-    the file."""
-
-
-def read_state(folder: str, shown_as: str = "") -> dict:
-    """Loop state saved by ``write_checkpoint``; an unreadable file is a ``CheckpointError`` naming it
-    (``shown_as``: the file's real place, when ``folder`` is a downloaded copy), never torch's own error."""
-    path = os.path.join(folder, STATE_FILE)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged file raises RuntimeError, EOFError, UnpicklingError, OSError...
-        reason = " ".join(str(exc).split()).split(". ")[0][:200]
-        raise CheckpointError(
-            f"checkpoint file {shown_as or path} is unreadable ({type(exc).__name__}: {reason})"
-        ) from None
-
-
-def kept_checkpoints(checkpoint) -> list:
-    """The other checkpoints kept beside a Ray ``checkpoint`` (same folder; Tune and Ray Train name them
-    in time order), newest first."""
-    from pyarrow import fs as pafs
-
-    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    found = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    names = sorted(
-        (
-            info.base_name
-            for info in found
-            if info.type == pafs.FileType.Directory
-            and info.base_name.startswith("checkpoint_")
-            and info.base_name != name
-        ),
-        reverse=True,
-    )
-    return [type(checkpoint)(f"{parent}/{other}", filesystem=checkpoint.filesystem) for other in names]
-
-
-def checkpoint_step(checkpoint) -> int | None:
-    """The training step a Tune ``checkpoint`` was reported at, from the trial's result.json beside it
-    (the last result naming its folder); None when that is not found (a Ray Train run's checkpoint)."""
-    import json
-
-    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    try:
-        with checkpoint.filesystem.open_input_stream(f"{parent}/result.json") as handle:
-            lines = handle.read().decode().splitlines()
-    except OSError:
-        return None
-    step = None
-    for line in lines:
-        try:
-            result = json.loads(line)
-        except ValueError:  # a line cut short by a killed writer
-            continue
-        if result.get("checkpoint_dir_name") == name and "step" in result:
-            step = int(result["step"])
-    return step
-
-
-def restore_state(checkpoint, notices: list[str] | None = None) -> dict:
-    """The loop state of a Ray ``checkpoint``. When its file is unreadable (a node died while writing
-    it, a disk filled up), the newest other checkpoint kept beside it that reads serves instead —
-    Tune keeps two per trial — with one line naming both steps, appended to ``notices``; when none
-    reads, a ``CheckpointError`` naming the file."""
-    problems = []
-    for candidate in [checkpoint, *kept_checkpoints(checkpoint)]:
-        try:
-            with candidate.as_directory() as folder:
-                state = read_state(folder, shown_as=f"{candidate.path}/{STATE_FILE}")
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            continue
-        if problems:
-            lost = checkpoint_step(checkpoint)
-            at = f"at step {lost}" if lost is not None else f"of {checkpoint.path}"
-            step = checkpoint_step(candidate)
-            if step is None:  # a single config's state keeps its step in its progress, a fused one's on top
-                step = state["step"] if "step" in state else state.get("progress", {}).get("step")
-            line = f"{STATE_FILE} {at} unreadable: resumed from step {step} ({candidate.path})"
-            (notices if notices is not None else []).append(line)
-        return state
-    others = f"; so are the {len(problems) - 1} other(s) kept beside it" if len(problems) > 1 else ""
-    raise CheckpointError(
-        f"{problems[0]}{others}; the run cannot resume from it: start it again under a new --name"
-    )
 
 
 def with_notices(metrics: dict, notices: list[str]) -> dict:
@@ -236,9 +139,10 @@ class Interrupted(Exception):
 class LocalContext(_SingleWorker):
     """A one-worker run without Ray: shards read with pyarrow, checkpoints and reports kept in memory.
 
-    ``saved`` is a loop state to resume from. ``fail_after`` raises ``Interrupted`` after that
-    many reports, which is how tests simulate a killed worker. ``tables`` (dataset name → Arrow
-    table) are served instead of the manifest's rows (the k-fold refit's train+val pool).
+    ``saved`` and ``best`` are a checkpoint's loop state and products to resume from. ``fail_after``
+    raises ``Interrupted`` after that many reports, which is how tests simulate a killed worker.
+    ``tables`` (dataset name → Arrow table) are served instead of the manifest's rows (the k-fold
+    refit's train+val pool).
     """
 
     def __init__(
@@ -247,12 +151,13 @@ class LocalContext(_SingleWorker):
         saved: dict | None = None,
         fail_after: int | None = None,
         tables: dict | None = None,
+        best: dict | None = None,
     ):
         self.plan = plan
         self.tables = dict(tables or {})
         self.device = torch.device("cpu")
         self.saved = copy.deepcopy(saved)
-        self.best = None
+        self.best = copy.deepcopy(best)
         self.fail_after = fail_after
         self.reports: list[dict] = []
 
@@ -265,7 +170,7 @@ class LocalContext(_SingleWorker):
         )
 
     def restore(self) -> dict | None:
-        return copy.deepcopy(self.saved)
+        return None if self.saved is None else copy.deepcopy({**self.saved, BEST: self.best})
 
     def report(self, metrics: dict, state: dict | None = None, best: dict | None = None) -> None:
         self.reports.append(dict(metrics))

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from uml_ray.data.streams import BatchStream
 from uml_ray.selection import SCORE, VAL_ROWS, selection_score
+from uml_ray.train.checkpoints import BEST
 from uml_ray.train.plan import RunPlan
 from uml_ray.train.state import (
     DIVERGED_KEY,
@@ -65,17 +66,18 @@ class OneModel:
 
     @staticmethod
     def pack(book: Book) -> dict:
-        """The book's part of the loop state (the member's progress carries step and validations)."""
-        return {"progress": dict(book.progress[0]), "best_weights": book.best_weights[0]}
+        """The book's part of the loop state (the member's progress carries step and validations); its
+        best weights are the product's, written once beside it."""
+        return {"progress": dict(book.progress[0])}
 
     @staticmethod
     def unpack(state: dict) -> Book:
-        """The book of a loop state ``pack`` wrote."""
+        """The book of a loop state ``pack`` wrote (``BEST``: the product beside it)."""
         progress = state["progress"]
         live = [0]  # Tune resumes unfinished trials only: the model is still training
-        return Book(
-            progress["step"], progress["validations"], live, [progress], [state["best_weights"]], [{}]
-        )
+        # a checkpoint written before the product held the only copy kept them in the loop state
+        best = state["best_weights"] if "best_weights" in state else state[BEST]["model"]
+        return Book(progress["step"], progress["validations"], live, [progress], [best], [{}])
 
     @staticmethod
     def summary(book: Book) -> dict:
@@ -94,26 +96,30 @@ class Members:
 
     @staticmethod
     def pack(book: Book) -> dict:
-        """The book as a loop state."""
+        """The book as a loop state; the members' best weights are their products', written once beside it."""
         return {
             "live": list(book.live),
             "pruned": sorted(book.pruned),
             "step": book.step,
             "validations": book.validations,
             "progress": copy.deepcopy(book.progress),
-            "best_weights": book.best_weights,
             "results": copy.deepcopy(book.results),
         }
 
     @staticmethod
     def unpack(state: dict) -> Book:
-        """The book of a loop state ``pack`` wrote."""
+        """The book of a loop state ``pack`` wrote (``BEST``: the products beside it)."""
+        if "best_weights" in state:  # written before the products held the only copy
+            best = state["best_weights"]
+        else:
+            products = state[BEST]["members"]
+            best = [products[k]["model"] for k in range(len(state["progress"]))]
         return Book(
             state["step"],
             state["validations"],
             state["live"],
             state["progress"],
-            state["best_weights"],
+            best,
             state["results"],
             set(state["pruned"]),
         )
