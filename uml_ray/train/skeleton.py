@@ -10,9 +10,8 @@ differs: its model, one step, its val and test evaluations, what its checkpoints
 The loop counts *members*, the models a regime trains at once: one-model regimes have one; a
 fused trial has K, each validated, stopped, tested and (with ``Halving``) pruned on its own.
 
-A member *diverges* (``train/state.py``: ``diverges``) when its loss goes non-finite or explodes:
-it ends there, untested, and the driver records the outcome ``diverged``; a fused trial's other
-members go on.
+A member *diverges* (``train/state.py``: ``diverges``) when its loss goes non-finite or explodes: it
+ends there, untested, recorded ``diverged``; a fused trial's other members go on.
 """
 
 from __future__ import annotations
