@@ -82,9 +82,7 @@ def register(subparsers) -> None:
     )
     convert.add_argument("manifest", help="manifest file (YAML or JSON), local or s3:// / gs://")
     convert.add_argument("--feature-layout", required=True, choices=list(LAYOUTS), help=LAYOUT_HELP)
-    convert.add_argument(
-        "--modality", nargs="+", help="the vector modalities to convert (default: every one)"
-    )
+    convert.add_argument("--modality", nargs="+", help="vector modalities to convert (default: all)")
     convert.set_defaults(func=run_convert)
 
     synth = commands.add_parser(
