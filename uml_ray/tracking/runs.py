@@ -60,6 +60,19 @@ def is_ended(run) -> bool:
     return run.info.status != "RUNNING" and run.data.tags.get(OUTCOME_TAG) not in (None, "failed")
 
 
+def every_run(mlflow_client, experiment_id: str, filter_string: str) -> list:
+    """Every run of an experiment that ``filter_string`` matches, read page by page."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=RUNS_PAGE, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 class RunFinder:
     """The runs of one sweep in one experiment, found by their tags."""
 
@@ -94,18 +107,9 @@ class RunFinder:
 
     def trial_runs(self) -> list:
         """Every trial (or single training) run of the sweep, newest first."""
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"{self._of_sweep()} and tags.`{KIND_TAG}` != 'sweep'",
-                max_results=RUNS_PAGE,
-                page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return every_run(
+            self.client, self.experiment_id, f"{self._of_sweep()} and tags.`{KIND_TAG}` != 'sweep'"
+        )
 
     def running_trials(self) -> list:
         """The sweep's trial runs still RUNNING."""
@@ -116,9 +120,8 @@ class RunFinder:
     def ended_trials(self) -> set[str]:
         """Tune trial ids whose runs all ended (finished, stopped early or pruned; not failed): a fused
         trial's when every member's run did."""
-        runs = self._search(f"{self._of_sweep()} and tags.`{KIND_TAG}` != 'sweep'", 10000)
         ended: dict[str, bool] = {}
-        for run in runs:
+        for run in self.trial_runs():
             trial_id = run.data.tags.get(FUSED_TRIAL_TAG) or run.data.tags.get(TRIAL_TAG, "")
             ended[trial_id] = ended.get(trial_id, True) and is_ended(run)
         return {trial_id for trial_id, done in ended.items() if done and trial_id}
@@ -168,18 +171,7 @@ def ranked_runs(
                 raise UserError(
                     f"no MLflow experiment named '{experiment}' at {redact(uri)}; experiments there: {names}"
                 )
-            token = None
-            while True:
-                page = store.search_runs(
-                    [found.experiment_id],
-                    filter_string=" and ".join(filters),
-                    max_results=RUNS_PAGE,
-                    page_token=token,
-                )
-                runs.extend(page)
-                token = page.token
-                if not token:
-                    break
+            runs = every_run(store, found.experiment_id, " and ".join(filters))
             if not runs and sweep and not store.search_runs([found.experiment_id], of_sweep, max_results=1):
                 raise UserError(f"no sweep named '{sweep}' in experiment '{experiment}' at {redact(uri)}")
     except UserError:
@@ -232,13 +224,18 @@ def download_product(uri: str, run: dict, folder: str) -> str:
         ) from None
 
 
+def sweep_parent(mlflow_client, experiment: str, sweep: str):
+    """A sweep's parent run in the named experiment, or None (no such experiment, or no parent run)."""
+    found = mlflow_client.get_experiment_by_name(experiment)
+    return None if found is None else RunFinder(mlflow_client, found.experiment_id, sweep).parent()
+
+
 def sweep_metrics(uri: str, experiment: str, sweep: str) -> dict:
     """The metrics recorded on a sweep's parent run (its summary: counts, the k-fold refit); empty when
     the sweep has none."""
     store = client(uri)
     with bounded_http():
-        found = store.get_experiment_by_name(experiment)
-        parent = None if found is None else RunFinder(store, found.experiment_id, sweep).parent()
+        parent = sweep_parent(store, experiment, sweep)
     return {} if parent is None else dict(parent.data.metrics)
 
 
@@ -251,8 +248,7 @@ def log_sweep_results(uri: str, experiment: str, sweep: str, metrics: dict, tags
 
     store = client(uri)
     with bounded_http():
-        found = store.get_experiment_by_name(experiment)
-        parent = None if found is None else RunFinder(store, found.experiment_id, sweep).parent()
+        parent = sweep_parent(store, experiment, sweep)
         if parent is None:
             return None
         now = int(time.time() * 1000)
