@@ -232,6 +232,11 @@ def main() -> None:
         )
 
 
+# the auxiliary table held in memory (over data.cache_max_mb), or streamed: by pyarrow (each worker its
+# row range; the default) or, on several workers, through Ray Data's split (data.stream_reader=ray_data)
+STORAGES = ("in memory", "streamed", "streamed, Ray Data")
+
+
 def auxiliary_heavy(args) -> None:
     """Steps/s of ``uml-ray train`` (one process, then ``--workers``) with a large auxiliary table
     streamed vs in memory."""
@@ -279,15 +284,21 @@ def auxiliary_heavy(args) -> None:
         manifest_path = write_manifest(manifest, os.path.join(workdir, "manifest.yaml"))
         start_local_ray(2)
         seconds = {}
-        runs = [(1, "warm-up", 0, 20)]  # the first run on a fresh Ray pays one-off start-ups: not timed
+        runs = [(1, "warm-up", 20)]  # the first run on a fresh Ray pays one-off start-ups: not timed
+        storages = {1: STORAGES[:2], args.workers: STORAGES}  # one process has no Ray Data split
         for workers in (1, args.workers):
-            for storage, cache_max_mb in (("in memory", int(aux_mb) + 1024), ("streamed", int(aux_mb // 4))):
-                runs += [(workers, storage, cache_max_mb, args.steps // 4)]
-                runs += [(workers, storage, cache_max_mb, args.steps)]
-        for workers, storage, cache_max_mb, steps in runs:
-            config = Path(workdir) / f"{storage}-{workers}-{steps}.yaml"
+            for storage in storages[workers]:
+                runs += [(workers, storage, args.steps // 4), (workers, storage, args.steps)]
+        for workers, storage, steps in runs:
+            cache_max_mb = int(aux_mb) + 1024 if storage == "in memory" else int(aux_mb // 4)
+            name = f"{storage.replace(', ', '-').replace(' ', '-')}-{workers}-{steps}"
+            config = Path(workdir) / f"{name}.yaml"
             tree = {
-                "data": {"manifest": manifest_path, "cache_max_mb": cache_max_mb},
+                "data": {
+                    "manifest": manifest_path,
+                    "cache_max_mb": cache_max_mb,
+                    "stream_reader": "ray_data" if storage == STORAGES[2] else "pyarrow",
+                },
                 "model": {"regime": "supervised"},
                 "train": {
                     "batch_size": 256,
@@ -312,10 +323,10 @@ def auxiliary_heavy(args) -> None:
             }
             config.write_text(yaml.safe_dump(tree))
             start = time.perf_counter()
-            assert cli(["train", str(config), "--name", f"{storage}-{workers}-{steps}"]) == 0
+            assert cli(["train", str(config), "--name", name]) == 0
             seconds[(workers, storage, steps)] = time.perf_counter() - start
             print(
-                f"  ran {storage:9s} x{workers} {steps:6d} steps: {seconds[(workers, storage, steps)]:.1f} s"
+                f"  ran {storage:17s} x{workers} {steps:6d} steps: {seconds[(workers, storage, steps)]:.1f} s"
             )
     short, long = args.steps // 4, args.steps
     print(
@@ -325,11 +336,11 @@ def auxiliary_heavy(args) -> None:
     for workers in (1, args.workers):
         rates = {
             storage: (long - short) / (seconds[(workers, storage, long)] - seconds[(workers, storage, short)])
-            for storage in ("in memory", "streamed")
+            for storage in storages[workers]
         }
         for storage, rate in rates.items():
             print(
-                f"  {workers} worker(s), auxiliary {storage:10s} {rate:8.1f} steps/s "
+                f"  {workers} worker(s), auxiliary {storage:18s} {rate:8.1f} steps/s "
                 f"{rate / rates['in memory']:7.1%}"
             )
     print(json.dumps({"seconds": {f"{k[0]}x/{k[1]}/{k[2]}": round(v, 2) for k, v in seconds.items()}}))
