@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from uml_ray.data.feature_cache import CACHE_ENV, SpooledSource, feature_cache_dir
@@ -220,3 +221,22 @@ def test_a_ray_data_spool_past_the_size_cap_is_dropped(tmp_path, cache_dir, capl
     assert iterator.passes == 4  # no spool: one execution per epoch, as uncached
     assert not capped.iterator.cache.ready and list((cache_dir / "shares").iterdir()) == []
     assert sum("passed data.stream_cache_max_gb" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_page_checksums_are_verified_on_a_shards_first_full_read(tmp_path, cache_dir):
+    """A corrupted data page fails a source's first pass with the CRC error; once a source has read a
+    shard through with verification, its later epochs skip it (half a pass's time), as a replay of the
+    decoded cache does."""
+    uris = shards(tmp_path)
+    verified = ParquetSource(uris, block_rows=64, cache=False)
+    first = pa.concat_tables(list(verified.iter_batches()))
+    column = pq.ParquetFile(uris[1]).metadata.row_group(0).column(0)
+    assert not column.has_dictionary_page and column.compression == "UNCOMPRESSED"  # format.WRITE_OPTIONS
+    start = column.data_page_offset + column.total_compressed_size // 2
+    data = bytearray(open(uris[1], "rb").read())
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    open(uris[1], "wb").write(bytes(data))
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        list(ParquetSource(uris, block_rows=64, cache=False).iter_batches())
+    again = pa.concat_tables(list(verified.iter_batches()))  # not verified again: the flipped bytes read
+    assert len(again) == len(first) and not again.equals(first)

@@ -76,6 +76,20 @@ def test_binary_rows_are_a_zero_copy_view_of_a_slice():
     assert torch.equal(torch.from_numpy(rows.copy()), torch.from_numpy(features[5:12]))
 
 
+def test_a_shuffle_buffer_fill_of_one_block_is_not_copied():
+    """A fill that is one contiguous block (an empty remainder before it) is used as it is; only a
+    fill of several blocks is combined, into one chunk per column."""
+    from uml_ray.data.streams import _concat
+
+    rng = np.random.default_rng(2)
+    block = build_table(rng.normal(size=(20, DIM)).astype(np.float32), np.arange(20), None, "vector", DIM)
+    assert _concat([block]) is block and _concat([block.slice(20), block]) is block
+    joined = _concat([block.slice(15), block])
+    assert len(joined) == 25 and all(column.num_chunks == 1 for column in joined.columns)
+    rows, _ = table_to_numpy(joined, "vector", DIM)
+    assert np.array_equal(rows[5:], table_to_numpy(block, "vector", DIM)[0])
+
+
 def test_every_pyarrow_read_path_gives_the_same_batches_in_both_layouts(both):
     paths = {}
     for layout, uris in both.items():

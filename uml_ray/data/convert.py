@@ -18,6 +18,7 @@ from uml_ray.data.format import (
     ID,
     LABEL,
     LAYOUTS,
+    WRITE_OPTIONS,
     layout_of,
     shard_schema,
     table_to_numpy,
@@ -50,7 +51,7 @@ def convert_shard(uri: str, spec: ModalitySpec, layout: str) -> bool:
         return False
     schema = shard_schema("vector", spec.dim, layout)
     partial = f"{paths[0]}.converting"
-    with pq.ParquetWriter(partial, schema, filesystem=filesystem, write_page_checksum=True) as writer:
+    with pq.ParquetWriter(partial, schema, filesystem=filesystem, **WRITE_OPTIONS) as writer:
         for batch in shard.iter_batches(batch_size=BATCH_ROWS):
             column = batch.column(FEATURES)
             if column.null_count:

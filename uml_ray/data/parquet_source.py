@@ -66,10 +66,11 @@ class ParquetSource:
     once per epoch with no row exchanged between workers. Blocks of ``block_rows`` are read by a
     thread ahead of the consumer (``ReadAhead``: ``readahead`` blocks, or ``"auto"``: sized from the
     measured read and step times, starting at ``burst + 1`` — ``burst``: blocks the consumer takes at
-    once); pyarrow decodes without the GIL, so reading overlaps the training step. The first full
-    pass is written to the decoded feature cache (``cache``; ``BlockCache.for_dataset``, skipped when
-    the decoded share would exceed ``cache_max_bytes``) and every later one, in this run or the next on
-    this node, replays it memory-mapped, in the same blocks."""
+    once); pyarrow decodes without the GIL, so reading overlaps the training step. Page checksums are
+    verified on a shard's first full read in this source, not on every epoch (half the read's time).
+    The first full pass is written to the decoded feature cache (``cache``; ``BlockCache.for_dataset``,
+    skipped when the decoded share would exceed ``cache_max_bytes``) and every later one, in this run or
+    the next on this node, replays it memory-mapped, in the same blocks."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class ParquetSource:
             for g in range(metadata.num_row_groups)
         )
         self.decoded_bytes = decoded * (self.stop - self.start) // max(total, 1)
+        self._verified: set[str] = set()  # shards whose pages this source has read through once
         self.cache = (
             BlockCache.for_dataset(uris, block_rows, shard_stat, part, self.decoded_bytes, cache_max_bytes)
             if cache
@@ -115,9 +117,11 @@ class ParquetSource:
             if first >= last:
                 continue
             paths, filesystem = located([uri])
-            shard = pq.ParquetFile(paths[0], filesystem=filesystem, page_checksum_verification=True)
+            verify = uri not in self._verified
+            shard = pq.ParquetFile(paths[0], filesystem=filesystem, page_checksum_verification=verify)
             if (first, last) == (0, metadata.num_rows):
                 yield from shard.iter_batches(batch_size=self.block_rows)
+                self._verified.add(uri)
                 continue
             # the row groups overlapping [first, last), cut to it
             groups, row, begin = [], 0, None
@@ -132,6 +136,7 @@ class ParquetSource:
                 begin += len(batch)
                 if high > low:
                     yield batch.slice(low, high - low)
+            self._verified.add(uri)
 
     def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
         """Blocks as read (``batch_size=None``), else tables of ``batch_size`` rows; the last may be short."""

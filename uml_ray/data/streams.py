@@ -175,6 +175,11 @@ def _sorted_by_id(table: pa.Table) -> bool:
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table of contiguous columns; a lone table already contiguous is kept, not copied (a
+    shuffle-buffer fill that is one block: combining would copy every row once more)."""
+    tables = [table for table in tables if len(table)] or tables[:1]
+    if len(tables) == 1 and all(column.num_chunks <= 1 for column in tables[0].columns):
+        return tables[0]
     return pa.concat_tables(tables).combine_chunks() if tables else None
 
 
@@ -276,7 +281,9 @@ class BatchStream:
             self.iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
         ) as batches:
             for batch in batches:
-                buffer.append(batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]))
+                batch = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                # ids are not drawn: a vector buffer holds (and copies) only what batches are made of
+                buffer.append(batch.select([FEATURES, LABEL]) if self.spec.kind == "vector" else batch)
                 buffered += len(buffer[-1])
                 if buffered >= self.shuffle_buffer:
                     table = _concat(buffer)
