@@ -291,13 +291,14 @@ def auxiliary_heavy(args) -> None:
                 runs += [(workers, storage, args.steps // 4), (workers, storage, args.steps)]
         for workers, storage, steps in runs:
             cache_max_mb = int(aux_mb) + 1024 if storage == "in memory" else int(aux_mb // 4)
+            ray_data = storage == STORAGES[2]
             name = f"{storage.replace(', ', '-').replace(' ', '-')}-{workers}-{steps}"
             config = Path(workdir) / f"{name}.yaml"
             tree = {
                 "data": {
                     "manifest": manifest_path,
                     "cache_max_mb": cache_max_mb,
-                    "stream_reader": "ray_data" if storage == STORAGES[2] else "pyarrow",
+                    "stream_reader": "ray_data" if ray_data else "pyarrow",
                 },
                 "model": {"regime": "supervised"},
                 "train": {
@@ -312,11 +313,13 @@ def auxiliary_heavy(args) -> None:
                     "storage_path": f"{workdir}/runs",
                     "experiment": "aux-heavy",
                 },
-                # the workers share the machine's CPUs; a sliver stays for the trial that drives them
+                # the workers share the machine's CPUs; a sliver stays for the trial that drives them,
+                # and through Ray Data a whole CPU for its read tasks (reservations only: every worker
+                # runs one torch thread whatever it reserves)
                 "resources": {
                     "num_workers": workers,
-                    "cpus_per_worker": 1.0 if workers == 1 else 1.9 / workers,
-                    "data_cpus": 0.0,
+                    "cpus_per_worker": 1.0 if workers == 1 else (0.9 if ray_data else 1.9) / workers,
+                    "data_cpus": 1.0 if ray_data else 0.0,
                     "num_cpus": 2,
                     "torch_threads": 1,
                 },

@@ -240,3 +240,21 @@ def test_page_checksums_are_verified_on_a_shards_first_full_read(tmp_path, cache
         list(ParquetSource(uris, block_rows=64, cache=False).iter_batches())
     again = pa.concat_tables(list(verified.iter_batches()))  # not verified again: the flipped bytes read
     assert len(again) == len(first) and not again.equals(first)
+
+
+def test_ray_data_streams_with_no_cpu_left_for_their_reads_are_refused(
+    ray_session, synthetic_manifest, tmp_path, capsys
+):
+    """Two workers holding 1.9 of the local Ray's 2 CPUs and resources.data_cpus=0: Ray Data's read
+    tasks (a whole CPU each) would never be scheduled and the run would wait forever. It is refused
+    before any trial starts, naming the streams, the CPUs left and the fix."""
+    from tests.conftest import write_config
+    from uml_ray.cli import main
+
+    config = write_config(tmp_path / "c.yaml", synthetic_manifest, tmp_path, data={"cache_max_mb": 0})
+    overrides = ["data.stream_reader=ray_data", "resources.num_workers=2", "resources.cpus_per_worker=0.95"]
+    assert main(["train", str(config), *overrides, "resources.data_cpus=0"]) == 2
+    err = capsys.readouterr().err
+    assert "text.train" in err and "stream through Ray Data" in err, err
+    assert "leave 0.09 of this Ray's 2" in err and "set resources.data_cpus=1" in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("result.json"))

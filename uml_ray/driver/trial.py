@@ -81,4 +81,14 @@ def max_concurrency(plan: RunPlan, requested: int) -> int:
             f"but this Ray has {cpus:g}; lower resources.num_workers/cpus_per_worker/data_cpus "
             "or raise resources.num_cpus"
         )
-    return max(1, min(requested or fit, fit)) if fit >= 1 else max(1, requested or 1)
+    concurrency = max(1, min(requested or fit, fit)) if fit >= 1 else max(1, requested or 1)
+    streams = plan.ray_data_streams(multi_worker=not use_inline(cfg))
+    left = cpus - concurrency * per_trial
+    if streams and left < 1 and not cluster_address(cfg.resources.address):
+        # Ray Data's read tasks each ask for a whole CPU: with none free the run waits forever
+        raise ConfigError(
+            f"{', '.join(streams)} stream through Ray Data, whose read tasks need a whole CPU beside the "
+            f"training workers, but {concurrency} trial(s) of {per_trial:g} CPUs leave {left:g} of this "
+            f"Ray's {cpus:g}; set resources.data_cpus=1 (or lower resources.cpus_per_worker/num_workers)"
+        )
+    return concurrency
