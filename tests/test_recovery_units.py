@@ -247,6 +247,21 @@ def test_held_metrics_go_in_one_write_at_a_checkpoint_or_the_trials_end(tmp_path
     assert val_steps(first, other) == [20]
 
 
+def test_a_retried_trial_process_reporting_held_steps_again_logs_each_once(tmp_path):
+    """The trial process killed while the driver still held its validations past the checkpoint at 20:
+    Tune retries it from that checkpoint and it reports 40 again before the held 40 was sent. MLflow
+    gets step 40 once, as first reported (the chaos test's ``[20, 40, 40, 60]`` before)."""
+    driver = tracker(tmp_path)
+    run_id = driver.start_trial("t", PARAMS, SAMPLED)
+    driver.log_metrics("t", {"val_acc": 0.5}, step=20)  # with a checkpoint
+    driver.log_metrics("t", {"val_acc": 0.6}, step=40, hold=True)  # then the process is killed
+    for step in (40, 60):  # the retry, from the checkpoint at 20
+        driver.log_metrics("t", {"val_acc": step / 100 + 0.01}, step=step, hold=True)
+    driver.end_trial("t", "FINISHED", "finished")
+    history = driver.client.get_metric_history(run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(20, 0.5), (40, 0.6), (60, 0.61)]
+
+
 def test_a_resumed_trial_logs_the_held_steps_its_killed_driver_lost(tmp_path):
     """The driver killed while it held validations past the last checkpoint: they never reached MLflow;
     the trial, resumed from that checkpoint, reports them again and they are logged, each step once."""

@@ -115,11 +115,8 @@ def read_table(uris: list[str]) -> pa.Table:
 def read_column(uris: list[str], column: str) -> np.ndarray:
     """One column of a (modality, split) as a numpy array (the other columns are not read)."""
     paths, filesystem = located(uris)
-    return (
-        pq.read_table(paths, filesystem=filesystem, columns=[column], page_checksum_verification=True)
-        .column(column)
-        .to_numpy()
-    )
+    table = pq.read_table(paths, filesystem=filesystem, columns=[column], page_checksum_verification=True)
+    return table.column(column).to_numpy()
 
 
 def shape_target(table: pa.Table, target_per_class: int, seed: int) -> pa.Table:
@@ -175,8 +172,7 @@ def _sorted_by_id(table: pa.Table) -> bool:
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    """One table of contiguous columns; a lone table already contiguous is kept, not copied (a
-    shuffle-buffer fill that is one block: combining would copy every row once more)."""
+    """One table of contiguous columns; a lone contiguous table as it is (a one-block fill: no copy)."""
     tables = [table for table in tables if len(table)] or tables[:1]
     if len(tables) == 1 and all(column.num_chunks <= 1 for column in tables[0].columns):
         return tables[0]
@@ -229,13 +225,10 @@ class BatchStream:
     def table(self) -> pa.Table:
         """This worker's whole share, id-sorted (read once, then held): the cached path."""
         if self._table is None:
-            tables = [batch for batch in self.iterator.iter_batches(batch_size=None, batch_format="pyarrow")]
-            table = _concat(
-                [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in tables]
-            )
-            if not _sorted_by_id(
-                table
-            ):  # the driver's tables come sorted: a check costs 1000x less than a sort
+            blocks = self.iterator.iter_batches(batch_size=None, batch_format="pyarrow")
+            table = _concat([b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in blocks])
+            # the driver's tables come sorted: a check costs 1000x less than a sort
+            if not _sorted_by_id(table):
                 table = table.sort_by(ID)
             if self.world_size > 1:  # cached datasets reach every worker whole
                 table = table.take(pa.array(np.arange(self.rank, len(table), self.world_size)))

@@ -235,10 +235,15 @@ class SweepTracker:
             self.send_metrics(trial_id)
 
     def _fresh(self, trial_id: str, held: list) -> tuple[list, int]:
-        """The metrics of ``held`` (step, metrics) at steps not logged yet, and the last step among them."""
+        """The metrics of ``held`` (step, metrics) at steps not logged yet, each step once as first held
+        (a trial process killed and retried from its checkpoint reports the steps after it again, maybe
+        while the first reports are still held), and the last step among them."""
         last = self.last_step.get(trial_id, -1)
-        fresh = [value for step, batch in held if step > last for value in batch]
-        return fresh, max([last, *(step for step, _ in held)])
+        first = {}
+        for step, batch in held:
+            first.setdefault(step, batch)
+        fresh = [value for step, batch in first.items() if step > last for value in batch]
+        return fresh, max([last, *first])
 
     def send_metrics(self, trial_id: str) -> None:
         """Send a trial's held metrics in one write (MLflow's batch limits allowing)."""
