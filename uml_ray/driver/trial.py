@@ -53,13 +53,16 @@ def trial_resources(plan: RunPlan) -> dict:
     return {"CPU": 0.01}
 
 
+def ray_data_streams(plan: RunPlan) -> list[str]:
+    """The shares a trial of ``plan`` reads through Ray Data (a one-process trial, or Train workers)."""
+    return plan.ray_data_streams(multi_worker=not use_inline(plan.cfg))
+
+
 def data_cpus(plan: RunPlan) -> float:
     """CPUs kept free for Ray Data: none when no dataset is read through it (served from memory, or
     streamed by pyarrow), at least one image decode task's worth when a
     target of images goes through the image pipeline."""
-    reserved = (
-        plan.cfg.resources.data_cpus if plan.ray_data_streams(multi_worker=not use_inline(plan.cfg)) else 0.0
-    )
+    reserved = plan.cfg.resources.data_cpus if ray_data_streams(plan) else 0.0
     if any(spec.kind == "image" for spec in plan.streams.values()):
         reserved = max(reserved, plan.cfg.resources.decode_cpus)
     return reserved
@@ -82,7 +85,7 @@ def max_concurrency(plan: RunPlan, requested: int) -> int:
             "or raise resources.num_cpus"
         )
     concurrency = max(1, min(requested or fit, fit)) if fit >= 1 else max(1, requested or 1)
-    streams = plan.ray_data_streams(multi_worker=not use_inline(cfg))
+    streams = ray_data_streams(plan)
     left = cpus - concurrency * per_trial
     if streams and left < 1 and not cluster_address(cfg.resources.address):
         # Ray Data's read tasks each ask for a whole CPU: with none free the run waits forever
